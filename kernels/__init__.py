@@ -1,0 +1,1 @@
+"""Kernel sources: Numba CUDA kernels (.py) and CuPy RawKernel sources (.cu/.cuh)."""

@@ -1,0 +1,35 @@
+"""NumPy backend: the reference's split-KV path (plan -> partials -> combine) on the host.
+
+Device inputs are copied to the host and the results copied back (the "auto" fallback when no
+GPU backend can run); this backend exists to be exact and readable, not fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _arrays
+from .. import reference
+
+
+def available():
+    return True, ""
+
+
+def decode(problem, metadata, num_splits):
+    h = _arrays.asnumpy
+    out, lse = reference.split_decode(
+        h(problem.q), h(problem.k_cache),
+        None if problem.block_table is None else h(problem.block_table),
+        None if problem.cache_seqlens is None else h(problem.cache_seqlens),
+        problem.head_dim_v, h(metadata), h(num_splits), problem.softmax_scale, problem.causal,
+        problem.is_fp8_kvcache,
+        None if problem.indices is None else h(problem.indices),
+        None if problem.topk_length is None else h(problem.topk_length),
+        None if problem.attn_sink is None else h(problem.attn_sink),
+        compute_dtype=np.float32,
+    )
+    if problem.on_device:
+        cp = _arrays.cupy_module()
+        return cp.asarray(out), cp.asarray(lse)
+    return out, lse

@@ -1,0 +1,122 @@
+"""Split-KV tile scheduler: how a batch of sequences is cut into equal pieces of work.
+
+Decoding reads every sequence's cache once. With few or uneven sequences, one CTA per sequence
+leaves most multiprocessors idle, so the keys of each sequence are cut into *splits* and the
+splits are dealt out so that every worker (a CTA, i.e. roughly one SM) gets the same number of
+key tiles. Each split produces a partial result (o, lse); a combine step merges the partials of a
+sequence by their lse (``mla.reference.combine_splits``).
+
+The idea is FlashMLA's tile scheduler: walk the sequences in order, give each worker a budget of
+``payload`` tiles, and charge every piece a worker touches a fixed overhead (loading the query
+tile, writing a partial, the combine), so that splitting is not free.
+
+Plan format (shared by every backend; all int32)
+------------------------------------------------
+``tile_scheduler_metadata [num_workers, 8]``, one row per worker::
+
+    [begin_b, begin_token, end_b, end_token, begin_split, 0, 0, 0]
+
+Worker ``w`` handles the sequences ``begin_b ..= end_b`` (none if ``begin_b > end_b``). For
+sequence ``i`` in that range it processes key positions ``[start, stop)`` with::
+
+    start = begin_token if i == begin_b else 0
+    stop  = end_token   if i == end_b   else L_i          (L_i = cache_seqlens[i], or topk)
+    split = begin_split if i == begin_b else 0
+
+Tokens are counted in sequence order (logical positions, before the block table), and split
+boundaries fall on multiples of ``block_n`` tokens (64), so a page-64 kernel sees whole pages.
+
+``num_splits [b + 1]``: cumulative split counts; sequence ``i`` has
+``n_i = num_splits[i+1] - num_splits[i] >= 1`` splits, and its split ``s`` is partial number
+``num_splits[i] + s`` (of ``num_splits[b]`` in total, never more than ``b + num_workers``).
+Every sequence has at least one split, also when ``L_i == 0`` (its partial is empty: lse = -inf).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_N = 64
+"""Tokens per scheduling tile; split boundaries are multiples of this."""
+
+FIXED_OVERHEAD_TILES = 5
+"""Cost of one split (query load, partial write, combine), in tiles of ``BLOCK_N`` keys."""
+
+DEFAULT_NUM_SMS = 132
+"""SM count used when no GPU is visible (an H100 SXM has 132)."""
+
+METADATA_WIDTH = 8
+
+
+def num_sm_parts(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int, block_h: int = 64) -> int:
+    """Number of workers: the SMs shared among KV heads and query tiles of ``block_h`` rows.
+
+    A CTA handles up to ``block_h`` query rows (heads x query tokens) of one KV head, so a
+    problem with more rows runs several CTAs per split and needs fewer splits to fill the GPU.
+    """
+    q_tiles = max(1, -(-int(num_q_tokens_per_head_k) // block_h))
+    return max(int(num_sms) // max(int(num_heads_k), 1) // q_tiles, 1)
+
+
+def plan(
+    seqlens: np.ndarray,
+    num_workers: int,
+    block_n: int = BLOCK_N,
+    fixed_overhead: int = FIXED_OVERHEAD_TILES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deal the key tiles of all sequences out to ``num_workers`` workers.
+
+    seqlens: int [b], number of keys of each sequence (``cache_seqlens``, or ``topk`` in sparse mode).
+    Returns (tile_scheduler_metadata int32 [num_workers, 8], num_splits int32 [b + 1]).
+    """
+    seqlens = np.asarray(seqlens, dtype=np.int64).reshape(-1)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if block_n < 1:
+        raise ValueError(f"block_n must be >= 1, got {block_n}")
+    b = seqlens.shape[0]
+    num_tiles = -(-seqlens // block_n)  # ceil
+    total = int(num_tiles.sum()) + b * fixed_overhead
+    payload = -(-total // num_workers) + fixed_overhead  # every worker can always make progress
+
+    metadata = np.zeros((num_workers, METADATA_WIDTH), dtype=np.int32)
+    num_splits = np.zeros(b + 1, dtype=np.int32)
+    seq, tile, split = 0, 0, 0  # where the next worker starts: sequence, tile within it, its split
+    cum_splits = 0
+    for w in range(num_workers):
+        begin_b, begin_token, begin_split = seq, tile * block_n, split
+        budget = payload
+        while seq < b:
+            remaining = int(num_tiles[seq]) - tile
+            if budget >= remaining + fixed_overhead:  # the rest of this sequence fits
+                cum_splits += split + 1
+                num_splits[seq + 1] = cum_splits
+                budget -= remaining + fixed_overhead
+                seq, tile, split = seq + 1, 0, 0
+            else:  # take what the budget allows and stop; the next worker continues
+                if budget > fixed_overhead:
+                    tile += budget - fixed_overhead
+                    split += 1
+                break
+        if tile > 0:
+            end_b, end_token = seq, tile * block_n
+        else:
+            end_b = seq - 1
+            end_token = int(seqlens[end_b]) if end_b >= 0 else 0
+        metadata[w, :5] = (begin_b, begin_token, end_b, end_token, begin_split)
+    if seq < b:  # cannot happen: the payload covers the total; kept as a guard against edits
+        raise AssertionError("scheduler left sequences unassigned")
+    return metadata, num_splits
+
+
+def worker_pieces(metadata_row, num_splits, seqlens):
+    """Yield (i, start, stop, partial_index) for the pieces one worker handles (host-side helper).
+
+    This is the loop every kernel runs at the top of a CTA; the reference and tests use it too.
+    """
+    begin_b, begin_token, end_b, end_token, begin_split = (int(x) for x in metadata_row[:5])
+    for i in range(begin_b, end_b + 1):
+        start = begin_token if i == begin_b else 0
+        stop = end_token if i == end_b else int(seqlens[i])
+        split = begin_split if i == begin_b else 0
+        yield i, start, stop, int(num_splits[i]) + split

@@ -1,0 +1,148 @@
+"""Random decode problems for tests, benchmarks and notebooks (FlashMLA's test style).
+
+Every case is *poisoned*: cache slots past each sequence's length and every unused block hold
+NaN, block-table entries past the used pages hold garbage (huge and negative ids), and the
+physical blocks are shuffled, so a kernel that reads anything it should not shows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays
+from .fp8 import quantize_kv_fp8
+
+__all__ = ["DecodeCase", "make_decode_case", "make_sparse_indices", "to_device", "assert_close"]
+
+# DESIGN.md §6 (FlashMLA's test tolerances)
+OUT_ATOL, OUT_RTOL = 8e-4, 2.01 / 128
+LSE_ATOL, LSE_RTOL = 1e-6, 8.01 / 65536
+
+
+@dataclass
+class DecodeCase:
+    q: np.ndarray
+    k_cache: np.ndarray
+    block_table: np.ndarray
+    cache_seqlens: np.ndarray
+    head_dim_v: int
+    causal: bool = False
+    is_fp8_kvcache: bool = False
+    indices: np.ndarray | None = None
+    topk_length: np.ndarray | None = None
+    attn_sink: np.ndarray | None = None
+    k_cache_dequant: np.ndarray | None = None  # FP8 cases: what the reference should see
+
+    def args(self):
+        return (self.q, self.k_cache, self.block_table, self.cache_seqlens, self.head_dim_v)
+
+    def kwargs(self):
+        kw = dict(causal=self.causal, is_fp8_kvcache=self.is_fp8_kvcache)
+        if self.indices is not None:
+            kw.update(indices=self.indices, topk_length=self.topk_length, attn_sink=self.attn_sink)
+        return kw
+
+
+def make_decode_case(
+    rng: np.random.Generator,
+    b: int = 2,
+    s_q: int = 1,
+    h_q: int = 4,
+    h_kv: int = 1,
+    d: int = 64,
+    head_dim_v: int = 48,
+    page_block_size: int = 16,
+    seqlens=None,
+    max_seqlen: int = 100,
+    dtype=np.float32,
+    causal: bool = False,
+    fp8: bool = False,
+    spare_blocks: int = 3,
+    extra_table_cols: int = 2,
+    scale: float = 1.0,
+) -> DecodeCase:
+    """A random paged decode problem, poisoned everywhere a kernel must not look.
+
+    seqlens: explicit lengths [b] (zeros allowed), else uniform in [0, max_seqlen].
+    fp8: build the cache in the 656-byte FP8 layout (then d must be 576 and head_dim_v 512).
+    """
+    dtype = _arrays.resolve_dtype(dtype)
+    if seqlens is None:
+        seqlens = rng.integers(0, max_seqlen + 1, size=b)
+    seqlens = np.asarray(seqlens, dtype=np.int32).reshape(b)
+    pages = -(-seqlens // page_block_size)
+    max_pages = int(pages.max(initial=0)) + extra_table_cols
+    num_blocks = int(pages.sum()) + spare_blocks
+    num_blocks = max(num_blocks, 1)
+    physical = rng.permutation(num_blocks).astype(np.int32)
+
+    block_table = rng.integers(num_blocks, 2**30, size=(b, max(max_pages, 1))).astype(np.int32)
+    block_table[rng.random(block_table.shape) < 0.5] = -12345  # garbage past the used pages
+    cache = np.full((num_blocks, page_block_size, h_kv, d), np.nan, dtype=np.float32)
+    next_block = 0
+    for i in range(b):
+        for j in range(int(pages[i])):
+            blk = physical[next_block]
+            next_block += 1
+            block_table[i, j] = blk
+            n = min(page_block_size, int(seqlens[i]) - j * page_block_size)
+            cache[blk, :n] = rng.standard_normal((n, h_kv, d)) * scale
+    q = (rng.standard_normal((b, s_q, h_q, d)) * scale).astype(np.float32)
+
+    case = DecodeCase(q=q.astype(dtype), k_cache=None, block_table=block_table, cache_seqlens=seqlens,
+                      head_dim_v=head_dim_v, causal=causal)
+    if fp8:
+        if d != 576 or head_dim_v != 512:
+            raise ValueError("fp8 cases need d = 576 and head_dim_v = 512")
+        finite = np.nan_to_num(cache, nan=0.0)
+        k8 = quantize_kv_fp8(finite)
+        k8[np.isnan(cache[..., 0])] = 0xFF  # poison unused slots again (0xFF bytes decode to NaN)
+        case.k_cache, case.is_fp8_kvcache = k8, True
+    else:
+        case.k_cache = cache.astype(dtype)
+    return case
+
+
+def make_sparse_indices(rng, case: DecodeCase, topk: int, invalid_ratio: float = 0.0, s_q: int | None = None):
+    """indices int32 [b, s_q, topk]: random valid token positions of each sequence (physical
+    block * page + offset), a fraction set to -1. Rows of a zero-length sequence are all -1."""
+    b = case.q.shape[0]
+    s_q = case.q.shape[1] if s_q is None else s_q
+    page = case.k_cache.shape[1]
+    out = np.full((b, s_q, topk), -1, dtype=np.int32)
+    for i in range(b):
+        L = int(case.cache_seqlens[i])
+        if L == 0:
+            continue
+        for r in range(s_q):
+            pos = rng.integers(0, L, size=topk)
+            phys = case.block_table[i, pos // page].astype(np.int64) * page + pos % page
+            keep = rng.random(topk) >= invalid_ratio
+            out[i, r] = np.where(keep, phys, -1)
+    return out
+
+
+def to_device(case: DecodeCase) -> DecodeCase:
+    """A copy of the case with every array on the GPU (CuPy)."""
+    cp = _arrays.cupy_module()
+    moved = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in vars(case).items()}
+    return DecodeCase(**moved)
+
+
+def assert_close(out, lse, out_ref, lse_ref, out_atol=OUT_ATOL, out_rtol=OUT_RTOL, lse_atol=LSE_ATOL,
+                 lse_rtol=LSE_RTOL):
+    """FlashMLA-style comparison: inf/NaN positions must match exactly, then abs + rel tolerances."""
+    out = _arrays.asnumpy(out).astype(np.float64)
+    lse = _arrays.asnumpy(lse).astype(np.float64)
+    out_ref = np.asarray(out_ref).astype(np.float64)
+    lse_ref = np.asarray(lse_ref).astype(np.float64)
+    assert out.shape == out_ref.shape, (out.shape, out_ref.shape)
+    assert lse.shape == lse_ref.shape, (lse.shape, lse_ref.shape)
+    assert not np.isnan(out).any(), f"out has {int(np.isnan(out).sum())} NaN (unwritten or poisoned reads)"
+    assert not np.isnan(lse).any(), f"lse has {int(np.isnan(lse).sum())} NaN"
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse_ref), err_msg="lse inf positions differ")
+    finite = np.isfinite(lse_ref)
+    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=lse_atol, rtol=lse_rtol, err_msg="lse")
+    np.testing.assert_allclose(out, out_ref, atol=out_atol, rtol=out_rtol, err_msg="out")

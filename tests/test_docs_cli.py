@@ -1,0 +1,91 @@
+"""README snippets run; the CLI and the roofline model behave."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mla import perf
+from mla.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def readme_snippets():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(readme_snippets())))
+def test_readme_python_snippets_run(index):
+    exec(compile(readme_snippets()[index], f"README.md snippet {index}", "exec"), {})
+
+
+def test_demo_runs_and_checks(capsys):
+    assert main(["demo", "--b", "2", "--seqlen", "130", "--h-q", "4", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "-> OK" in out and "roofline on an H100" in out
+
+
+def test_demo_float32_small_dims(capsys):
+    assert main(["demo", "--d", "64", "--d-v", "32", "--page", "16", "--dtype", "float32", "--backend", "numpy"]) == 0
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy  available" in out and "numba" in out and "cupy" in out
+
+
+def test_bench_json_on_cpu(capsys):
+    assert main(["bench", "--backends", "numpy", "--shape", "2", "1", "4", "128", "--reps", "2", "--warmup", "0",
+                 "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["backend"] == "numpy" and rows[0]["ms"] > 0
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--b", "0"])
+    assert main(["demo", "--d", "32", "--d-v", "64"]) == 2
+    assert main(["bench", "--backends", "torch"]) == 2
+
+
+def test_python_dash_m_mla_help():
+    res = subprocess.run([sys.executable, "-m", "mla", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_roofline_counts_match_design():
+    s = perf.DecodeShape(b=128, s_q=1, h_q=16, seqlen=8192)
+    assert perf.decode_bytes(s) == 128 * (16 * 576 * 2 + 8192 * 576 * 2 + 16 * 512 * 2)
+    assert perf.decode_flops(s) == 2 * 128 * 16 * 8192 * (576 + 512)
+    r = perf.roofline(s, "h100")
+    assert r.bound == "memory" and r.intensity < perf.PLATFORMS["h100"].ridge_intensity
+    # FlashMLA's 0.443 ms on this shape is 2734 GB/s (DESIGN.md §5)
+    assert abs(r.achieved(0.443e-3)["gbs"] - 2734) < 10
+    big = perf.roofline(perf.DecodeShape(b=128, s_q=2, h_q=128, seqlen=8192), "h100")
+    assert big.bound == "compute" and abs(big.achieved(0.925e-3)["tflops"] - 631) < 2
+
+
+def test_fp8_shape_moves_fewer_bytes():
+    a = perf.decode_bytes(perf.DecodeShape(b=1, s_q=1, h_q=16, seqlen=8192))
+    b = perf.decode_bytes(perf.DecodeShape(b=1, s_q=1, h_q=16, seqlen=8192, fp8=True))
+    assert 1.7 < a / b < 1.76
+
+
+def test_kv_bytes_per_token_mla_is_smallest():
+    mha = perf.kv_cache_bytes_per_token(61, 128, kind="mha")
+    gqa = perf.kv_cache_bytes_per_token(61, 128, kind="gqa", n_kv_heads=8)
+    mla_ = perf.kv_cache_bytes_per_token(61, 128, kind="mla")
+    assert mla_ < gqa < mha and mla_ == 61 * 576 * 2
+    with pytest.raises(ValueError, match="kind must be"):
+        perf.kv_cache_bytes_per_token(61, 128, kind="mqa")
+    assert np.isfinite(perf.PLATFORMS["h100"].ridge_intensity)
