@@ -36,6 +36,7 @@ def _attach_kernels() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["mla.kernels"] = module
         spec.loader.exec_module(module)
+        globals()["kernels"] = module
 
 
 _attach_kernels()
@@ -43,11 +44,8 @@ _attach_kernels()
 from . import reference, scheduler  # noqa: E402
 from ._arrays import BFLOAT16 as bfloat16  # noqa: E402
 from .api import BACKENDS, MLASchedMeta, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
-try:  # TEMPORARY while mla.cache / mla.config are being written
-    from .cache import CacheExhaustedError, PagedKVCache  # noqa: E402
-    from .config import MLAConfig  # noqa: E402
-except ModuleNotFoundError:
-    pass
+from .cache import CacheExhaustedError, PagedKVCache  # noqa: E402
+from .config import MLAConfig  # noqa: E402
 from .fp8 import FP8_TOKEN_BYTES, dequantize_kv_fp8, quantize_kv_fp8  # noqa: E402
 
 __version__ = "0.1.0"

@@ -159,8 +159,8 @@ def cmd_bench(args) -> int:
                                 seqlens=np.full(b, s_k), dtype="bfloat16", causal=True, scale=0.5)
         gpu_case = to_device(case) if (on_gpu and name != "numpy") else case
         sched, splits = get_mla_metadata(gpu_case.cache_seqlens, s_q * h_q, 1)
-        fn = lambda: flash_mla_with_kvcache(*gpu_case.args(), sched, splits, causal=True, backend=name,
-                                            validate=False)
+        def fn(case=gpu_case, sched=sched, splits=splits, name=name):
+            return flash_mla_with_kvcache(*case.args(), sched, splits, causal=True, backend=name, validate=False)
         sec = _time_call(fn, on_gpu and name != "numpy", args.warmup, args.reps)
         r = perf.roofline(perf.DecodeShape(b=b, s_q=s_q, h_q=h_q, seqlen=s_k), "h100")
         a = r.achieved(sec)

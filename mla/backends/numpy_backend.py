@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _arrays
-from .. import reference
+from .. import _arrays, reference
 
 
 def available():
