@@ -47,6 +47,7 @@ from .api import BACKENDS, MLASchedMeta, flash_mla_with_kvcache, get_mla_metadat
 from .cache import CacheExhaustedError, PagedKVCache  # noqa: E402
 from .config import MLAConfig  # noqa: E402
 from .fp8 import FP8_TOKEN_BYTES, dequantize_kv_fp8, quantize_kv_fp8  # noqa: E402
+from .sparse import flash_mla_sparse_fwd  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "PagedKVCache",
     "bfloat16",
     "dequantize_kv_fp8",
+    "flash_mla_sparse_fwd",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "quantize_kv_fp8",
