@@ -1,0 +1,783 @@
+"""MLA split-KV decode over a paged KV cache, in Numba CUDA: versions side by side (llm.c style).
+
+What it computes (``mla.reference.split_partials`` then ``combine_splits``)::
+
+    q        [b, s_q, h_q, d]            query (DeepSeek: d = 576 = 512 latent + 64 RoPE)
+    k_cache  [num_blocks, page, h_kv, d] paged cache; V is its first d_v channels
+    o_part   f32 [b + num_workers, s_q, h_q, d_v]  one partial per split (normalised by its own l)
+    lse_part f32 [b + num_workers, s_q, h_q]       -inf for an empty split
+    out      [b, s_q, h_q, d_v] (q's dtype), lse f32 [b, h_q, s_q]  after ``combine``
+
+For query row (r, h) of sequence i, the worker's piece [start, stop) of keys, KV head g:
+    s_j = scale * q . k_j ;  m = max_j s_j ;  l = sum_j exp(s_j - m)
+    o   = sum_j exp(s_j - m) v_j / l ;  lse = m + log l
+computed *online*, one key tile at a time: m_new = max(m, max_tile s), acc *= exp(m - m_new),
+acc += exp(s - m_new) v, l = l exp(m - m_new) + sum exp(s - m_new).
+The scheduler plan (``mla.scheduler``; the same arrays every backend uses) says which worker
+(grid column) handles which [start, stop) of which sequence and which partial it writes;
+``combine`` then merges each sequence's partials:  lse = log sum_s exp(lse_s),
+out = sum_s exp(lse_s - lse) o_s  (empty rows: out = 0, lse = +inf).
+
+Dtypes: float32 / float16 as they are; bfloat16 arrives as its uint16 bit pattern and is widened
+in-register (f32 bits = bf16 bits << 16). Accumulation is float32 everywhere.
+
+Versions (measured on an H100 80GB HBM3, b=128, s_q=1, h_q=16, h_kv=1, d=576, d_v=512, page 64,
+s_k=8192, bf16; the numbers come from ``benchmarks/bench_decode.py``, see benchmarks/NOTES.md):
+
+  v1  straightforward: one CTA per (worker, query row), one thread per output channel, fp32,
+      every key's score reduced through shared memory (a barrier per key). Generic over every
+      shape and runs in the CUDA simulator (no warp intrinsics).
+      79.6 ms, 15 GB/s, 0.5 TFLOP/s (0.2x the naive CuPy baseline).
+  v2  tiled: one CTA per (worker, group of 16 query rows of one KV head). The query tile and a
+      tile of BLOCK_N keys live in shared memory as fp32 (widened once, on the load); every
+      key is reused by all 16 heads. 16-byte loads (bf16/fp16 x8) from global and 16-byte shared
+      reads; scores by 4x4 register micro-tiles with the d-reduction split over thread slices;
+      warp-shuffle softmax; P.V by 4-channel x 8-head micro-tiles.
+      4.47 ms (BLOCK_N=32), 272 GB/s, 8.2 TFLOP/s, 9% of copy, 3.8x naive.
+  v3  v2 + the next key tile prefetched into registers while the current one is computed
+      (double-buffered page loads: global latency hidden behind the math).
+      3.80 ms (BLOCK_N=32), 319 GB/s, 9.6 TFLOP/s, 11% of copy, 4.5x naive (16.9 ms).
+      (default BLOCK_N=16, the one the GPU tests cover: 3.83 ms.) Target was 40% of copy: not
+      reached; see benchmarks/NOTES.md for the analysis.
+
+  combine: one CTA per output row (i, r, h), threads over d_v channels.
+
+Why the math and not the memory is the limit here: a 16-head group does 16 x (d + d_v) FMAs per
+key it reads (1.1 M per 64-key page), on the CUDA cores (fp32 FMA, 67 TFLOP/s on an H100), while
+FlashMLA uses tensor cores. At 3 TB/s the memory-bound shape needs 91 TFLOP/s of fp32 FMA, above
+the CUDA cores' peak, so this kernel is compute-bound at ~half its copy bandwidth at best.
+
+Run ``python -m mla.kernels.numba_decode`` to check every version against the reference and
+time them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy
+
+# numba-cuda <= 0.30 calls numpy.row_stack, which NumPy 2.5 removed; every @cuda.jit then fails
+# with "module 'numpy' has no attribute 'row_stack'" (DESIGN.md §7). Put the alias back, only
+# when it is missing, before the first compile.
+if not hasattr(numpy, "row_stack"):
+    numpy.row_stack = numpy.vstack
+
+from numba import cuda, float32, int32, types, uint32  # noqa: E402
+from numba.core.extending import intrinsic  # noqa: E402
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+KINDS = ("f32", "f16", "bf16")
+VERSIONS = (1, 2, 3)
+NEG_INF = -math.inf
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# register-level helpers (intrinsics: plain LLVM bitcasts and vector loads; not for the simulator)
+
+
+@intrinsic
+def _as_f32(typingctx, x):
+    """The float32 whose bits are the uint32 x (no conversion)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _as_u32(typingctx, x):
+    """The bits of the float32 x, as uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, x):
+    """float16 bit pattern (low 16 bits of the uint32 x) -> float32 (one cvt.f32.f16)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        h = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+        return builder.fpext(h, ir.FloatType())
+
+    return sig, codegen
+
+
+def _vector_pointer(context, builder, arrty, arr, index, n):
+    """Pointer to arr.flat[index] as an <n x element> vector pointer."""
+    from llvmlite import ir
+
+    ary = context.make_array(arrty)(context, builder, arr)
+    lty = context.get_value_type(arrty.dtype)
+    space = ary.data.type.addrspace
+    if index.type.width < 64:
+        index = builder.sext(index, ir.IntType(64))
+    ptr = builder.gep(builder.bitcast(ary.data, lty.as_pointer(space)), [index])
+    return builder.bitcast(ptr, ir.VectorType(lty, n).as_pointer(space))
+
+
+@intrinsic
+def _ld4(typingctx, arr, idx):
+    """arr.flat[idx : idx + 4] as ONE 16-byte load (ld.v4): idx a flat element index, the array
+    C-contiguous and 4-byte typed, arr.flat[idx] 16-byte aligned."""
+    sig = types.UniTuple(arr.dtype, 4)(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        vec = builder.load(_vector_pointer(context, builder, signature.args[0], args[0], args[1], 4), align=16)
+        vals = [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)]
+        return context.make_tuple(builder, signature.return_type, vals)
+
+    return sig, codegen
+
+
+@intrinsic
+def _st4(typingctx, arr, idx, a, b, c, d):
+    """arr.flat[idx : idx + 4] = (a, b, c, d) as ONE 16-byte store (st.v4)."""
+    sig = types.void(arr, idx, arr.dtype, arr.dtype, arr.dtype, arr.dtype)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        lty = context.get_value_type(signature.args[0].dtype)
+        vec = ir.Constant(ir.VectorType(lty, 4), None)
+        for k in range(4):
+            vec = builder.insert_element(vec, args[2 + k], ir.Constant(ir.IntType(32), k))
+        builder.store(vec, _vector_pointer(context, builder, signature.args[0], args[0], args[1], 4), align=16)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# scalar widening of one element (q loads, v1) and narrowing of one result (combine)
+
+
+@cuda.jit(device=True, inline=True)
+def _widen_plain(x):
+    return float32(x)
+
+
+@cuda.jit(device=True, inline=True)
+def _widen_bf16(x):
+    return _as_f32(uint32(x) << uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def _narrow_plain(x):
+    return x
+
+
+@cuda.jit(device=True, inline=True)
+def _narrow_bf16(x):
+    """float32 -> bfloat16 bits, round to nearest even (NaN stays NaN)."""
+    bits = _as_u32(x)
+    if x != x:
+        return types.uint16(0x7FC0)
+    bits += uint32(0x7FFF) + ((bits >> uint32(16)) & uint32(1))
+    return types.uint16(bits >> uint32(16))
+
+
+_WIDEN = {"f32": _widen_plain, "f16": _widen_plain, "bf16": _widen_bf16}
+_NARROW = {"f32": _narrow_plain, "f16": _narrow_plain, "bf16": _narrow_bf16}
+
+
+@cuda.jit(device=True, inline=True)
+def _piece(metadata, num_splits, seqlens, w, i):
+    """(start, stop, partial index) of sequence i in worker w's range (see mla.scheduler)."""
+    begin_b = metadata[w, 0]
+    end_b = metadata[w, 2]
+    start = metadata[w, 1] if i == begin_b else 0
+    stop = metadata[w, 3] if i == end_b else seqlens[i]
+    split = metadata[w, 4] if i == begin_b else 0
+    return start, stop, num_splits[i] + split
+
+
+# ----------------------------------------------------------------------------------------------
+# version 1: straightforward. One CTA per (worker, query row), one thread per output channel.
+
+
+def _make_v1(kind):
+    widen = _WIDEN[kind]
+
+    @cuda.jit
+    def mla_decode_v1(q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                      scale, causal):
+        """grid (num_workers, s_q * h_q), block NT (power of 2); dynamic shared (d + d_v + NT) f32."""
+        w = cuda.blockIdx.x
+        row = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        s_q, h_q, d = q.shape[1], q.shape[2], q.shape[3]
+        page, h_kv = k_cache.shape[1], k_cache.shape[2]
+        d_v = o_part.shape[3]
+        r = row // h_q
+        h = row % h_q
+        g = h // (h_q // h_kv)
+        smem = cuda.shared.array(0, float32)
+        q_s = smem[:d]
+        acc = smem[d:d + d_v]
+        red = smem[d + d_v:d + d_v + nt]
+
+        for i in range(metadata[w, 0], metadata[w, 2] + 1):
+            start, stop, p = _piece(metadata, num_splits, seqlens, w, i)
+            L = seqlens[i]
+            limit = stop
+            if causal:
+                limit = min(stop, L - s_q + r + 1)  # row r sees keys j <= L - s_q + r
+            for c in range(tid, d, nt):
+                q_s[c] = widen(q[i, r, h, c])
+            for c in range(tid, d_v, nt):
+                acc[c] = 0.0
+            m = NEG_INF
+            l = float32(0.0)
+            cuda.syncthreads()
+            for j in range(start, limit):
+                blk = block_table[i, j // page]
+                off = j % page
+                # s_j = scale * q . k_j: each thread a strided part of d, then a tree reduction
+                part = float32(0.0)
+                for c in range(tid, d, nt):
+                    part += q_s[c] * widen(k_cache[blk, off, g, c])
+                red[tid] = part
+                cuda.syncthreads()
+                stride = nt // 2
+                while stride > 0:
+                    if tid < stride:
+                        red[tid] += red[tid + stride]
+                    cuda.syncthreads()
+                    stride //= 2
+                s = red[0] * scale
+                cuda.syncthreads()  # everyone has read red[0] before it is overwritten
+                # online softmax: every thread keeps the same (m, l)
+                m_new = max(m, s)
+                alpha = math.exp(m - m_new)
+                pj = math.exp(s - m_new)
+                l = l * alpha + pj
+                m = m_new
+                for c in range(tid, d_v, nt):
+                    acc[c] = acc[c] * alpha + pj * widen(k_cache[blk, off, g, c])
+            inv = 1.0 / l if l > 0 else 0.0
+            for c in range(tid, d_v, nt):
+                o_part[p, r, h, c] = acc[c] * inv
+            if tid == 0:
+                lse_part[p, r, h] = m + math.log(l) if l > 0 else NEG_INF
+            cuda.syncthreads()  # q_s / acc are rewritten by the next sequence
+
+    return mla_decode_v1
+
+
+# ----------------------------------------------------------------------------------------------
+# versions 2 and 3: tiled. One CTA per (group of BLOCK_H query rows of one KV head, worker).
+#
+# Shared memory (fp32, rows padded by 4 floats so that 16-byte reads of neighbouring rows fall
+# in different banks):  sQ [BLOCK_H][DP]  sK [BLOCK_N][DP]  red [NSL][BLOCK_H][BLOCK_N]
+# sP [BLOCK_N][BLOCK_H]  sM, sL, sA [BLOCK_H]      (DP = d + 4)
+#
+# scores S = Q K^T  [BLOCK_H x BLOCK_N]: thread = (slice, 4x4 micro-tile); heads hq + 4i, keys
+#   kq + (BLOCK_N/4) k; the d-reduction is split over NSL = NT / BLOCK_N slices (interleaved
+#   float4 chunks), summed through `red`.
+# softmax: half/whole warp per row, shuffles.
+# O += P V  [BLOCK_H x d_v]: thread = (8 heads, 4-channel quads cq + 128 u).
+
+NT = 256
+BLOCK_H = 16
+PAD = 4
+
+
+def _tiled_geometry(d, d_v, block_n, kind):
+    esize = 4 if kind == "f32" else 2
+    dp = d + PAD
+    cpr = d * esize // 16  # 16-byte chunks per key row
+    return dict(
+        DP=dp,
+        EPC=16 // esize,  # elements per chunk
+        CPR=cpr,
+        CHUNKS_PER_THREAD=-(-(block_n * cpr) // NT),
+        NSL=NT // block_n,
+        TPS=block_n,
+        CQ=-(-(d_v // 4) // (NT // 2)),
+        SMEM_FLOATS=BLOCK_H * dp + block_n * dp + (NT // block_n) * BLOCK_H * block_n + block_n * BLOCK_H
+        + 3 * BLOCK_H,
+    )
+
+
+def tiled_supported(d, d_v, kind):
+    """Shapes the tiled versions handle (else v1): 16-byte rows and 4-channel quads."""
+    esize = 4 if kind == "f32" else 2
+    return (d * esize) % 16 == 0 and d_v % 4 == 0 and d_v <= d
+
+
+def _make_tiled(kind, d, d_v, block_n, prefetch):
+    widen = _WIDEN[kind]
+    geo = _tiled_geometry(d, d_v, block_n, kind)
+    DP, EPC, CPR, CPT = geo["DP"], geo["EPC"], geo["CPR"], geo["CHUNKS_PER_THREAD"]
+    NSL, TPS, CQ = geo["NSL"], geo["TPS"], geo["CQ"]
+    BN = block_n
+    ACC_N = CQ * 32  # local-array sizes must be plain constants, not expressions
+    PRE_N = CPT * 4
+    KQ = BN // 4  # key quads
+    D4 = d // 4
+    DV4 = d_v // 4
+    u32_per_row = d * (4 if kind == "f32" else 2) // 4
+    off_k = BLOCK_H * DP
+    off_red = off_k + BN * DP
+    off_p = off_red + NSL * BLOCK_H * BN
+    off_m = off_p + BN * BLOCK_H
+    is16 = kind != "f32"
+    is_bf16 = kind == "bf16"
+
+    @cuda.jit(device=True, inline=True)
+    def widen_store(smem, base, x0, x1, x2, x3):
+        """Four uint32 of one 16-byte chunk -> fp32 in sK at base (8 values, or 4 for fp32)."""
+        if is16:
+            if is_bf16:
+                m = uint32(0xFFFF0000)
+                _st4(smem, base, _as_f32(x0 << uint32(16)), _as_f32(x0 & m), _as_f32(x1 << uint32(16)),
+                     _as_f32(x1 & m))
+                _st4(smem, base + 4, _as_f32(x2 << uint32(16)), _as_f32(x2 & m), _as_f32(x3 << uint32(16)),
+                     _as_f32(x3 & m))
+            else:
+                _st4(smem, base, _half_bits_to_f32(x0), _half_bits_to_f32(x0 >> uint32(16)),
+                     _half_bits_to_f32(x1), _half_bits_to_f32(x1 >> uint32(16)))
+                _st4(smem, base + 4, _half_bits_to_f32(x2), _half_bits_to_f32(x2 >> uint32(16)),
+                     _half_bits_to_f32(x3), _half_bits_to_f32(x3 >> uint32(16)))
+        else:
+            _st4(smem, base, _as_f32(x0), _as_f32(x1), _as_f32(x2), _as_f32(x3))
+
+    @cuda.jit(device=True, inline=True)
+    def chunk_address(kflat, block_table, i, g, h_kv, page, tile0, stop, idx):
+        """u32 index of 16-byte chunk idx of the key tile, or -1 past stop (never read)."""
+        n = idx // CPR
+        pos = tile0 + n
+        if pos >= stop:
+            return -1
+        blk = block_table[i, pos // page]
+        return ((blk * page + pos % page) * h_kv + g) * u32_per_row + (idx % CPR) * 4
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(smem, kflat, block_table, i, g, h_kv, page, tile0, stop, tid):
+        """Global -> registers -> widened fp32 sK (v2: loads and stores in one pass)."""
+        for idx in range(tid, BN * CPR, NT):
+            a = chunk_address(kflat, block_table, i, g, h_kv, page, tile0, stop, idx)
+            base = off_k + (idx // CPR) * DP + (idx % CPR) * EPC
+            if a >= 0:
+                x0, x1, x2, x3 = _ld4(kflat, a)
+            else:
+                x0 = x1 = x2 = x3 = uint32(0)  # keys past stop: zeros, masked in the softmax
+            widen_store(smem, base, x0, x1, x2, x3)
+
+    @cuda.jit(device=True, inline=True)
+    def tile_math(smem, tid, lane, warp, tile0, stop, limit0, s_q_rows_causal, scale_log2, acc):
+        """Scores, online softmax and O += P V for the key tile in sK (see the layout above)."""
+        # ---- S = Q K^T: 4x4 micro-tile over this thread's slice of d
+        sl = tid // TPS
+        lt = tid % TPS
+        hq = lt % 4
+        kq = lt // 4
+        s = cuda.local.array(16, float32)
+        for x in range(16):
+            s[x] = 0.0
+        for c4 in range(sl, D4, NSL):
+            qa = cuda.local.array(16, float32)
+            for a in range(4):
+                qa[4 * a], qa[4 * a + 1], qa[4 * a + 2], qa[4 * a + 3] = _ld4(smem, (hq + 4 * a) * DP + 4 * c4)
+            for k in range(4):
+                k0, k1, k2, k3 = _ld4(smem, off_k + (kq + KQ * k) * DP + 4 * c4)
+                for a in range(4):
+                    s[4 * a + k] += qa[4 * a] * k0 + qa[4 * a + 1] * k1 + qa[4 * a + 2] * k2 + qa[4 * a + 3] * k3
+        for a in range(4):
+            for k in range(4):
+                smem[off_red + (sl * BLOCK_H + hq + 4 * a) * BN + kq + KQ * k] = s[4 * a + k]
+        cuda.syncthreads()  # all slices written
+        for o in range(tid, BLOCK_H * BN, NT):
+            tot = float32(0.0)
+            for x in range(NSL):
+                tot += smem[off_red + x * BLOCK_H * BN + o]
+            smem[off_red + o] = tot * scale_log2  # slice 0 now holds S (log2 units)
+        cuda.syncthreads()
+        # ---- online softmax: BN lanes per row, 2 rows per warp
+        for ps in range(2 * BN // 32):
+            hrow = 2 * warp + ps * (32 // BN) + lane // BN
+            key = lane % BN
+            pos = tile0 + key
+            lim = stop
+            if s_q_rows_causal[hrow] < lim:
+                lim = s_q_rows_causal[hrow]
+            sv = smem[off_red + hrow * BN + key] if pos < lim else NEG_INF
+            mt = sv
+            off = BN // 2
+            while off > 0:
+                mt = max(mt, cuda.shfl_xor_sync(0xFFFFFFFF, mt, off))
+                off //= 2
+            m_old = smem[off_m + hrow]
+            m_new = max(m_old, mt)
+            if m_new == NEG_INF:
+                alpha = float32(1.0)
+                pv = float32(0.0)
+            else:
+                alpha = math.exp2(m_old - m_new)
+                pv = math.exp2(sv - m_new) if pos < lim else float32(0.0)
+            lt_sum = pv
+            off = BN // 2
+            while off > 0:
+                lt_sum += cuda.shfl_xor_sync(0xFFFFFFFF, lt_sum, off)
+                off //= 2
+            smem[off_p + key * BLOCK_H + hrow] = pv
+            if key == 0:
+                smem[off_m + hrow] = m_new
+                smem[off_m + BLOCK_H + hrow] = smem[off_m + BLOCK_H + hrow] * alpha + lt_sum
+                smem[off_m + 2 * BLOCK_H + hrow] = alpha
+        cuda.syncthreads()
+        # ---- O = O * alpha + P V: 8 heads x 4 channels per quad
+        hh = tid // (NT // 2)
+        cq = tid % (NT // 2)
+        for a in range(8):
+            al = smem[off_m + 2 * BLOCK_H + 8 * hh + a]
+            for u in range(CQ):
+                for e in range(4):
+                    acc[(u * 8 + a) * 4 + e] *= al
+        for n in range(BN):
+            p0, p1, p2, p3 = _ld4(smem, off_p + n * BLOCK_H + 8 * hh)
+            p4, p5, p6, p7 = _ld4(smem, off_p + n * BLOCK_H + 8 * hh + 4)
+            for u in range(CQ):
+                c4 = cq + (NT // 2) * u
+                if c4 < DV4:
+                    v0, v1, v2, v3 = _ld4(smem, off_k + n * DP + 4 * c4)
+                    b = u * 32
+                    acc[b + 0] += p0 * v0
+                    acc[b + 1] += p0 * v1
+                    acc[b + 2] += p0 * v2
+                    acc[b + 3] += p0 * v3
+                    acc[b + 4] += p1 * v0
+                    acc[b + 5] += p1 * v1
+                    acc[b + 6] += p1 * v2
+                    acc[b + 7] += p1 * v3
+                    acc[b + 8] += p2 * v0
+                    acc[b + 9] += p2 * v1
+                    acc[b + 10] += p2 * v2
+                    acc[b + 11] += p2 * v3
+                    acc[b + 12] += p3 * v0
+                    acc[b + 13] += p3 * v1
+                    acc[b + 14] += p3 * v2
+                    acc[b + 15] += p3 * v3
+                    acc[b + 16] += p4 * v0
+                    acc[b + 17] += p4 * v1
+                    acc[b + 18] += p4 * v2
+                    acc[b + 19] += p4 * v3
+                    acc[b + 20] += p5 * v0
+                    acc[b + 21] += p5 * v1
+                    acc[b + 22] += p5 * v2
+                    acc[b + 23] += p5 * v3
+                    acc[b + 24] += p6 * v0
+                    acc[b + 25] += p6 * v1
+                    acc[b + 26] += p6 * v2
+                    acc[b + 27] += p6 * v3
+                    acc[b + 28] += p7 * v0
+                    acc[b + 29] += p7 * v1
+                    acc[b + 30] += p7 * v2
+                    acc[b + 31] += p7 * v3
+
+    @cuda.jit
+    def mla_decode_tiled(q, kflat, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                         scale_log2, causal, h_kv, page):
+        """grid (h_kv * row_tiles, num_workers), block NT; dynamic shared SMEM_FLOATS f32.
+
+        kflat: the cache as flat uint32 (bf16/fp16 pairs or fp32 bits)."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        w = cuda.blockIdx.y
+        s_q, h_q = q.shape[1], q.shape[2]
+        group = h_q // h_kv
+        rows = s_q * group
+        row_tiles = (rows + BLOCK_H - 1) // BLOCK_H
+        g = cuda.blockIdx.x // row_tiles
+        row0 = (cuda.blockIdx.x % row_tiles) * BLOCK_H
+        smem = cuda.shared.array(0, float32)
+        limits = cuda.shared.array(BLOCK_H, int32)
+        acc = cuda.local.array(ACC_N, float32)
+        pre = cuda.local.array(PRE_N, uint32)
+        hh = tid // (NT // 2)
+        cq = tid % (NT // 2)
+
+        for i in range(metadata[w, 0], metadata[w, 2] + 1):
+            start, stop, p = _piece(metadata, num_splits, seqlens, w, i)
+            L = seqlens[i]
+            # query tile -> sQ (fp32); padding rows are zeros; stats reset
+            for x in range(tid, BLOCK_H * d, NT):
+                hr = x // d
+                c = x % d
+                R = row0 + hr
+                val = float32(0.0)
+                if R < rows:
+                    val = widen(q[i, R // group, g * group + R % group, c])
+                smem[hr * DP + c] = val
+            if tid < BLOCK_H:
+                R = row0 + tid
+                lim = stop
+                if causal and R < rows:
+                    lim = L - s_q + R // group + 1  # row r sees keys j <= L - s_q + r
+                limits[tid] = lim
+                smem[off_m + tid] = NEG_INF
+                smem[off_m + BLOCK_H + tid] = 0.0
+            for x in range(ACC_N):
+                acc[x] = 0.0
+            cuda.syncthreads()
+            tile0 = start
+            if prefetch:
+                for k in range(CPT):
+                    a = chunk_address(kflat, block_table, i, g, h_kv, page, tile0, stop, tid + k * NT)
+                    if a >= 0 and tid + k * NT < BN * CPR:
+                        pre[4 * k], pre[4 * k + 1], pre[4 * k + 2], pre[4 * k + 3] = _ld4(kflat, a)
+                    else:
+                        pre[4 * k] = pre[4 * k + 1] = pre[4 * k + 2] = pre[4 * k + 3] = uint32(0)
+            while tile0 < stop:
+                if prefetch:
+                    # registers (loaded one tile ago) -> sK, then start loading the next tile
+                    for k in range(CPT):
+                        idx = tid + k * NT
+                        if idx < BN * CPR:
+                            widen_store(smem, off_k + (idx // CPR) * DP + (idx % CPR) * EPC,
+                                        pre[4 * k], pre[4 * k + 1], pre[4 * k + 2], pre[4 * k + 3])
+                    nxt = tile0 + BN
+                    if nxt < stop:
+                        for k in range(CPT):
+                            a = chunk_address(kflat, block_table, i, g, h_kv, page, nxt, stop, tid + k * NT)
+                            if a >= 0 and tid + k * NT < BN * CPR:
+                                pre[4 * k], pre[4 * k + 1], pre[4 * k + 2], pre[4 * k + 3] = _ld4(kflat, a)
+                            else:
+                                pre[4 * k] = pre[4 * k + 1] = pre[4 * k + 2] = pre[4 * k + 3] = uint32(0)
+                else:
+                    load_tile(smem, kflat, block_table, i, g, h_kv, page, tile0, stop, tid)
+                cuda.syncthreads()  # sK complete
+                tile_math(smem, tid, lane, warp, tile0, stop, 0, limits, scale_log2, acc)
+                cuda.syncthreads()  # sK, sP, red free for the next tile
+                tile0 += BN
+            # o = acc / l, lse = (m + log2 l) ln 2  (-inf for an empty row)
+            for a in range(8):
+                hr = 8 * hh + a
+                R = row0 + hr
+                if R < rows:
+                    r = R // group
+                    h = g * group + R % group
+                    lsum = smem[off_m + BLOCK_H + hr]
+                    inv = 1.0 / lsum if lsum > 0 else 0.0
+                    for u in range(CQ):
+                        c4 = cq + (NT // 2) * u
+                        if c4 < DV4:
+                            for e in range(4):
+                                o_part[p, r, h, 4 * c4 + e] = acc[(u * 8 + a) * 4 + e] * inv
+                    if cq == 0:
+                        lse_part[p, r, h] = (smem[off_m + hr] + math.log2(lsum)) * LN2 if lsum > 0 else NEG_INF
+            cuda.syncthreads()  # sQ and the stats are rewritten by the next sequence
+
+    return mla_decode_tiled
+
+
+# ----------------------------------------------------------------------------------------------
+# combine: merge each sequence's partials by their lse (the reference's combine_splits).
+
+
+def _make_combine(kind):
+    narrow = _NARROW[kind]
+
+    @cuda.jit
+    def mla_combine(o_part, lse_part, num_splits, out, lse):
+        """grid (b * s_q * h_q), block NT. out [b, s_q, h_q, d_v]; lse [b, h_q, s_q]."""
+        x = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        s_q, h_q, d_v = out.shape[1], out.shape[2], out.shape[3]
+        i = x // (s_q * h_q)
+        r = (x // h_q) % s_q
+        h = x % h_q
+        lo = num_splits[i]
+        hi = num_splits[i + 1]
+        m = NEG_INF
+        for sp in range(lo, hi):
+            m = max(m, lse_part[sp, r, h])
+        total = float32(0.0)
+        if m != NEG_INF:
+            for sp in range(lo, hi):
+                ls = lse_part[sp, r, h]
+                if ls != NEG_INF:
+                    total += math.exp(ls - m)
+        inv = 1.0 / total if total > 0 else 0.0
+        for c in range(tid, d_v, nt):
+            o = float32(0.0)
+            if total > 0:
+                for sp in range(lo, hi):
+                    ls = lse_part[sp, r, h]
+                    if ls != NEG_INF:  # empty splits may hold anything
+                        o += math.exp(ls - m) * inv * o_part[sp, r, h, c]
+            out[i, r, h, c] = narrow(o)
+        if tid == 0:
+            lse[i, h, r] = m + math.log(total) if total > 0 else math.inf
+
+    return mla_combine
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (arrays are Numba device arrays, or host arrays under the simulator)
+
+_KERNELS: dict = {}
+
+
+def _kernel(key, make):
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = make()
+    return k
+
+
+def default_block_n() -> int:
+    """Keys per tile of the tiled versions (env MLA_NUMBA_BLOCK_N: 16 or 32)."""
+    return int(os.environ.get("MLA_NUMBA_BLOCK_N", "16"))
+
+
+class DecodeLaunch:
+    """One decode version compiled for one problem shape, with its launch geometry (cached by the
+    backend so that a decode step costs no re-dispatch)."""
+
+    def __init__(self, version, kind, s_q, h_q, h_kv, d, d_v, page, num_workers, block_n=None,
+                 threads=None):
+        self.version, self.kind, self.page, self.h_kv = version, kind, int(page), int(h_kv)
+        if version == 1:
+            nt = threads or (8 if SIMULATOR else 128)
+            self.kernel = _kernel(("v1", kind), lambda: _make_v1(kind))
+            self.grid = (num_workers, s_q * h_q)
+            self.block = nt
+            self.smem = (d + d_v + nt) * 4
+        elif version in (2, 3):
+            if not tiled_supported(d, d_v, kind):
+                raise ValueError(f"v{version} needs d * itemsize % 16 == 0 and d_v % 4 == 0, got d={d}, "
+                                 f"d_v={d_v}")
+            bn = int(block_n or default_block_n())
+            if bn not in (16, 32):
+                raise ValueError(f"block_n must be 16 or 32, got {bn}")
+            prefetch = version == 3
+            self.kernel = _kernel(("tiled", kind, d, d_v, bn, prefetch),
+                                  lambda: _make_tiled(kind, d, d_v, bn, prefetch))
+            rows = s_q * (h_q // h_kv)
+            self.grid = (h_kv * -(-rows // BLOCK_H), num_workers)
+            self.block = NT
+            self.smem = _tiled_geometry(d, d_v, bn, kind)["SMEM_FLOATS"] * 4
+        else:
+            raise ValueError(f"unknown version {version}; versions are {VERSIONS}")
+        self._launch = None
+
+    def args(self, q, k_cache, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+             scale, causal):
+        if self.version == 1:
+            return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                    float32(scale), bool(causal))
+        return (q, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                float32(scale * LOG2E), bool(causal), int32(self.h_kv), int32(self.page))
+
+    def __call__(self, *arrays, stream=0):
+        """arrays: q, k_cache (typed), k_u32 (flat uint32 view; tiled versions), block_table,
+        seqlens, metadata, num_splits, o_part, lse_part, scale, causal."""
+        args = self.args(*arrays)
+        if self._launch is None:
+            if self.smem > 48 * 1024 and not SIMULATOR:
+                self._opt_in_shared(args)
+            self._launch = self.kernel[self.grid, self.block, stream, self.smem]
+        self._launch(*args)
+
+    def _opt_in_shared(self, args):
+        """Kernels may use > 48 KB of dynamic shared memory (up to 227 KB on an H100) only after
+        cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES); Numba has no option for it, so compile
+        first and set the attribute on the compiled function (as Numba's own carveout setter does)."""
+        from numba import typeof
+        from numba.cuda.cudadrv import driver as _driver
+        from numba.cuda.cudadrv.driver import binding
+
+        sig = tuple(typeof(a) for a in args)
+        self.kernel.compile(sig)
+        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        for overload in self.kernel.overloads.values():
+            cufunc = overload._codelibrary.get_cufunc()
+            _driver.driver.cuKernelSetAttribute(attr, int(self.smem), cufunc.handle, cufunc.device.id)
+
+
+class CombineLaunch:
+    """The combine kernel with its geometry (one CTA per output row)."""
+
+    def __init__(self, kind, b, s_q, h_q, threads=None):
+        self.kernel = _kernel(("combine", kind), lambda: _make_combine(kind))
+        self.grid = max(b * s_q * h_q, 1)
+        self.block = threads or (8 if SIMULATOR else 128)
+        self._launch = None
+
+    def __call__(self, o_part, lse_part, num_splits, out, lse, stream=0):
+        if self._launch is None:
+            self._launch = self.kernel[self.grid, self.block, stream, 0]
+        self._launch(o_part, lse_part, num_splits, out, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m mla.kernels.numba_decode: check every version against the reference, then time them
+
+
+def main():
+    import time
+
+    import mla
+    from mla import reference, testing
+    from mla.backends import numba_backend  # noqa: F401  (the backend the API dispatches to)
+
+    rng = numpy.random.default_rng(0)
+    small = dict(b=3, s_q=2, h_q=16, h_kv=1, d=576, head_dim_v=512, page_block_size=64, seqlens=[0, 100, 700],
+                 dtype="bfloat16", causal=True)
+    if SIMULATOR:
+        small = dict(b=2, s_q=1, h_q=2, h_kv=1, d=16, head_dim_v=8, page_block_size=8, seqlens=[5, 20],
+                     dtype="float16")
+    case = testing.make_decode_case(rng, **small)
+    ref_out, ref_lse = reference.flash_mla_reference(*case.args(), causal=case.causal)
+    versions = (1,) if SIMULATOR else VERSIONS
+    for version in versions:
+        os.environ["MLA_NUMBA_VERSION"] = str(version)
+        out, lse = mla.flash_mla_with_kvcache(*case.args(), causal=case.causal, backend="numba")
+        testing.assert_close(out, lse, ref_out, ref_lse)
+        print(f"v{version}: matches the reference")
+    if SIMULATOR:
+        return
+    import cupy as cp
+
+    b, s_k = 128, 8192
+    dev = testing.to_device(testing.make_decode_case(rng, b=b, s_q=1, h_q=16, h_kv=1, d=576, head_dim_v=512,
+                                                     page_block_size=64, seqlens=[s_k] * b, dtype="bfloat16"))
+    sched, splits = mla.get_mla_metadata(dev.cache_seqlens, 16, 1)
+    nbytes = b * (16 * 576 * 2 + s_k * 576 * 2 + 16 * 512 * 2)
+    for version in versions:
+        os.environ["MLA_NUMBA_VERSION"] = str(version)
+        run = lambda: mla.flash_mla_with_kvcache(*dev.args(), sched, splits, backend="numba",  # noqa: E731
+                                                 validate=False)
+        run()
+        cp.cuda.Device().synchronize()
+        times = []
+        for _ in range(3 if version == 1 else 20):
+            t0 = time.perf_counter()
+            run()
+            cp.cuda.Device().synchronize()
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * float(numpy.median(times))
+        print(f"v{version}: b={b} h_q=16 s_k={s_k} bf16: {ms:.3f} ms, {nbytes / ms / 1e6:.0f} GB/s")
+    os.environ.pop("MLA_NUMBA_VERSION", None)
+
+
+if __name__ == "__main__":
+    main()

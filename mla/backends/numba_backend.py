@@ -1,0 +1,191 @@
+"""Numba CUDA backend: adapts arrays, launches ``mla.kernels.numba_decode``, returns the caller's kind.
+
+- NumPy in -> copied to the device once, results copied back as NumPy.
+- Device in (CuPy, or anything the API turned into CuPy) -> zero-copy; results are CuPy arrays.
+- bfloat16 goes to the kernels as its uint16 bit pattern (widened in-register there).
+- The plan (tile_scheduler_metadata, num_splits) from ``get_mla_metadata`` drives the splits:
+  the partial buffers have ``b + num_workers`` rows (the scheduler's bound on the split count),
+  so no device->host sync is needed to size them.
+
+Version selection: env ``MLA_NUMBA_VERSION`` (1, 2, 3; default: the fastest that supports the
+shape, else 1); ``MLA_NUMBA_BLOCK_N`` (16 or 32) picks the key tile of versions 2 and 3.
+Compiled kernels, launch geometries and partial buffers are cached per shape, so repeated decode
+steps pay one launch each for decode and combine. Numba's own launch costs ~25 us; wrapping CuPy
+arrays costs more, which is why device arrays are wrapped once per call and nothing else is
+converted. numba-cuda <= 0.30 needs ``numpy.row_stack`` (gone in NumPy 2.5): the kernel module
+puts the alias back before the first compile (see its top).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import _arrays
+
+__all__ = ["available", "supports", "decode", "selected_version"]
+
+_KIND = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", _arrays.BFLOAT16: "bf16"}
+FASTEST = 3
+
+
+def _kernels():
+    from ..kernels import numba_decode  # applies the numpy.row_stack shim before numba.cuda
+
+    return numba_decode
+
+
+_AVAILABLE = None
+
+
+def available():
+    """(ok, reason); checked once per process (the API asks on every call)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _check_available()
+    return _AVAILABLE
+
+
+def _check_available():
+    try:
+        nd = _kernels()
+    except Exception as exc:  # numba / numba-cuda missing or broken
+        return False, f"numba CUDA could not be imported: {exc}"
+    from numba import cuda
+
+    if nd.SIMULATOR:
+        return True, ""
+    try:
+        if not cuda.is_available():
+            return False, "numba.cuda sees no CUDA GPU (set NUMBA_ENABLE_CUDASIM=1 for the simulator)"
+    except Exception as exc:
+        return False, f"numba.cuda failed: {exc}"
+    return True, ""
+
+
+def supports(problem):
+    if problem.is_fp8_kvcache:
+        return False, "backend='numba' does not support the FP8 KV cache (use 'numpy' or 'cupy')"
+    if problem.is_sparse or problem.attn_sink is not None:
+        return False, "backend='numba' does not support sparse (indices) mode (use 'numpy' or 'cupy')"
+    if problem.q.dtype not in _KIND:
+        return False, f"backend='numba' does not support dtype {problem.q.dtype}"
+    return True, ""
+
+
+def selected_version(problem, kind=None) -> int:
+    """The kernel version for this problem: MLA_NUMBA_VERSION if set, else the fastest that fits."""
+    nd = _kernels()
+    kind = kind or _KIND[problem.q.dtype]
+    env = os.environ.get("MLA_NUMBA_VERSION")
+    if env:
+        version = int(env)
+        if version not in nd.VERSIONS:
+            raise ValueError(f"MLA_NUMBA_VERSION must be one of {nd.VERSIONS}, got {env!r}")
+        if version > 1 and not _tiled_ok(problem, kind, nd):
+            return 1
+        return version
+    if nd.SIMULATOR or not _tiled_ok(problem, kind, nd):
+        return 1
+    return FASTEST
+
+
+def _tiled_ok(problem, kind, nd):
+    """Tiled versions read the cache in 16-byte chunks: C-contiguous, 16-byte aligned rows."""
+    if not nd.tiled_supported(problem.d, problem.head_dim_v, kind):
+        return False
+    k = problem.k_cache
+    if problem.on_device:
+        return bool(k.flags.c_contiguous) and k.data.ptr % 16 == 0
+    return True
+
+
+POISON_OUTPUTS = False
+"""Test hook: fill out, lse and the partial buffers with NaN before every launch, so that any
+element a kernel fails to write shows up as NaN."""
+
+_LAUNCHES: dict = {}
+_BUFFERS: dict = {}
+
+
+def _launches(version, kind, problem, num_workers, nd):
+    key = (version, kind, problem.s_q, problem.h_q, problem.h_kv, problem.d, problem.head_dim_v,
+           problem.page_block_size, num_workers, problem.b, nd.default_block_n())
+    got = _LAUNCHES.get(key)
+    if got is None:
+        dec = nd.DecodeLaunch(version, kind, problem.s_q, problem.h_q, problem.h_kv, problem.d,
+                              problem.head_dim_v, problem.page_block_size, num_workers)
+        comb = nd.CombineLaunch(kind, problem.b, problem.s_q, problem.h_q)
+        got = _LAUNCHES[key] = (dec, comb)
+    return got
+
+
+def _partials(cuda, rows, s_q, h_q, d_v):
+    """Reusable partial buffers (o f32 [rows, s_q, h_q, d_v], lse f32 [rows, s_q, h_q])."""
+    key = (rows, s_q, h_q, d_v)
+    got = _BUFFERS.get(key)
+    if got is None:
+        got = _BUFFERS[key] = (cuda.device_array((rows, s_q, h_q, d_v), np.float32),
+                               cuda.device_array((rows, s_q, h_q), np.float32))
+    return got
+
+
+def _bits(x):
+    """bf16 arrays as their uint16 bits (same memory)."""
+    return x.view(np.uint16) if x.dtype == _arrays.BFLOAT16 else x
+
+
+def decode(problem, metadata, num_splits):
+    nd = _kernels()
+    from numba import cuda
+
+    kind = _KIND[problem.q.dtype]
+    version = selected_version(problem, kind)
+    num_workers = int(metadata.shape[0])
+    b, s_q, h_q, d_v = problem.b, problem.s_q, problem.h_q, problem.head_dim_v
+    dec, comb = _launches(version, kind, problem, num_workers, nd)
+
+    if problem.on_device:
+        cp = _arrays.cupy_module()
+        stream_ptr = cp.cuda.get_current_stream().ptr
+        stream = cuda.external_stream(stream_ptr) if stream_ptr else 0
+        wrap = cuda.as_cuda_array
+        out = cp.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
+        lse = cp.empty((b, h_q, s_q), dtype=np.float32)
+        k_bits = _bits(problem.k_cache)
+        arrays = [wrap(_bits(problem.q)), wrap(k_bits),
+                  wrap(k_bits.reshape(-1).view(np.uint32)) if version > 1 else None,
+                  wrap(problem.block_table), wrap(problem.cache_seqlens), wrap(metadata), wrap(num_splits)]
+        out_dev, lse_dev = wrap(_bits(out)), wrap(lse)
+    else:
+        stream = 0
+        k_bits = np.ascontiguousarray(_bits(problem.k_cache))
+        host = [np.ascontiguousarray(_bits(problem.q)), k_bits, None,
+                np.ascontiguousarray(problem.block_table), np.ascontiguousarray(problem.cache_seqlens),
+                np.ascontiguousarray(metadata), np.ascontiguousarray(num_splits)]
+        arrays = [None if a is None else cuda.to_device(a) for a in host]
+        if version > 1:
+            arrays[2] = arrays[1].reshape(k_bits.size).view(np.uint32)
+        out_host = np.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
+        out_dev = cuda.device_array(out_host.shape, _bits(out_host).dtype)
+        lse_dev = cuda.device_array((b, h_q, s_q), np.float32)
+
+    o_part, lse_part = _partials(cuda, b + num_workers, s_q, h_q, d_v)
+    if POISON_OUTPUTS and not nd.SIMULATOR:
+        cp = _arrays.cupy_module()
+        for x in (o_part, lse_part, out_dev, lse_dev):
+            view = cp.asarray(x)
+            if view.dtype == np.uint16:
+                view.fill(0x7FC0)  # a bf16 NaN
+            else:
+                view.fill(np.nan)
+    dec(*arrays, o_part, lse_part, problem.softmax_scale, problem.causal, stream=stream)
+    comb(o_part, lse_part, arrays[6], out_dev, lse_dev, stream=stream)
+
+    if problem.on_device:
+        return out, lse
+    out_host = out_dev.copy_to_host()
+    if problem.q.dtype == _arrays.BFLOAT16:
+        out_host = out_host.view(_arrays.BFLOAT16)
+    return out_host, lse_dev.copy_to_host()
