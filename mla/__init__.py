@@ -41,12 +41,19 @@ def _attach_kernels() -> None:
 
 _attach_kernels()
 
-from . import reference, scheduler  # noqa: E402
+from . import layer, prefill, reference, scheduler  # noqa: E402
 from ._arrays import BFLOAT16 as bfloat16  # noqa: E402
 from .api import BACKENDS, MLASchedMeta, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from .cache import CacheExhaustedError, PagedKVCache  # noqa: E402
 from .config import MLAConfig  # noqa: E402
 from .fp8 import FP8_TOKEN_BYTES, dequantize_kv_fp8, quantize_kv_fp8  # noqa: E402
+from .layer import MultiHeadLatentAttention, generate  # noqa: E402
+from .prefill import (  # noqa: E402
+    dropout_keep_mask,
+    flash_attn_varlen_backward,
+    flash_attn_varlen_forward,
+    flash_attn_varlen_func,
+)
 from .sparse import flash_mla_sparse_fwd  # noqa: E402
 
 __version__ = "0.1.0"
@@ -57,12 +64,20 @@ __all__ = [
     "FP8_TOKEN_BYTES",
     "MLAConfig",
     "MLASchedMeta",
+    "MultiHeadLatentAttention",
     "PagedKVCache",
     "bfloat16",
     "dequantize_kv_fp8",
+    "dropout_keep_mask",
+    "flash_attn_varlen_backward",
+    "flash_attn_varlen_forward",
+    "flash_attn_varlen_func",
     "flash_mla_sparse_fwd",
     "flash_mla_with_kvcache",
+    "generate",
     "get_mla_metadata",
+    "layer",
+    "prefill",
     "quantize_kv_fp8",
     "reference",
     "scheduler",
