@@ -87,7 +87,7 @@ def make_inputs(cp, b, s_q, h_q, s_k, dtype):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the markdown table here")
-    parser.add_argument("--versions", default="1,2,3")
+    parser.add_argument("--versions", default="1,2,3,4")
     parser.add_argument("--block-n", default="16,32", help="key tiles to try for versions >= 2")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")

@@ -69,7 +69,7 @@ from numba.core.extending import intrinsic  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 KINDS = ("f32", "f16", "bf16")
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 NEG_INF = -math.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -588,6 +588,275 @@ def _make_tiled(kind, d, d_v, block_n, prefetch):
 
 
 # ----------------------------------------------------------------------------------------------
+# version 4: tensor cores. One CTA (4 warps) per (16 query rows of one KV head, worker), like v2,
+# but both products run on mma.sync (bf16/fp16 in, fp32 accumulate) and the pages arrive by
+# cp.async, two tiles deep, straight into shared memory as 16-bit values (kernels/numba_ptx.py).
+#
+# Shared memory (16-bit elements; rows padded by 8 elements = 16 bytes, so the 8 row addresses of
+# an ldmatrix fall in 8 different 4-bank groups):
+#   sQ [16][DP]   sK [2][BN][DP]   sP [16][PP]          DP = d + 8, PP = BN + 8, BN = 64 keys
+# S = Q K^T [16 x 64]: warp w owns keys 16w..16w+15 (two n-tiles of 8), d/16 k-steps.
+# softmax: the tile max crosses warps through `red`; each thread keeps its own partial row sums l
+#   (rescaled by the CTA-wide alpha, so they add up at the end); P -> sP as 16-bit.
+# O += P V [16 x d_v]: warp w owns channels w*d_v/4 .. (w+1)*d_v/4 (d_v/32 n-tiles, fp32 registers);
+#   V fragments by ldmatrix.trans from the same sK tile (V is the first d_v channels of K).
+
+V4_WARPS = 4
+V4_NT = 32 * V4_WARPS
+V4_BH = 16
+V4_BN = 64
+
+
+def v4_supported(d, d_v, kind):
+    """Shapes v4 handles: 16-bit dtypes, d a multiple of 16, d_v a multiple of 64."""
+    return kind in ("bf16", "f16") and d % 16 == 0 and d_v % 64 == 0 and d_v <= d
+
+
+def v4_shared_bytes(d):
+    dp = d + 8
+    return 2 * (V4_BH * dp + 2 * V4_BN * dp + V4_BH * (V4_BN + 8))
+
+
+def _make_v4(kind, d, d_v, page):
+    from . import numba_ptx as ptx
+
+    mma = ptx.MMA[kind]
+    pack2 = ptx.PACK2[kind]
+    ldsm = ptx.ldmatrix_x4
+    ldsm_t = ptx.ldmatrix_x4_trans
+    cp16 = ptx.cp_async_16
+    DP = d + 8
+    PP = V4_BN + 8
+    BN = V4_BN
+    CPR = d // 8  # 16-byte chunks per row
+    CH_W = d_v // V4_WARPS  # output channels per warp
+    NPAIRS = CH_W // 16  # ldmatrix.trans x4 loads two n-tiles of 8 channels
+    ACC_N = CH_W // 8 * 4
+    OFF_K = V4_BH * DP * 2  # byte offsets in shared memory
+    STAGE = BN * DP * 2
+    OFF_P = OFF_K + 2 * STAGE
+    NT = V4_NT
+    PAGE = page
+
+    @cuda.jit
+    def mla_decode_v4(q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                      scale_log2, causal, qk_steps, pv_steps):
+        """grid (h_kv * row_tiles, num_workers), block 128; dynamic shared v4_shared_bytes(d).
+
+        q [b, s_q, h_q, d], k_cache [blocks, page, h_kv, d]: 16-bit, C-contiguous (bf16 as uint16).
+        qk_steps = d / 16 and pv_steps = 64 / 16 come in at run time on purpose: with constant
+        bounds NVVM unrolls those loops completely, hoists every ldmatrix and spills registers."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        gid = lane // 4  # fragment row
+        tig = lane % 4  # fragment column pair
+        w = cuda.blockIdx.y
+        s_q, h_q = q.shape[1], q.shape[2]
+        h_kv = k_cache.shape[2]
+        group = h_q // h_kv
+        rows = s_q * group
+        row_tiles = (rows + V4_BH - 1) // V4_BH
+        g = cuda.blockIdx.x // row_tiles
+        row0 = (cuda.blockIdx.x % row_tiles) * V4_BH
+        smem = cuda.shared.array(0, uint32)
+        red = cuda.shared.array(64, float32)  # [warp][row]
+        base = ptx.shared_address(smem)
+        acc = cuda.local.array(ACC_N, float32)
+        # ldmatrix lane roles: A tiles (sQ, sP) and the K tile of the scores, V tile of P.V
+        a_row = lane % 8 + 8 * ((lane // 8) % 2)
+        a_col = 8 * (lane // 16)
+        kb_key = 16 * warp + lane % 8 + 8 * (lane // 16)
+        kb_col = 8 * ((lane // 8) % 2)
+        v_key = lane % 8 + 8 * ((lane // 8) % 2)
+        v_ch = CH_W * warp + 8 * (lane // 16)
+        ninf = float32(NEG_INF)  # keep the softmax in fp32 (a Python float would promote to fp64)
+        one = float32(1.0)
+        zero = float32(0.0)
+
+        for i in range(metadata[w, 0], metadata[w, 2] + 1):
+            start, stop, p = _piece(metadata, num_splits, seqlens, w, i)
+            L = seqlens[i]
+            # the rows this thread's fragments hold (gid, gid + 8): their last visible key + 1
+            lim0 = 0
+            lim1 = 0
+            R = row0 + gid
+            if R < rows:
+                lim0 = stop
+                if causal:
+                    lim0 = min(stop, L - s_q + R // group + 1)  # row r sees j <= L - s_q + r
+            R = row0 + gid + 8
+            if R < rows:
+                lim1 = stop
+                if causal:
+                    lim1 = min(stop, L - s_q + R // group + 1)
+            m0 = ninf
+            m1 = ninf
+            l0 = float32(0.0)
+            l1 = float32(0.0)
+            for x in range(ACC_N):
+                acc[x] = 0.0
+            # query tile (rows past `rows` are zero-filled) and the first key tile, asynchronously
+            if start < stop:
+                for c in range(tid, V4_BH * CPR, NT):
+                    hr = c // CPR
+                    R = row0 + hr
+                    src = 0
+                    nbytes = 0
+                    if R < rows:
+                        src = ((i * s_q + R // group) * h_q + g * group + R % group) * d + (c % CPR) * 8
+                        nbytes = 16
+                    cp16(base + uint32(hr * DP * 2 + (c % CPR) * 16), q, src, uint32(nbytes))
+                for c in range(tid, BN * CPR, NT):
+                    pos = start + c // CPR
+                    src = 0
+                    nbytes = 0
+                    if pos < stop:  # slots at or past stop are never read (zeros instead)
+                        blk = block_table[i, pos // PAGE]
+                        src = ((blk * PAGE + pos % PAGE) * h_kv + g) * d + (c % CPR) * 8
+                        nbytes = 16
+                    cp16(base + uint32(OFF_K + (c // CPR) * DP * 2 + (c % CPR) * 16), k_cache, src, uint32(nbytes))
+            stage = 0
+            tile0 = start
+            while tile0 < stop:
+                ptx.cp_async_wait_all()
+                cuda.syncthreads()  # tile `stage` is in sK for everyone; the other stage is free
+                nxt = tile0 + BN
+                if nxt < stop:  # next tile into the other stage while this one is computed
+                    dst = OFF_K + (1 - stage) * STAGE
+                    for c in range(tid, BN * CPR, NT):
+                        pos = nxt + c // CPR
+                        src = 0
+                        nbytes = 0
+                        if pos < stop:
+                            blk = block_table[i, pos // PAGE]
+                            src = ((blk * PAGE + pos % PAGE) * h_kv + g) * d + (c % CPR) * 8
+                            nbytes = 16
+                        cp16(base + uint32(dst + (c // CPR) * DP * 2 + (c % CPR) * 16), k_cache, src, uint32(nbytes))
+                    ptx.cp_async_commit()
+                sk = base + uint32(OFF_K + stage * STAGE)
+                # ---- S = Q K^T for this warp's 16 keys: two n-tiles, d/16 k-steps
+                s00 = s01 = s02 = s03 = float32(0.0)
+                s10 = s11 = s12 = s13 = float32(0.0)
+                for ks in range(qk_steps):
+                    a0, a1, a2, a3 = ldsm(base + uint32((a_row * DP + 16 * ks + a_col) * 2))
+                    b0, b1, b2, b3 = ldsm(sk + uint32((kb_key * DP + 16 * ks + kb_col) * 2))
+                    s00, s01, s02, s03 = mma(a0, a1, a2, a3, b0, b1, s00, s01, s02, s03)
+                    s10, s11, s12, s13 = mma(a0, a1, a2, a3, b2, b3, s10, s11, s12, s13)
+                # ---- online softmax (log2 units); keys past a row's limit are -inf
+                kpos = tile0 + 16 * warp + 2 * tig
+                v00 = s00 * scale_log2 if kpos < lim0 else ninf
+                v01 = s01 * scale_log2 if kpos + 1 < lim0 else ninf
+                v10 = s10 * scale_log2 if kpos + 8 < lim0 else ninf
+                v11 = s11 * scale_log2 if kpos + 9 < lim0 else ninf
+                v02 = s02 * scale_log2 if kpos < lim1 else ninf
+                v03 = s03 * scale_log2 if kpos + 1 < lim1 else ninf
+                v12 = s12 * scale_log2 if kpos + 8 < lim1 else ninf
+                v13 = s13 * scale_log2 if kpos + 9 < lim1 else ninf
+                t0 = max(max(v00, v01), max(v10, v11))
+                t1 = max(max(v02, v03), max(v12, v13))
+                t0 = max(t0, cuda.shfl_xor_sync(0xFFFFFFFF, t0, 1))
+                t0 = max(t0, cuda.shfl_xor_sync(0xFFFFFFFF, t0, 2))
+                t1 = max(t1, cuda.shfl_xor_sync(0xFFFFFFFF, t1, 1))
+                t1 = max(t1, cuda.shfl_xor_sync(0xFFFFFFFF, t1, 2))
+                if tig == 0:
+                    red[warp * 16 + gid] = t0
+                    red[warp * 16 + gid + 8] = t1
+                cuda.syncthreads()
+                n0 = m0
+                n1 = m1
+                for x in range(V4_WARPS):
+                    n0 = max(n0, red[x * 16 + gid])
+                    n1 = max(n1, red[x * 16 + gid + 8])
+                al0 = one
+                al1 = one
+                if n0 != ninf:
+                    al0 = math.exp2(m0 - n0)
+                    v00 = math.exp2(v00 - n0)
+                    v01 = math.exp2(v01 - n0)
+                    v10 = math.exp2(v10 - n0)
+                    v11 = math.exp2(v11 - n0)
+                else:
+                    v00 = v01 = v10 = v11 = zero
+                if n1 != ninf:
+                    al1 = math.exp2(m1 - n1)
+                    v02 = math.exp2(v02 - n1)
+                    v03 = math.exp2(v03 - n1)
+                    v12 = math.exp2(v12 - n1)
+                    v13 = math.exp2(v13 - n1)
+                else:
+                    v02 = v03 = v12 = v13 = zero
+                m0 = n0
+                m1 = n1
+                l0 = l0 * al0 + (v00 + v01 + v10 + v11)
+                l1 = l1 * al1 + (v02 + v03 + v12 + v13)
+                # P (16-bit) -> sP[row][key]: the fragment's pairs are adjacent keys
+                pk = 16 * warp + 2 * tig
+                smem[(OFF_P + (gid * PP + pk) * 2) // 4] = pack2(v00, v01)
+                smem[(OFF_P + (gid * PP + pk + 8) * 2) // 4] = pack2(v10, v11)
+                smem[(OFF_P + ((gid + 8) * PP + pk) * 2) // 4] = pack2(v02, v03)
+                smem[(OFF_P + ((gid + 8) * PP + pk + 8) * 2) // 4] = pack2(v12, v13)
+                for x in range(ACC_N // 4):
+                    acc[4 * x] *= al0
+                    acc[4 * x + 1] *= al0
+                    acc[4 * x + 2] *= al1
+                    acc[4 * x + 3] *= al1
+                cuda.syncthreads()  # sP complete; red may be rewritten
+                # ---- O += P V: 4 k-steps of 16 keys, this warp's d_v/4 channels
+                for kk in range(pv_steps):
+                    a0, a1, a2, a3 = ldsm(base + uint32(OFF_P + (a_row * PP + 16 * kk + a_col) * 2))
+                    for pr in range(NPAIRS):
+                        b0, b1, b2, b3 = ldsm_t(sk + uint32(((16 * kk + v_key) * DP + v_ch + 16 * pr) * 2))
+                        x = 8 * pr
+                        acc[x], acc[x + 1], acc[x + 2], acc[x + 3] = mma(
+                            a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
+                        acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7] = mma(
+                            a0, a1, a2, a3, b2, b3, acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7])
+                stage = 1 - stage
+                tile0 = nxt
+            # ---- finish: l summed over the quad and the warps; o = acc / l; lse = (m + log2 l) ln 2
+            l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, 1)
+            l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, 2)
+            l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, 1)
+            l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, 2)
+            cuda.syncthreads()  # the last tile's readers of red are done
+            if tig == 0:
+                red[warp * 16 + gid] = l0
+                red[warp * 16 + gid + 8] = l1
+            cuda.syncthreads()
+            l0 = float32(0.0)
+            l1 = float32(0.0)
+            for x in range(V4_WARPS):
+                l0 += red[x * 16 + gid]
+                l1 += red[x * 16 + gid + 8]
+            inv0 = one / l0 if l0 > 0 else zero
+            inv1 = one / l1 if l1 > 0 else zero
+            R = row0 + gid
+            if R < rows:
+                r = R // group
+                h = g * group + R % group
+                for nt in range(ACC_N // 4):
+                    ch = CH_W * warp + 8 * nt + 2 * tig
+                    o_part[p, r, h, ch] = acc[4 * nt] * inv0
+                    o_part[p, r, h, ch + 1] = acc[4 * nt + 1] * inv0
+                if warp == 0 and tig == 0:
+                    lse_part[p, r, h] = (m0 + math.log2(l0)) * LN2 if l0 > 0 else ninf
+            R = row0 + gid + 8
+            if R < rows:
+                r = R // group
+                h = g * group + R % group
+                for nt in range(ACC_N // 4):
+                    ch = CH_W * warp + 8 * nt + 2 * tig
+                    o_part[p, r, h, ch] = acc[4 * nt + 2] * inv1
+                    o_part[p, r, h, ch + 1] = acc[4 * nt + 3] * inv1
+                if warp == 0 and tig == 0:
+                    lse_part[p, r, h] = (m1 + math.log2(l1)) * LN2 if l1 > 0 else ninf
+            cuda.syncthreads()  # red and sQ are rewritten by the next sequence
+
+    return mla_decode_v4
+
+
+# ----------------------------------------------------------------------------------------------
 # combine: merge each sequence's partials by their lse (the reference's combine_splits).
 
 
@@ -675,6 +944,15 @@ class DecodeLaunch:
             self.grid = (h_kv * -(-rows // BLOCK_H), num_workers)
             self.block = NT
             self.smem = _tiled_geometry(d, d_v, bn, kind)["SMEM_FLOATS"] * 4
+        elif version == 4:
+            if not v4_supported(d, d_v, kind):
+                raise ValueError(f"v4 needs bf16/fp16, d % 16 == 0 and d_v % 64 == 0, got {kind}, d={d}, "
+                                 f"d_v={d_v}")
+            self.kernel = _kernel(("v4", kind, d, d_v, int(page)), lambda: _make_v4(kind, d, d_v, int(page)))
+            rows = s_q * (h_q // h_kv)
+            self.grid = (h_kv * -(-rows // V4_BH), num_workers)
+            self.block = V4_NT
+            self.smem = v4_shared_bytes(d)
         else:
             raise ValueError(f"unknown version {version}; versions are {VERSIONS}")
         self._launch = None
@@ -684,6 +962,9 @@ class DecodeLaunch:
         if self.version == 1:
             return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                     float32(scale), bool(causal))
+        if self.version == 4:
+            return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
+                    float32(scale * LOG2E), bool(causal), int32(q.shape[3] // 16), int32(V4_BN // 16))
         return (q, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                 float32(scale * LOG2E), bool(causal), int32(self.h_kv), int32(self.page))
 

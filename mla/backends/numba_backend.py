@@ -7,8 +7,8 @@
   the partial buffers have ``b + num_workers`` rows (the scheduler's bound on the split count),
   so no device->host sync is needed to size them.
 
-Version selection: env ``MLA_NUMBA_VERSION`` (1, 2, 3; default: the fastest that supports the
-shape, else 1); ``MLA_NUMBA_BLOCK_N`` (16 or 32) picks the key tile of versions 2 and 3.
+Version selection: env ``MLA_NUMBA_VERSION`` (1, 2, 3, 4; default: the fastest that supports the
+shape: 4 for bf16/fp16 with d % 16 == 0 and d_v % 64 == 0, else 3, else 1); ``MLA_NUMBA_BLOCK_N`` (16 or 32) picks the key tile of versions 2 and 3.
 Compiled kernels, launch geometries and partial buffers are cached per shape, so repeated decode
 steps pay one launch each for decode and combine. Numba's own launch costs ~25 us; wrapping CuPy
 arrays costs more, which is why device arrays are wrapped once per call and nothing else is
@@ -27,7 +27,7 @@ from .. import _arrays
 __all__ = ["available", "supports", "decode", "selected_version"]
 
 _KIND = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", _arrays.BFLOAT16: "bf16"}
-FASTEST = 3
+FASTEST = 4
 
 
 def _kernels():
@@ -83,12 +83,19 @@ def selected_version(problem, kind=None) -> int:
         version = int(env)
         if version not in nd.VERSIONS:
             raise ValueError(f"MLA_NUMBA_VERSION must be one of {nd.VERSIONS}, got {env!r}")
+        if version == 4 and not _v4_ok(problem, kind, nd):
+            version = 3
         if version > 1 and not _tiled_ok(problem, kind, nd):
             return 1
         return version
     if nd.SIMULATOR or not _tiled_ok(problem, kind, nd):
         return 1
-    return FASTEST
+    return FASTEST if _v4_ok(problem, kind, nd) else 3
+
+
+def _v4_ok(problem, kind, nd):
+    """v4 (tensor cores) copies 16-byte chunks of q and the cache with cp.async."""
+    return nd.v4_supported(problem.d, problem.head_dim_v, kind) and _tiled_ok(problem, kind, nd)
 
 
 def _tiled_ok(problem, kind, nd):
@@ -154,8 +161,11 @@ def decode(problem, metadata, num_splits):
         out = cp.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
         lse = cp.empty((b, h_q, s_q), dtype=np.float32)
         k_bits = _bits(problem.k_cache)
-        arrays = [wrap(_bits(problem.q)), wrap(k_bits),
-                  wrap(k_bits.reshape(-1).view(np.uint32)) if version > 1 else None,
+        q_bits = _bits(problem.q)
+        if version == 4 and (not q_bits.flags.c_contiguous or q_bits.data.ptr % 16):
+            q_bits = cp.ascontiguousarray(q_bits)  # cp.async reads 16-byte chunks of q rows
+        arrays = [wrap(q_bits), wrap(k_bits),
+                  wrap(k_bits.reshape(-1).view(np.uint32)) if version in (2, 3) else None,
                   wrap(problem.block_table), wrap(problem.cache_seqlens), wrap(metadata), wrap(num_splits)]
         out_dev, lse_dev = wrap(_bits(out)), wrap(lse)
     else:
@@ -165,7 +175,7 @@ def decode(problem, metadata, num_splits):
                 np.ascontiguousarray(problem.block_table), np.ascontiguousarray(problem.cache_seqlens),
                 np.ascontiguousarray(metadata), np.ascontiguousarray(num_splits)]
         arrays = [None if a is None else cuda.to_device(a) for a in host]
-        if version > 1:
+        if version in (2, 3):
             arrays[2] = arrays[1].reshape(k_bits.size).view(np.uint32)
         out_host = np.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
         out_dev = cuda.device_array(out_host.shape, _bits(out_host).dtype)
