@@ -1,0 +1,365 @@
+"""CuPy RawKernel backend: CUDA C++ kernels from ``kernels/`` compiled at run time by NVRTC.
+
+Kernels (``MLA_CUPY_KERNEL`` or ``decode(..., kernel=)`` forces one; default "auto"):
+
+* ``portable`` -- ``kernels/mla_decode_portable.cu``: mma.sync m16n8k16 + cp.async, any
+  D % 8 == 0, d_v <= D, page size and h_kv; sm_80 and newer. Writes split-KV partials per the
+  scheduler plan (``mla.scheduler``); ``kernels/mla_combine.cu`` merges them.
+* ``hopper`` -- the wgmma/TMA kernel for the DeepSeek shapes (issue #4, not built yet: forcing
+  it raises; "auto" uses the portable kernel everywhere).
+
+Arrays: device inputs (CuPy or anything CUDA-array-like, as ``mla.api`` converted them) give
+CuPy outputs on the inputs' device; NumPy inputs are copied to the current device and the
+results copied back. Computation is bf16/fp16 in, fp32 accumulate (float32 and FP8/sparse
+problems are declined by ``supports`` so that "auto" falls back to another backend).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import _arrays
+from . import _nvrtc
+
+KERNELS = ("auto", "portable", "hopper")
+
+POISON_OUTPUTS = False
+"""Tests set this to fill every output / partial buffer with NaN before the launch."""
+
+_PORTABLE_CANDIDATES = ((8, 64, 2), (8, 32, 2), (4, 64, 2), (4, 32, 2), (8, 16, 2), (4, 16, 2))
+"""(warps, BLOCK_N, STAGES) in order of preference; the first that compiles to a valid tiling and
+fits the device's shared memory is used. Measured on the H100 (benchmarks/NOTES_cupy.md): 8 warps
+and 64-key tiles beat 4 warps or deeper pipelines of 32-key tiles on every DeepSeek shape."""
+
+
+def available():
+    cp = _arrays.cupy_module()
+    if cp is None:
+        return False, "CuPy is not installed (pip install cupy-cuda13x or cupy-cuda12x)"
+    if not _arrays.gpu_available():
+        return False, "no CUDA GPU is visible"
+    try:
+        major, minor = _capability(cp.cuda.Device().id)
+    except Exception as exc:  # pragma: no cover - broken driver
+        return False, f"cannot query the GPU: {exc}"
+    if major < 8:
+        return False, f"the CuPy kernels need compute capability >= 8.0 (mma.sync bf16), got {major}.{minor}"
+    return True, ""
+
+
+def _capability(device_id: int) -> tuple[int, int]:
+    cp = _arrays.cupy_module()
+    cc = cp.cuda.Device(device_id).compute_capability
+    return int(cc[:-1]), int(cc[-1])
+
+
+def _max_smem(device_id: int) -> int:
+    cp = _arrays.cupy_module()
+    return int(cp.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def portable_smem_bytes(d: int, dv: int, block_m: int, block_n: int, warps: int, stages: int) -> int:
+    """Dynamic shared memory of mla_decode_portable (mirrors the formula in its header)."""
+    cg = warps // (block_m // 16)
+    kstride = max(_round_up(d, 16), _round_up(dv, 16 * cg)) + 8
+    return 2 * kstride * (block_m + stages * block_n) + 4 * block_m * (block_n + 8)
+
+
+def portable_config(d: int, dv: int, rows: int, max_smem: int):
+    """(block_m, warps, block_n, stages) for M = ``rows`` query rows per KV head, or None.
+
+    BLOCK_M is the smallest of 16/32/64 that holds the rows (64 for more, as the scheduler
+    assumes); smaller ones are tried when it does not fit the shared memory (e.g. on Ada).
+    """
+    preferred = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    forced = os.environ.get("MLA_CUPY_PORTABLE_CONFIG")  # "warps,block_n,stages" (benchmarks)
+    candidates = [tuple(int(x) for x in forced.split(","))] if forced else _PORTABLE_CANDIDATES
+    for block_m in (64, 32, 16):
+        if block_m > preferred:
+            continue
+        for warps, block_n, stages in candidates:
+            rg = block_m // 16
+            if warps % rg:
+                continue
+            cg = warps // rg
+            if block_n % 16 or block_n % (8 * cg) or block_n % warps:
+                continue
+            if _round_up(dv, 16 * cg) // (8 * cg) > 32:  # O accumulator > 128 registers a thread
+                continue
+            if portable_smem_bytes(d, dv, block_m, block_n, warps, stages) <= max_smem:
+                return block_m, warps, block_n, stages
+    return None
+
+
+def _device_id(problem) -> int:
+    cp = _arrays.cupy_module()
+    if problem.on_device:
+        return int(problem.q.device.id)
+    return int(cp.cuda.Device().id)
+
+
+def _contiguous(x) -> bool:
+    return bool(x.flags.c_contiguous)
+
+
+def supports(problem):
+    """(True, "") if the CuPy kernels compute this problem, else (False, the reason)."""
+    if problem.is_sparse:
+        return False, "backend='cupy' does not implement sparse (indices) decode yet"
+    if problem.is_fp8_kvcache:
+        return False, "backend='cupy' does not implement the FP8 KV cache yet"
+    dt = np.dtype(problem.q.dtype)
+    if dt not in (np.dtype(np.float16), _arrays.BFLOAT16):
+        return False, (f"backend='cupy' computes bfloat16 and float16 only, got {_arrays.dtype_name(dt)} "
+                       "(use backend='numba' or 'numpy' for float32)")
+    if problem.d % 8:
+        return False, f"backend='cupy' needs d % 8 == 0 (16-byte rows), got d = {problem.d}"
+    if problem.on_device:
+        for name in ("q", "k_cache"):
+            arr = getattr(problem, name)
+            if not _contiguous(arr):
+                return False, (f"backend='cupy' needs a C-contiguous {name}, got strides {arr.strides} "
+                               f"for shape {tuple(arr.shape)} (pass cupy.ascontiguousarray({name}))")
+            if arr.data.ptr % 16:
+                return False, f"backend='cupy' needs {name} 16-byte aligned, got address {arr.data.ptr:#x}"
+    try:
+        dev = _device_id(problem)
+        major, minor = _capability(dev)
+        smem = _max_smem(dev)
+    except Exception as exc:
+        return False, f"cannot query the GPU: {exc}"
+    if major < 8:
+        return False, f"backend='cupy' needs compute capability >= 8.0, got {major}.{minor} on device {dev}"
+    rows = problem.s_q * problem.h_q // problem.h_kv
+    if portable_config(problem.d, problem.head_dim_v, rows, smem) is None:
+        return False, (f"backend='cupy': no tiling of d = {problem.d}, d_v = {problem.head_dim_v} fits "
+                       f"{smem} bytes of shared memory")
+    return True, ""
+
+
+def _pick_kernel(kernel: str | None) -> str:
+    kernel = kernel or os.environ.get("MLA_CUPY_KERNEL") or "auto"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel (or MLA_CUPY_KERNEL) must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "hopper":
+        from . import BackendUnavailable
+
+        raise BackendUnavailable("the Hopper (wgmma) CuPy kernel is not built yet; use kernel='portable'")
+    return "portable"
+
+
+def _to_device(cp, x, dtype=None):
+    """A C-contiguous device array; bf16 host arrays travel as their uint16 bits."""
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        if x.dtype == _arrays.BFLOAT16 or x.dtype == np.float16:
+            x = x.view(np.uint16)
+        return cp.asarray(x if dtype is None else x.astype(dtype))
+    x = cp.ascontiguousarray(x)
+    return x if dtype is None else x.astype(dtype, copy=False)
+
+
+def device_plan(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int | None = None):
+    """``mla.get_mla_metadata`` on the device: (tile_scheduler_metadata, num_splits) as CuPy int32
+    arrays, computed by kernels/mla_metadata.cu with no host sync (CUDA-graph capturable).
+
+    cache_seqlens: int32 [b] CuPy array. The result equals ``mla.scheduler.plan`` exactly.
+    """
+    from .. import scheduler
+
+    cp = _arrays.cupy_module()
+    seqlens = cp.ascontiguousarray(cache_seqlens, dtype=cp.int32)
+    b = int(seqlens.shape[0])
+    if num_sms is None:
+        num_sms = int(cp.cuda.Device().attributes["MultiProcessorCount"])
+    workers = scheduler.num_sm_parts(num_sms, num_q_tokens_per_head_k, num_heads_k)
+    metadata = cp.empty((workers, scheduler.METADATA_WIDTH), dtype=cp.int32)
+    num_splits = cp.empty((b + 1,), dtype=cp.int32)
+    fn = _nvrtc.load_function("mla_metadata.cu", "mla_plan")
+    fn((1,), (256,), (seqlens, np.int32(b), np.int32(workers), np.int32(scheduler.BLOCK_N),
+                      np.int32(scheduler.FIXED_OVERHEAD_TILES), metadata, num_splits))
+    return metadata, num_splits
+
+
+def decode(problem, metadata, num_splits, kernel: str | None = None):
+    """Run the decode; see the module docstring. Returns (out, lse) of the inputs' kind."""
+    cp = _arrays.cupy_module()
+    _pick_kernel(kernel)
+    dev = _device_id(problem)
+    with cp.cuda.Device(dev):
+        return _decode_portable(cp, problem, metadata, num_splits, dev)
+
+
+def _decode_portable(cp, problem, metadata, num_splits, dev):
+    launches, out, lse = _prepare_portable(cp, problem, metadata, num_splits, dev)
+    for fn, grid, block, args, smem in launches:
+        fn(grid, block, args, shared_mem=smem)
+    if problem.on_device:
+        return out, lse
+    out_h = out.get()
+    if out_h.dtype == np.uint16:
+        out_h = out_h.view(np.dtype(problem.q.dtype))
+    return out_h, lse.get()
+
+
+def _prepare_portable(cp, problem, metadata, num_splits, dev):
+    """Device arrays, outputs and the launch list [(fn, grid, block, args, smem)] of one decode."""
+    b, s_q, h_q, d = problem.b, problem.s_q, problem.h_q, problem.d
+    h_kv, dv = problem.h_kv, problem.head_dim_v
+    rows = s_q * h_q // h_kv
+    cfg = portable_config(d, dv, rows, _max_smem(dev))
+    if cfg is None:
+        raise ValueError(f"backend='cupy': no tiling for d = {d}, d_v = {dv}")
+    block_m, warps, block_n, stages = cfg
+    fp16 = np.dtype(problem.q.dtype) == np.float16
+    defines = {"MLA_D": d, "MLA_DV": dv, "MLA_BLOCK_M": block_m, "MLA_BLOCK_N": block_n,
+               "MLA_NWARPS": warps, "MLA_STAGES": stages, "MLA_FP16": int(fp16)}
+    if os.environ.get("MLA_CUPY_PSPLIT") is not None:  # benchmarks: bf16 P V in one product (0) or two (1)
+        defines["MLA_P_SPLIT"] = int(os.environ["MLA_CUPY_PSPLIT"])
+    fn = _nvrtc.load_function("mla_decode_portable.cu", "mla_decode_portable", defines)
+    smem = portable_smem_bytes(d, dv, block_m, block_n, warps, stages)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+
+    q = _to_device(cp, problem.q)
+    k_cache = _to_device(cp, problem.k_cache)
+    block_table = _to_device(cp, problem.block_table, np.int32)
+    seqlens = _to_device(cp, problem.cache_seqlens, np.int32)
+    sched = _to_device(cp, metadata, np.int32)
+    splits = _to_device(cp, num_splits, np.int32)
+    num_workers = int(sched.shape[0])
+    # partial rows: the plan's exact count when it is on the host, else its documented bound
+    host_plan = isinstance(num_splits, np.ndarray)
+    total = int(num_splits[-1]) if host_plan else b + num_workers
+    needs_combine = (not host_plan) or total > b
+
+    out = cp.empty((b, s_q, h_q, dv), dtype=q.dtype)
+    lse = cp.empty((b, h_q, s_q), dtype=cp.float32)
+    o_part = cp.empty((max(total, 1), s_q, h_q, dv), dtype=cp.float32)
+    lse_part = cp.empty((max(total, 1), s_q, h_q), dtype=cp.float32)
+    if POISON_OUTPUTS:
+        out.view(cp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+        for arr in (lse, o_part, lse_part):
+            arr.fill(cp.nan)
+
+    scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
+    grid = (num_workers, h_kv, -(-rows // block_m))
+    args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
+            out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
+            scale_log2, np.int32(bool(problem.causal)))
+    launches = [(fn, grid, (warps * 32,), args, smem)]
+    if needs_combine:
+        comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": dv, "MLA_FP16": int(fp16)})
+        launches.append((comb, (-(-(s_q * h_q) // 4), b), (128,),
+                         (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q)), 0))
+    return launches, out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m mla.backends.cupy_backend: time the issue's shapes (kernels only, L2 flushed)
+
+BENCH_SHAPES = ((128, 1, 16, 8192), (128, 2, 128, 8192), (128, 1, 128, 4096), (1, 1, 128, 32768),
+                (8, 1, 16, 8192))
+
+
+def _random_device(cp, shape, dtype):
+    x = cp.random.standard_normal(shape, dtype=cp.float32)
+    if dtype == np.float16:
+        return x.astype(cp.float16)
+    bits = (x.view(cp.uint32) >> 16).astype(cp.uint16)  # bf16 by truncation
+    return bits.view(dtype)
+
+
+def bench(shapes=BENCH_SHAPES, reps: int = 30, dtype=None):
+    """Median kernel time of each (b, s_q, h_q, s_k) DeepSeek shape; prints and returns rows."""
+    from .. import api
+
+    cp = _arrays.cupy_module()
+    dtype = _arrays.BFLOAT16 if dtype is None else np.dtype(dtype)
+    dev = cp.cuda.Device().id
+    flush = cp.empty(256 << 20, dtype=cp.uint8)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b, s_q, h_q, s_k in shapes:
+        d, dv, page = 576, 512, 64
+        blocks = b * s_k // page
+        q = _random_device(cp, (b, s_q, h_q, d), dtype)
+        k = _random_device(cp, (blocks, page, 1, d), dtype)
+        table = cp.asarray(rng.permutation(blocks).astype(np.int32).reshape(b, s_k // page))
+        seqlens = cp.full((b,), s_k, dtype=cp.int32)
+        problem = api._validate(q, k, table, seqlens, dv, None, False, False, None, None, None, False)
+        sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
+        launches, _, _ = _prepare_portable(cp, problem, sched, splits, dev)
+        times = []
+        for rep in range(reps + 3):
+            flush.fill(rep & 0xFF)
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            for fn, grid, block, args, smem in launches:
+                fn(grid, block, args, shared_mem=smem)
+            stop.record()
+            stop.synchronize()
+            if rep >= 3:
+                times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+        t = float(np.median(times))
+        nbytes = b * (s_q * h_q * d * 2 + s_k * d * 2 + s_q * h_q * dv * 2)
+        flops = 2 * b * h_q * s_q * s_k * (d + dv)
+        rows.append((b, s_q, h_q, s_k, t, nbytes / t, flops / t))
+        print(f"b={b:4d} s_q={s_q} h_q={h_q:4d} s_k={s_k:6d}: {t * 1e3:8.3f} ms "
+              f"{nbytes / t / 1e9:7.0f} GB/s {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+        del q, k, table, launches
+    return rows
+
+
+def selfcheck() -> bool:
+    """Compare partials and results with the reference on a few small poisoned cases; print errors."""
+    from .. import api, reference, testing
+
+    cp = _arrays.cupy_module()
+    rng = np.random.default_rng(1)
+    cases = [dict(b=3, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64, seqlens=[0, 100, 1000]),
+             dict(b=2, s_q=2, h_q=128, d=576, head_dim_v=512, page_block_size=64, seqlens=[300, 5000],
+                  causal=True),
+             dict(b=2, s_q=2, h_q=6, h_kv=3, d=40, head_dim_v=33, page_block_size=7, seqlens=[0, 90])]
+    ok = True
+    for kw in cases:
+        for dtype in (_arrays.BFLOAT16, np.float16):
+            case = testing.make_decode_case(rng, dtype=dtype, **kw)
+            problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
+            sched, splits = api.get_mla_metadata(case.cache_seqlens, kw["s_q"] * kw["h_q"] // kw.get("h_kv", 1),
+                                                 kw.get("h_kv", 1))
+            launches, out, lse = _prepare_portable(cp, problem, sched, splits, cp.cuda.Device().id)
+            for fn, grid, block, args, smem in launches:
+                fn(grid, block, args, shared_mem=smem)
+            o_part, lse_part = launches[0][3][7].get(), launches[0][3][8].get()
+            o_ref, l_ref = reference.split_partials(*case.args(), sched, splits, causal=case.causal)
+            multi = np.repeat(np.diff(splits) > 1, np.diff(splits))  # partial rows of combined sequences
+            err_p = float(np.nanmax(np.abs(o_part[: len(multi)][multi] - o_ref[multi]), initial=0))
+            fin = np.isfinite(l_ref[multi])
+            err_lp = float(np.nanmax(np.abs(lse_part[: len(multi)][multi][fin] - l_ref[multi][fin]), initial=0))
+            out_ref, lse_ref = reference.flash_mla_reference(*case.args(), causal=case.causal)
+            out_h = out.get().view(np.uint16).view(dtype).astype(np.float32)
+            err_o = float(np.max(np.abs(out_h - out_ref.astype(np.float32)), initial=0))
+            err_l = float(np.max(np.abs(np.nan_to_num(lse.get(), posinf=9e9) - np.nan_to_num(lse_ref, posinf=9e9)),
+                                 initial=0))
+            nan = int(np.isnan(out_h).sum() + np.isnan(lse.get()).sum())
+            good = err_o < 2e-2 and err_l < 1e-3 and nan == 0
+            ok &= good
+            print(f"{'OK ' if good else 'BAD'} {kw} {np.dtype(dtype).name}: partial o {err_p:.2e} lse {err_lp:.2e}; "
+                  f"out {err_o:.2e} lse {err_l:.2e} nan {nan}", flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "check" in sys.argv[1:]:
+        selfcheck()
+    if "bench" in sys.argv[1:] or len(sys.argv) == 1:
+        bench()
