@@ -69,7 +69,7 @@ from numba.core.extending import intrinsic  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 KINDS = ("f32", "f16", "bf16")
-VERSIONS = (1, 2, 3, 4)
+VERSIONS = (1, 2, 3, 4, 5)
 NEG_INF = -math.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -608,16 +608,16 @@ V4_BN = 64
 
 
 def v4_supported(d, d_v, kind):
-    """Shapes v4 handles: 16-bit dtypes, d a multiple of 16, d_v a multiple of 64."""
-    return kind in ("bf16", "f16") and d % 16 == 0 and d_v % 64 == 0 and d_v <= d
+    """Shapes v4 handles: 16-bit dtypes, d a multiple of 32, d_v a multiple of 64."""
+    return kind in ("bf16", "f16") and d % 32 == 0 and d_v % 64 == 0 and d_v <= d
 
 
 def v4_shared_bytes(d):
     dp = d + 8
-    return 2 * (V4_BH * dp + 2 * V4_BN * dp + V4_BH * (V4_BN + 8))
+    return 2 * (V4_BH * dp + 2 * V4_BN * dp + 2 * V4_BH * (V4_BN + 8))
 
 
-def _make_v4(kind, d, d_v, page):
+def _make_v4(kind, d, d_v, warps=V4_WARPS):
     from . import numba_ptx as ptx
 
     mma = ptx.MMA[kind]
@@ -629,14 +629,43 @@ def _make_v4(kind, d, d_v, page):
     PP = V4_BN + 8
     BN = V4_BN
     CPR = d // 8  # 16-byte chunks per row
-    CH_W = d_v // V4_WARPS  # output channels per warp
+    WARPS = warps
+    KW = BN // warps  # keys per warp in S = Q K^T: 16 (two n-tiles, 4 warps) or 8 (one n-tile, 8 warps)
+    CH_W = d_v // warps  # output channels per warp
     NPAIRS = CH_W // 16  # ldmatrix.trans x4 loads two n-tiles of 8 channels
     ACC_N = CH_W // 8 * 4
     OFF_K = V4_BH * DP * 2  # byte offsets in shared memory
     STAGE = BN * DP * 2
     OFF_P = OFF_K + 2 * STAGE
-    NT = V4_NT
-    PAGE = page
+    OFF_P_LO = OFF_P + V4_BH * PP * 2
+    SPLIT_P = kind == "bf16"  # P = P_hi + P_lo: ~16 mantissa bits of P instead of 8 (see store_p)
+    NT = 32 * warps
+
+    @cuda.jit(device=True, inline=True)
+    def store_p(smem, at, x, y):
+        """P pair (x, y) -> sP[at] as 16-bit; for bf16 also the rounding residual -> sP_lo[at]."""
+        hi = pack2(x, y)
+        smem[(OFF_P + at * 2) // 4] = hi
+        if SPLIT_P:
+            lo = pack2(x - _as_f32(hi << uint32(16)), y - _as_f32(hi & uint32(0xFFFF0000)))
+            smem[(OFF_P_LO + at * 2) // 4] = lo
+
+    @cuda.jit(device=True, inline=True)
+    def load_keys(dst, k_cache, block_table, i, g, h_kv, page, tile0, stop, warp, lane):
+        """cp.async the key tile at positions tile0.. into shared memory at dst: warp w copies rows
+        16w..16w+15, one block-table lookup per row, its 32 lanes along the row (coalesced).
+        Rows at or past stop are zero-filled, never read (they may hold NaN)."""
+        for rr in range(KW):
+            row = KW * warp + rr
+            pos = tile0 + row
+            src = 0
+            nbytes = uint32(0)
+            if pos < stop:
+                blk = block_table[i, pos // page]  # one lookup per row (page is a run-time value)
+                src = ((blk * page + pos % page) * h_kv + g) * d
+                nbytes = uint32(16)
+            for cc in range(lane, CPR, 32):
+                cp16(dst + uint32(row * DP * 2 + cc * 16), k_cache, src + cc * 8, nbytes)
 
     @cuda.jit
     def mla_decode_v4(q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
@@ -653,6 +682,7 @@ def _make_v4(kind, d, d_v, page):
         tig = lane % 4  # fragment column pair
         w = cuda.blockIdx.y
         s_q, h_q = q.shape[1], q.shape[2]
+        page = k_cache.shape[1]
         h_kv = k_cache.shape[2]
         group = h_q // h_kv
         rows = s_q * group
@@ -660,14 +690,18 @@ def _make_v4(kind, d, d_v, page):
         g = cuda.blockIdx.x // row_tiles
         row0 = (cuda.blockIdx.x % row_tiles) * V4_BH
         smem = cuda.shared.array(0, uint32)
-        red = cuda.shared.array(64, float32)  # [warp][row]
+        red = cuda.shared.array(128, float32)  # [warp][row]
         base = ptx.shared_address(smem)
         acc = cuda.local.array(ACC_N, float32)
         # ldmatrix lane roles: A tiles (sQ, sP) and the K tile of the scores, V tile of P.V
         a_row = lane % 8 + 8 * ((lane // 8) % 2)
         a_col = 8 * (lane // 16)
-        kb_key = 16 * warp + lane % 8 + 8 * (lane // 16)
-        kb_col = 8 * ((lane // 8) % 2)
+        if KW == 16:  # x4 = (n-tile 0, k 0-7), (n-tile 0, k 8-15), (n-tile 1, k 0-7), (n-tile 1, k 8-15)
+            kb_key = 16 * warp + lane % 8 + 8 * (lane // 16)
+            kb_col = 8 * ((lane // 8) % 2)
+        else:  # x4 = one n-tile, k 0-7, 8-15, 16-23, 24-31: two k-steps
+            kb_key = 8 * warp + lane % 8
+            kb_col = 8 * (lane // 8)
         v_key = lane % 8 + 8 * ((lane // 8) % 2)
         v_ch = CH_W * warp + 8 * (lane // 16)
         ninf = float32(NEG_INF)  # keep the softmax in fp32 (a Python float would promote to fp64)
@@ -707,15 +741,7 @@ def _make_v4(kind, d, d_v, page):
                         src = ((i * s_q + R // group) * h_q + g * group + R % group) * d + (c % CPR) * 8
                         nbytes = 16
                     cp16(base + uint32(hr * DP * 2 + (c % CPR) * 16), q, src, uint32(nbytes))
-                for c in range(tid, BN * CPR, NT):
-                    pos = start + c // CPR
-                    src = 0
-                    nbytes = 0
-                    if pos < stop:  # slots at or past stop are never read (zeros instead)
-                        blk = block_table[i, pos // PAGE]
-                        src = ((blk * PAGE + pos % PAGE) * h_kv + g) * d + (c % CPR) * 8
-                        nbytes = 16
-                    cp16(base + uint32(OFF_K + (c // CPR) * DP * 2 + (c % CPR) * 16), k_cache, src, uint32(nbytes))
+                load_keys(base + uint32(OFF_K), k_cache, block_table, i, g, h_kv, page, start, stop, warp, lane)
             stage = 0
             tile0 = start
             while tile0 < stop:
@@ -723,36 +749,47 @@ def _make_v4(kind, d, d_v, page):
                 cuda.syncthreads()  # tile `stage` is in sK for everyone; the other stage is free
                 nxt = tile0 + BN
                 if nxt < stop:  # next tile into the other stage while this one is computed
-                    dst = OFF_K + (1 - stage) * STAGE
-                    for c in range(tid, BN * CPR, NT):
-                        pos = nxt + c // CPR
-                        src = 0
-                        nbytes = 0
-                        if pos < stop:
-                            blk = block_table[i, pos // PAGE]
-                            src = ((blk * PAGE + pos % PAGE) * h_kv + g) * d + (c % CPR) * 8
-                            nbytes = 16
-                        cp16(base + uint32(dst + (c // CPR) * DP * 2 + (c % CPR) * 16), k_cache, src, uint32(nbytes))
+                    load_keys(base + uint32(OFF_K + (1 - stage) * STAGE), k_cache, block_table, i, g, h_kv, page,
+                              nxt, stop, warp, lane)
                     ptx.cp_async_commit()
                 sk = base + uint32(OFF_K + stage * STAGE)
                 # ---- S = Q K^T for this warp's 16 keys: two n-tiles, d/16 k-steps
-                s00 = s01 = s02 = s03 = float32(0.0)
-                s10 = s11 = s12 = s13 = float32(0.0)
-                for ks in range(qk_steps):
+                # two k-steps per iteration into two accumulator sets: half the mma dependency chain
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+                t00 = t01 = t02 = t03 = t10 = t11 = t12 = t13 = zero
+                for ks in range(0, qk_steps if KW == 8 else 0, 2):
                     a0, a1, a2, a3 = ldsm(base + uint32((a_row * DP + 16 * ks + a_col) * 2))
+                    e0, e1, e2, e3 = ldsm(base + uint32((a_row * DP + 16 * ks + 16 + a_col) * 2))
                     b0, b1, b2, b3 = ldsm(sk + uint32((kb_key * DP + 16 * ks + kb_col) * 2))
                     s00, s01, s02, s03 = mma(a0, a1, a2, a3, b0, b1, s00, s01, s02, s03)
+                    t00, t01, t02, t03 = mma(e0, e1, e2, e3, b2, b3, t00, t01, t02, t03)
+                for ks in range(0, qk_steps if KW == 16 else 0, 2):
+                    a0, a1, a2, a3 = ldsm(base + uint32((a_row * DP + 16 * ks + a_col) * 2))
+                    b0, b1, b2, b3 = ldsm(sk + uint32((kb_key * DP + 16 * ks + kb_col) * 2))
+                    e0, e1, e2, e3 = ldsm(base + uint32((a_row * DP + 16 * ks + 16 + a_col) * 2))
+                    f0, f1, f2, f3 = ldsm(sk + uint32((kb_key * DP + 16 * ks + 16 + kb_col) * 2))
+                    s00, s01, s02, s03 = mma(a0, a1, a2, a3, b0, b1, s00, s01, s02, s03)
                     s10, s11, s12, s13 = mma(a0, a1, a2, a3, b2, b3, s10, s11, s12, s13)
+                    t00, t01, t02, t03 = mma(e0, e1, e2, e3, f0, f1, t00, t01, t02, t03)
+                    t10, t11, t12, t13 = mma(e0, e1, e2, e3, f2, f3, t10, t11, t12, t13)
+                s00 += t00
+                s01 += t01
+                s02 += t02
+                s03 += t03
+                s10 += t10
+                s11 += t11
+                s12 += t12
+                s13 += t13
                 # ---- online softmax (log2 units); keys past a row's limit are -inf
-                kpos = tile0 + 16 * warp + 2 * tig
+                kpos = tile0 + KW * warp + 2 * tig
                 v00 = s00 * scale_log2 if kpos < lim0 else ninf
                 v01 = s01 * scale_log2 if kpos + 1 < lim0 else ninf
-                v10 = s10 * scale_log2 if kpos + 8 < lim0 else ninf
-                v11 = s11 * scale_log2 if kpos + 9 < lim0 else ninf
+                v10 = s10 * scale_log2 if KW == 16 and kpos + 8 < lim0 else ninf
+                v11 = s11 * scale_log2 if KW == 16 and kpos + 9 < lim0 else ninf
                 v02 = s02 * scale_log2 if kpos < lim1 else ninf
                 v03 = s03 * scale_log2 if kpos + 1 < lim1 else ninf
-                v12 = s12 * scale_log2 if kpos + 8 < lim1 else ninf
-                v13 = s13 * scale_log2 if kpos + 9 < lim1 else ninf
+                v12 = s12 * scale_log2 if KW == 16 and kpos + 8 < lim1 else ninf
+                v13 = s13 * scale_log2 if KW == 16 and kpos + 9 < lim1 else ninf
                 t0 = max(max(v00, v01), max(v10, v11))
                 t1 = max(max(v02, v03), max(v12, v13))
                 t0 = max(t0, cuda.shfl_xor_sync(0xFFFFFFFF, t0, 1))
@@ -765,7 +802,7 @@ def _make_v4(kind, d, d_v, page):
                 cuda.syncthreads()
                 n0 = m0
                 n1 = m1
-                for x in range(V4_WARPS):
+                for x in range(WARPS):
                     n0 = max(n0, red[x * 16 + gid])
                     n1 = max(n1, red[x * 16 + gid + 8])
                 al0 = one
@@ -791,11 +828,12 @@ def _make_v4(kind, d, d_v, page):
                 l0 = l0 * al0 + (v00 + v01 + v10 + v11)
                 l1 = l1 * al1 + (v02 + v03 + v12 + v13)
                 # P (16-bit) -> sP[row][key]: the fragment's pairs are adjacent keys
-                pk = 16 * warp + 2 * tig
-                smem[(OFF_P + (gid * PP + pk) * 2) // 4] = pack2(v00, v01)
-                smem[(OFF_P + (gid * PP + pk + 8) * 2) // 4] = pack2(v10, v11)
-                smem[(OFF_P + ((gid + 8) * PP + pk) * 2) // 4] = pack2(v02, v03)
-                smem[(OFF_P + ((gid + 8) * PP + pk + 8) * 2) // 4] = pack2(v12, v13)
+                pk = KW * warp + 2 * tig
+                store_p(smem, gid * PP + pk, v00, v01)
+                store_p(smem, (gid + 8) * PP + pk, v02, v03)
+                if KW == 16:
+                    store_p(smem, gid * PP + pk + 8, v10, v11)
+                    store_p(smem, (gid + 8) * PP + pk + 8, v12, v13)
                 for x in range(ACC_N // 4):
                     acc[4 * x] *= al0
                     acc[4 * x + 1] *= al0
@@ -805,6 +843,8 @@ def _make_v4(kind, d, d_v, page):
                 # ---- O += P V: 4 k-steps of 16 keys, this warp's d_v/4 channels
                 for kk in range(pv_steps):
                     a0, a1, a2, a3 = ldsm(base + uint32(OFF_P + (a_row * PP + 16 * kk + a_col) * 2))
+                    if SPLIT_P:
+                        e0, e1, e2, e3 = ldsm(base + uint32(OFF_P_LO + (a_row * PP + 16 * kk + a_col) * 2))
                     for pr in range(NPAIRS):
                         b0, b1, b2, b3 = ldsm_t(sk + uint32(((16 * kk + v_key) * DP + v_ch + 16 * pr) * 2))
                         x = 8 * pr
@@ -812,6 +852,11 @@ def _make_v4(kind, d, d_v, page):
                             a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
                         acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7] = mma(
                             a0, a1, a2, a3, b2, b3, acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7])
+                        if SPLIT_P:
+                            acc[x], acc[x + 1], acc[x + 2], acc[x + 3] = mma(
+                                e0, e1, e2, e3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
+                            acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7] = mma(
+                                e0, e1, e2, e3, b2, b3, acc[x + 4], acc[x + 5], acc[x + 6], acc[x + 7])
                 stage = 1 - stage
                 tile0 = nxt
             # ---- finish: l summed over the quad and the warps; o = acc / l; lse = (m + log2 l) ln 2
@@ -826,7 +871,7 @@ def _make_v4(kind, d, d_v, page):
             cuda.syncthreads()
             l0 = float32(0.0)
             l1 = float32(0.0)
-            for x in range(V4_WARPS):
+            for x in range(WARPS):
                 l0 += red[x * 16 + gid]
                 l1 += red[x * 16 + gid + 8]
             inv0 = one / l0 if l0 > 0 else zero
@@ -944,14 +989,15 @@ class DecodeLaunch:
             self.grid = (h_kv * -(-rows // BLOCK_H), num_workers)
             self.block = NT
             self.smem = _tiled_geometry(d, d_v, bn, kind)["SMEM_FLOATS"] * 4
-        elif version == 4:
+        elif version in (4, 5):
             if not v4_supported(d, d_v, kind):
-                raise ValueError(f"v4 needs bf16/fp16, d % 16 == 0 and d_v % 64 == 0, got {kind}, d={d}, "
+                raise ValueError(f"v{version} needs bf16/fp16, d % 32 == 0 and d_v % 64 == 0, got {kind}, d={d}, "
                                  f"d_v={d_v}")
-            self.kernel = _kernel(("v4", kind, d, d_v, int(page)), lambda: _make_v4(kind, d, d_v, int(page)))
+            warps = 4 if version == 4 else 8
+            self.kernel = _kernel(("v4", kind, d, d_v, warps), lambda: _make_v4(kind, d, d_v, warps))
             rows = s_q * (h_q // h_kv)
             self.grid = (h_kv * -(-rows // V4_BH), num_workers)
-            self.block = V4_NT
+            self.block = 32 * warps
             self.smem = v4_shared_bytes(d)
         else:
             raise ValueError(f"unknown version {version}; versions are {VERSIONS}")
@@ -962,7 +1008,7 @@ class DecodeLaunch:
         if self.version == 1:
             return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                     float32(scale), bool(causal))
-        if self.version == 4:
+        if self.version in (4, 5):
             return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                     float32(scale * LOG2E), bool(causal), int32(q.shape[3] // 16), int32(V4_BN // 16))
         return (q, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,

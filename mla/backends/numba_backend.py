@@ -84,7 +84,7 @@ def selected_version(problem, kind=None) -> int:
         version = int(env)
         if version not in nd.VERSIONS:
             raise ValueError(f"MLA_NUMBA_VERSION must be one of {nd.VERSIONS}, got {env!r}")
-        if version == 4 and not _v4_ok(problem, kind, nd):
+        if version in (4, 5) and not _v4_ok(problem, kind, nd):
             version = 3
         if version > 1 and not _tiled_ok(problem, kind, nd):
             return 1
@@ -163,7 +163,7 @@ def decode(problem, metadata, num_splits):
         lse = cp.empty((b, h_q, s_q), dtype=np.float32)
         k_bits = _bits(problem.k_cache)
         q_bits = _bits(problem.q)
-        if version == 4 and (not q_bits.flags.c_contiguous or q_bits.data.ptr % 16):
+        if version in (4, 5) and (not q_bits.flags.c_contiguous or q_bits.data.ptr % 16):
             q_bits = cp.ascontiguousarray(q_bits)  # cp.async reads 16-byte chunks of q rows
         arrays = [wrap(q_bits), wrap(k_bits),
                   wrap(k_bits.reshape(-1).view(np.uint32)) if version in (2, 3) else None,
