@@ -8,7 +8,7 @@
   so no device->host sync is needed to size them.
 
 Version selection: env ``MLA_NUMBA_VERSION`` (1, 2, 3, 4; default: the fastest that supports
-the shape: 4 for bf16/fp16 with d % 16 == 0 and d_v % 64 == 0, else 3, else 1);
+the shape: 5 for bf16/fp16 with d % 32 == 0 and d_v % 64 == 0, else 3, else 1);
 ``MLA_NUMBA_BLOCK_N`` (16 or 32) picks the key tile of versions 2 and 3.
 Compiled kernels, launch geometries and partial buffers are cached per shape, so repeated decode
 steps pay one launch each for decode and combine. Numba's own launch costs ~25 us; wrapping CuPy
@@ -28,7 +28,7 @@ from .. import _arrays
 __all__ = ["available", "supports", "decode", "selected_version"]
 
 _KIND = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", _arrays.BFLOAT16: "bf16"}
-FASTEST = 4
+FASTEST = 5
 
 
 def _kernels():
