@@ -141,7 +141,7 @@ def main(argv=None):
         naive_ms = rows[0][1] if rows else None
 
         for version in versions:
-            for bn in (block_ns if version >= 2 else [None]):
+            for bn in (block_ns if version in (2, 3) else [None]):
                 os.environ["MLA_NUMBA_VERSION"] = str(version)
                 if bn:
                     os.environ["MLA_NUMBA_BLOCK_N"] = str(bn)

@@ -40,12 +40,20 @@ s_k=8192, bf16; the numbers come from ``benchmarks/bench_decode.py``, see benchm
       (default BLOCK_N=16, the one the GPU tests cover: 3.83 ms.) Target was 40% of copy: not
       reached; see benchmarks/NOTES.md for the analysis.
 
+  v4  tensor cores: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate), ldmatrix(.trans) and
+      cp.async as inline-PTX intrinsics (kernels/numba_ptx.py); 64-key tiles double-buffered in
+      shared memory as 16-bit values; 4 warps x 16 rows; P = P_hi + P_lo for bf16 (one bf16
+      rounding of P misses the output tolerance on a few near-zero outputs).
+      1.236 ms, 981 GB/s, 34% of copy, 13.9x naive.
+  v5  v4 with 8 warps (2 per scheduler: ncu showed v4 issue-bound at 1 warp per scheduler).
+      1.113 ms, 1089 GB/s, 38% of copy, 15.5x naive.  (default for bf16/fp16 DeepSeek shapes)
+
   combine: one CTA per output row (i, r, h), threads over d_v channels.
 
-Why the math and not the memory is the limit here: a 16-head group does 16 x (d + d_v) FMAs per
-key it reads (1.1 M per 64-key page), on the CUDA cores (fp32 FMA, 67 TFLOP/s on an H100), while
-FlashMLA uses tensor cores. At 3 TB/s the memory-bound shape needs 91 TFLOP/s of fp32 FMA, above
-the CUDA cores' peak, so this kernel is compute-bound at ~half its copy bandwidth at best.
+Why v1-v3 cannot reach the memory roof: a 16-head group does 16 x (d + d_v) FMAs per key it
+reads (1.1 M per 64-key page) on the CUDA cores (fp32 FMA, 67 TFLOP/s on an H100); at 3 TB/s the
+memory-bound shape needs 91 TFLOP/s of it. Hence v4/v5 on the tensor cores. (v1-v3 numbers:
+first table of benchmarks/BENCHMARKS.md and benchmarks/numba_decode_h100.md; v4/v5: second.)
 
 Run ``python -m mla.kernels.numba_decode`` to check every version against the reference and
 time them.
