@@ -80,7 +80,7 @@ def cmd_demo(args) -> int:
     elapsed = time.perf_counter() - t0
     kind = type(out).__module__.split(".")[0]
     print(f"  ran on {'the GPU' if on_gpu else 'the CPU'} (backend={backend!r}, arrays: {kind}) in "
-          f"{elapsed * 1e3:.1f} ms (first call, includes compilation)")
+          f"{elapsed * 1e3:.1f} ms" + (" (first call: includes kernel compilation)" if on_gpu else ""))
     print(f"  out {tuple(out.shape)} {_arrays.dtype_name(out.dtype)}, lse {tuple(lse.shape)} float32, "
           f"{int(_arrays.asnumpy(num_splits)[-1])} splits over {sched.shape[0]} workers")
     ref_out, ref_lse = reference.flash_mla_reference(*case.args(), causal=args.causal, compute_dtype=np.float64)
