@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from mla.backends import _nvrtc, cupy_backend
+from mla.backends import _nvrtc, cupy_backend, cupy_sparse_fp8
 
 
 def _nvrtc_reason():
@@ -52,6 +52,11 @@ VARIANTS = {
     "mla_combine.cu": {arch: [{"MLA_DV": 512, "MLA_FP16": 0}, {"MLA_DV": 33, "MLA_FP16": 1}]
                        for arch in ARCHS},
     "mla_metadata.cu": {arch: [{}] for arch in ARCHS},
+    # issue #5 (FP8 / sparse, not yet run on a GPU): the tilings cupy_sparse_fp8 picks on H100 / A100 / Ada
+    "mla_decode_fp8.cu": {arch: cupy_sparse_fp8.compile_variants(arch, (SMEM[arch], 101376))["mla_decode_fp8.cu"]
+                          for arch in ARCHS},
+    "mla_decode_sparse.cu": {arch: cupy_sparse_fp8.compile_variants(arch, (SMEM[arch], 101376))[
+        "mla_decode_sparse.cu"] for arch in ARCHS},
 }
 
 

@@ -10,8 +10,10 @@ Kernels (``MLA_CUPY_KERNEL`` or ``decode(..., kernel=)`` forces one; default "au
 
 Arrays: device inputs (CuPy or anything CUDA-array-like, as ``mla.api`` converted them) give
 CuPy outputs on the inputs' device; NumPy inputs are copied to the current device and the
-results copied back. Computation is bf16/fp16 in, fp32 accumulate (float32 and FP8/sparse
-problems are declined by ``supports`` so that "auto" falls back to another backend).
+results copied back. Computation is bf16/fp16 in, fp32 accumulate (float32 problems are declined
+by ``supports`` so that "auto" falls back to another backend). FP8-cache and sparse (indices)
+problems go to ``mla.backends.cupy_sparse_fp8`` (issue #5), whose kernels have not run on a GPU
+yet: they are reachable only with ``MLA_CUPY_UNVERIFIED=1`` and declined otherwise.
 """
 
 from __future__ import annotations
@@ -110,10 +112,12 @@ def _contiguous(x) -> bool:
 
 def supports(problem):
     """(True, "") if the CuPy kernels compute this problem, else (False, the reason)."""
-    if problem.is_sparse:
-        return False, "backend='cupy' does not implement sparse (indices) decode yet"
-    if problem.is_fp8_kvcache:
-        return False, "backend='cupy' does not implement the FP8 KV cache yet"
+    # --- issue #5: FP8 / sparse kernels, not yet run on a GPU: refused unless MLA_CUPY_UNVERIFIED=1
+    if problem.is_sparse or problem.is_fp8_kvcache:
+        from . import cupy_sparse_fp8
+
+        return cupy_sparse_fp8.supports(problem)
+    # --- end issue #5
     dt = np.dtype(problem.q.dtype)
     if dt not in (np.dtype(np.float16), _arrays.BFLOAT16):
         return False, (f"backend='cupy' computes bfloat16 and float16 only, got {_arrays.dtype_name(dt)} "
@@ -191,6 +195,12 @@ def decode(problem, metadata, num_splits, kernel: str | None = None):
     """Run the decode; see the module docstring. Returns (out, lse) of the inputs' kind."""
     cp = _arrays.cupy_module()
     _pick_kernel(kernel)
+    # --- issue #5: FP8 / sparse kernels, not yet run on a GPU (cupy_sparse_fp8.decode checks MLA_CUPY_UNVERIFIED=1)
+    if problem.is_sparse or problem.is_fp8_kvcache:
+        from . import cupy_sparse_fp8
+
+        return cupy_sparse_fp8.decode(problem, metadata, num_splits)
+    # --- end issue #5
     dev = _device_id(problem)
     with cp.cuda.Device(dev):
         return _decode_portable(cp, problem, metadata, num_splits, dev)

@@ -1,0 +1,172 @@
+"""Time the CuPy FP8-cache and sparse (DSA) decode kernels (issue #5; NOT YET RUN ON A GPU before this).
+
+    python benchmarks/bench_fp8_sparse.py [--reps 30] [--out results.md] [--check]
+
+Rows (DeepSeek dims d = 576, d_v = 512, page 64, h_kv = 1, bf16 q, random data, shuffled blocks;
+each rep: 256 MB memset to flush L2, CUDA events around the decode + combine launches only, median):
+
+* dense, b=128 s_q=1 h_q=16 s_k=8192: bf16 portable kernel vs the FP8 kernel; bytes as DESIGN §5 with
+  656 instead of 1152 cache bytes a token for FP8. Issue target: FP8 >= 1.5x faster.
+* dense, b=128 s_q=2 h_q=128 s_k=8192 (compute-bound): bf16 portable vs FP8.
+* sparse, b=128 s_q=2 h_q=128 topk=2048 (FP8 and bf16 caches of 8192 tokens a sequence):
+  TFLOP/s with FLOPs = 2 b s_q h_q topk (576 + 512).
+
+``--check`` first compares each configuration with the NumPy reference on a small case. Sets
+MLA_CUPY_UNVERIFIED=1 for itself. ``MLA_CUPY_FP8_CONFIG`` / ``MLA_CUPY_SPARSE_CONFIG`` =
+"warps,block_n,stages" force a tiling (sweeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MLA_CUPY_UNVERIFIED", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy as cp  # noqa: E402
+
+import mla  # noqa: E402
+from mla import _arrays, api, testing  # noqa: E402
+from mla.backends import cupy_backend, cupy_sparse_fp8  # noqa: E402
+
+D, DV, PAGE = 576, 512, 64
+BF16 = _arrays.BFLOAT16
+
+
+def _random_bf16(shape):
+    x = cp.random.standard_normal(shape, dtype=cp.float32)
+    return (x.view(cp.uint32) >> 16).astype(cp.uint16).view(BF16)
+
+
+def _time(launches, flush, reps):
+    times = []
+    for rep in range(reps + 3):
+        flush.fill(rep & 0xFF)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for fn, grid, block, args, smem in launches:
+            fn(grid, block, args, shared_mem=smem)
+        stop.record()
+        stop.synchronize()
+        if rep >= 3:
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return float(np.median(times))
+
+
+def _cache(b, s_k):
+    blocks = b * s_k // PAGE
+    k = _random_bf16((blocks, PAGE, 1, D))
+    k8 = mla.quantize_kv_fp8(k)  # on the device (CuPy path of mla.fp8)
+    table = cp.asarray(np.random.default_rng(0).permutation(blocks).astype(np.int32).reshape(b, s_k // PAGE))
+    return k, k8, table
+
+
+def bench_dense(b, s_q, h_q, s_k, reps, flush, rows):
+    dev = cp.cuda.Device().id
+    k, k8, table = _cache(b, s_k)
+    q = _random_bf16((b, s_q, h_q, D))
+    seqlens = cp.full((b,), s_k, dtype=cp.int32)
+    sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
+    flops = 2 * b * h_q * s_q * s_k * (D + DV)
+    base = None
+    for kind, cache in (("bf16 portable", k), ("fp8", k8)):
+        fp8 = kind == "fp8"
+        problem = api._validate(q, cache, table, seqlens, DV, None, False, fp8, None, None, None, False)
+        if fp8:
+            launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+            cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
+        else:
+            launches, _, _ = cupy_backend._prepare_portable(cp, problem, sched, splits, dev)
+            cfg = cupy_backend.portable_config(D, DV, s_q * h_q, cupy_backend._max_smem(dev))
+        t = _time(launches, flush, reps)
+        token_bytes = 656 if fp8 else 2 * D
+        nbytes = b * (s_q * h_q * D * 2 + s_k * token_bytes + s_q * h_q * DV * 2)
+        base = t if base is None else base
+        row = (f"| dense {kind} | {b}, {s_q}, {h_q}, {s_k} | {cfg} | {t * 1e3:.3f} ms | {nbytes / t / 1e9:.0f} GB/s | "
+               f"{flops / t / 1e12:.1f} | {base / t:.2f}x |")
+        print(row, flush=True)
+        rows.append(row)
+    del k, k8, table
+
+
+def bench_sparse(b, s_q, h_q, topk, s_k, reps, flush, rows):
+    dev = cp.cuda.Device().id
+    k, k8, table = _cache(b, s_k)
+    q = _random_bf16((b, s_q, h_q, D))
+    pos = cp.random.randint(0, s_k, size=(b, s_q, topk)).astype(cp.int32)  # logical positions
+    indices = (table[cp.arange(b)[:, None, None], pos // PAGE] * PAGE + pos % PAGE).astype(cp.int32)
+    sched, splits = api.get_mla_metadata(np.zeros(b, np.int32), s_q * h_q, 1, topk=topk)
+    flops = 2 * b * s_q * h_q * topk * (D + DV)
+    for kind, cache in (("bf16", k), ("fp8", k8)):
+        fp8 = kind == "fp8"
+        problem = api._validate(q, cache, None, None, DV, None, False, fp8, indices, None, None, False)
+        launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+        cfg = cupy_sparse_fp8.config(D, DV, h_q, cupy_backend._max_smem(dev), fp8, True)
+        t = _time(launches, flush, reps)
+        token_bytes = 656 if fp8 else 2 * D
+        nbytes = b * (s_q * h_q * D * 2 + s_q * topk * token_bytes + s_q * h_q * DV * 2)
+        row = (f"| sparse {kind} | {b}, {s_q}, {h_q}, topk {topk} | {cfg} | {t * 1e3:.3f} ms | "
+               f"{nbytes / t / 1e9:.0f} GB/s | {flops / t / 1e12:.1f} | |")
+        print(row, flush=True)
+        rows.append(row)
+    del k, k8, table
+
+
+def check():
+    """Small poisoned cases against the NumPy reference (the GPU tests are the full check)."""
+    from mla import reference
+
+    rng = np.random.default_rng(0)
+    ok = True
+    cupy_backend.POISON_OUTPUTS = True
+    for fp8 in (True, False):
+        for sparse in (False, True) if fp8 else (True,):
+            for h_q, s_q in ((16, 1), (128, 2)):
+                case = testing.make_decode_case(rng, b=3, s_q=s_q, h_q=h_q, d=D, head_dim_v=DV, page_block_size=PAGE,
+                                                seqlens=[0, 300, 1500], dtype=BF16, fp8=fp8, causal=not sparse)
+                if sparse:
+                    case.causal = False
+                    case.indices = testing.make_sparse_indices(rng, case, 777, invalid_ratio=0.3)
+                    case.attn_sink = rng.standard_normal(h_q).astype(np.float32)
+                c = testing.to_device(case)
+                try:
+                    out, lse = mla.flash_mla_with_kvcache(*c.args(), backend="cupy", **c.kwargs())
+                    out_ref, lse_ref = reference.flash_mla_reference(*case.args(), **case.kwargs())
+                    testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
+                    msg = "OK "
+                except AssertionError as exc:
+                    ok, msg = False, f"BAD {str(exc)[:300]}"
+                print(f"check fp8={fp8} sparse={sparse} h_q={h_q} s_q={s_q}: {msg}", flush=True)
+    cupy_backend.POISON_OUTPUTS = False
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    dev = cp.cuda.Device()
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, CuPy {cp.__version__}",
+          flush=True)
+    if args.check and not check():
+        print("check FAILED: timings below are of wrong kernels", flush=True)
+    flush = cp.empty(256 << 20, dtype=cp.uint8)
+    rows = ["| kernel | b, s_q, h_q, s_k / topk | (block_m, warps, block_n, stages) | time | GB/s | TFLOP/s | "
+            "vs bf16 |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(rows), flush=True)
+    bench_dense(128, 1, 16, 8192, args.reps, flush, rows)
+    bench_dense(128, 2, 128, 8192, args.reps, flush, rows)
+    bench_sparse(128, 2, 128, 2048, 8192, args.reps, flush, rows)
+    if args.out:
+        args.out.write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

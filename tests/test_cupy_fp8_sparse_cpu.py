@@ -1,0 +1,261 @@
+"""CPU checks of the CuPy FP8 / sparse decode (issue #5) that need no GPU.
+
+* a NumPy emulation of the kernels' FP8 dequantisation (kernels/mla_decode_fp8.cu ``dequant8`` and
+  the work-item indexing of a 656-byte token) equals ``mla.fp8.dequantize_kv_fp8(..., bfloat16)``;
+* the tilings ``cupy_sparse_fp8.config`` picks fit the shared memory and the kernels' static rules;
+* the MLA_CUPY_UNVERIFIED gate: without it FP8 / sparse problems are refused (and say why);
+* ``fast_reference`` (the vectorised reference the GPU tests use) equals ``mla.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mla import _arrays, api, reference, testing
+from mla.backends import BackendUnavailable, cupy_backend, cupy_sparse_fp8
+from mla.fp8 import FP8_TOKEN_BYTES, dequantize_kv_fp8, quantize_kv_fp8
+
+BF16 = _arrays.BFLOAT16
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised reference used by tests/test_cupy_fp8_sparse_gpu.py
+
+
+def fast_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, is_fp8_kvcache=False,
+                   indices=None, topk_length=None, attn_sink=None, softmax_scale=None):
+    """mla.reference.flash_mla_reference with per-(sequence, row, KV head) matmuls (fast for h_q = 128,
+    topk = 2048). Returns (out [b, s_q, h_q, d_v] in q's dtype, lse float32 [b, h_q, s_q])."""
+    q = np.asarray(q)
+    b, s_q, h_q, d = q.shape
+    scale = np.float32(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
+    if is_fp8_kvcache:
+        cache = dequantize_kv_fp8(np.asarray(k_cache))
+    else:
+        cache = np.asarray(k_cache).astype(np.float32)
+    nb, page, h_kv, _ = cache.shape
+    group = h_q // h_kv
+    flat = cache.reshape(nb * page, h_kv, d)
+    qf = q.astype(np.float32)
+    out = np.zeros((b, s_q, h_q, head_dim_v), np.float32)
+    lse = np.full((b, s_q, h_q), -np.inf, np.float32)
+    for i in range(b):
+        for r in range(s_q):
+            if indices is not None:
+                idx = np.asarray(indices)[i, r]
+                topk = idx.shape[0]
+                tl = topk if topk_length is None else int(np.asarray(topk_length)[i])
+                keys = flat[idx[(idx >= 0) & (np.arange(topk) < tl)]]
+            else:
+                L = int(cache_seqlens[i])
+                n = min(max(L - s_q + r + 1, 0), L) if causal else L
+                pos = np.arange(n)
+                keys = cache[np.asarray(block_table)[i, pos // page], pos % page]
+            if keys.shape[0] == 0:
+                continue
+            for g in range(h_kv):
+                heads = slice(g * group, (g + 1) * group)
+                kg = keys[:, g]
+                s = (qf[i, r, heads] @ kg.T) * scale
+                m = s.max(axis=-1)
+                p = np.exp(s - m[:, None])
+                l = p.sum(axis=-1)
+                out[i, r, heads] = (p @ kg[:, :head_dim_v]) / l[:, None]
+                lse[i, r, heads] = m + np.log(l)
+    if attn_sink is not None:
+        sink = np.asarray(attn_sink, np.float64)
+        lse64 = lse.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            factor = np.where(np.isfinite(lse64), 1.0 / (1.0 + np.exp(sink - lse64)), 0.0)
+        out = (out * factor[..., None]).astype(np.float32)
+    empty = ~np.isfinite(lse)
+    out[empty] = 0
+    lse[empty] = np.inf
+    return out.astype(q.dtype), np.ascontiguousarray(lse.transpose(0, 2, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 dequantisation: NumPy emulation of the kernel's integer / fp32 steps
+
+
+def emulate_dequant8(codes: np.ndarray, scale: np.float32) -> np.ndarray:
+    """kernels/mla_decode_fp8.cu ``dequant8``: 8 e4m3 code bytes and a float32 scale -> 8 bf16."""
+    words = np.ascontiguousarray(codes, dtype=np.uint8).view("<u4")  # codes.x, codes.y
+    f = []
+    for w in words:
+        for byte in range(4):
+            x = np.array([(int(w) << (24 - 8 * byte)) & 0xFFFFFFFF], np.uint32).view(np.int32)
+            bits = (x >> 4).view(np.uint32) & np.uint32(0x87F00000)  # arithmetic shift, as in the kernel
+            f.append(bits.view(np.float32)[0])
+    f = np.array(f, np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        if scale < np.float32(256):
+            v = f * (np.float32(scale) * np.float32(2.0**120))
+        else:
+            v = (f * np.float32(2.0**120)) * np.float32(scale)
+    return v.astype(np.float32).astype(ml_dtypes.bfloat16)  # cvt.rn.bf16x2.f32
+
+
+def emulate_token(raw: np.ndarray) -> np.ndarray:
+    """The dequant work items of one 656-byte token (c < 64: 8 codes with scale c >> 4; c >= 64: RoPE)."""
+    out = np.zeros(576, ml_dtypes.bfloat16)
+    for c in range(72):
+        if c < 64:
+            scale = raw[512 + (c >> 4) * 4: 516 + (c >> 4) * 4].view("<f4")[0]
+            out[c * 8: c * 8 + 8] = emulate_dequant8(raw[c * 8: c * 8 + 8], scale)
+        else:
+            j = c - 64
+            out[512 + j * 8: 520 + j * 8] = raw[528 + j * 16: 544 + j * 16].view("<u2").view(ml_dtypes.bfloat16)
+    return out
+
+
+SCALE_EXPONENTS = [-126, -125, -100, -20, -6, 0, 1, 7, 8, 9, 50, 119, 120]
+
+
+@pytest.mark.parametrize("k", SCALE_EXPONENTS)
+def test_dequant8_every_code(k):
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # all but the NaN codes
+    scale = np.float32(2.0**k)
+    with np.errstate(over="ignore"):  # 2^120 * 448 overflows to inf, in the kernel as in NumPy
+        expect = (codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
+    for start in range(0, len(codes) - 7, 8):
+        got = emulate_dequant8(codes[start: start + 8], scale)
+        np.testing.assert_array_equal(got.view(np.uint16), expect[start: start + 8].view(np.uint16),
+                                      err_msg=f"codes {codes[start: start + 8]}, scale 2^{k}")
+
+
+def test_dequant8_zero_filled_row_is_zero():
+    """cp.async zero-fills invalid rows: codes 0 and scale 0 must give exact zeros (not NaN)."""
+    got = emulate_dequant8(np.zeros(8, np.uint8), np.float32(0))
+    assert not np.isnan(got.astype(np.float32)).any() and (got.astype(np.float32) == 0).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0, 1e30])
+def test_token_emulation_matches_dequantize(magnitude):
+    rng = np.random.default_rng(int(math.log10(magnitude) + 40))
+    kv = (rng.standard_normal((6, 576)) * magnitude).astype(np.float32)
+    kv[1, :128] = 0  # an all-zero tile (scale 1)
+    kv[2, 128:256] *= 1e-6  # a tile with tiny values next to normal ones
+    raw = quantize_kv_fp8(kv)
+    assert raw.shape == (6, FP8_TOKEN_BYTES)
+    expect = dequantize_kv_fp8(raw, dtype=BF16)
+    for t in range(raw.shape[0]):
+        np.testing.assert_array_equal(emulate_token(raw[t]).view(np.uint16), expect[t].view(np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------
+# tilings
+
+SMEMS = {"H100": 232448, "A100": 166912, "Ada": 101376}
+
+
+@pytest.mark.parametrize("gpu", list(SMEMS))
+@pytest.mark.parametrize("fp8,sparse", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("rows", [1, 16, 17, 32, 64, 128, 256])
+def test_config_fits_and_is_valid(gpu, fp8, sparse, rows):
+    major = 8 if gpu != "H100" else 9
+    cfg = cupy_sparse_fp8.config(576, 512, rows, SMEMS[gpu], fp8, sparse, cupy_sparse_fp8._max_block_m(sparse, major))
+    assert cfg is not None, (gpu, fp8, sparse, rows)
+    block_m, warps, block_n, stages = cfg
+    assert block_m in (16, 32, 64) and stages >= 2 and warps % (block_m // 16) == 0
+    cg = warps // (block_m // 16)
+    assert block_n % (8 * cg) == 0 and block_n % (2 * warps) == 0
+    assert cupy_sparse_fp8.smem_bytes(576, 512, block_m, block_n, warps, stages, fp8, sparse) <= SMEMS[gpu]
+    if rows <= 16:
+        assert block_m == 16
+
+
+def test_deepseek_configs_on_h100():
+    """The tilings the benchmarks will run (predictions in benchmarks/NOTES_cupy.md)."""
+    h100 = SMEMS["H100"]
+    assert cupy_sparse_fp8.config(576, 512, 16, h100, True, False) == (16, 8, 64, 3)
+    assert cupy_sparse_fp8.config(576, 512, 128, h100, True, True) == (64, 8, 32, 3)
+    assert cupy_sparse_fp8.smem_bytes(576, 512, 16, 64, 8, 3, True, False) == 224000
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate
+
+
+def _problem(fp8=False, sparse=False):
+    rng = np.random.default_rng(0)
+    case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[10, 70], dtype=BF16, fp8=fp8)
+    indices = testing.make_sparse_indices(rng, case, 64) if sparse else None
+    return api._validate(*case.args(), None, False, fp8, indices, None, None, True)
+
+
+@pytest.mark.parametrize("fp8,sparse", [(True, False), (False, True), (True, True)])
+def test_gate_closed_refuses(monkeypatch, fp8, sparse):
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    problem = _problem(fp8, sparse)
+    for supports in (cupy_backend.supports, cupy_sparse_fp8.supports):
+        ok, reason = supports(problem)
+        assert not ok and "MLA_CUPY_UNVERIFIED=1" in reason and "not yet verified on a GPU" in reason
+    with pytest.raises(BackendUnavailable, match="MLA_CUPY_UNVERIFIED"):
+        cupy_sparse_fp8.decode(problem, None, None)
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens it
+    assert not cupy_backend.supports(problem)[0]
+
+
+def test_gate_closed_auto_falls_back_to_numpy(monkeypatch):
+    import mla
+
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    rng = np.random.default_rng(1)
+    case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[10, 70], dtype=BF16, fp8=True)
+    out, lse = mla.flash_mla_with_kvcache(*case.args(), is_fp8_kvcache=True, backend="auto")
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args(), is_fp8_kvcache=True)
+    testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+def test_gate_open_without_gpu_declines_cleanly(monkeypatch):
+    """With the gate open, supports() still answers (False, reason) rather than raising when no GPU is there."""
+    if _arrays.gpu_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    ok, reason = cupy_backend.supports(_problem(True, True))
+    assert not ok and reason
+
+
+def test_cupy_backend_routes_only_fp8_and_sparse():
+    src = (cupy_backend.__file__)
+    text = open(src).read()
+    assert text.count("from . import cupy_sparse_fp8") == 2  # supports() and decode(), nothing else
+
+
+# ---------------------------------------------------------------------------------------------
+# fast_reference == mla.reference
+
+
+@pytest.mark.parametrize("causal,s_q", [(False, 1), (True, 2), (True, 4)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fast_reference_dense(causal, s_q, fp8):
+    rng = np.random.default_rng(s_q + 10 * fp8)
+    case = testing.make_decode_case(rng, b=3, s_q=s_q, h_q=8, h_kv=2 if not fp8 else 1, d=576, head_dim_v=512,
+                                    page_block_size=16, seqlens=[0, 3, 70], dtype=BF16, causal=causal, fp8=fp8)
+    got = fast_reference(*case.args(), causal=causal, is_fp8_kvcache=fp8)
+    ref = reference.flash_mla_reference(*case.args(), causal=causal, is_fp8_kvcache=fp8)
+    testing.assert_close(*got, *ref)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("extras", [False, True])
+def test_fast_reference_sparse(fp8, extras):
+    rng = np.random.default_rng(3 + fp8)
+    h_kv = 1 if fp8 else 2
+    case = testing.make_decode_case(rng, b=3, s_q=2, h_q=8, h_kv=h_kv, d=576, head_dim_v=512, page_block_size=16,
+                                    seqlens=[0, 5, 90], dtype=BF16, fp8=fp8)
+    indices = testing.make_sparse_indices(rng, case, 40, invalid_ratio=0.3)
+    topk_length = np.array([40, 7, 25], np.int32) if extras else None
+    sink = np.array([0.5, -1, np.inf, -np.inf, 2, 0, 1, -3], np.float32) if extras else None
+    got = fast_reference(*case.args(), is_fp8_kvcache=fp8, indices=indices, topk_length=topk_length,
+                         attn_sink=sink)
+    ref = reference.flash_mla_reference(*case.args(), is_fp8_kvcache=fp8, indices=indices,
+                                        topk_length=topk_length, attn_sink=sink)
+    testing.assert_close(*got, *ref)
