@@ -44,18 +44,9 @@ def _random_bf16(shape):
 
 
 def _time(launches, flush, reps):
-    times = []
-    for rep in range(reps + 3):
-        flush.fill(rep & 0xFF)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for fn, grid, block, args, smem in launches:
-            fn(grid, block, args, shared_mem=smem)
-        stop.record()
-        stop.synchronize()
-        if rep >= 3:
-            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-    return float(np.median(times))
+    from mla.backends.cupy_backend import time_launches
+
+    return time_launches(cp, launches, flush, reps)
 
 
 def _cache(b, s_k):

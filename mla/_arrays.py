@@ -101,6 +101,7 @@ def asnumpy(x) -> np.ndarray:
 
 
 def dtype_name(dt) -> str:
+    """A dtype's name for messages ('bfloat16' rather than ml_dtypes' 'V2'-like repr)."""
     dt = np.dtype(dt)
     return "bfloat16" if dt == BFLOAT16 else dt.name
 

@@ -30,6 +30,7 @@ def _gpu_description() -> str:
 
 
 def cmd_info(args) -> int:
+    """Print versions, the GPU and which backends can run."""
     from . import __version__, backends
 
     print(f"mla {__version__} on Python {platform.python_version()} ({platform.machine()})")
@@ -61,6 +62,7 @@ def _nonneg(text: str) -> int:
 
 
 def cmd_demo(args) -> int:
+    """One decode step (GPU if available, else NumPy) checked against the float64 reference."""
     on_gpu = _arrays.gpu_available() and args.backend != "numpy"
     backend = args.backend
     rng = np.random.default_rng(args.seed)
@@ -132,6 +134,7 @@ def _time_call(fn, on_gpu: bool, warmup: int, reps: int) -> float:
 
 
 def cmd_bench(args) -> int:
+    """Time backends on FlashMLA's shapes (or --shape ones) and print a table, JSON or a roofline plot."""
     from . import backends as _backends
 
     on_gpu = _arrays.gpu_available()
@@ -209,6 +212,7 @@ def _plot_roofline(rows, path):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m mla`."""
     parser = argparse.ArgumentParser(prog="python -m mla", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends, GPU and versions")
@@ -235,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point of `python -m mla`; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.d_v > args.d:
         print(f"error: --d-v ({args.d_v}) must be <= --d ({args.d})", file=sys.stderr)

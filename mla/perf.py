@@ -48,6 +48,9 @@ PLATFORMS = {
 
 @dataclass(frozen=True)
 class DecodeShape:
+    """A decode problem's sizes: q [b, s_q, h_q, d], cache rows of d (or the 656-byte FP8 layout)
+    for h_kv heads over a mean length ``seqlen``, out [b, s_q, h_q, d_v]."""
+
     b: int
     s_q: int
     h_q: int
@@ -71,12 +74,15 @@ def decode_bytes(shape: DecodeShape) -> float:
 
 
 def decode_flops(shape: DecodeShape) -> float:
+    """FLOPs of a decode step: 2 * b * h_q * s_q * L * (d + d_v) (q.k and p.v)."""
     s = shape
     return 2.0 * s.b * s.h_q * s.s_q * s.seqlen * (s.d + s.d_v)
 
 
 @dataclass(frozen=True)
 class Roofline:
+    """Bytes, FLOPs and the time bounds of one decode step on one platform."""
+
     bytes: float
     flops: float
     intensity: float

@@ -14,7 +14,8 @@ import numpy as np
 from . import _arrays
 from .fp8 import quantize_kv_fp8
 
-__all__ = ["DecodeCase", "make_decode_case", "make_sparse_indices", "to_device", "assert_close"]
+__all__ = ["DecodeCase", "make_decode_case", "make_sparse_indices", "to_device", "assert_close",
+           "run_compute_sanitizer"]
 
 # DESIGN.md §6 (FlashMLA's test tolerances)
 OUT_ATOL, OUT_RTOL = 8e-4, 2.01 / 128
@@ -23,6 +24,10 @@ LSE_ATOL, LSE_RTOL = 1e-6, 8.01 / 65536
 
 @dataclass
 class DecodeCase:
+    """One decode problem: the arguments of ``mla.flash_mla_with_kvcache`` (shapes as there:
+    q [b, s_q, h_q, d], k_cache [num_blocks, page, h_kv, d] or uint8 [..., 656], block_table int32
+    [b, max_blocks], cache_seqlens int32 [b], indices int32 [b, s_q, topk] in sparse mode)."""
+
     q: np.ndarray
     k_cache: np.ndarray
     block_table: np.ndarray
@@ -33,7 +38,6 @@ class DecodeCase:
     indices: np.ndarray | None = None
     topk_length: np.ndarray | None = None
     attn_sink: np.ndarray | None = None
-    k_cache_dequant: np.ndarray | None = None  # FP8 cases: what the reference should see
 
     def args(self):
         return (self.q, self.k_cache, self.block_table, self.cache_seqlens, self.head_dim_v)
@@ -146,3 +150,24 @@ def assert_close(out, lse, out_ref, lse_ref, out_atol=OUT_ATOL, out_rtol=OUT_RTO
     finite = np.isfinite(lse_ref)
     np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=lse_atol, rtol=lse_rtol, err_msg="lse")
     np.testing.assert_allclose(out, out_ref, atol=out_atol, rtol=out_rtol, err_msg="out")
+
+
+def run_compute_sanitizer(tool: str, script: str, marker: str = "SANITIZE-DONE"):
+    """Run ``python -c script`` under ``compute-sanitizer --tool tool``.
+
+    Returns (ok, report): ok when the script printed ``marker``, the sanitizer exited 0 and reported
+    no errors / hazards; report is the tail of its output. None when compute-sanitizer is not on PATH.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return None
+    proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-4000:] + proc.stderr[-4000:]
+    ok = (proc.returncode == 0 and marker in proc.stdout
+          and ("ERROR SUMMARY: 0 errors" in proc.stdout or "0 hazards" in proc.stdout))
+    return ok, report

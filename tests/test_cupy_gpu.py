@@ -8,9 +8,6 @@ tolerances, every kernel of the backend over the case matrix, plus hypothesis ov
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -251,11 +248,8 @@ _SANITIZE = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(tool):
-    exe = shutil.which("compute-sanitizer")
-    if exe is None:
+    result = testing.run_compute_sanitizer(tool, _SANITIZE)
+    if result is None:
         pytest.skip("compute-sanitizer is not on PATH")
-    proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", _SANITIZE],
-                          capture_output=True, text=True, timeout=600)
-    report = proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0 and "SANITIZE-DONE" in proc.stdout, report
-    assert "ERROR SUMMARY: 0 errors" in proc.stdout or "0 hazards" in proc.stdout, report
+    ok, report = result
+    assert ok, report

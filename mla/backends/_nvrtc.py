@@ -61,6 +61,7 @@ def read_source(name: str) -> str:
 
 
 def options(arch: str | None, defines: dict | None = None, ptxas_verbose: bool = False) -> tuple[str, ...]:
+    """NVRTC options: C++17, the target (e.g. "sm_90a"), -D defines, and -Xptxas -v when asked."""
     opts = ["-std=c++17"]
     if arch is not None:
         opts.append(f"--gpu-architecture={arch}")

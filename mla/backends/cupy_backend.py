@@ -37,6 +37,7 @@ and 64-key tiles beat 4 warps or deeper pipelines of 32-key tiles on every DeepS
 
 
 def available():
+    """(True, "") when CuPy sees a CUDA GPU, else (False, the reason)."""
     cp = _arrays.cupy_module()
     if cp is None:
         return False, "CuPy is not installed (pip install cupy-cuda13x or cupy-cuda12x)"
@@ -110,6 +111,20 @@ def _contiguous(x) -> bool:
     return bool(x.flags.c_contiguous)
 
 
+def _layout_reason(problem) -> str | None:
+    """Why q / k_cache cannot be read with 16-byte cp.async copies (None when they can)."""
+    if not problem.on_device:
+        return None
+    for name in ("q", "k_cache"):
+        arr = getattr(problem, name)
+        if not _contiguous(arr):
+            return (f"backend='cupy' needs a C-contiguous {name}, got strides {arr.strides} "
+                    f"for shape {tuple(arr.shape)} (pass cupy.ascontiguousarray({name}))")
+        if arr.data.ptr % 16:
+            return f"backend='cupy' needs {name} 16-byte aligned, got address {arr.data.ptr:#x}"
+    return None
+
+
 def supports(problem):
     """(True, "") if the CuPy kernels compute this problem, else (False, the reason)."""
     # --- issue #5: FP8 / sparse kernels, not yet run on a GPU: refused unless MLA_CUPY_UNVERIFIED=1
@@ -124,14 +139,9 @@ def supports(problem):
                        "(use backend='numba' or 'numpy' for float32)")
     if problem.d % 8:
         return False, f"backend='cupy' needs d % 8 == 0 (16-byte rows), got d = {problem.d}"
-    if problem.on_device:
-        for name in ("q", "k_cache"):
-            arr = getattr(problem, name)
-            if not _contiguous(arr):
-                return False, (f"backend='cupy' needs a C-contiguous {name}, got strides {arr.strides} "
-                               f"for shape {tuple(arr.shape)} (pass cupy.ascontiguousarray({name}))")
-            if arr.data.ptr % 16:
-                return False, f"backend='cupy' needs {name} 16-byte aligned, got address {arr.data.ptr:#x}"
+    reason = _layout_reason(problem)
+    if reason:
+        return False, reason
     try:
         dev = _device_id(problem)
         major, minor = _capability(dev)
@@ -286,6 +296,23 @@ def _random_device(cp, shape, dtype):
     return bits.view(dtype)
 
 
+def time_launches(cp, launches, flush, reps: int) -> float:
+    """Median seconds of one pass over ``launches`` ((fn, grid, block, args, smem) tuples): CUDA
+    events, the L2 flushed by rewriting ``flush`` before every rep, 3 warm-up reps dropped."""
+    times = []
+    for rep in range(reps + 3):
+        flush.fill(rep & 0xFF)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for fn, grid, block, args, smem in launches:
+            fn(grid, block, args, shared_mem=smem)
+        stop.record()
+        stop.synchronize()
+        if rep >= 3:
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return float(np.median(times))
+
+
 def bench(shapes=BENCH_SHAPES, reps: int = 30, dtype=None):
     """Median kernel time of each (b, s_q, h_q, s_k) DeepSeek shape; prints and returns rows."""
     from .. import api
@@ -306,18 +333,7 @@ def bench(shapes=BENCH_SHAPES, reps: int = 30, dtype=None):
         problem = api._validate(q, k, table, seqlens, dv, None, False, False, None, None, None, False)
         sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
         launches, _, _ = _prepare_portable(cp, problem, sched, splits, dev)
-        times = []
-        for rep in range(reps + 3):
-            flush.fill(rep & 0xFF)
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            for fn, grid, block, args, smem in launches:
-                fn(grid, block, args, shared_mem=smem)
-            stop.record()
-            stop.synchronize()
-            if rep >= 3:
-                times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-        t = float(np.median(times))
+        t = time_launches(cp, launches, flush, reps)
         nbytes = b * (s_q * h_q * d * 2 + s_k * d * 2 + s_q * h_q * dv * 2)
         flops = 2 * b * h_q * s_q * s_k * (d + dv)
         rows.append((b, s_q, h_q, s_k, t, nbytes / t, flops / t))

@@ -41,6 +41,7 @@ _BF16_CANDIDATES = ((8, 64, 2), (8, 32, 2), (4, 64, 2), (4, 32, 2), (8, 16, 2), 
 
 
 def gate_open() -> bool:
+    """True only when MLA_CUPY_UNVERIFIED=1: these kernels have not run on a GPU yet."""
     return os.environ.get(GATE, "") == "1"
 
 
@@ -120,14 +121,9 @@ def supports(problem):
                            "(use backend='numba' or 'numpy' for float32)")
         if problem.d % 8:
             return False, f"backend='cupy' needs d % 8 == 0 (16-byte rows), got d = {problem.d}"
-    if problem.on_device:
-        for name in ("q", "k_cache"):
-            arr = getattr(problem, name)
-            if not _cb._contiguous(arr):
-                return False, (f"backend='cupy' needs a C-contiguous {name}, got strides {arr.strides} "
-                               f"for shape {tuple(arr.shape)} (pass cupy.ascontiguousarray({name}))")
-            if arr.data.ptr % 16:
-                return False, f"backend='cupy' needs {name} 16-byte aligned, got address {arr.data.ptr:#x}"
+    reason = _cb._layout_reason(problem)
+    if reason:
+        return False, reason
     try:
         dev = _cb._device_id(problem)
         major, minor = _cb._capability(dev)

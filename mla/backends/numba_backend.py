@@ -66,6 +66,7 @@ def _check_available():
 
 
 def supports(problem):
+    """(True, "") for dense float32/float16/bfloat16 problems; FP8 and sparse are declined with a reason."""
     if problem.is_fp8_kvcache:
         return False, "backend='numba' does not support the FP8 KV cache (use 'numpy' or 'cupy')"
     if problem.is_sparse or problem.attn_sink is not None:
@@ -145,6 +146,8 @@ def _bits(x):
 
 
 def decode(problem, metadata, num_splits):
+    """Launch decode + combine. Returns (out [b, s_q, h_q, d_v] in q's dtype, lse f32 [b, h_q, s_q])
+    of the caller's array kind."""
     nd = _kernels()
     from numba import cuda
 

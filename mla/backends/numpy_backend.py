@@ -12,10 +12,13 @@ from .. import _arrays, reference
 
 
 def available():
+    """Always (True, ""): NumPy is a dependency."""
     return True, ""
 
 
 def decode(problem, metadata, num_splits):
+    """reference.split_decode on host copies. Returns (out [b, s_q, h_q, d_v], lse f32 [b, h_q, s_q])
+    of the caller's array kind."""
     h = _arrays.asnumpy
     out, lse = reference.split_decode(
         h(problem.q), h(problem.k_cache),

@@ -21,6 +21,7 @@ _THREADS = 256
 
 
 def available():
+    """(True, "") when CuPy sees a CUDA GPU, else (False, the reason)."""
     if _arrays.cupy_module() is None:
         return False, "CuPy is not installed"
     if not _arrays.gpu_available():
@@ -29,10 +30,12 @@ def available():
 
 
 def supports_dtype(dtype) -> bool:
+    """Does the prefill kernel have an element type for this dtype (float32/float16/bfloat16)?"""
     return _arrays.dtype_name(dtype) in _ELEM_KIND
 
 
 def kernel_source() -> str:
+    """The CUDA source of kernels/prefill_fwd_bwd.cu (shipped as mla.kernels package data)."""
     import mla.kernels
     return (pathlib.Path(mla.kernels.__file__).resolve().parent / "prefill_fwd_bwd.cu").read_text()
 
