@@ -144,7 +144,7 @@ def _apply_sink(o, lse, attn_sink):
     sink = np.asarray(attn_sink, dtype=np.float64)
     lse64 = lse.astype(np.float64)
     # exp(lse)/(exp(lse)+exp(sink)) = 1 / (1 + exp(sink - lse)); rows with lse = -inf stay 0
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf on rows np.where drops
         factor = np.where(np.isfinite(lse64), 1.0 / (1.0 + np.exp(sink - lse64)), 0.0)
     return (o * factor[..., None]).astype(o.dtype)
 

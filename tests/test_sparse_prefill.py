@@ -57,7 +57,8 @@ def test_matches_brute_force(seed, s_q, heads, topk, invalid, use_sink, use_len)
     np.testing.assert_array_equal(np.isinf(lse), np.isinf(r_lse))
     np.testing.assert_array_equal(np.isneginf(ml), np.isneginf(r_ml))
     fin = np.isfinite(r_lse)
-    np.testing.assert_allclose(lse[fin], r_lse[fin], rtol=1e-5)
+    # lse is float32: near zero only an absolute bound is meaningful
+    np.testing.assert_allclose(lse[fin], r_lse[fin], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ml[fin], r_ml[fin], rtol=1e-5, atol=1e-5)
     assert (out[~fin] == 0).all()
 
