@@ -8,6 +8,7 @@ plain arrays to a backend (``mla.backends``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,9 +105,14 @@ def get_mla_metadata(
         raise ValueError(f"cache_seqlens must be 1-D [b], got shape {tuple(seqlens.shape)}")
     if not np.issubdtype(seqlens.dtype, np.integer):
         raise TypeError(f"cache_seqlens must be int32, got {seqlens.dtype}")
-    lengths = _arrays.asnumpy(seqlens).astype(np.int64)
     if topk is not None:
         topk = _check_int("topk", topk, 1)
+    if on_device:
+        plan = _device_plan(seqlens, tokens, h_kv, sms, topk)
+        if plan is not None:
+            return plan
+    lengths = _arrays.asnumpy(seqlens).astype(np.int64)
+    if topk is not None:
         lengths = np.full_like(lengths, topk)
     if (lengths < 0).any():
         raise ValueError(f"cache_seqlens must be >= 0, got min {int(lengths.min())}")
@@ -116,6 +122,20 @@ def get_mla_metadata(
         cp = _arrays.cupy_module()
         return cp.asarray(metadata), cp.asarray(num_splits)
     return metadata, num_splits
+
+
+def _device_plan(seqlens, tokens: int, h_kv: int, sms: int, topk: int | None):
+    """The plan computed on the GPU (kernels/mla_metadata.cu): no device->host copy, so a decode
+    loop can be captured in a CUDA graph. None when the CuPy kernels are unusable here (the caller
+    then plans on the host). As in FlashMLA the length values are not checked here (that needs
+    the host); ``flash_mla_with_kvcache`` checks them unless ``validate=False``."""
+    from .backends import cupy_backend
+
+    if os.environ.get("MLA_HOST_PLAN") == "1" or not cupy_backend.available()[0]:
+        return None
+    if topk is not None:
+        seqlens = _arrays.cupy_module().full(seqlens.shape, topk, dtype=np.int32)
+    return cupy_backend.device_plan(seqlens, tokens, h_kv, num_sms=sms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,9 +399,8 @@ def _plan_for(problem: _Problem):
     topk = int(problem.indices.shape[-1]) if problem.is_sparse else None
     seqlens = problem.cache_seqlens
     if seqlens is None:  # sparse mode without cache_seqlens: plan over topk for every sequence
-        seqlens = np.zeros(problem.b, dtype=np.int32)
-        if problem.on_device:
-            seqlens = _arrays.cupy_module().asarray(seqlens)
+        xp = _arrays.cupy_module() if problem.on_device else np
+        seqlens = xp.zeros(problem.b, dtype=np.int32)  # made on the device: no host copy (graph capture)
     return get_mla_metadata(seqlens, problem.s_q * problem.h_q // problem.h_kv, problem.h_kv,
                             problem.h_q, problem.is_fp8_kvcache, topk)
 

@@ -162,6 +162,57 @@ def test_device_plan_drives_decode():
     assert isinstance(out, cp.ndarray)
 
 
+def test_get_mla_metadata_plans_on_the_device():
+    """Device lengths: the plan comes from the device kernel (CuPy arrays), equal to the host plan."""
+    cp = _arrays.cupy_module()
+    seqlens = np.array([0, 5000, 64, 9000, 1, 300], np.int32)
+    for kw in ({}, {"topk": 2048}):
+        meta_d, splits_d = mla.get_mla_metadata(cp.asarray(seqlens), 16, 1, **kw)
+        meta_h, splits_h = mla.get_mla_metadata(seqlens, 16, 1, **kw)
+        assert isinstance(meta_d, cp.ndarray) and isinstance(splits_d, cp.ndarray)
+        np.testing.assert_array_equal(meta_d.get(), meta_h)
+        np.testing.assert_array_equal(splits_d.get(), splits_h)
+
+
+def test_decode_step_replays_from_a_cuda_graph():
+    """Plan + decode with device arrays and validate=False record into a CUDA graph (no host sync);
+    replaying it after writing new q values and shorter lengths in place gives the reference answer
+    for the new values, while other allocations (which must not reuse the graph's buffers) happen."""
+    cp = _arrays.cupy_module()
+    rng = np.random.default_rng(12)
+    case = testing.make_decode_case(rng, b=4, s_q=2, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[100, 3000, 0, 9000], dtype=BF16, causal=True)
+    c = testing.to_device(case)
+
+    def step():
+        sched, splits = mla.get_mla_metadata(c.cache_seqlens, 2 * 16, 1)
+        return mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, backend="cupy", validate=False)
+
+    step()  # compile and load the kernels before the capture
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        out, lse = step()
+        graph = stream.end_capture()
+    try:
+        for seqlens in ([100, 3000, 0, 9000], [7, 64, 0, 5000], [3, 2, 0, 64]):
+            new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
+            c.q[...] = cp.asarray(new_q)  # in place: the graph holds c.q's pointer
+            c.cache_seqlens[...] = cp.asarray(np.array(seqlens, np.int32))
+            junk = [cp.full((1 << 20,), 7.0, cp.float32) for _ in range(8)]  # takes any freed pool block
+            out.fill(cp.nan)
+            cp.cuda.Device().synchronize()
+            graph.launch(stream)
+            stream.synchronize()
+            assert all(bool((j == 7.0).all()) for j in junk), "the graph wrote into memory it no longer owns"
+            lens = np.array(seqlens, np.int32)
+            out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table, lens, 512,
+                                                             causal=True)
+            testing.assert_close(out, lse, out_ref, lse_ref)
+    finally:
+        cupy_backend.release_graph_buffers()
+
+
 # ---- bad input raises before launch
 
 

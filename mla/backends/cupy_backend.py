@@ -30,6 +30,39 @@ KERNELS = ("auto", "portable", "hopper")
 POISON_OUTPUTS = False
 """Tests set this to fill every output / partial buffer with NaN before the launch."""
 
+_GRAPH_KEEPALIVE: list = []
+"""Device arrays used by launches recorded into a CUDA graph (partials, plans, converted inputs).
+CuPy's memory pool would hand their memory to new arrays once Python drops them, while a replay
+of the graph still writes there; so arrays touched during a stream capture live until
+``release_graph_buffers()`` (call it once the graphs are destroyed)."""
+
+
+def _capturing(cp) -> bool:
+    try:
+        return bool(cp.cuda.get_current_stream().is_capturing())
+    except Exception:  # an older CuPy without is_capturing: no capture support either
+        return False
+
+
+def keep_alive_if_capturing(cp, arrays) -> None:
+    """During a CUDA-graph capture, keep the CuPy arrays among ``arrays`` alive (see _GRAPH_KEEPALIVE)."""
+    if _capturing(cp):
+        _GRAPH_KEEPALIVE.extend(a for a in arrays if isinstance(a, cp.ndarray))
+
+
+def release_graph_buffers() -> int:
+    """Drop the buffers kept for captured graphs (after the graphs are gone). Returns how many."""
+    n = len(_GRAPH_KEEPALIVE)
+    _GRAPH_KEEPALIVE.clear()
+    return n
+
+
+def run_launches(cp, launches) -> None:
+    """Launch [(fn, grid, block, args, smem)] on the current stream (capture-safe: see _GRAPH_KEEPALIVE)."""
+    for fn, grid, block, args, smem in launches:
+        keep_alive_if_capturing(cp, args)
+        fn(grid, block, args, shared_mem=smem)
+
 _PORTABLE_CANDIDATES = ((8, 64, 2), (8, 32, 2), (4, 64, 2), (4, 32, 2), (8, 16, 2), (4, 16, 2))
 """(warps, BLOCK_N, STAGES) in order of preference; the first that compiles to a valid tiling and
 fits the device's shared memory is used. Measured on the H100 (benchmarks/NOTES_cupy.md): 8 warps
@@ -181,7 +214,8 @@ def _to_device(cp, x, dtype=None):
 
 def device_plan(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int | None = None):
     """``mla.get_mla_metadata`` on the device: (tile_scheduler_metadata, num_splits) as CuPy int32
-    arrays, computed by kernels/mla_metadata.cu with no host sync (CUDA-graph capturable).
+    arrays, computed by kernels/mla_metadata.cu with no host sync (CUDA-graph capturable;
+    ``get_mla_metadata`` calls this for device lengths).
 
     cache_seqlens: int32 [b] CuPy array. The result equals ``mla.scheduler.plan`` exactly.
     """
@@ -196,8 +230,9 @@ def device_plan(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, n
     metadata = cp.empty((workers, scheduler.METADATA_WIDTH), dtype=cp.int32)
     num_splits = cp.empty((b + 1,), dtype=cp.int32)
     fn = _nvrtc.load_function("mla_metadata.cu", "mla_plan")
-    fn((1,), (256,), (seqlens, np.int32(b), np.int32(workers), np.int32(scheduler.BLOCK_N),
-                      np.int32(scheduler.FIXED_OVERHEAD_TILES), metadata, num_splits))
+    args = (seqlens, np.int32(b), np.int32(workers), np.int32(scheduler.BLOCK_N),
+            np.int32(scheduler.FIXED_OVERHEAD_TILES), metadata, num_splits)
+    run_launches(cp, [(fn, (1,), (256,), args, 0)])
     return metadata, num_splits
 
 
@@ -218,8 +253,7 @@ def decode(problem, metadata, num_splits, kernel: str | None = None):
 
 def _decode_portable(cp, problem, metadata, num_splits, dev):
     launches, out, lse = _prepare_portable(cp, problem, metadata, num_splits, dev)
-    for fn, grid, block, args, smem in launches:
-        fn(grid, block, args, shared_mem=smem)
+    run_launches(cp, launches)
     if problem.on_device:
         return out, lse
     out_h = out.get()

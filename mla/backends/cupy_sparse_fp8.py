@@ -160,8 +160,7 @@ def decode(problem, metadata, num_splits):
     dev = _cb._device_id(problem)
     with cp.cuda.Device(dev):
         launches, out, lse = prepare(problem, metadata, num_splits, dev)
-        for fn, grid, block, args, smem in launches:
-            fn(grid, block, args, shared_mem=smem)
+        _cb.run_launches(cp, launches)
         if problem.on_device:
             return out, lse
         out_h = out.get()
