@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -89,3 +90,21 @@ def test_kv_bytes_per_token_mla_is_smallest():
     with pytest.raises(ValueError, match="kind must be"):
         perf.kv_cache_bytes_per_token(61, 128, kind="mqa")
     assert np.isfinite(perf.PLATFORMS["h100"].ridge_intensity)
+
+
+def test_notebook_runner_saves_figures_and_reports_failures(tmp_path):
+    """benchmarks/run_notebooks.py (the GPU machine's Jupyter-free runner) on one notebook, and on
+    a broken one: figures become PNG files, a raising cell fails the run and is named."""
+    runner = [sys.executable, str(ROOT / "benchmarks" / "run_notebooks.py"), "--out", str(tmp_path)]
+    res = subprocess.run(runner + [str(ROOT / "notebooks" / "03_flash_decoding.ipynb")],
+                         capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    pngs = sorted(tmp_path.glob("03_flash_decoding_cell*_fig*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "| 03_flash_decoding.ipynb |" in (tmp_path / "notebooks.md").read_text()
+    bad = tmp_path / "broken.ipynb"
+    bad.write_text('{"cells": [{"cell_type": "code", "metadata": {}, "source": "x = 1"},'
+                   ' {"cell_type": "code", "metadata": {}, "source": "raise RuntimeError(\\"boom\\")"}],'
+                   ' "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    res = subprocess.run(runner + [str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and "FAILED: RuntimeError: boom" in res.stdout
