@@ -47,6 +47,11 @@ s_k=8192, bf16; the numbers come from ``benchmarks/bench_decode.py``, see benchm
       1.236 ms, 981 GB/s, 34% of copy, 13.9x naive.
   v5  v4 with 8 warps (2 per scheduler: ncu showed v4 issue-bound at 1 warp per scheduler).
       1.113 ms, 1089 GB/s, 38% of copy, 15.5x naive.  (default for bf16/fp16 DeepSeek shapes)
+  v6  v5 with a cheaper key loader (load_keys_flat): v5 walks its 8 rows of each tile one after
+      another, each waiting on its own block-table read before its cp.async copies issue; SASS
+      (cuobjdump) shows ~1.8k of v5's ~3.3k instructions per warp per tile in that loader. v6's
+      lanes read the 8 rows' blocks at once and shuffle the offsets; ~1.7k instructions per tile.
+      Predicted 0.65-0.8 ms (45-55% of copy). NOT YET MEASURED (benchmarks/NOTES.md).
 
   combine: one CTA per output row (i, r, h), threads over d_v channels.
 
@@ -72,12 +77,13 @@ import numpy
 if not hasattr(numpy, "row_stack"):
     numpy.row_stack = numpy.vstack
 
-from numba import cuda, float32, int32, types, uint32  # noqa: E402
+from numba import cuda, float32, int32, int64, types, uint32  # noqa: E402
 from numba.core.extending import intrinsic  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 KINDS = ("f32", "f16", "bf16")
-VERSIONS = (1, 2, 3, 4, 5)
+VERSIONS = (1, 2, 3, 4, 5, 6)
+TENSOR_CORE_VERSIONS = (4, 5, 6)  # mma.sync + cp.async: 16-bit dtypes, v4_supported shapes
 NEG_INF = -math.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -626,7 +632,7 @@ def v4_shared_bytes(d):
     return 2 * (V4_BH * dp + 2 * V4_BN * dp + 2 * V4_BH * (V4_BN + 8))
 
 
-def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0):
+def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0, flat_loader=False):
     from . import numba_ptx as ptx
 
     mma = ptx.MMA[kind]
@@ -650,6 +656,8 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0):
     SPLIT_P = kind == "bf16"  # P = P_hi + P_lo: ~16 mantissa bits of P instead of 8 (see store_p)
     NT = 32 * warps
     PAGE = int(page_const)  # > 0: the page size compiled in (divisions become shifts); 0: read at run time
+    FLAT = bool(flat_loader)  # v6: load_keys_flat instead of load_keys
+    LANE_COPIES = -(-CPR // 32)  # 16-byte copies per lane per row in load_keys_flat (3 for d = 576)
 
     @cuda.jit(device=True, inline=True)
     def store_p(smem, at, x, y):
@@ -676,6 +684,36 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0):
                 nbytes = uint32(16)
             for cc in range(lane, CPR, 32):
                 cp16(dst + uint32(row * DP * 2 + cc * 16), k_cache, src + cc * 8, nbytes)
+
+    @cuda.jit(device=True, inline=True)
+    def load_keys_flat(dst, k_cache, block_table, i, g, h_kv, page, tile0, stop, warp, lane):
+        """v6's loader, same result as load_keys. load_keys walks its KW rows one after another,
+        each waiting for its block-table read before its copies issue (SASS: ~230 instructions
+        and one dependent global load per row, ~1.8k instructions per warp per tile, more than
+        the mma work). Here lanes 0..KW-1 read the KW rows' blocks at once; then, row by row
+        (constant loops the compiler unrolls), the row's offset comes from its lane by shuffle
+        and the 32 lanes copy its CPR 16-byte chunks."""
+        row0 = KW * warp
+        my_src = int64(0)  # element offset of row row0 + lane in k_cache (lanes < KW)
+        if lane < KW and tile0 + row0 + lane < stop:
+            pos = tile0 + row0 + lane
+            blk = block_table[i, pos // page]
+            my_src = ((int64(blk) * page + pos % page) * h_kv + g) * d
+        for rr in range(KW):
+            src = cuda.shfl_sync(0xFFFFFFFF, my_src, rr)
+            nbytes = uint32(16) if tile0 + row0 + rr < stop else uint32(0)
+            row_dst = dst + uint32((row0 + rr) * DP * 2)
+            for t in range(LANE_COPIES):
+                col = lane + 32 * t
+                if col < CPR:
+                    cp16(row_dst + uint32(col * 16), k_cache, src + col * 8, nbytes)
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(dst, k_cache, block_table, i, g, h_kv, page, tile0, stop, warp, lane):
+        if FLAT:
+            load_keys_flat(dst, k_cache, block_table, i, g, h_kv, page, tile0, stop, warp, lane)
+        else:
+            load_keys(dst, k_cache, block_table, i, g, h_kv, page, tile0, stop, warp, lane)
 
     @cuda.jit
     def mla_decode_v4(q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
@@ -751,7 +789,7 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0):
                         src = ((i * s_q + R // group) * h_q + g * group + R % group) * d + (c % CPR) * 8
                         nbytes = 16
                     cp16(base + uint32(hr * DP * 2 + (c % CPR) * 16), q, src, uint32(nbytes))
-                load_keys(base + uint32(OFF_K), k_cache, block_table, i, g, h_kv, page, start, stop, warp, lane)
+                load_tile(base + uint32(OFF_K), k_cache, block_table, i, g, h_kv, page, start, stop, warp, lane)
             stage = 0
             tile0 = start
             while tile0 < stop:
@@ -759,7 +797,7 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0):
                 cuda.syncthreads()  # tile `stage` is in sK for everyone; the other stage is free
                 nxt = tile0 + BN
                 if nxt < stop:  # next tile into the other stage while this one is computed
-                    load_keys(base + uint32(OFF_K + (1 - stage) * STAGE), k_cache, block_table, i, g, h_kv, page,
+                    load_tile(base + uint32(OFF_K + (1 - stage) * STAGE), k_cache, block_table, i, g, h_kv, page,
                               nxt, stop, warp, lane)
                     ptx.cp_async_commit()
                 sk = base + uint32(OFF_K + stage * STAGE)
@@ -999,16 +1037,17 @@ class DecodeLaunch:
             self.grid = (h_kv * -(-rows // BLOCK_H), num_workers)
             self.block = NT
             self.smem = _tiled_geometry(d, d_v, bn, kind)["SMEM_FLOATS"] * 4
-        elif version in (4, 5):
+        elif version in TENSOR_CORE_VERSIONS:
             if not v4_supported(d, d_v, kind):
                 raise ValueError(f"v{version} needs bf16/fp16, d % 32 == 0 and d_v % 64 == 0, got {kind}, d={d}, "
                                  f"d_v={d_v}")
             warps = 4 if version == 4 else 8
+            flat = version == 6
             # DeepSeek's page size is compiled in (measured: 1.21 ms vs 1.92 ms for v4 with a run-time
             # page on b=128, h_q=16, s_k=8192); other page sizes share one kernel with a run-time page
             page_const = int(page) if int(page) in V4_COMPILED_PAGES else 0
-            self.kernel = _kernel(("v4", kind, d, d_v, warps, page_const),
-                                  lambda: _make_v4(kind, d, d_v, warps, page_const))
+            self.kernel = _kernel(("v4", kind, d, d_v, warps, page_const, flat),
+                                  lambda: _make_v4(kind, d, d_v, warps, page_const, flat))
             rows = s_q * (h_q // h_kv)
             self.grid = (h_kv * -(-rows // V4_BH), num_workers)
             self.block = 32 * warps
@@ -1022,7 +1061,7 @@ class DecodeLaunch:
         if self.version == 1:
             return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                     float32(scale), bool(causal))
-        if self.version in (4, 5):
+        if self.version in TENSOR_CORE_VERSIONS:
             return (q, k_cache, block_table, seqlens, metadata, num_splits, o_part, lse_part,
                     float32(scale * LOG2E), bool(causal), int32(q.shape[3] // 16), int32(V4_BN // 16))
         return (q, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,

@@ -52,8 +52,8 @@ def _run(case, version, monkeypatch, on_device=True, key=None):
     testing.assert_close(out, lse, ref_out, ref_lse)
 
 
-# versions the case matrix runs (all by default; MLA_TEST_NUMBA_VERSIONS=4,5 narrows a quick re-check)
-MATRIX_VERSIONS = [int(v) for v in os.environ.get("MLA_TEST_NUMBA_VERSIONS", "1,2,3,4,5").split(",")]
+# versions the case matrix runs (all by default; MLA_TEST_NUMBA_VERSIONS=5,6 narrows a quick re-check)
+MATRIX_VERSIONS = [int(v) for v in os.environ.get("MLA_TEST_NUMBA_VERSIONS", "1,2,3,4,5,6").split(",")]
 
 # (b, s_q, s_k, h_q, h_kv, varlen, causal): every value of the matrix appears; DeepSeek dims
 MATRIX = [
@@ -95,7 +95,7 @@ def test_case_matrix(monkeypatch, dtype, version, b, s_q, s_k, h_q, h_kv, varlen
     _run(case, version, monkeypatch, key=key)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 def test_host_arrays_in_host_arrays_out(monkeypatch, version):
     rng = np.random.default_rng(7)
     case = testing.make_decode_case(rng, b=3, s_q=2, h_q=16, h_kv=1, d=576, head_dim_v=512,
@@ -103,7 +103,7 @@ def test_host_arrays_in_host_arrays_out(monkeypatch, version):
     _run(case, version, monkeypatch, on_device=False)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_other_dims_and_pages(monkeypatch, version, dtype):
     rng = np.random.default_rng(11)
@@ -125,7 +125,7 @@ def test_hypothesis_random_shapes(monkeypatch):
         b=st.integers(1, 4), s_q=st.integers(1, 3), h_kv=st.sampled_from([1, 2, 3]),
         group=st.integers(1, 20), dims=st.sampled_from([(64, 64), (64, 32), (576, 512), (128, 96), (40, 24)]),
         page=st.sampled_from([1, 16, 64, 100]), max_len=st.integers(0, 400), causal=st.booleans(),
-        dtype=st.sampled_from(["bfloat16", "float16"]), version=st.sampled_from([None, 1, 2, 3, 4, 5]),
+        dtype=st.sampled_from(["bfloat16", "float16"]), version=st.sampled_from([None, 1, 2, 3, 4, 5, 6]),
         seed=st.integers(0, 2**31),
     )
     def check(b, s_q, h_kv, group, dims, page, max_len, causal, dtype, version, seed):
