@@ -1,6 +1,6 @@
 """Time the CuPy FP8-cache and sparse (DSA) decode kernels (issue #5; NOT YET RUN ON A GPU before this).
 
-    python benchmarks/bench_fp8_sparse.py [--reps 30] [--out results.md] [--check]
+    python benchmarks/bench_fp8_sparse.py [--reps 30] [--out results.md] [--check] [--backend cupy|numba]
 
 Rows (DeepSeek dims d = 576, d_v = 512, page 64, h_kv = 1, bf16 q, random data, shuffled blocks;
 each rep: 256 MB memset to flush L2, CUDA events around the decode + combine launches only, median):
@@ -11,6 +11,9 @@ each rep: 256 MB memset to flush L2, CUDA events around the decode + combine lau
 * sparse, b=128 s_q=2 h_q=128 topk=2048 (FP8 and bf16 caches of 8192 tokens a sequence):
   TFLOP/s with FLOPs = 2 b s_q h_q topk (576 + 512).
 
+``--backend numba`` times the same rows through ``mla.flash_mla_with_kvcache(backend="numba",
+validate=False)`` instead (the whole call between the events: host-side dispatch included; dense bf16
+is the Numba v5 kernel, FP8 and sparse the generic ``numba_sparse_fp8`` kernel).
 ``--check`` first compares each configuration with the NumPy reference on a small case. Sets
 MLA_CUPY_UNVERIFIED=1 for itself. ``MLA_CUPY_FP8_CONFIG`` / ``MLA_CUPY_SPARSE_CONFIG`` =
 "warps,block_n,stages" force a tiling (sweeps).
@@ -49,6 +52,17 @@ def _time(launches, flush, reps):
     return time_launches(cp, launches, flush, reps)
 
 
+def _numba_launches(q, cache, table, seqlens, fp8, indices, sched, splits):
+    """One pseudo-launch for ``_time``: the whole Numba-backend call (plan arrays moved to the device)."""
+    sched, splits = cp.asarray(sched), cp.asarray(splits)
+
+    def call(grid, block, args, shared_mem=0):
+        mla.flash_mla_with_kvcache(q, cache, table, seqlens, DV, sched, splits, is_fp8_kvcache=fp8, indices=indices,
+                                   backend="numba", validate=False)
+
+    return [(call, None, None, None, 0)]
+
+
 def _cache(b, s_k):
     blocks = b * s_k // PAGE
     k = _random_bf16((blocks, PAGE, 1, D))
@@ -57,7 +71,7 @@ def _cache(b, s_k):
     return k, k8, table
 
 
-def bench_dense(b, s_q, h_q, s_k, reps, flush, rows):
+def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
     dev = cp.cuda.Device().id
     k, k8, table = _cache(b, s_k)
     q = _random_bf16((b, s_q, h_q, D))
@@ -68,7 +82,9 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows):
     for kind, cache in (("bf16 portable", k), ("fp8", k8)):
         fp8 = kind == "fp8"
         problem = api._validate(q, cache, table, seqlens, DV, None, False, fp8, None, None, None, False)
-        if fp8:
+        if backend == "numba":
+            launches, cfg = _numba_launches(q, cache, table, seqlens, fp8, None, sched, splits), "numba"
+        elif fp8:
             launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
             cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
         else:
@@ -78,6 +94,8 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows):
         token_bytes = 656 if fp8 else 2 * D
         nbytes = b * (s_q * h_q * D * 2 + s_k * token_bytes + s_q * h_q * DV * 2)
         base = t if base is None else base
+        if backend == "numba":
+            kind = "bf16 numba v5" if not fp8 else "fp8 numba"
         row = (f"| dense {kind} | {b}, {s_q}, {h_q}, {s_k} | {cfg} | {t * 1e3:.3f} ms | {nbytes / t / 1e9:.0f} GB/s | "
                f"{flops / t / 1e12:.1f} | {base / t:.2f}x |")
         print(row, flush=True)
@@ -85,7 +103,7 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows):
     del k, k8, table
 
 
-def bench_sparse(b, s_q, h_q, topk, s_k, reps, flush, rows):
+def bench_sparse(b, s_q, h_q, topk, s_k, reps, flush, rows, backend="cupy"):
     dev = cp.cuda.Device().id
     k, k8, table = _cache(b, s_k)
     q = _random_bf16((b, s_q, h_q, D))
@@ -96,11 +114,15 @@ def bench_sparse(b, s_q, h_q, topk, s_k, reps, flush, rows):
     for kind, cache in (("bf16", k), ("fp8", k8)):
         fp8 = kind == "fp8"
         problem = api._validate(q, cache, None, None, DV, None, False, fp8, indices, None, None, False)
-        launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
-        cfg = cupy_sparse_fp8.config(D, DV, h_q, cupy_backend._max_smem(dev), fp8, True)
+        if backend == "numba":
+            launches, cfg = _numba_launches(q, cache, None, None, fp8, indices, sched, splits), "numba"
+        else:
+            launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+            cfg = cupy_sparse_fp8.config(D, DV, h_q, cupy_backend._max_smem(dev), fp8, True)
         t = _time(launches, flush, reps)
         token_bytes = 656 if fp8 else 2 * D
         nbytes = b * (s_q * h_q * D * 2 + s_q * topk * token_bytes + s_q * h_q * DV * 2)
+        kind = f"{kind} numba" if backend == "numba" else kind
         row = (f"| sparse {kind} | {b}, {s_q}, {h_q}, topk {topk} | {cfg} | {t * 1e3:.3f} ms | "
                f"{nbytes / t / 1e9:.0f} GB/s | {flops / t / 1e12:.1f} | |")
         print(row, flush=True)
@@ -108,13 +130,17 @@ def bench_sparse(b, s_q, h_q, topk, s_k, reps, flush, rows):
     del k, k8, table
 
 
-def check():
+def check(backend="cupy"):
     """Small poisoned cases against the NumPy reference (the GPU tests are the full check)."""
     from mla import reference
 
     rng = np.random.default_rng(0)
     ok = True
     cupy_backend.POISON_OUTPUTS = True
+    if backend == "numba":
+        from mla.backends import numba_backend
+
+        numba_backend.POISON_OUTPUTS = True
     for fp8 in (True, False):
         for sparse in (False, True) if fp8 else (True,):
             for h_q, s_q in ((16, 1), (128, 2)):
@@ -126,7 +152,7 @@ def check():
                     case.attn_sink = rng.standard_normal(h_q).astype(np.float32)
                 c = testing.to_device(case)
                 try:
-                    out, lse = mla.flash_mla_with_kvcache(*c.args(), backend="cupy", **c.kwargs())
+                    out, lse = mla.flash_mla_with_kvcache(*c.args(), backend=backend, **c.kwargs())
                     out_ref, lse_ref = reference.flash_mla_reference(*case.args(), **case.kwargs())
                     testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
                     msg = "OK "
@@ -142,19 +168,20 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--backend", choices=("cupy", "numba"), default="cupy")
     args = ap.parse_args()
     dev = cp.cuda.Device()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, CuPy {cp.__version__}",
           flush=True)
-    if args.check and not check():
+    if args.check and not check(args.backend):
         print("check FAILED: timings below are of wrong kernels", flush=True)
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     rows = ["| kernel | b, s_q, h_q, s_k / topk | (block_m, warps, block_n, stages) | time | GB/s | TFLOP/s | "
             "vs bf16 |", "|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
-    bench_dense(128, 1, 16, 8192, args.reps, flush, rows)
-    bench_dense(128, 2, 128, 8192, args.reps, flush, rows)
-    bench_sparse(128, 2, 128, 2048, 8192, args.reps, flush, rows)
+    bench_dense(128, 1, 16, 8192, args.reps, flush, rows, args.backend)
+    bench_dense(128, 2, 128, 8192, args.reps, flush, rows, args.backend)
+    bench_sparse(128, 2, 128, 2048, 8192, args.reps, flush, rows, args.backend)
     if args.out:
         args.out.write_text("\n".join(rows) + "\n")
 

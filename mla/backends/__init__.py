@@ -9,6 +9,7 @@ arguments; the API never knows launch geometry.
 from __future__ import annotations
 
 import importlib
+import os
 
 from .. import _arrays
 
@@ -49,15 +50,26 @@ def status() -> dict[str, str]:
     return result
 
 
+UNVERIFIED_GATE = "MLA_CUPY_UNVERIFIED"
+"""Kernels written but not yet run on a GPU are used only when this variable is 1 (CuPy's FP8/sparse
+and Hopper kernels refuse without it); "auto" also skips a backend whose ``unverified(problem)``
+names a reason, unless the variable is set."""
+
+
 def select(name: str, problem):
-    """The backend to run ``problem`` with. "auto": CuPy for device arrays, else NumPy."""
+    """The backend to run ``problem`` with. "auto": CuPy for device arrays (then Numba, then a NumPy
+    round trip), never a path that has not run on a GPU yet (see UNVERIFIED_GATE); else NumPy."""
     if name == "auto":
         if problem.on_device:
             for candidate in ("cupy", "numba"):
                 try:
-                    return _supporting(load(candidate), problem)
+                    module = _supporting(load(candidate), problem)
                 except BackendUnavailable:
                     continue
+                unverified = getattr(module, "unverified", None)
+                if unverified is not None and unverified(problem) and os.environ.get(UNVERIFIED_GATE) != "1":
+                    continue
+                return module
             return load("numpy")  # host round trip; results go back to the device
         return load("numpy")
     return _supporting(load(name), problem)
@@ -72,4 +84,4 @@ def _supporting(module, problem):
     return module
 
 
-__all__ = ["BackendUnavailable", "load", "select", "status", "_arrays"]
+__all__ = ["BackendUnavailable", "UNVERIFIED_GATE", "load", "select", "status", "_arrays"]

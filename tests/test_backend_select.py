@@ -1,0 +1,48 @@
+"""backend="auto" never picks a kernel that has not run on a GPU unless MLA_CUPY_UNVERIFIED=1."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from mla import backends
+
+
+def _fake(name, supported=True, unverified=""):
+    module = types.SimpleNamespace(name=name, supports=lambda p: (supported, "" if supported else "no"))
+    if unverified is not None:
+        module.unverified = lambda p: unverified
+    return module
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    table = {}
+
+    def load(name):
+        if name not in table:
+            raise backends.BackendUnavailable(f"{name} unavailable (test)")
+        return table[name]
+
+    monkeypatch.setattr(backends, "load", load)
+    monkeypatch.delenv(backends.UNVERIFIED_GATE, raising=False)
+    return table
+
+
+def test_auto_skips_unverified_paths_on_device(fake_backends, monkeypatch):
+    problem = types.SimpleNamespace(on_device=True)
+    fake_backends.update(numpy=_fake("numpy"), numba=_fake("numba", unverified="not run on a GPU yet"))
+    assert backends.select("auto", problem).name == "numpy"
+    assert backends.select("numba", problem).name == "numba"  # asked for by name: runs
+    monkeypatch.setenv(backends.UNVERIFIED_GATE, "1")
+    assert backends.select("auto", problem).name == "numba"
+
+
+def test_auto_prefers_cupy_then_numba(fake_backends):
+    problem = types.SimpleNamespace(on_device=True)
+    fake_backends.update(numpy=_fake("numpy"), numba=_fake("numba"), cupy=_fake("cupy", supported=False))
+    assert backends.select("auto", problem).name == "numba"
+    fake_backends["cupy"] = _fake("cupy", unverified=None)  # a backend without the hook
+    assert backends.select("auto", problem).name == "cupy"
+    assert backends.select("auto", types.SimpleNamespace(on_device=False)).name == "numpy"
