@@ -3,6 +3,13 @@
 Shapes (issue #6): b = 4, s = 4096, h in {16, 128}, d_qk = 192, d_v = 128, causal, bf16 inputs
 (the naive baseline runs in fp16: CuPy's batched bf16 matmul fails, DESIGN.md §5).
 
+Rows: "simt" = kernels/prefill_fwd_bwd.cu (fp32 CUDA-core math, verified); "mma" =
+kernels/prefill_mma.cu (tensor cores, FlashAttention-2; not yet verified on a GPU, so this script
+opens MLA_CUPY_UNVERIFIED=1 for those rows only, and first checks their results against the simt
+kernel at the benchmark shape), with 128-row forward CTAs (8 warps) and with 64-row ones (4 warps);
+"naive" = fp16 matmul + softmax over the full [s, s] matrix per (sequence, head chunk).
+Columns: ms, TFLOP/s, speed-up over naive, % of the fp16 matmul rate measured here (cuBLAS 8192^3).
+
 FLOPs (causal counts half the square):
     forward  = 2 * b * h * s^2 * (d_qk + d_v) / 2
     backward = 2 * b * h * s^2 * (3 * d_qk + 2 * d_v) / 2     (S recompute, dP, dV, dK, dQ)
@@ -10,12 +17,15 @@ FLOPs (causal counts half the square):
 Also: the peak CuPy memory-pool use of a 4-layer MLA stack's forward + backward with and without
 gradient checkpointing (DeepSeek-V2-Lite attention dims, 2 x 1024 tokens, float32).
 
-Run: ``python benchmarks/bench_prefill.py [--quick]``. Prints a table; needs a CUDA GPU.
+Run: ``python benchmarks/bench_prefill.py [--quick] [--heads 16 128] [--no-simt] [--no-checkpoint]``.
+Prints tables; needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 
@@ -87,7 +97,44 @@ def matmul_rate(dtype_name="float16", n=8192):
     return 2 * n ** 3 / t / 1e12
 
 
-def bench_attention(b, s, h, d, d_v, reps):
+@contextlib.contextmanager
+def _env(**values):
+    """Set environment variables for the block (None removes one), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# (row name, environment): which prefill kernel flash_attn_varlen_* runs (mla/backends/prefill_cupy.py)
+VERSIONS = [
+    ("simt (prefill_fwd_bwd.cu, fp32 FMA)", {"MLA_PREFILL_KERNEL": "simt"}),
+    ("mma (prefill_mma.cu, 128-row fwd)", {"MLA_PREFILL_KERNEL": "mma", "MLA_CUPY_UNVERIFIED": "1",
+                                           "MLA_PREFILL_MMA_FWD_WARPS": "8"}),
+    ("mma (prefill_mma.cu, 64-row fwd)", {"MLA_PREFILL_KERNEL": "mma", "MLA_CUPY_UNVERIFIED": "1",
+                                          "MLA_PREFILL_MMA_FWD_WARPS": "4"}),
+]
+
+
+def _rel_err(got, want):
+    import cupy as cp
+    got, want = got.astype(cp.float32), want.astype(cp.float32)
+    return float(cp.abs(got - want).max() / cp.maximum(cp.abs(want).max(), 1e-6))
+
+
+def bench_attention(b, s, h, d, d_v, reps, matmul_tflops=None, simt=True):
+    """Times every version (and the naive baseline) at one shape; prints a table; returns
+    (rows [(name, fwd seconds, bwd seconds)], fwd FLOPs, bwd FLOPs)."""
     import cupy as cp
 
     import mla
@@ -102,30 +149,57 @@ def bench_attention(b, s, h, d, d_v, reps):
     scale = d ** -0.5
     fwd_flops = 2 * b * h * s * s * (d + d_v) / 2
     bwd_flops = 2 * b * h * s * s * (3 * d + 2 * d_v) / 2
-    rows = []
-    out, lse = flash_attn_varlen_forward(q, k, v, cu, cu, s, s, softmax_scale=scale, causal=True, backend="cupy")
-    t_f = _timeit(lambda: flash_attn_varlen_forward(q, k, v, cu, cu, s, s, softmax_scale=scale, causal=True,
-                                                    backend="cupy"), reps=reps)
-    t_b = _timeit(lambda: flash_attn_varlen_backward(dout, q, k, v, out, lse, cu, cu, s, s, softmax_scale=scale,
-                                                     causal=True, backend="cupy"), reps=reps)
-    rows.append(("ours (CuPy RawKernel v1, bf16)", t_f, t_b))
+    kw = dict(softmax_scale=scale, causal=True, backend="cupy")
+    rows, results = [], {}
+    for name, env in VERSIONS:
+        if not simt and env["MLA_PREFILL_KERNEL"] == "simt":
+            continue
+        try:
+            with _env(**env):
+                out, lse = flash_attn_varlen_forward(q, k, v, cu, cu, s, s, **kw)
+                grads = flash_attn_varlen_backward(dout, q, k, v, out, lse, cu, cu, s, s, **kw)
+                results[name] = (out, lse) + tuple(grads)
+                n = reps if env["MLA_PREFILL_KERNEL"] == "simt" else 3 * reps
+                t_f = _timeit(lambda: flash_attn_varlen_forward(q, k, v, cu, cu, s, s, **kw), reps=n)
+                t_b = _timeit(lambda o=out, m=lse: flash_attn_varlen_backward(dout, q, k, v, o, m, cu, cu, s, s, **kw),
+                              reps=n)
+            rows.append((name, t_f, t_b))
+        except Exception as exc:  # an unverified kernel failing, out of memory, ...
+            print(f"  {name} failed: {type(exc).__name__}: {exc}")
+    # the unverified tensor-core results against the verified SIMT kernel at this shape
+    ref = results.get(VERSIONS[0][0])
+    for name, res in results.items():
+        if ref is None or res is ref:
+            continue
+        errs = [_rel_err(x, y) for x, y in zip(res, ref)]
+        print(f"  check {name} vs simt (max |diff| / max |simt|): out {errs[0]:.2e}, lse {errs[1]:.2e}, "
+              f"dq {errs[2]:.2e}, dk {errs[3]:.2e}, dv {errs[4]:.2e}")
+    del results
+    naive = None
     try:
         f16 = [x.astype(cp.float16).reshape(b, s, h, -1) for x in (q, k, v, dout)]
         nf, nb = naive_forward_backward(*f16, scale)
-        tn_f = _timeit(nf, reps=reps)
-        tn_b = _timeit(nb, reps=reps)
-        rows.append(("naive CuPy (fp16 matmul + softmax)", tn_f, tn_b))
+        naive = ("naive CuPy (fp16 matmul + softmax)", _timeit(nf, reps=reps), _timeit(nb, reps=reps))
+        del f16
     except Exception as exc:  # e.g. out of memory
         print(f"  naive baseline failed: {type(exc).__name__}: {exc}")
-    print(f"\nb={b} s={s} h={h} d_qk={d} d_v={d_v} causal  (fwd {fwd_flops / 1e12:.2f} TFLOP, "
+    print(f"\nb={b} s={s} h={h} d_qk={d} d_v={d_v} causal, bf16  (fwd {fwd_flops / 1e12:.2f} TFLOP, "
           f"bwd {bwd_flops / 1e12:.2f} TFLOP)")
-    print(f"  {'version':38s} {'fwd ms':>9s} {'fwd TF/s':>9s} {'bwd ms':>9s} {'bwd TF/s':>9s}")
-    for name, tf, tb in rows:
-        print(f"  {name:38s} {tf * 1e3:9.2f} {fwd_flops / tf / 1e12:9.1f} {tb * 1e3:9.2f} "
-              f"{bwd_flops / tb / 1e12:9.1f}")
-    if len(rows) == 2:
-        print(f"  speed-up vs naive: fwd {rows[1][1] / rows[0][1]:.2f}x, bwd {rows[1][2] / rows[0][2]:.2f}x")
-    return rows, fwd_flops, bwd_flops
+    mm = f"% of {matmul_tflops:.0f}" if matmul_tflops else "% mm"
+    print(f"  {'version':38s} {'fwd ms':>8s} {'TF/s':>6s} {'x naive':>7s} {mm:>7s}   "
+          f"{'bwd ms':>8s} {'TF/s':>6s} {'x naive':>7s} {mm:>7s}")
+    for name, tf, tb in rows + ([naive] if naive else []):
+        cols = []
+        for t, flops, i in ((tf, fwd_flops, 1), (tb, bwd_flops, 2)):
+            rate = flops / t / 1e12
+            speed = f"{naive[i] / t:7.2f}" if naive else f"{'-':>7s}"
+            pct = f"{rate / matmul_tflops * 100:6.1f}%" if matmul_tflops else f"{'-':>7s}"
+            cols.append(f"{t * 1e3:8.2f} {rate:6.1f} {speed} {pct}")
+        print(f"  {name:38s} {cols[0]}   {cols[1]}")
+    if naive:
+        for name, tf, tb in rows:
+            print(f"  speed-up vs naive, {name}: fwd {naive[1] / tf:.2f}x, bwd {naive[2] / tb:.2f}x")
+    return rows + ([naive] if naive else []), fwd_flops, bwd_flops
 
 
 class _PeakHook:
@@ -194,6 +268,10 @@ def bench_checkpoint(n_layers=4, tokens=1024, batch=2):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="b=1, s=1024")
+    parser.add_argument("--heads", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (x3 for the mma rows)")
+    parser.add_argument("--no-simt", action="store_true", help="skip the (slow) fp32 SIMT rows")
+    parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpointing benchmark")
     args = parser.parse_args(argv)
     try:
         import cupy as cp
@@ -210,19 +288,22 @@ def main(argv=None):
         rate = None
         print(f"matmul rate failed: {exc}")
     b, s = (1, 1024) if args.quick else (4, 4096)
-    for h in (16, 128):
+    for h in args.heads:
         try:
-            rows, ff, bf = bench_attention(b, s, h, 192, 128, reps=3)
-            tf, tb = rows[0][1], rows[0][2]
-            print(f"  ours as % of 780 TFLOP/s bf16 matmul: fwd {ff / tf / 1e12 / 780 * 100:.1f}%, "
-                  f"bwd {bf / tb / 1e12 / 780 * 100:.1f}%")
+            rows, ff, bf = bench_attention(b, s, h, 192, 128, reps=args.reps, matmul_tflops=rate,
+                                           simt=not args.no_simt)
+            for name, tf, tb in rows:
+                if not name.startswith("naive"):
+                    print(f"  {name} as % of 780 TFLOP/s bf16 matmul: fwd {ff / tf / 1e12 / 780 * 100:.1f}%, "
+                          f"bwd {bf / tb / 1e12 / 780 * 100:.1f}%")
         except Exception as exc:
             print(f"h={h} failed: {type(exc).__name__}: {exc}")
         sys.stdout.flush()
-    try:
-        bench_checkpoint()
-    except Exception as exc:
-        print(f"checkpoint benchmark failed: {type(exc).__name__}: {exc}")
+    if not args.no_checkpoint:
+        try:
+            bench_checkpoint()
+        except Exception as exc:
+            print(f"checkpoint benchmark failed: {type(exc).__name__}: {exc}")
     return 0
 
 

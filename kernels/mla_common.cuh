@@ -16,6 +16,7 @@ typedef unsigned long long u64;
 #define MLA_NEG_INF (__int_as_float(0xff800000))
 #define MLA_POS_INF (__int_as_float(0x7f800000))
 #define MLA_LN2 0.69314718055994530942f
+#define MLA_LOG2E 1.44269504088896340736f
 
 // generic pointer -> 32-bit shared-window address (what ldmatrix / cp.async take)
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -105,4 +106,136 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// ---- warp-level attention tile math (mma.sync m16n8k16), used by mla_sparse_prefill.cu; the decode
+// kernels hold the same steps inline. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
+// r0 + 8, columns c2 = 2 (lane % 4) and c2 + 1 of every n8 fragment (the m16n8 accumulator layout).
+
+// The warp layout of the mma.sync attention kernels (mla_decode_portable.cu's scheme): a CTA of NWARPS
+// warps holds BLOCK_M query rows; warp (rg, cg) = (warp % RG, warp / RG) owns rows [16 rg, 16 rg + 16),
+// O columns [cg DV_PAD / CG, ...) (NT n8 tiles) and keys [cg SN, cg SN + SN) of a BLOCK_N-key S tile.
+// Q / K rows in smem are KSTRIDE 16-bit elements (padded: ldmatrix rows hit distinct banks), S rows
+// SSTRIDE floats.
+template <int D, int DV, int BLOCK_M, int BLOCK_N, int NWARPS>
+struct MlaWarpTiling {
+  static constexpr int RG = BLOCK_M / 16;                                     // row groups of 16
+  static constexpr int CG = NWARPS / RG;                                      // warps sharing a row group
+  static constexpr int D_PAD = (D + 15) / 16 * 16;                            // Q K^T runs over k16 steps
+  static constexpr int DV_PAD = (DV + 16 * CG - 1) / (16 * CG) * (16 * CG);
+  static constexpr int NT = DV_PAD / (8 * CG);
+  static constexpr int SN = BLOCK_N / CG, SNT = SN / 8;
+  static constexpr int KSTRIDE = (D_PAD > DV_PAD ? D_PAD : DV_PAD) + 8;
+  static constexpr int SSTRIDE = BLOCK_N + 8;
+  static_assert(BLOCK_M % 16 == 0 && BLOCK_M <= 64, "BLOCK_M must be 16, 32 or 64");
+  static_assert(NWARPS % RG == 0, "NWARPS must be a multiple of BLOCK_M / 16");
+  static_assert(BLOCK_N % 16 == 0 && SN % 8 == 0, "BLOCK_N must be a multiple of 16 and of 8 * CG");
+  static_assert(D % 8 == 0 && DV <= D, "D must be a multiple of 8 (16-byte rows) and DV <= D");
+  static_assert(NT % 2 == 0 && NT <= 32, "the O accumulator must fit in registers");
+};
+
+// zero n16 16-byte words of shared memory from p, with all nthreads threads (the caller syncs)
+__device__ __forceinline__ void mla_zero_smem(void* p, int n16, int tid, int nthreads) {
+  for (int i = tid; i < n16; i += nthreads) reinterpret_cast<uint4*>(p)[i] = make_uint4(0, 0, 0, 0);
+}
+
+template <int NT>
+__device__ __forceinline__ void mla_zero_frags(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+}
+
+// acc[j] = A[16 rows] . B[keys 8 j .. 8 j + 7]^T over K_PAD (multiple of 16) columns, fp32, from zero.
+// a_base: this lane's ldmatrix.x4 address of A (row lane % 16, column 8 (lane / 16)); b_base: its
+// ldmatrix.x2 address of B (row lane % 8, column 8 ((lane / 8) % 2)); 16-bit smem rows of STRIDE elements.
+template <int K_PAD, int STRIDE, int SNT, int UNROLL>
+__device__ __forceinline__ void mla_warp_qk(float (&acc)[SNT][4], u32 a_base, u32 b_base) {
+  mla_zero_frags(acc);
+#pragma unroll UNROLL
+  for (int k0 = 0; k0 < K_PAD; k0 += 16) {
+    u32 a0, a1, a2, a3;
+    ldsm_x4(a_base + k0 * 2, a0, a1, a2, a3);
+#pragma unroll
+    for (int j = 0; j < SNT; ++j) {
+      u32 b0, b1;
+      ldsm_x2(b_base + (j * 8 * STRIDE + k0) * 2, b0, b1);
+      mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+    }
+  }
+}
+
+// One key tile of the online softmax (base 2) followed by O += P V, for this lane's rows r0 / r0 + 8:
+//   m_new = max(m, max_k s_k);  alpha = 2^(m - m_new);  l = alpha l + sum_k 2^(s_k - m_new);
+//   o = alpha o + sum_k 2^(s_k - m_new) v_k
+// s_row0: row r0 of an fp32 tile of KEYS scores already scaled by log2(e) * softmax_scale and masked
+// to -inf (row r0 + 8 is 8 SSTRIDE further); m / l: running max and sum of rows r0 / r0 + 8 (the 4
+// lanes of a quad end with equal values); o: the 16 x 8 NT accumulator; v_base: this lane's
+// ldmatrix.x4.trans address of V (row (lane % 8) + 8 ((lane / 8) % 2), column 8 (lane / 16) + this
+// warp's first O column), 16-bit smem rows of STRIDE elements. P_SPLIT: P V as P_hi V + P_lo V with
+// both parts 16-bit (bf16 P alone keeps 8 mantissa bits, too few for DESIGN §6 near small outputs).
+template <int KEYS, int SSTRIDE, int STRIDE, int NT, bool P_SPLIT>
+__device__ __forceinline__ void mla_softmax_pv(float (&o)[NT][4], float& m_run0, float& m_run1, float& l_run0,
+                                               float& l_run1, const float* s_row0, u32 v_base, int c2) {
+  constexpr int KK = KEYS / 16;
+  float2 x00[KK], x01[KK], x10[KK], x11[KK];  // rows r0 / r0 + 8, key halves + 0 / + 8
+  const float* s_row1 = s_row0 + 8 * SSTRIDE;
+  float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    x00[kk] = *reinterpret_cast<const float2*>(s_row0 + kk * 16 + c2);
+    x01[kk] = *reinterpret_cast<const float2*>(s_row0 + kk * 16 + 8 + c2);
+    x10[kk] = *reinterpret_cast<const float2*>(s_row1 + kk * 16 + c2);
+    x11[kk] = *reinterpret_cast<const float2*>(s_row1 + kk * 16 + 8 + c2);
+    mx0 = fmaxf(mx0, fmaxf(fmaxf(x00[kk].x, x00[kk].y), fmaxf(x01[kk].x, x01[kk].y)));
+    mx1 = fmaxf(mx1, fmaxf(fmaxf(x10[kk].x, x10[kk].y), fmaxf(x11[kk].x, x11[kk].y)));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+  const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
+  const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;  // fully masked so far: keep the exponents finite
+  const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
+  const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
+  m_run0 = mn0;
+  m_run1 = mn1;
+  l_run0 *= alpha0;
+  l_run1 *= alpha1;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    o[t][0] *= alpha0;
+    o[t][1] *= alpha0;
+    o[t][2] *= alpha1;
+    o[t][3] *= alpha1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    const float p00x = fast_exp2(x00[kk].x - mu0), p00y = fast_exp2(x00[kk].y - mu0);
+    const float p01x = fast_exp2(x01[kk].x - mu0), p01y = fast_exp2(x01[kk].y - mu0);
+    const float p10x = fast_exp2(x10[kk].x - mu1), p10y = fast_exp2(x10[kk].y - mu1);
+    const float p11x = fast_exp2(x11[kk].x - mu1), p11y = fast_exp2(x11[kk].y - mu1);
+    l_run0 += (p00x + p00y) + (p01x + p01y);
+    l_run1 += (p10x + p10y) + (p11x + p11y);
+    // the A fragment of P (16 rows x 16 keys): a0 / a1 rows r0 / r0 + 8 keys c2.., a2 / a3 keys 8 + c2..
+    const u32 a0 = pack2(p00x, p00y), a1 = pack2(p10x, p10y);
+    const u32 a2 = pack2(p01x, p01y), a3 = pack2(p11x, p11y);
+    u32 e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+    if constexpr (P_SPLIT) {  // P_lo = P - P_hi, rounded again
+      e0 = pack2(p00x - lo_f(a0), p00y - hi_f(a0));
+      e1 = pack2(p10x - lo_f(a1), p10y - hi_f(a1));
+      e2 = pack2(p01x - lo_f(a2), p01y - hi_f(a2));
+      e3 = pack2(p11x - lo_f(a3), p11y - hi_f(a3));
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t += 2) {
+      u32 b0, b1, b2, b3;
+      ldsm_x4_t(v_base + (kk * 16 * STRIDE + t * 8) * 2, b0, b1, b2, b3);
+      mma16816(o[t], a0, a1, a2, a3, b0, b1);
+      mma16816(o[t + 1], a0, a1, a2, a3, b2, b3);
+      if constexpr (P_SPLIT) {
+        mma16816(o[t], e0, e1, e2, e3, b0, b1);
+        mma16816(o[t + 1], e0, e1, e2, e3, b2, b3);
+      }
+    }
+  }
 }

@@ -17,6 +17,10 @@ unchanged (sink = -inf: no effect; +inf: out = 0).
 
 The base-2 lse follows FlashMLA's documentation of this function (its kernels work in base 2);
 ``mla.flash_mla_with_kvcache`` returns natural-log lse, as FlashMLA's decode does.
+
+Backends: ``sparse_prefill_reference`` (NumPy, the spec) and the CuPy kernel
+``kernels/mla_sparse_prefill.cu`` (``mla.backends.cupy_sparse_prefill``; gated behind
+``MLA_CUPY_UNVERIFIED=1`` until it has run on a GPU).
 """
 
 from __future__ import annotations
@@ -101,20 +105,37 @@ def _validate_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_leng
         if topk_length.shape != (s_q,) or topk_length.dtype != np.int32:
             raise ValueError(f"topk_length must be int32 [s_q] = [{s_q}], got {topk_length.dtype} "
                              f"{tuple(topk_length.shape)}")
-        tl = _arrays.asnumpy(topk_length)
-        if tl.size and (tl.min() < 0 or tl.max() > indices.shape[-1]):
+        lo, hi = _min_max(topk_length)
+        if topk_length.size and (lo < 0 or hi > indices.shape[-1]):
             raise ValueError(f"topk_length must be in [0, topk] = [0, {indices.shape[-1]}]")
-    idx = _arrays.asnumpy(indices)
-    if idx.size and (idx.min() < -1 or idx.max() >= s_kv):
-        raise ValueError(f"indices must be in [-1, s_kv) = [-1, {s_kv}), got min {int(idx.min())}, "
-                         f"max {int(idx.max())}")
+    lo, hi = _min_max(indices)
+    if indices.size and (lo < -1 or hi >= s_kv):
+        raise ValueError(f"indices must be in [-1, s_kv) = [-1, {s_kv}), got min {lo}, max {hi}")
+
+
+def _min_max(x) -> tuple[int, int]:
+    """(min, max) of an integer array; reduced on the device for CuPy arrays (two scalars cross,
+    not the array)."""
+    if x.size == 0:
+        return 0, 0
+    if isinstance(x, np.ndarray):
+        return int(x.min()), int(x.max())
+    cp = _arrays.cupy_module()
+    lo, hi = cp.stack([x.min(), x.max()]).get()
+    return int(lo), int(hi)
 
 
 def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, *, backend="auto"):
     """Sparse prefill attention: see the module docstring for shapes and the base-2 lse.
 
-    Returns (out, max_logits, lse). backend: "auto" / "numpy" (the reference) / "cupy" (GPU
-    kernel, when built). Indices outside [-1, s_kv) raise ValueError.
+    Returns (out, max_logits, lse), NumPy for host inputs and CuPy for device inputs. Indices
+    outside [-1, s_kv) raise ValueError.
+
+    backend: "numpy" (the reference), "cupy" (the GPU kernel ``kernels/mla_sparse_prefill.cu``;
+    bfloat16 / float16; host inputs are copied to the GPU and back) or "auto" (the kernel for device
+    inputs when it computes the problem, else the reference; host inputs use the reference). The
+    kernel has not run on a GPU yet: until it has, it is used only with ``MLA_CUPY_UNVERIFIED=1``
+    (``backend="cupy"`` otherwise raises ``BackendUnavailable`` saying so).
     """
     if backend not in ("auto", "numpy", "cupy"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'cupy', got {backend!r}")
@@ -128,15 +149,9 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
             raise ValueError(f"{name} must be on the same side (host/device) as q")
     _validate_sparse_prefill(q_a, kv_a, idx_a, sm_scale, d_v, sink_a, tl_a)
     if backend == "cupy" or (backend == "auto" and on_device):
-        try:
-            from .backends import sparse_prefill_cupy  # noqa: F401
-        except ModuleNotFoundError:
-            if backend == "cupy":
-                from .backends import BackendUnavailable
-
-                raise BackendUnavailable("flash_mla_sparse_fwd: backend='cupy' is not implemented yet") from None
-        else:
-            return sparse_prefill_cupy.sparse_prefill(q_a, kv_a, idx_a, float(sm_scale), int(d_v), sink_a, tl_a)
+        kernel = _cupy_kernel(q_a, kv_a, idx_a, d_v, required=backend == "cupy")
+        if kernel is not None:
+            return kernel.sparse_prefill(q_a, kv_a, idx_a, float(sm_scale), int(d_v), sink_a, tl_a)
     h = _arrays.asnumpy
     res = sparse_prefill_reference(h(q_a), h(kv_a), h(idx_a), float(sm_scale), int(d_v),
                                    None if sink_a is None else h(sink_a), None if tl_a is None else h(tl_a))
@@ -144,3 +159,20 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         cp = _arrays.cupy_module()
         return tuple(cp.asarray(x) for x in res)
     return res
+
+
+def _cupy_kernel(q, kv, indices, d_v, required: bool):
+    """The CuPy kernel module when it can run this problem; else None ("auto") or raise
+    BackendUnavailable with the reason (backend="cupy")."""
+    from .backends import BackendUnavailable, cupy_sparse_prefill
+
+    ok, why = cupy_sparse_prefill.available()
+    if ok:
+        ok, why = cupy_sparse_prefill.supports(q, kv, indices, d_v)
+    else:
+        why = f"backend='cupy' is not available here: {why}"
+    if ok:
+        return cupy_sparse_prefill
+    if required:
+        raise BackendUnavailable(f"flash_mla_sparse_fwd: {why}")
+    return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from mla.backends import _nvrtc, cupy_backend, cupy_sparse_fp8
+from mla.backends import _nvrtc, cupy_backend, cupy_sparse_fp8, cupy_sparse_prefill
 
 
 def _nvrtc_reason():
@@ -57,6 +57,9 @@ VARIANTS = {
                           for arch in ARCHS},
     "mla_decode_sparse.cu": {arch: cupy_sparse_fp8.compile_variants(arch, (SMEM[arch], 101376))[
         "mla_decode_sparse.cu"] for arch in ARCHS},
+    # issue #5 sparse prefill (flash_mla_sparse_fwd, not yet run on a GPU): groups of 16 / 32 / 64 / 128 heads
+    "mla_sparse_prefill.cu": {arch: cupy_sparse_prefill.compile_variants(arch, (SMEM[arch], 101376))
+                              for arch in ARCHS},
 }
 
 

@@ -3,6 +3,8 @@ on CuPy arrays. Run on the GPU machine with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -46,8 +48,10 @@ CASES = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.15])
-def test_prefill_gpu_matches_reference(lens_q, lens_k, h, h_k, causal, dtype, dropout_p):
+def test_prefill_gpu_matches_reference(monkeypatch, lens_q, lens_k, h, h_k, causal, dtype, dropout_p):
+    """The fp32 SIMT kernels (prefill_fwd_bwd.cu), whatever MLA_CUPY_UNVERIFIED says."""
     import cupy as cp
+    monkeypatch.setenv("MLA_PREFILL_KERNEL", "simt")
 
     from mla.prefill import flash_attn_varlen_backward, flash_attn_varlen_forward
     if dropout_p and h == 128:
@@ -104,6 +108,178 @@ def test_dropout_bits_match_numpy():
     keep = dropout_keep_mask(99, np.arange(h)[None, :, None], np.arange(n)[:, None, None],
                              np.arange(n)[None, None, :], 0.5)
     np.testing.assert_array_equal(cp.asnumpy(out) != 0, keep)
+
+
+# ------------------------------------------------------------------------------------------ tensor-core kernels
+# kernels/prefill_mma.cu is not yet verified on a GPU: every test opens the MLA_CUPY_UNVERIFIED gate
+# itself and forces MLA_PREFILL_KERNEL=mma (so a silent fallback to the SIMT kernel cannot pass), and
+# every output the mma path allocates is poisoned with NaN before the launch. Tolerances: see
+# tests/_prefill_check.py (bf16: out 2e-2, gradients 4e-2 of the largest |value|; fp16: 4e-3, 8e-3).
+
+
+@pytest.fixture
+def mma(monkeypatch):
+    from mla.backends import prefill_cupy
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.setenv("MLA_PREFILL_KERNEL", "mma")
+    monkeypatch.setattr(prefill_cupy, "POISON_OUTPUTS", True)
+    prefill_cupy.last_choice.clear()
+    return prefill_cupy
+
+
+def _check_mma(prefill_cupy, lens_q, lens_k, h, h_k, d, d_v, dtype, causal, dropout_p):
+    import sys
+    from pathlib import Path
+
+    import cupy as cp
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _prefill_check import check_against_reference
+
+    from mla.prefill import flash_attn_varlen_backward, flash_attn_varlen_forward
+
+    def forward(*args, **kw):
+        return flash_attn_varlen_forward(*args, backend="cupy", **kw)
+
+    def backward(*args, **kw):
+        return flash_attn_varlen_backward(*args, backend="cupy", **kw)
+
+    check_against_reference(forward, backward, lens_q, lens_k, h, h_k, d, d_v, dtype, causal, dropout_p,
+                            asnumpy=cp.asnumpy, xp=cp)
+    assert prefill_cupy.last_choice["fwd"][0] == "mma" and prefill_cupy.last_choice["bwd"][0] == "mma"
+
+
+MMA_CASES = [
+    # lens_q, lens_k, h, h_k
+    ([128, 300, 0, 77, 1, 6], [128, 300, 5, 77, 1, 0], 16, 16),  # varlen, L_q = 0, L_k = 0, a 1-token sequence
+    ([65, 200], [65, 200], 128, 128),                              # 128 heads
+    ([40, 130], [100, 260], 16, 4),                                # L_q < L_k (chunked prefill), GQA
+    ([300, 9], [70, 4], 16, 16),                                   # L_q > L_k: causal rows that see nothing
+]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,h,h_k", MMA_CASES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_mma_matches_reference(mma, lens_q, lens_k, h, h_k, causal, dtype, dropout_p):
+    if dropout_p and h == 128:
+        pytest.skip("dropout covered at 16 heads (keeps the run short)")
+    _check_mma(mma, lens_q, lens_k, h, h_k, 192, 128, dtype, causal, dropout_p)
+
+
+def test_mma_long_sequences(mma):
+    """Many tiles a CTA (16 key tiles), heaviest-first scheduling, dropout, 16 heads."""
+    _check_mma(mma, [1024, 333], [1024, 333], 16, 16, 192, 128, BF16, True, 0.1)
+
+
+@pytest.mark.parametrize("d,d_v", [(64, 64), (128, 128), (256, 128), (96, 32)])
+def test_mma_other_head_dims(mma, d, d_v):
+    _check_mma(mma, [100, 37], [100, 90], 4, 2, d, d_v, BF16, True, 0.0)
+
+
+def test_mma_four_warp_forward(mma, monkeypatch):
+    """The 64-row forward tiling (what GPUs with less shared memory get)."""
+    monkeypatch.setenv(mma.FWD_WARPS_ENV, "4")
+    _check_mma(mma, [150, 70], [150, 200], 16, 16, 192, 128, np.float16, True, 0.2)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_mma_dropout_bits_equal_simt_and_numpy(mma, monkeypatch, p):
+    """v = identity (n keys = d_v): out[r, h, c] != 0 reveals the keep bit of (h, r, c); the tensor-core
+    kernel, the SIMT kernel and mla.prefill.dropout_keep_mask must agree bit for bit."""
+    import cupy as cp
+
+    from mla.prefill import dropout_keep_mask, flash_attn_varlen_forward
+    n, h = 128, 2
+    q, k, _, cu_q, cu_k = _case([n], [n], h, h, 64, 64, BF16, seed=3)
+    v = np.ascontiguousarray(np.broadcast_to(np.eye(n, dtype=np.float32)[:, None, :], (n, h, n))).astype(BF16)
+    args = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    keep = dropout_keep_mask(99, np.arange(h)[None, :, None], np.arange(n)[:, None, None],
+                             np.arange(n)[None, None, :], p)
+    masks = {}
+    for kernel in ("mma", "simt"):
+        monkeypatch.setenv("MLA_PREFILL_KERNEL", kernel)
+        out, _ = flash_attn_varlen_forward(*args, dropout_p=p, seed=99, backend="cupy")
+        assert mma.last_choice["fwd"][0] == kernel
+        masks[kernel] = cp.asnumpy(out).astype(np.float32) != 0
+    np.testing.assert_array_equal(masks["mma"], keep)
+    np.testing.assert_array_equal(masks["simt"], keep)
+
+
+def test_mma_unaligned_views(mma):
+    """Inputs that are contiguous views 2 bytes off a 16-byte boundary (cp.async needs 16): copied."""
+    import cupy as cp
+
+    from mla.prefill import flash_attn_varlen_forward
+    q, k, v, cu_q, cu_k = _case([70], [70], 4, 4, 192, 128, BF16)
+    want, _ = flash_attn_varlen_forward(q, k, v, cu_q, cu_k, causal=True, backend="numpy")
+
+    def shifted(x):
+        flat = cp.empty(x.size + 1, dtype=x.dtype)
+        view = flat[1:].reshape(x.shape)
+        view[...] = cp.asarray(x)
+        assert view.data.ptr % 16
+        return view
+
+    out, _ = flash_attn_varlen_forward(shifted(q), shifted(k), shifted(v), cp.asarray(cu_q), cp.asarray(cu_k),
+                                       causal=True, backend="cupy")
+    _close(cp.asnumpy(out).astype(np.float32), want.astype(np.float32), 2e-2)
+
+
+def test_mma_gate_closed_runs_simt(monkeypatch):
+    """Without MLA_CUPY_UNVERIFIED=1 bf16 runs the verified SIMT kernel (reason recorded), and forcing
+    the tensor-core kernel is an error; float32 never takes the tensor-core kernel."""
+    import cupy as cp
+
+    from mla.backends import prefill_cupy
+    from mla.prefill import flash_attn_varlen_forward
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    monkeypatch.delenv("MLA_PREFILL_KERNEL", raising=False)
+    q, k, v, cu_q, cu_k = _case([33], [33], 2, 2, 192, 128, BF16)
+    args = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    flash_attn_varlen_forward(*args, backend="cupy")
+    kernel, reason = prefill_cupy.last_choice["fwd"]
+    assert kernel == "simt" and "MLA_CUPY_UNVERIFIED=1" in reason
+    monkeypatch.setenv("MLA_PREFILL_KERNEL", "mma")
+    with pytest.raises(ValueError, match="MLA_CUPY_UNVERIFIED"):
+        flash_attn_varlen_forward(*args, backend="cupy")
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.setenv("MLA_PREFILL_KERNEL", "auto")
+    flash_attn_varlen_forward(*(x.astype(np.float32) if x.dtype == BF16 else x for x in args), backend="cupy")
+    assert prefill_cupy.last_choice["fwd"][0] == "simt"
+
+
+_SANITIZE = textwrap.dedent("""
+    import os
+    os.environ['MLA_CUPY_UNVERIFIED'] = '1'
+    os.environ['MLA_PREFILL_KERNEL'] = 'mma'
+    import numpy as np, cupy as cp
+    import mla
+    from mla.backends import prefill_cupy
+    from mla.prefill import flash_attn_varlen_backward, flash_attn_varlen_forward
+    prefill_cupy.POISON_OUTPUTS = True
+    rng = np.random.default_rng(0)
+    lens_q, lens_k, h, h_k = [70, 0, 100, 5], [90, 3, 100, 0], 2, 1
+    cu_q = cp.asarray(np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32))
+    cu_k = cp.asarray(np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32))
+    def rand(*shape):
+        return cp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(mla.bfloat16)
+    q, k, v = rand(sum(lens_q), h, 192), rand(sum(lens_k), h_k, 192), rand(sum(lens_k), h_k, 128)
+    out, lse = flash_attn_varlen_forward(q, k, v, cu_q, cu_k, causal=True, dropout_p=0.2, seed=1)
+    grads = flash_attn_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, causal=True, dropout_p=0.2, seed=1)
+    [g.get() for g in grads]
+    print('SANITIZE-DONE')
+""")
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_mma_compute_sanitizer(tool):
+    from mla import testing
+    result = testing.run_compute_sanitizer(tool, _SANITIZE)
+    if result is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    ok, report = result
+    assert ok, report
 
 
 # ------------------------------------------------------------------------------------------ the layer on GPU
