@@ -23,14 +23,26 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _ok, reason=f"CuPy backend
 
 BF16 = _arrays.BFLOAT16
 DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(np.float16, id="fp16")]
-KERNELS = [pytest.param("portable", id="portable"),
-           pytest.param("hopper", id="hopper",
-                        marks=pytest.mark.skip(reason="Hopper wgmma kernel not built yet"))]
+KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper")]
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(cupy_backend, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True)
+def _hopper_gate(request, monkeypatch):
+    """The Hopper kernel has not run on a GPU yet (cupy_hopper.py): open MLA_CUPY_UNVERIFIED for its cases.
+    It takes every case of this file's DeepSeek-dims tests (any h_kv, s_q, h_q) on compute capability 9.0."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("kernel") == "hopper":
+        from mla.backends import cupy_hopper
+
+        reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
+        if reason:
+            pytest.skip(reason)
+        monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
 
 
 def _check(case, kernel="portable", on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL):

@@ -5,8 +5,11 @@ Kernels (``MLA_CUPY_KERNEL`` or ``decode(..., kernel=)`` forces one; default "au
 * ``portable`` -- ``kernels/mla_decode_portable.cu``: mma.sync m16n8k16 + cp.async, any
   D % 8 == 0, d_v <= D, page size and h_kv; sm_80 and newer. Writes split-KV partials per the
   scheduler plan (``mla.scheduler``); ``kernels/mla_combine.cu`` merges them.
-* ``hopper`` -- the wgmma/TMA kernel for the DeepSeek shapes (issue #4, not built yet: forcing
-  it raises; "auto" uses the portable kernel everywhere).
+* ``hopper`` -- ``kernels/mla_decode_hopper.cu`` (launches: ``mla.backends.cupy_hopper``): wgmma +
+  cp.async for d = 576, d_v = 512 on compute capability 9.0, same plan / partials / combine. NOT YET
+  RUN ON A GPU: forcing it raises unless ``MLA_CUPY_UNVERIFIED=1``; with the gate open, problems it
+  does not take (other d / d_v / dtype, other GPUs) run on the portable kernel. "auto" always uses
+  the portable kernel.
 
 Arrays: device inputs (CuPy or anything CUDA-array-like, as ``mla.api`` converted them) give
 CuPy outputs on the inputs' device; NumPy inputs are copied to the current device and the
@@ -195,9 +198,10 @@ def _pick_kernel(kernel: str | None) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"kernel (or MLA_CUPY_KERNEL) must be one of {KERNELS}, got {kernel!r}")
     if kernel == "hopper":
-        from . import BackendUnavailable
+        from . import cupy_hopper
 
-        raise BackendUnavailable("the Hopper (wgmma) CuPy kernel is not built yet; use kernel='portable'")
+        cupy_hopper.check_gate()  # not yet run on a GPU: BackendUnavailable unless MLA_CUPY_UNVERIFIED=1
+        return "hopper"
     return "portable"
 
 
@@ -239,7 +243,7 @@ def device_plan(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, n
 def decode(problem, metadata, num_splits, kernel: str | None = None):
     """Run the decode; see the module docstring. Returns (out, lse) of the inputs' kind."""
     cp = _arrays.cupy_module()
-    _pick_kernel(kernel)
+    which = _pick_kernel(kernel)
     # --- issue #5: FP8 / sparse kernels, not yet run on a GPU (cupy_sparse_fp8.decode checks MLA_CUPY_UNVERIFIED=1)
     if problem.is_sparse or problem.is_fp8_kvcache:
         from . import cupy_sparse_fp8
@@ -248,11 +252,22 @@ def decode(problem, metadata, num_splits, kernel: str | None = None):
     # --- end issue #5
     dev = _device_id(problem)
     with cp.cuda.Device(dev):
-        return _decode_portable(cp, problem, metadata, num_splits, dev)
+        return _decode_dense(cp, problem, metadata, num_splits, dev, which)
 
 
-def _decode_portable(cp, problem, metadata, num_splits, dev):
-    launches, out, lse = _prepare_portable(cp, problem, metadata, num_splits, dev)
+def _prepare(cp, problem, metadata, num_splits, dev, kernel: str = "portable"):
+    """The launch list of the chosen dense kernel; "hopper" falls back to the portable kernel for
+    problems or devices it does not take (``cupy_hopper.supports`` says why)."""
+    if kernel == "hopper":
+        from . import cupy_hopper
+
+        if cupy_hopper.supports(problem, dev)[0]:
+            return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev)
+    return _prepare_portable(cp, problem, metadata, num_splits, dev)
+
+
+def _decode_dense(cp, problem, metadata, num_splits, dev, kernel: str = "portable"):
+    launches, out, lse = _prepare(cp, problem, metadata, num_splits, dev, kernel)
     run_launches(cp, launches)
     if problem.on_device:
         return out, lse
@@ -366,12 +381,13 @@ def bench(shapes=BENCH_SHAPES, reps: int = 30, dtype=None):
         seqlens = cp.full((b,), s_k, dtype=cp.int32)
         problem = api._validate(q, k, table, seqlens, dv, None, False, False, None, None, None, False)
         sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
-        launches, _, _ = _prepare_portable(cp, problem, sched, splits, dev)
+        launches, _, _ = _prepare(cp, problem, sched, splits, dev, _pick_kernel(None))  # MLA_CUPY_KERNEL
         t = time_launches(cp, launches, flush, reps)
         nbytes = b * (s_q * h_q * d * 2 + s_k * d * 2 + s_q * h_q * dv * 2)
         flops = 2 * b * h_q * s_q * s_k * (d + dv)
         rows.append((b, s_q, h_q, s_k, t, nbytes / t, flops / t))
-        print(f"b={b:4d} s_q={s_q} h_q={h_q:4d} s_k={s_k:6d}: {t * 1e3:8.3f} ms "
+        name = getattr(launches[0][0], "name", "")  # which kernel ran (MLA_CUPY_KERNEL=hopper may fall back)
+        print(f"{name}: b={b:4d} s_q={s_q} h_q={h_q:4d} s_k={s_k:6d}: {t * 1e3:8.3f} ms "
               f"{nbytes / t / 1e9:7.0f} GB/s {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
         del q, k, table, launches
     return rows
@@ -394,7 +410,7 @@ def selfcheck() -> bool:
             problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
             sched, splits = api.get_mla_metadata(case.cache_seqlens, kw["s_q"] * kw["h_q"] // kw.get("h_kv", 1),
                                                  kw.get("h_kv", 1))
-            launches, out, lse = _prepare_portable(cp, problem, sched, splits, cp.cuda.Device().id)
+            launches, out, lse = _prepare(cp, problem, sched, splits, cp.cuda.Device().id, _pick_kernel(None))
             for fn, grid, block, args, smem in launches:
                 fn(grid, block, args, shared_mem=smem)
             o_part, lse_part = launches[0][3][7].get(), launches[0][3][8].get()

@@ -1,0 +1,240 @@
+// mla_decode_hopper.cu -- MLA decode over a paged KV cache on Hopper (sm_90a): wgmma + cp.async.
+//
+// STATUS: NOT YET RUN ON A GPU. NVRTC-compiled for sm_90a (ptxas -v: 232 registers, 0 spills, 0 stack,
+// 3 barriers; SASS: 36 HGMMA.64x32x16 + 8 HGMMA.64x256x16 .tnspB a tile, 4 without the P split) and run
+// on the CPU emulator with a wgmma model written from the PTX ISA (tests/test_hopper_compile.py: matches
+// the NumPy reference; that model is my reading of the ISA, which only the GPU can confirm).
+// mla/backends/cupy_hopper.py reaches it only with MLA_CUPY_UNVERIFIED=1; on the H100 run
+// tests/test_wgmma_probe_gpu.py first (the building blocks), then tests/test_cupy_gpu.py -k hopper.
+//
+// What it computes: exactly what kernels/mla_decode_portable.cu computes (mla/reference.py is the spec),
+// for d = 576, d_v = 512 (any page size, h_kv, s_q, h_q): for each piece (sequence i, keys [start, stop),
+// partial p) of the scheduler plan and each query row m = (r, h) of KV head g (rows [s_q][h_q / h_kv]):
+//     s_j = softmax_scale * q[i, r, h] . k[i, j, g]      j < stop; causal: j <= L - s_q + r
+//     o_p = sum_j exp(s_j - m) v_j / l,   lse_p = m + log l                 (V = first 512 channels of K)
+// Single-split sequences write out (q's dtype) and lse (empty: out 0, lse +inf) directly; otherwise o_p
+// (fp32) / lse_p (-inf when empty) go to the partial buffers for kernels/mla_combine.cu. Same signature,
+// grid (num_workers, h_kv, ceil(M / 64)) and partial layout as the portable kernel.
+//
+// Tiling (FlashMLA's split of the output, see docs/20250422-new-kernel-deep-dive.md there): a CTA of two
+// warpgroups (256 threads) owns 64 query rows (padded: rows >= M are zero and never written) and walks
+// the piece's keys in tiles of 64. The 64 x 512 fp32 O accumulator is split by columns: warpgroup w owns
+// O[:, 256 w .. 256 w + 255] (128 registers a thread). Per key tile:
+//   load   cp.async of the next tile's 64 rows (576 channels, through the block table; rows past the
+//          piece zero-filled, never read) into the other of two K buffers, issued before waiting on this
+//          tile; every copying thread fences the async proxy before the barrier (wgmma reads smem there);
+//   S      warpgroup w: S[:, 32 w .. 32 w + 31] = Q K^T, 36 x wgmma m64n32k16 (A = Q, B = K tile, both
+//          K-major in smem); the halves are swapped through an 8 KB buffer with two named barriers, so
+//          both warpgroups hold the whole 64 x 64 S tile in registers, bit-identical (mla_wgmma.cuh);
+//   P      scale by softmax_scale * log2(e), mask (-inf), online softmax in fp32 base 2 (running max m and
+//          sum l per row, identical in both warpgroups), P = 2^(s - m) packed in registers straight
+//          into the wgmma A fragments (the S accumulator layout is the A layout, no shuffles);
+//   O      O = alpha O + P V: 4 x wgmma m64n256k16 with A = P from registers and B = the same K tile's
+//          first 512 channels, read N-major (imm-trans-b = 1, channels contiguous in a core matrix).
+//          bf16: P = P_hi + P_lo, 8 wgmma (MLA_P_SPLIT, default on for bf16 like the portable kernel:
+//          bf16 P alone keeps 8 mantissa bits and misses DESIGN §6 near small outputs; fp16 needs none).
+//   Barriers a tile: one CTA barrier (tile landed), the two exchange barriers, one CTA barrier (both
+//   warpgroups done with the K buffer before the load at the top of the next tile refills it).
+//
+// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py): Q tile 73728 B + 2 K tiles 147456 B
+//   + exchange 8192 B = 229376 B (H100 opt-in limit 232448). Layout of a tile: mla_wgmma.cuh (no swizzle,
+//   8 x 16 B core matrices, channel-group-major).
+//
+// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16). MLA_D / MLA_DV are
+//   fixed at 576 / 512 (static_assert).
+//
+// Versions:
+//   v1 (this file) cp.async double buffer, S split over the warpgroups by keys + register exchange,
+//      P V from registers. Not measured yet. Expected limits (benchmarks/NOTES_cupy.md): the warpgroups
+//      run in lock step (no softmax / wgmma overlap as in FlashMLA's seesaw schedule), 64-row padding
+//      makes h_q = 16 four times the useful tensor work, the bf16 P split doubles P V.
+#include "mla_common.cuh"
+#include "mla_wgmma.cuh"
+
+#ifndef MLA_D
+#define MLA_D 576
+#endif
+#ifndef MLA_DV
+#define MLA_DV 512
+#endif
+#ifndef MLA_P_SPLIT
+#define MLA_P_SPLIT (!MLA_FP16)
+#endif
+
+constexpr int D = MLA_D, DV = MLA_DV;
+constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
+constexpr int KSTEPS = D / 16;           // k-steps of S = Q K^T
+constexpr int TILE_EL = BLOCK_N * D;     // elements of a Q or K tile
+constexpr bool P_SPLIT = MLA_P_SPLIT;
+static_assert(D == 576 && DV == 512, "the Hopper kernel is specialised for d = 576, d_v = 512");
+static_assert(BLOCK_M == WG_TILE_ROWS && BLOCK_N == WG_TILE_ROWS, "tiles are 64 rows");
+constexpr int SMEM_BYTES = 2 * 3 * TILE_EL + 4 * WG_XCHG_FLOATS;  // Q + 2 K tiles + exchange
+static_assert(SMEM_BYTES == 229376, "mirrored in mla/backends/cupy_hopper.py (SMEM_BYTES)");
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict__ k_cache,
+                  const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
+                  const int* __restrict__ sched, const int* __restrict__ num_splits, float* __restrict__ o_part,
+                  float* __restrict__ lse_part, mla_elem_t* __restrict__ out, float* __restrict__ lse_out, int s_q,
+                  int h_q, int h_kv, int page, float scale_log2, int causal) {
+#if MLA_HAS_WGMMA
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);   // [TILE_EL]
+  mla_elem_t* sK = sQ + TILE_EL;                               // [2][TILE_EL]
+  float* sX = reinterpret_cast<float*>(sK + 2 * TILE_EL);      // [WG_XCHG_FLOATS]
+  const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = tid >> 7, t = tid & 127;                      // warpgroup, thread in it
+  const int g = blockIdx.y, qt = blockIdx.z;
+  const int group = h_q / h_kv, M = s_q * group;
+  const int ld_row = 8 * warp + (lane & 7);                    // the tile row this thread copies
+  const int c2 = 2 * (lane & 3);
+  // this thread's two accumulator rows (wg_acc_row(t, 0) and + 8), as query rows of the problem
+  const int m0 = qt * BLOCK_M + wg_acc_row(t, 0), m1 = m0 + 8;
+
+  const int* row = sched + blockIdx.x * 8;
+  const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
+
+  for (int i = begin_b; i <= end_b; ++i) {
+    const int L = seqlens[i];
+    const int start = (i == begin_b) ? begin_tok : 0;
+    const int stop = (i == end_b) ? end_tok : L;
+    const int split = (i == begin_b) ? begin_split : 0;
+    const int lo = num_splits[i], nsplit = num_splits[i + 1] - lo;
+    // causal: no row of this CTA sees keys past L - s_q + r_max, so later tiles are skipped
+    int stop_eff = stop;
+    if (causal) {
+      const int r_max = min(s_q - 1, (qt * BLOCK_M + BLOCK_M - 1) / group);
+      stop_eff = min(stop, L - s_q + r_max + 1);
+    }
+    const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
+    int lim0 = stop - 1, lim1 = stop - 1;  // last key rows m0 / m1 see
+    if (causal) {
+      lim0 = min(lim0, L - s_q + m0 / group);
+      lim1 = min(lim1, L - s_q + m1 / group);
+    }
+
+    float o[128];
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.f;
+    float m_run0 = MLA_NEG_INF, m_run1 = MLA_NEG_INF, l_run0 = 0.f, l_run1 = 0.f;
+
+    if (n_tiles > 0) {
+      // Q tile: rows m -> (r, h) = (m / group, g * group + m % group); rows >= M zero-filled
+      {
+        const int m = qt * BLOCK_M + ld_row;
+        const bool valid = m < M;
+        const mla_elem_t* src = q;
+        if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
+        wg_tile_load_row<D>(sQ, ld_row, lane, src, valid);
+      }
+      // key tile `tile` of the piece -> K buffer `buf`; this thread copies key ld_row of it
+      auto load_k = [&](int tile, int buf) {
+        const int pos = start + tile * BLOCK_N + ld_row;
+        const bool valid = pos < stop_eff;
+        const mla_elem_t* src = k_cache;
+        if (valid) {
+          const long long blk = block_table[(long long)i * bt_stride + pos / page];
+          src = k_cache + ((blk * page + pos % page) * h_kv + g) * (long long)D;
+        }
+        wg_tile_load_row<D>(sK + buf * TILE_EL, ld_row, lane, src, valid);
+      };
+      load_k(0, 0);
+      cp_async_commit();  // group: Q + tile 0
+
+      for (int tt = 0; tt < n_tiles; ++tt) {
+        // the other buffer was last read by tile tt - 1, finished by both warpgroups (barrier at its end)
+        if (tt + 1 < n_tiles) load_k(tt + 1, (tt + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
+        fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
+        __syncthreads();      // everyone's copies of tile tt are in
+        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
+        const int pos0 = start + tt * BLOCK_N;
+
+        // ---- S = Q K^T (both warpgroups end with the whole tile, s[i] = S[acc_row][acc_col])
+        float s[32];
+        wg_scores<KSTEPS>(s, sQ_addr, kt, sX, wg, t);
+
+        // ---- scale to base 2, mask, running max:  m_new = max(m, max_k s_k),  alpha = 2^(m - m_new)
+        float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);  // key of wg_acc_col(t, k)
+          const bool second = (k >> 1) & 1;                    // row m1
+          const float v = pos <= (second ? lim1 : lim0) ? s[k] * scale_log2 : MLA_NEG_INF;
+          s[k] = v;
+          if (second) mx1 = fmaxf(mx1, v);
+          else mx0 = fmaxf(mx0, v);
+        }
+        // the 4 lanes of a quad hold the same two rows
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+        const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
+        const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;  // fully masked so far: keep the exponents finite
+        const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
+        const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
+        m_run0 = mn0;
+        m_run1 = mn1;
+
+        // ---- P = 2^(s - m_new),  l = alpha l + sum_k P_k,  o = alpha o (then + P V)
+        l_run0 *= alpha0;
+        l_run1 *= alpha1;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          const bool second = (k >> 1) & 1;
+          s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+          if (second) l_run1 += s[k];
+          else l_run0 += s[k];
+        }
+#pragma unroll
+        for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
+        u32 p_hi[16], p_lo[16];
+        wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+
+        // ---- O[:, 256 wg ..] += P V (V = channels 256 wg .. 256 wg + 255 of this K tile)
+        wg_pv_issue<P_SPLIT>(o, p_hi, p_lo, kt + wg * 32 * WG_CG_BYTES);
+        wg_wait<0>();
+        wg_fence_operands(o);
+        __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer)
+      }
+    }
+
+    // ---- finish the piece: o / l, lse = (m + log2 l) ln 2; the 4 lanes of a quad share a row
+    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 1);
+    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 2);
+    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 1);
+    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 2);
+    const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
+    const float lse0 = l_run0 > 0.f ? (m_run0 + log2f(l_run0)) * MLA_LN2 : MLA_NEG_INF;
+    const float lse1 = l_run1 > 0.f ? (m_run1 + log2f(l_run1)) * MLA_LN2 : MLA_NEG_INF;
+    const bool direct = nsplit == 1;
+    const int p = lo + split;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = half ? m1 : m0;
+      if (m >= M) continue;
+      const int r = m / group, h = g * group + m % group;
+      const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
+      const long long orow = direct ? ((long long)(i * s_q + r) * h_q + h) * DV
+                                    : ((long long)(p * s_q + r) * h_q + h) * DV;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int col = 256 * wg + 8 * j + c2;  // wg_acc_col(t, 4 j) of this warpgroup's O columns
+        const float v0 = o[4 * j + 2 * half] * inv, v1 = o[4 * j + 2 * half + 1] * inv;
+        if (direct) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
+        else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
+      }
+      if (wg == 0 && (lane & 3) == 0) {
+        if (direct) lse_out[((long long)i * h_q + h) * s_q + r] = lse_v == MLA_NEG_INF ? MLA_POS_INF : lse_v;
+        else lse_part[(long long)(p * s_q + r) * h_q + h] = lse_v;
+      }
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma (sm_90a only): never launched there
+#endif
+}

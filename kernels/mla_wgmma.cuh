@@ -1,0 +1,303 @@
+// mla_wgmma.cuh -- the Hopper (sm_90a) building blocks of kernels/mla_decode_hopper.cu: the shared-memory
+// tile layout, wgmma descriptors, the two wgmma shapes the decode uses, the accumulator <-> (row, col)
+// map, and the per-tile steps (tile copy, S = Q K^T with the warpgroup exchange, P fragments, O += P V).
+// kernels/wgmma_probe.cu calls exactly these functions on small exact-integer matrices
+// (tests/test_wgmma_probe_gpu.py), so a wrong descriptor or fragment map shows up there in seconds.
+//
+// STATUS: NOT YET RUN ON A GPU. Compiled with NVRTC for sm_90a (ptxas -v clean); the decode kernel and the
+// probes built from these functions match NumPy on the CPU emulator's wgmma model (tests/test_hopper_compile.py),
+// which encodes the reading of the PTX ISA written below -- the GPU probes are what confirm it.
+//
+// ---- Shared-memory tile layout (no swizzle, "interleaved" core matrices) ------------------------------
+// A tile is 64 rows (query rows, or keys) x D = 576 channels of 16-bit elements. wgmma without swizzle
+// reads "core matrices": 8 rows x 16 bytes (8 elements), 128 contiguous bytes, row r of the core matrix
+// at byte 16 r. The tile is a grid of 8 row groups x 72 channel groups of core matrices, stored
+// channel-group-major:
+//
+//     offset(row, col) = (col / 8) * 512 + (row / 8) * 64 + (row % 8) * 8 + (col % 8)      [elements]
+//
+// i.e. a channel group (8 channels of all 64 rows) is 512 elements = 1024 bytes, a row group inside it
+// 64 elements = 128 bytes. Q and every K buffer use this layout; a tile is 73728 bytes.
+// Worked example: K[key 9][channel 130]: row group 1, row 1 in it; channel group 16, channel 2 in it:
+//     16 * 512 + 1 * 64 + 1 * 8 + 2 = 8266 elements = byte 16532 of the tile.
+//
+// ---- Descriptors (PTX ISA "Matrix Descriptor Format", "Canonical Layouts", no-swizzle rows) ---------------
+//   bits 0-13: (start address & 0x3FFFF) >> 4; bits 16-29: LBO >> 4; bits 32-45: SBO >> 4; 62-63: 0
+//   (no swizzle; base offset unused). For no swizzle, in both majornesses, LBO is the byte distance
+//   between core matrices adjacent in the K (reduction) direction and SBO between core matrices adjacent
+//   in the M/N direction:
+//     K-major:  ((8,m),(T,2k)):((1T,SBO),(1,LBO))    element (mn, k) at (mn%8)*8 + (mn/8)*SBO + k%8 + (k/8)*LBO
+//     MN-major: ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) element (mn, k) at mn%8 + (mn/8)*SBO + (k%8)*8 + (k/8)*LBO
+//   (T = 8 elements; strides in elements; PTX's bf16 MN-major example: LBO 128 el, SBO 64 el for
+//   ((8,1,2),(8,2)):((1,8,64),(8,128)).) The verified m64n8k16 example (../shared/examples) is K-major
+//   with LBO 128 B (K) and SBO 256 B (M/N).
+//
+//   S = Q K^T (m64n32k16, A = Q K-major, B = K K-major, K = channels): the tile layout above with
+//     mn = row (query row / key), k = channel  =>  SBO = 64 el = 128 B, LBO = 512 el = 1024 B.
+//     k-step s (channels 16 s .. 16 s + 15) starts 2 s channel groups in: + 2048 s bytes (+128 s encoded);
+//     warpgroup w scores keys 32 w .. 32 w + 31: B starts 4 w row groups in, + 512 w bytes.
+//     Example: K[9][130] for warpgroup 0 is k-step 8 (k = 2), n = 9: start + 16384 B; then
+//     (9%8)*16 + (9/8)*128 + 2*2 = 148 B further: byte 16532.  ✓
+//   O += P V (m64n256k16, A = P from registers, B = V = the same K tile, K = keys, N = channels; the
+//     channels are contiguous inside a core matrix, so B is N-major: imm-trans-b = 1):
+//     mn = channel, k = key  =>  SBO = 512 el = 1024 B (next 8 channels), LBO = 64 el = 128 B (next 8 keys).
+//     k-step kk (keys 16 kk .. 16 kk + 15) starts 2 kk row groups in: + 256 kk bytes (+16 kk encoded);
+//     warpgroup w owns channels 256 w .. 256 w + 255: B starts 32 w channel groups in, + 32768 w bytes.
+//     Example: V[9][130] for warpgroup 0 is k-step 0 (k = 9), n = 130: 130%8 + (130/8)*512 + (9%8)*8 +
+//     (9/8)*64 = 8266 elements = byte 16532, the same byte as above.  ✓
+//
+// ---- Register fragments (PTX "Matrix Fragments for wgmma.mma_async.m64nNk16") -------------------------------
+//   Thread t of a warpgroup (t = 0..127): warp w = t / 32, lane l. Accumulator register i of an m64nN
+//   tile holds D[row][col] with
+//     row = 16 w + l / 4 + 8 ((i >> 1) & 1),   col = 8 (i >> 2) + 2 (l % 4) + (i & 1)      (wg_acc_row/col)
+//   The A fragment of m64nNk16 from registers (4 x .b32 = a0..a7, low half first) has the same map with
+//   N = 16: a0,a1 (row r, k c2, c2+1), a2,a3 (row r+8), a4,a5 (row r, k c2+8, +9), a6,a7 (row r+8, k c2+8).
+//   So the S accumulator of keys 16 kk .. 16 kk + 15 (registers 8 kk .. 8 kk + 7) packs pairwise into the A
+//   fragment of P V's k-step kk with no shuffle: A reg j of k-step kk = pack(s[8 kk + 2 j], s[8 kk + 2 j + 1]).
+//
+// ---- Proxies and ordering ------------------------------------------------------------------------------
+//   wgmma reads shared memory through the async proxy; cp.async writes through the generic proxy, so each
+//   copying thread runs fence.proxy.async.shared::cta after cp.async.wait_group and before the barrier
+//   that precedes the wgmma. wgmma.fence precedes the first wgmma of a batch (the accumulator / A registers
+//   were written by ordinary instructions); wg_fence_operands keeps the compiler from moving accumulator
+//   accesses across the asynchronous region.
+#pragma once
+#include "mla_common.cuh"
+
+// wgmma exists only in the sm_90a feature set; other targets (the CI compiles every source for sm_80 too)
+// get stubs that trap, and cupy_hopper.py launches these kernels on compute capability 9.0 only. (The CPU
+// emulator of tests/test_hopper_compile.py defines MLA_HAS_WGMMA=1 and models the asm functions.)
+#ifndef MLA_HAS_WGMMA
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MLA_HAS_WGMMA 1
+#else
+#define MLA_HAS_WGMMA 0
+#endif
+#endif
+
+#if MLA_FP16
+#define MLA_WG_AB ".f16.f16"
+#else
+#define MLA_WG_AB ".bf16.bf16"
+#endif
+
+// Diagnostics only (tests/test_wgmma_probe_gpu.py recompiles the probes with these when a check fails, to
+// name the wrong field): swap LBO and SBO of the K-major / MN-major descriptors. Never set for the decode.
+#ifndef MLA_WG_DIAG_SWAP_K
+#define MLA_WG_DIAG_SWAP_K 0
+#endif
+#ifndef MLA_WG_DIAG_SWAP_MN
+#define MLA_WG_DIAG_SWAP_MN 0
+#endif
+
+constexpr int WG_TILE_ROWS = 64;                 // rows of a Q tile / keys of a K tile
+constexpr int WG_RG_EL = 64;                     // elements from one 8-row group to the next (one core matrix)
+constexpr int WG_CG_EL = WG_TILE_ROWS / 8 * 64;  // elements from one 8-channel group to the next (512)
+constexpr u32 WG_RG_BYTES = 2 * WG_RG_EL;        // 128
+constexpr u32 WG_CG_BYTES = 2 * WG_CG_EL;        // 1024
+
+// K-major (S = Q K^T): LBO = next 8 channels (K), SBO = next 8 rows (M / N)
+constexpr u32 WG_K_LBO = MLA_WG_DIAG_SWAP_K ? WG_RG_BYTES : WG_CG_BYTES;
+constexpr u32 WG_K_SBO = MLA_WG_DIAG_SWAP_K ? WG_CG_BYTES : WG_RG_BYTES;
+// MN-major (O += P V, B = V): LBO = next 8 keys (K), SBO = next 8 channels (N)
+constexpr u32 WG_MN_LBO = MLA_WG_DIAG_SWAP_MN ? WG_CG_BYTES : WG_RG_BYTES;
+constexpr u32 WG_MN_SBO = MLA_WG_DIAG_SWAP_MN ? WG_RG_BYTES : WG_CG_BYTES;
+
+constexpr u64 WG_QK_KSTEP = (2 * WG_CG_BYTES) >> 4;  // descriptor increment per 16 channels (128)
+constexpr u64 WG_PV_KSTEP = (2 * WG_RG_BYTES) >> 4;  // descriptor increment per 16 keys (16)
+
+// element offset of (row, col) in a tile (see the header)
+__device__ __forceinline__ int wg_tile_offset(int row, int col) {
+  return (col >> 3) * WG_CG_EL + (row >> 3) * WG_RG_EL + (row & 7) * 8 + (col & 7);
+}
+
+// shared-memory matrix descriptor, no swizzle
+__device__ __forceinline__ u64 wg_desc(u32 smem_addr, u32 lbo_bytes, u32 sbo_bytes) {
+  return (u64)((smem_addr & 0x3FFFFu) >> 4) | ((u64)(lbo_bytes >> 4) << 16) | ((u64)(sbo_bytes >> 4) << 32);
+}
+
+// accumulator register i of thread t (0..127) of a warpgroup holds D[wg_acc_row(t, i)][wg_acc_col(t, i)]
+__device__ __forceinline__ int wg_acc_row(int t, int i) { return 16 * (t >> 5) + ((t & 31) >> 2) + 8 * ((i >> 1) & 1); }
+__device__ __forceinline__ int wg_acc_col(int t, int i) { return 8 * (i >> 2) + 2 * (t & 3) + (i & 1); }
+
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void named_bar_sync(int id, int nthreads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int nthreads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+
+#if MLA_HAS_WGMMA
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// D[64 x 32] = A[64 x 16] B[32 x 16]^T (+ D when accumulate): A, B K-major in shared memory
+__device__ __forceinline__ void wg_mma_m64n32k16_ss(float (&d)[16], u64 desc_a, u64 desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : WG_D8(0), WG_D8(8)
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
+// D[64 x 256] += A[64 x 16] B[16 x 256]: A from registers (a0..a3, the m64nNk16 A fragment), B N-major
+// (imm-trans-b = 1) in shared memory
+__device__ __forceinline__ void wg_mma_m64n256k16_rs_nmajor(float (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3,
+                                                             u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+      : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56), WG_D8(64),
+        WG_D8(72), WG_D8(80), WG_D8(88), WG_D8(96), WG_D8(104), WG_D8(112), WG_D8(120)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1)
+      : "memory");
+}
+#undef WG_D8
+#endif  // MLA_HAS_WGMMA
+
+// ---- per-tile steps (256 threads = 2 warpgroups a CTA) ---------------------------------------------------
+
+// This thread's share of copying one tile row of D_ channels (16-byte cp.async, zero-filled when !valid,
+// in which case nothing is read). Thread (warp w, lane l) copies row 8 w + l % 8 (the caller passes it with
+// its source) and the 16-byte chunks c = 4 q + l / 8, q = 0 .. D_ / 32 - 1. One warp instruction fills 4
+// whole core matrices (4 x 128 contiguous bytes): no bank conflicts; the global side reads 64 contiguous
+// bytes of each of 8 rows.
+template <int D_>
+__device__ __forceinline__ void wg_tile_load_row(mla_elem_t* tile, int row, int lane, const mla_elem_t* src,
+                                                 bool valid) {
+  static_assert(D_ % 32 == 0, "a tile row is copied as D / 8 chunks, 4 per warp instruction");
+  const int c0 = lane >> 3;
+#pragma unroll
+  for (int q = 0; q < D_ / 32; ++q) {
+    const int c = 4 * q + c0;
+    cp_async16(tile + wg_tile_offset(row, 8 * c), src + c * 8, valid);
+  }
+}
+
+// The warpgroup exchange buffer: 16 floats for each of a warpgroup's 128 threads (8 KB), float4-interleaved
+// so that a warp's 16-byte accesses are 512 contiguous bytes.
+constexpr int WG_XCHG_FLOATS = 128 * 16;
+__device__ __forceinline__ void wg_xchg_store(float* sx, int t, const float (&v)[16]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    *reinterpret_cast<float4*>(sx + (k * 128 + t) * 4) = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+}
+__device__ __forceinline__ void wg_xchg_load(const float* sx, int t, float (&v)[16]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float4 x = *reinterpret_cast<const float4*>(sx + (k * 128 + t) * 4);
+    v[4 * k] = x.x;
+    v[4 * k + 1] = x.y;
+    v[4 * k + 2] = x.z;
+    v[4 * k + 3] = x.w;
+  }
+}
+
+#if MLA_HAS_WGMMA
+// acc[16] = Q[64 rows, channels 0 .. 16 KSTEPS) . K[keys key0 .. key0 + 31, same channels]^T, fp32.
+// q_tile / k_keys: shared-window addresses of the Q tile and of the K tile's row group key0 / 8 (key0 % 8 == 0).
+// Issues the wgmma batch and commits it; the caller waits (wg_wait<0>) before reading acc.
+template <int KSTEPS>
+__device__ __forceinline__ void wg_qk_n32_issue(float (&acc)[16], u32 q_tile, u32 k_keys) {
+  const u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
+  const u64 dk = wg_desc(k_keys, WG_K_LBO, WG_K_SBO);
+  wg_fence_operands(acc);
+  wg_fence();
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s) wg_mma_m64n32k16_ss(acc, dq + s * WG_QK_KSTEP, dk + s * WG_QK_KSTEP, s > 0);
+  wg_commit();
+}
+
+// S[64 x 64] = Q K^T of one key tile, both warpgroups: warpgroup w scores keys 32 w .. 32 w + 31 (so QK^T
+// is not repeated), then the two swap halves through sx (8 KB): warpgroup 1 stores and arrives at named
+// barrier 1; warpgroup 0 waits there, takes warpgroup 1's values, stores its own in the same slots (each
+// slot is read and rewritten by the same thread) and arrives at barrier 2, where warpgroup 1 waits.
+// Thread t of warpgroup 0 needs exactly the keys 32..63 values that thread t of warpgroup 1 holds (same rows,
+// same column pattern), so the exchange is a pure thread-pair swap. Both warpgroups end with the same s[32],
+// bit for bit: s[i] = S[wg_acc_row(t, i)][wg_acc_col(t, i)], i = 0..31 over the 64 keys (wg_acc_col < 64).
+template <int KSTEPS>
+__device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile, float* sx, int wg, int t) {
+  float acc[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+  wg_qk_n32_issue<KSTEPS>(acc, q_tile, k_tile + wg * 4 * WG_RG_BYTES);
+  wg_wait<0>();
+  wg_fence_operands(acc);
+  float other[16];
+  if (wg == 1) {
+    wg_xchg_store(sx, t, acc);
+    named_bar_arrive(1, 256);
+    named_bar_sync(2, 256);
+    wg_xchg_load(sx, t, other);
+  } else {
+    named_bar_sync(1, 256);
+    wg_xchg_load(sx, t, other);
+    wg_xchg_store(sx, t, acc);
+    named_bar_arrive(2, 256);
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    s[i] = wg ? other[i] : acc[i];
+    s[16 + i] = wg ? acc[i] : other[i];
+  }
+}
+
+// P (fp32, the S accumulator layout over 64 keys) -> the A fragments of the 4 k-steps of P V:
+// hi[4 kk + j] = pack(p[8 kk + 2 j], p[8 kk + 2 j + 1]) rounded to the 16-bit type; lo = the rounding error,
+// rounded again (P = hi + lo to ~16 mantissa bits; used when SPLIT).
+template <bool SPLIT>
+__device__ __forceinline__ void wg_p_frags(const float (&p)[32], u32 (&hi)[16], u32 (&lo)[16]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    hi[j] = pack2(p[2 * j], p[2 * j + 1]);
+    if constexpr (SPLIT) lo[j] = pack2(p[2 * j] - lo_f(hi[j]), p[2 * j + 1] - hi_f(hi[j]));
+    else lo[j] = 0u;
+  }
+}
+
+// o[64 x 256] += P[64 x 64] V[64 keys x 256 channels] (+ P_lo V when SPLIT). v_cols: shared-window address of
+// the K tile's channel group 32 w (this warpgroup's channels 256 w ..). Issues and commits; the caller waits.
+template <bool SPLIT>
+__device__ __forceinline__ void wg_pv_issue(float (&o)[128], const u32 (&hi)[16], const u32 (&lo)[16], u32 v_cols) {
+  const u64 dv = wg_desc(v_cols, WG_MN_LBO, WG_MN_SBO);
+  wg_fence_operands(o);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wg_mma_m64n256k16_rs_nmajor(o, hi[4 * kk], hi[4 * kk + 1], hi[4 * kk + 2], hi[4 * kk + 3],
+                                dv + kk * WG_PV_KSTEP);
+    if constexpr (SPLIT)
+      wg_mma_m64n256k16_rs_nmajor(o, lo[4 * kk], lo[4 * kk + 1], lo[4 * kk + 2], lo[4 * kk + 3],
+                                  dv + kk * WG_PV_KSTEP);
+  }
+  wg_commit();
+}
+#endif  // MLA_HAS_WGMMA

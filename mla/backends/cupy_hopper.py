@@ -1,0 +1,165 @@
+"""Launch preparation for the Hopper (sm_90a, wgmma) MLA decode kernel. NOT YET RUN ON A GPU.
+
+``kernels/mla_decode_hopper.cu`` (building blocks in ``kernels/mla_wgmma.cuh``) compiles with NVRTC
+for sm_90a without spills (``tests/test_hopper_compile.py``) and runs on the CPU emulator with a wgmma
+model, but it has not executed on a GPU yet. So ``backend="cupy"`` reaches it **only when
+``MLA_CUPY_UNVERIFIED=1``** (the gate of ``mla.backends.cupy_sparse_fp8``) and the kernel is forced
+(``MLA_CUPY_KERNEL=hopper`` or ``decode(..., kernel="hopper")``); forcing it without the gate raises
+``BackendUnavailable`` saying so, and ``"auto"`` keeps the portable kernel. The checks to run on an H100
+before the gate goes: ``tests/test_wgmma_probe_gpu.py`` (each building block against NumPy), then
+``tests/test_cupy_gpu.py -k hopper`` (the case matrix).
+
+Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
+d_v = 512; any page size, h_kv, s_q, h_q (query rows are padded to 64 a CTA). Other problems go to the
+portable kernel (``cupy_backend._prepare`` falls back), the reason is ``shape_reason``/``device_reason``.
+
+Same plan, partial buffers and combine kernel as the portable kernel: the launch list is
+[mla_decode_hopper (grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B of shared memory),
+mla_combine (when a sequence has several splits)].
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import _arrays
+from . import _nvrtc
+
+D, DV = 576, 512
+BLOCK_M = 64
+THREADS = 256
+TILE_BYTES = BLOCK_M * D * 2
+XCHG_BYTES = 128 * 16 * 4
+SMEM_BYTES = 3 * TILE_BYTES + XCHG_BYTES
+"""Dynamic shared memory: Q tile + 2 K tiles + the warpgroup exchange (kernels/mla_decode_hopper.cu)."""
+ARCH = "sm_90a"
+SOURCE, FUNCTION = "mla_decode_hopper.cu", "mla_decode_hopper"
+
+
+def _gate():
+    from . import cupy_sparse_fp8
+
+    return cupy_sparse_fp8
+
+
+def gate_reason() -> str:
+    return ("backend='cupy': the Hopper (wgmma) kernel is written but not yet verified on a GPU (issue #4); "
+            f"set {_gate().GATE}=1 to use it anyway, or use kernel='portable'")
+
+
+def check_gate() -> None:
+    """Raise BackendUnavailable unless MLA_CUPY_UNVERIFIED=1 (the kernel has not run on a GPU yet)."""
+    if not _gate().gate_open():
+        from . import BackendUnavailable
+
+        raise BackendUnavailable(gate_reason())
+
+
+def shape_reason(problem) -> str | None:
+    """Why the kernel does not take this problem's shapes / dtype (None when it does)."""
+    if problem.is_sparse or problem.is_fp8_kvcache:
+        return "the Hopper kernel computes dense bf16/fp16 caches only"
+    dt = np.dtype(problem.q.dtype)
+    if dt not in (np.dtype(np.float16), _arrays.BFLOAT16):
+        return f"the Hopper kernel computes bfloat16 and float16 only, got {_arrays.dtype_name(dt)}"
+    if problem.d != D or problem.head_dim_v != DV:
+        return f"the Hopper kernel is specialised for d = {D}, d_v = {DV}, got {problem.d}, {problem.head_dim_v}"
+    return None
+
+
+def device_reason(dev: int) -> str | None:
+    """Why device ``dev`` cannot run the kernel (None when it can)."""
+    from . import cupy_backend as _cb
+
+    major, minor = _cb._capability(dev)
+    if (major, minor) != (9, 0):
+        return f"the Hopper kernel is sm_90a code (compute capability 9.0), device {dev} is {major}.{minor}"
+    smem = _cb._max_smem(dev)
+    if smem < SMEM_BYTES:
+        return f"the Hopper kernel needs {SMEM_BYTES} bytes of shared memory a block, device {dev} has {smem}"
+    return None
+
+
+def supports(problem, dev: int | None = None):
+    """(True, "") when the Hopper kernel computes this problem on device ``dev``, else (False, the reason).
+    The gate is not checked here (``check_gate``)."""
+    reason = shape_reason(problem)
+    if reason is None:
+        try:
+            from . import cupy_backend as _cb
+
+            reason = device_reason(_cb._device_id(problem) if dev is None else dev)
+        except Exception as exc:  # no GPU / driver
+            reason = f"cannot query the GPU: {exc}"
+    return (reason is None), (reason or "")
+
+
+def defines(fp16: bool) -> dict:
+    """-D values of mla_decode_hopper.cu (MLA_CUPY_PSPLIT=0/1 forces the bf16 P = P_hi + P_lo split)."""
+    result = {"MLA_FP16": int(bool(fp16))}
+    if os.environ.get("MLA_CUPY_PSPLIT") is not None:  # benchmarks
+        result["MLA_P_SPLIT"] = int(os.environ["MLA_CUPY_PSPLIT"])
+    return result
+
+
+def compile_variants() -> list[dict]:
+    """The -D sets compiled by tests/test_hopper_compile.py: bf16 (P split), bf16 unsplit, fp16."""
+    return [{"MLA_FP16": 0}, {"MLA_FP16": 0, "MLA_P_SPLIT": 0}, {"MLA_FP16": 1}]
+
+
+def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
+             poison: bool = False):
+    """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
+    module ``xp`` (CuPy; NumPy for the CPU emulator in tests/test_hopper_compile.py).
+
+    ``host_splits``: num_splits as a NumPy array when the plan is on the host (the exact partial count is
+    known without a device sync); None: the documented bound b + num_workers is allocated and the combine
+    always launched (it skips single-split rows).
+    """
+    b, s_q, h_q = problem.b, problem.s_q, problem.h_q
+    h_kv, dv = problem.h_kv, problem.head_dim_v
+    rows = s_q * h_q // h_kv
+    num_workers = int(sched.shape[0])
+    host_plan = host_splits is not None
+    total = int(host_splits[-1]) if host_plan else b + num_workers
+    needs_combine = (not host_plan) or total > b
+    out = xp.empty((b, s_q, h_q, dv), dtype=q.dtype)
+    lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
+    o_part = xp.empty((max(total, 1), s_q, h_q, dv), dtype=xp.float32)
+    lse_part = xp.empty((max(total, 1), s_q, h_q), dtype=xp.float32)
+    if poison:
+        out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+        for arr in (lse, o_part, lse_part):
+            arr.fill(np.nan)
+    scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
+    grid = (num_workers, h_kv, -(-rows // BLOCK_M))
+    args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
+            out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
+            scale_log2, np.int32(bool(problem.causal)))
+    launches = [(decode_fn, grid, (THREADS,), args, SMEM_BYTES)]
+    if needs_combine:
+        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b), (128,),
+                         (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q)), 0))
+    return launches, out, lse
+
+
+def prepare(cp, problem, metadata, num_splits, dev):
+    """Device arrays, outputs and the launch list of one decode on device ``dev`` (no gate check: for
+    benchmarks and tests calling it directly; ``cupy_backend.decode`` checks the gate)."""
+    from . import cupy_backend as _cb
+
+    reason = shape_reason(problem) or device_reason(dev)
+    if reason:
+        raise ValueError(f"backend='cupy': {reason}")
+    fp16 = np.dtype(problem.q.dtype) == np.float16
+    fn = _nvrtc.load_function(SOURCE, FUNCTION, defines(fp16), arch=ARCH)
+    if fn.max_dynamic_shared_size_bytes < SMEM_BYTES:
+        fn.max_dynamic_shared_size_bytes = SMEM_BYTES
+    comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": DV, "MLA_FP16": int(fp16)})
+    arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
+              _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
+              _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
+    host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
+    return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS)

@@ -1,0 +1,695 @@
+"""CPU-only checks of the Hopper (sm_90a, wgmma) decode kernel: kernels/mla_decode_hopper.cu, mla_wgmma.cuh,
+wgmma_probe.cu and their launcher mla/backends/cupy_hopper.py. NO GPU NEEDED.
+
+* NVRTC: the decode kernel (bf16 with and without the P split, fp16) and the probe kernels compile for
+  sm_90a with ``-Xptxas -v``: no spills, no local-memory stack, <= 255 registers; with nvcc and cuobjdump
+  at hand, the SASS holds the expected HGMMA instructions (36 x 64x32x16, 8 or 4 x 64x256x16 N-major B).
+* The decode kernel *runs* on the CPU through tests/_cuda_emu.py (each CUDA thread a fiber) with a model
+  of wgmma written here from the PTX ISA (descriptor decoding of the canonical no-swizzle layouts, the
+  m64nNk16 register fragments, commit / wait groups carried out at the wait or at the issue), named
+  barriers (bar.arrive / bar.sync), against the NumPy reference: DeepSeek dims, varlen with empty
+  sequences, splits + combine, causal s_q > 1, h_q up to 128 (two row tiles), h_kv = 2, bf16 and fp16,
+  poisoned outputs and caches, several warp schedules and cp.async / wgmma timings (a missing barrier,
+  an early buffer refill or a read of an unfinished wgmma shows).
+  What this does NOT check: that the hardware agrees with this reading of the PTX ISA (descriptor
+  fields, fragment maps) -- tests/test_wgmma_probe_gpu.py checks that on an H100.
+* The dispatch: the MLA_CUPY_UNVERIFIED gate, shape / device reasons, "auto" stays portable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from mla import _arrays
+from mla.backends import _nvrtc, cupy_hopper
+
+BF16 = _arrays.BFLOAT16
+
+
+def _nvrtc_reason():
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or the NVRTC shared library missing
+        return (f"NVRTC is not usable here ({type(exc).__name__}: {exc}); "
+                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
+    return None
+
+
+needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+
+COMPILE_CASES = [("mla_decode_hopper.cu", d) for d in cupy_hopper.compile_variants()] + [
+    ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
+
+
+def _ptxas_check(log, arch="sm_90a"):
+    reports = _nvrtc.parse_ptxas(log)
+    assert reports, f"no ptxas -v report in the log:\n{log}"
+    for rep in reports:
+        assert rep["arch"] == arch
+        assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, f"register spills: {rep}\n{log}"
+        assert rep["stack"] == 0, f"local-memory stack frame: {rep}\n{log}"
+        assert rep["registers"] is not None and rep["registers"] <= 255, rep
+    return reports
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name,defines", COMPILE_CASES,
+                         ids=[f"{n}-" + "-".join(f"{k}{v}" for k, v in d.items()) for n, d in COMPILE_CASES])
+def test_sm90a_compiles_without_spills(name, defines):
+    cubin, log = _nvrtc.compile_cubin(name, "sm_90a", defines)
+    assert len(cubin) > 0
+    reports = _ptxas_check(log)
+    assert "serialized" not in log, f"ptxas serialises the wgmma pipeline:\n{log}"
+    if name == "mla_decode_hopper.cu":
+        assert [r["function"] for r in reports] == ["mla_decode_hopper"]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "wgmma_probe.cu"])
+def test_sm80_builds_are_trapping_stubs(name):
+    """tests/test_cupy_compile.py builds every source for sm_80 too: wgmma code is compiled out there."""
+    _, log = _nvrtc.compile_cubin(name, "sm_80", {})
+    _ptxas_check(log, "sm_80")
+
+
+def test_smem_budget_matches_the_kernel():
+    src = _nvrtc.read_source("mla_decode_hopper.cu")
+    assert "2 K tiles 147456 B" in src and f"= {cupy_hopper.SMEM_BYTES} B" in src
+    assert cupy_hopper.SMEM_BYTES == 229376 <= 232448  # the H100's opt-in limit a block
+
+
+def _sass_tools():
+    nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/bin/nvcc"))
+    cuobjdump = shutil.which("cuobjdump") or shutil.which("/tmp/cuobj/nvidia/cu13/bin/cuobjdump")
+    return nvcc, cuobjdump
+
+
+@pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 8), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 4),
+                                          ({"MLA_FP16": 1}, 4)])
+def test_sass_holds_hgmma(tmp_path, defines, n_pv):
+    """The wgmma instructions survive to SASS as HGMMA, none serialised (nvcc + cuobjdump, when present;
+    the NVRTC cubin is the same code but this cuobjdump does not read it)."""
+    nvcc, cuobjdump = _sass_tools()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc / cuobjdump not found (SASS check only)")
+    src = tmp_path / "hopper.cu"
+    src.write_text(_nvrtc.read_source("mla_decode_hopper.cu"))
+    cubin = tmp_path / "hopper.cubin"
+    cmd = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-o", str(cubin), str(src)]
+    cmd += [f"-D{k}={v}" for k, v in defines.items()]
+    subprocess.run(cmd, check=True, capture_output=True)
+    env = None
+    nvdisasm = shutil.which("nvdisasm") or "/tmp/nvdis/nvidia/cu13/bin/nvdisasm"
+    if shutil.which(nvdisasm):
+        import os
+
+        env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
+                          env=env).stdout
+    kinds = {}
+    for shape in re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass):  # .F32.BF16 for bf16, .F32 for fp16
+        kinds[shape] = kinds.get(shape, 0) + 1
+    assert kinds == {"64x32x16": 36, "64x256x16": n_pv}, kinds
+    pv = [line for line in sass.splitlines() if "HGMMA.64x256x16" in line]
+    assert all(".tnspB" in line for line in pv), pv[:2]  # imm-trans-b = 1: B (= V) read N-major
+    assert sass.count("WARPGROUP.DEPBAR") == 2  # one wait for S, one for P V: the batches are not serialised
+
+
+# ---- the dispatch and the gate (no GPU)
+
+
+def _problem(d=576, dv=512, dtype=BF16, h_kv=1):
+    import mla
+    from mla import api, testing
+
+    del mla
+    case = testing.make_decode_case(np.random.default_rng(0), b=2, s_q=1, h_q=16, h_kv=h_kv, d=d, head_dim_v=dv,
+                                    page_block_size=64, seqlens=[5, 70], dtype=dtype)
+    return api._validate(*case.args(), None, False, False, None, None, None, True)
+
+
+def test_gate_closed_forcing_hopper_raises(monkeypatch):
+    from mla.backends import BackendUnavailable, cupy_backend
+
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    with pytest.raises(BackendUnavailable, match="Hopper.*not yet verified on a GPU.*MLA_CUPY_UNVERIFIED=1"):
+        cupy_backend._pick_kernel("hopper")
+    monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
+    with pytest.raises(BackendUnavailable, match="Hopper"):
+        cupy_backend._pick_kernel(None)
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens it
+    with pytest.raises(BackendUnavailable):
+        cupy_backend._pick_kernel(None)
+
+
+def test_gate_open_picks_hopper_auto_stays_portable(monkeypatch):
+    from mla.backends import cupy_backend
+
+    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    assert cupy_backend._pick_kernel("hopper") == "hopper"
+    monkeypatch.delenv("MLA_CUPY_KERNEL", raising=False)
+    assert cupy_backend._pick_kernel(None) == "portable"
+    assert cupy_backend._pick_kernel("auto") == "portable"
+    with pytest.raises(ValueError, match="MLA_CUPY_KERNEL"):
+        cupy_backend._pick_kernel("nonsense")
+
+
+def test_shape_reasons():
+    assert cupy_hopper.shape_reason(_problem()) is None
+    assert cupy_hopper.shape_reason(_problem(h_kv=2)) is None
+    assert "d = 576, d_v = 512" in cupy_hopper.shape_reason(_problem(d=64, dv=48))
+    assert "bfloat16 and float16" in cupy_hopper.shape_reason(_problem(dtype=np.float32))
+
+
+def test_device_reasons(monkeypatch):
+    from mla.backends import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: 232448)
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (9, 0))
+    assert cupy_hopper.device_reason(0) is None
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (8, 0))
+    assert "compute capability 9.0" in cupy_hopper.device_reason(0)
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (10, 0))
+    assert "compute capability 9.0" in cupy_hopper.device_reason(0)
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: 101376)
+    assert "shared memory" in cupy_hopper.device_reason(0)
+
+
+@pytest.mark.parametrize("cc,d,dv,want", [((9, 0), 576, 512, "hopper"), ((9, 0), 64, 48, "portable"),
+                                          ((8, 0), 576, 512, "portable")])
+def test_prepare_dispatch(monkeypatch, cc, d, dv, want):
+    """cupy_backend._prepare(kernel="hopper") takes the Hopper launches where it applies, else the portable."""
+    from mla.backends import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: cc)
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: 232448)
+    monkeypatch.setattr(cupy_backend, "_prepare_portable", lambda *a: "portable")
+    monkeypatch.setattr(cupy_hopper, "prepare", lambda *a: "hopper")
+    assert cupy_backend._prepare(None, _problem(d=d, dv=dv), None, None, 0, "hopper") == want
+    assert cupy_backend._prepare(None, _problem(d=d, dv=dv), None, None, 0, "portable") == "portable"
+
+
+def test_psplit_define(monkeypatch):
+    monkeypatch.delenv("MLA_CUPY_PSPLIT", raising=False)
+    assert cupy_hopper.defines(False) == {"MLA_FP16": 0}
+    monkeypatch.setenv("MLA_CUPY_PSPLIT", "0")
+    assert cupy_hopper.defines(True) == {"MLA_FP16": 1, "MLA_P_SPLIT": 0}
+
+
+def test_header_worked_example():
+    """mla_wgmma.cuh's worked example: K[key 9][channel 130] is byte 16532 of a tile, read there both by the
+    K-major descriptor of S (k-step 8) and by the N-major descriptor of P V (k-step 0)."""
+    def tile_offset(row, col):
+        return (col // 8) * 512 + (row // 8) * 64 + (row % 8) * 8 + col % 8
+
+    def kmajor(start, lbo, sbo, mn, k):  # PTX canonical no-swizzle K-major, bytes
+        return start + (mn % 8) * 16 + (mn // 8) * sbo + (k % 8) * 2 + (k // 8) * lbo
+
+    def mnmajor(start, lbo, sbo, mn, k):  # PTX canonical no-swizzle MN-major, bytes
+        return start + (mn % 8) * 2 + (mn // 8) * sbo + (k % 8) * 16 + (k // 8) * lbo
+
+    assert 2 * tile_offset(9, 130) == 16532
+    assert kmajor(8 * 2048, 1024, 128, 9, 130 - 8 * 16) == 16532      # S: wg 0, k-step 8, n = key 9
+    assert mnmajor(0 * 256, 128, 1024, 130, 9) == 16532               # P V: wg 0, k-step 0, n = channel 130
+    rows, cols = np.meshgrid(np.arange(64), np.arange(576), indexing="ij")
+    off = 2 * tile_offset(rows, cols)
+    for s in range(36):  # every k-step of S, both warpgroups' key halves
+        for wg in range(2):
+            k = np.arange(16)[None, :]
+            n = np.arange(32)[:, None]
+            got = kmajor(s * 2048 + wg * 512, 1024, 128, n, k)
+            assert np.array_equal(got, off[32 * wg + n, 16 * s + k])
+    for kk in range(4):  # every k-step of P V, both warpgroups' channel halves
+        for wg in range(2):
+            k = np.arange(16)[:, None]
+            n = np.arange(256)[None, :]
+            got = mnmajor(wg * 32768 + kk * 256, 128, 1024, n, k)
+            assert np.array_equal(got, off[16 * kk + k, 256 * wg + n])
+
+
+def test_accumulator_map_is_a_bijection():
+    """The fragment map the kernel writes O with (mla_wgmma.cuh wg_acc_row / wg_acc_col, mirrored here):
+    the 128 threads x 128 registers of a warpgroup cover its 64 x 256 block once."""
+    t, i = np.meshgrid(np.arange(128), np.arange(128), indexing="ij")
+    row = 16 * (t >> 5) + ((t & 31) >> 2) + 8 * ((i >> 1) & 1)
+    col = 8 * (i >> 2) + 2 * (t & 3) + (i & 1)
+    cells = row * 256 + col
+    assert np.array_equal(np.sort(cells.ravel()), np.arange(64 * 256))
+
+
+# ---- the decode kernel on the CPU emulator, with a wgmma model
+
+WGMMA_MODEL = r"""
+// ---- a model of wgmma, named barriers and the async-proxy fence for the CPU emulator
+// (tests/test_hopper_compile.py), written from the PTX ISA, independent of kernels/mla_wgmma.cuh.
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+namespace wgemu {
+constexpr int OP_WG = 100, OP_NAMED = 200;
+struct Op {
+  int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major
+  u64 da, db;
+  bool accumulate;
+  u32 a[128][4];
+  float* d[128];
+};
+struct Slot {
+  float* d;
+  u64 da, db;
+  int acc, kind;
+  u32 a[4];
+};
+struct WG {
+  emu::Barrier bar;
+  Slot slot[128];
+  std::vector<Op> open;
+  std::vector<std::vector<Op>> groups;
+};
+// static, not inline: g++ makes inline variables GNU-unique symbols that the dynamic linker shares between
+// all loaded emulator libraries; this state must belong to one library.
+static WG wgs[2];
+static emu::Barrier named[16];
+static bool eager = false;  // carry a wgmma out at its issue (earliest) instead of at wgmma.wait_group (latest)
+static bool swap_k = false, swap_mn = false;  // read LBO / SBO the other way round (a "wrong hardware" model)
+static long executed = 0;
+
+inline int wg_index() {
+  if (emu::bdim.x != 256) emu::fail("the wgmma model expects 256-thread CTAs");
+  return (int)(emu::tid.x >> 7);
+}
+inline int wg_thread() { return (int)(emu::tid.x & 127); }
+inline void rendezvous(int op) { emu::barrier_wait(wgs[wg_index()].bar, 128, op); }
+
+inline float smem_elem(u32 addr) {
+  unsigned short h;
+  std::memcpy(&h, emu::smem_at(addr, 2, 2), 2);
+  return emu::e2f(h);
+}
+struct Desc {
+  u32 start, lbo, sbo;
+};
+// Matrix Descriptor Format: start address bits 0-13, LBO 16-29, SBO 32-45 (each >> 4), base offset 49-51,
+// swizzle 62-63; the other bits are reserved.
+inline Desc decode_desc(u64 d) {
+  if (d >> 62) emu::fail("wgmma descriptor: swizzle mode is not 'none'");
+  if ((d >> 49) & 7) emu::fail("wgmma descriptor: base offset set without swizzling");
+  if (d & 0x3FFFC000C000C000ull & ~(7ull << 49)) emu::fail("wgmma descriptor: reserved bits set");
+  return Desc{(u32)(d & 0x3FFF) << 4, (u32)((d >> 16) & 0x3FFF) << 4, (u32)((d >> 32) & 0x3FFF) << 4};
+}
+// Canonical no-swizzle layouts (T = 8 16-bit elements = 16 bytes), in bytes:
+//   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO)):    (mn, k) -> (mn%8)*16 + (mn/8)*SBO + (k%8)*2 + (k/8)*LBO
+//   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)): (mn, k) -> (mn%8)*2 + (mn/8)*SBO + (k%8)*16 + (k/8)*LBO
+inline u32 kmajor(const Desc& d, int mn, int k) {
+  return d.start + (mn % 8) * 16 + (mn / 8) * d.sbo + (k % 8) * 2 + (k / 8) * d.lbo;
+}
+inline u32 mnmajor(const Desc& d, int mn, int k) {
+  return d.start + (mn % 8) * 2 + (mn / 8) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo;
+}
+// m64nNk16 fragments: warp w of the warpgroup owns rows 16 w..; lane l: group g = l / 4, quad q = l % 4.
+// D register i: row 16 w + g + 8 ((i / 2) % 2), col 8 (i / 4) + 2 q + i % 2.
+// A register r (two 16-bit elements, the lower k in the low half): row 16 w + g + 8 (r % 2), k 2 q + 8 (r / 2).
+inline int d_row(int t, int i) { return 16 * (t / 32) + (t % 32) / 4 + 8 * ((i / 2) % 2); }
+inline int d_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
+
+inline void execute(const Op& op) {
+  static float A[64][16], B[256][16];  // B[n][k]
+  const int n = op.kind == 0 ? 32 : 256;
+  Desc db = decode_desc(op.db);
+  if ((op.kind == 0 && swap_k) || (op.kind == 1 && swap_mn)) std::swap(db.lbo, db.sbo);
+  if (op.kind == 0) {
+    Desc da = decode_desc(op.da);
+    if (swap_k) std::swap(da.lbo, da.sbo);
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; ++k) A[m][k] = smem_elem(kmajor(da, m, k));
+    for (int c = 0; c < n; ++c)
+      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(kmajor(db, c, k));
+  } else {
+    for (int t = 0; t < 128; ++t)
+      for (int r = 0; r < 4; ++r) {
+        const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * (r % 2), k = 2 * (t % 4) + 8 * (r / 2);
+        A[row][k] = lo_f(op.a[t][r]);
+        A[row][k + 1] = hi_f(op.a[t][r]);
+      }
+    for (int c = 0; c < n; ++c)
+      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(mnmajor(db, c, k));
+  }
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < n / 2; ++i) {
+      const int row = d_row(t, i), col = d_col(t, i);
+      float acc = op.accumulate ? op.d[t][i] : 0.f;
+      for (int k = 0; k < 16; ++k) acc += A[row][k] * B[col][k];
+      op.d[t][i] = acc;
+    }
+  ++executed;
+}
+
+inline void issue(int kind, float* d, u64 da, u64 db, int acc, u32 a0, u32 a1, u32 a2, u32 a3) {
+  WG& W = wgs[wg_index()];
+  const int t = wg_thread();
+  W.slot[t] = Slot{d, da, db, acc, kind, {a0, a1, a2, a3}};
+  rendezvous(OP_WG + kind);
+  if (t == 0) {
+    Op op;
+    op.kind = kind, op.da = da, op.db = db, op.accumulate = acc != 0;
+    for (int x = 0; x < 128; ++x) {
+      const Slot& s = W.slot[x];
+      if (s.kind != kind || s.da != da || s.db != db || s.acc != acc)
+        emu::fail("wgmma: the threads of a warpgroup disagree on the shape / descriptors / scale-d");
+      op.d[x] = s.d;
+      for (int r = 0; r < 4; ++r) op.a[x][r] = s.a[r];
+    }
+    if (eager) execute(op);
+    else W.open.push_back(op);
+  }
+  rendezvous(OP_WG + kind);
+}
+}  // namespace wgemu
+
+inline void fence_proxy_async() {}
+inline void wg_fence() { wgemu::rendezvous(wgemu::OP_WG + 10); }
+inline void wg_commit() {
+  wgemu::rendezvous(wgemu::OP_WG + 11);
+  if (wgemu::wg_thread() == 0) {
+    auto& W = wgemu::wgs[wgemu::wg_index()];
+    W.groups.push_back(std::move(W.open));
+    W.open.clear();
+  }
+  wgemu::rendezvous(wgemu::OP_WG + 11);
+}
+template <int N>
+inline void wg_wait() {
+  wgemu::rendezvous(wgemu::OP_WG + 12);
+  if (wgemu::wg_thread() == 0) {
+    auto& W = wgemu::wgs[wgemu::wg_index()];
+    while ((int)W.groups.size() > N) {
+      for (const auto& op : W.groups.front()) wgemu::execute(op);
+      W.groups.erase(W.groups.begin());
+    }
+  }
+  wgemu::rendezvous(wgemu::OP_WG + 12);
+}
+template <int N>
+inline void wg_fence_operands(float (&)[N]) {}
+inline void wg_mma_m64n32k16_ss(float (&d)[16], u64 desc_a, u64 desc_b, int accumulate) {
+  wgemu::issue(0, d, desc_a, desc_b, accumulate, 0, 0, 0, 0);
+}
+inline void wg_mma_m64n256k16_rs_nmajor(float (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+  wgemu::issue(1, d, 0, desc_b, 1, a0, a1, a2, a3);
+}
+inline void named_bar_sync(int id, int n) {
+  if (id <= 0 || id >= 16) emu::fail("named barrier id");
+  emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
+}
+inline void named_bar_arrive(int id, int n) {  // counts towards the barrier, does not wait
+  if (id <= 0 || id >= 16) emu::fail("named barrier id");
+  emu::Barrier& b = wgemu::named[id];
+  if (b.count == 0) b.op = wgemu::OP_NAMED + id;
+  else if (b.op != wgemu::OP_NAMED + id) emu::fail("divergent named barrier");
+  ++emu::progress;
+  if (++b.count == n) {
+    b.count = 0;
+    ++b.gen;
+    ++emu::progress;
+  }
+}
+
+extern "C" void wgemu_config(int eager) { wgemu::eager = eager != 0; }
+extern "C" void wgemu_model(int swap_k, int swap_mn) {
+  wgemu::swap_k = swap_k != 0;
+  wgemu::swap_mn = swap_mn != 0;
+}
+extern "C" long wgemu_executed() { return wgemu::executed; }
+extern "C" int wgemu_pending() {
+  int n = 0;
+  for (auto& W : wgemu::wgs) n += (int)W.open.size() + (int)W.groups.size();
+  for (auto& b : wgemu::named) n += b.count;
+  return n;
+}
+extern "C" void wgemu_reset() {
+  for (auto& W : wgemu::wgs) {
+    W.open.clear();
+    W.groups.clear();
+    W.bar = emu::Barrier();
+  }
+  for (auto& b : wgemu::named) b = emu::Barrier();
+}
+"""
+
+MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
+            "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor"}
+
+
+try:
+    import _cuda_emu  # tests/_cuda_emu.py (pytest puts tests/ on sys.path: rootdir-relative test modules)
+except ImportError:  # pragma: no cover
+    _cuda_emu = None
+
+
+def _emu():
+    return _cuda_emu
+
+
+needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None,
+                               reason="the CPU emulator (tests/_cuda_emu.py) needs g++")
+_MODULES: dict = {}
+
+
+def _emu_modules(monkeypatch, defines, source_edit=None):
+    """(decode module, combine function) for the emulator, compiled once per define set."""
+    emu = _emu()
+    key = (tuple(sorted(defines.items())), source_edit)
+    if key not in _MODULES:
+        monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
+        src = _nvrtc.read_source("mla_decode_hopper.cu")
+        if source_edit is not None:
+            old, new = source_edit
+            assert old in src, old
+            src = src.replace(old, new)
+        mod = emu.EmuModule("mla_decode_hopper.cu", {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
+        comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0)})
+        _MODULES[key] = (mod, comb.get_function("mla_combine"))
+    return _MODULES[key]
+
+
+def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
+                  psplit=None, source_edit=None, extra_defines=None, device_plan=False):
+    """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
+    device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run)."""
+    import mla
+    from mla import api
+
+    h_kv, s_q, h_q = case.k_cache.shape[2], case.q.shape[1], case.q.shape[2]
+    fp16 = case.q.dtype == np.float16
+    defines = {"MLA_FP16": int(fp16)}
+    if psplit is not None:
+        defines["MLA_P_SPLIT"] = int(psplit)
+    defines.update(extra_defines or {})
+    mod, comb = _emu_modules(monkeypatch, defines, source_edit)
+    mod.configure(eager_copies, schedule)
+    lib = mod._lib
+    lib.wgemu_config(int(eager_wgmma))
+    lib.wgemu_model(0, 0)
+    lib.wgemu_reset()
+    lib.wgemu_executed.restype = ctypes.c_long
+    fn = mod.get_function("mla_decode_hopper")
+    fn.max_dynamic_shared_size_bytes = cupy_hopper.SMEM_BYTES
+    sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
+    problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
+    arrays = [np.ascontiguousarray(case.q), np.ascontiguousarray(case.k_cache),
+              np.ascontiguousarray(case.block_table, np.int32), np.ascontiguousarray(case.cache_seqlens, np.int32),
+              np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
+    launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
+                                              host_splits=None if device_plan else arrays[-1], poison=True)
+    before = lib.wgemu_executed()
+    for f, grid, block, args, smem in launches:
+        f(grid, block, args, shared_mem=smem)
+    assert lib.wgemu_pending() == 0, "wgmma groups or named-barrier arrivals left over at the end of a CTA"
+    return out, lse, splits, lib.wgemu_executed() - before
+
+
+# (b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms, eager copies, schedule, eager wgmma, device plan)
+EMU_CASES = [
+    (2, 1, 16, 1, [70, 130], False, BF16, 2, False, "lockstep", False, False),        # 2 pieces on a worker
+    (3, 1, 16, 1, [0, 300, 1], False, BF16, 9, False, "skewed", False, False),        # splits + combine, L = 0
+    (2, 2, 16, 1, [3, 200], True, np.float16, 4, True, "reverse", False, False),      # causal s_q 2, fp16
+    (1, 4, 32, 1, [130], True, BF16, 1, True, "skewed", True, False),                 # 128 rows: 2 row tiles
+    (2, 1, 128, 1, [64, 65], False, np.float16, 1, False, "reverse", True, False),    # tile edges
+    (2, 2, 12, 2, [90, 7], True, BF16, 2, False, "lockstep", True, False),            # h_kv = 2, group 6
+    (2, 2, 128, 1, [300, 1000], True, BF16, 16, False, "skewed", False, False),       # 4 row tiles, splits
+    (4, 1, 64, 1, [0, 1, 63, 64], False, np.float16, 3, True, "lockstep", True, False),
+    (1, 1, 16, 1, [2000], False, BF16, 16, False, "reverse", False, True),            # many splits, device plan
+    (2, 4, 8, 1, [2, 3], True, np.float16, 2, True, "skewed", False, False),          # rows with no key
+    (2, 2, 126, 2, [65, 129], True, BF16, 2, False, "reverse", True, True),           # 126 rows a KV head
+    (3, 1, 9, 3, [0, 77, 5], False, BF16, 3, True, "lockstep", False, False),         # h_kv = 3, group 3
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,dtype,num_sms,eager,schedule,eager_wgmma,device_plan",
+                         EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
+def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms,
+                                                  eager, schedule, eager_wgmma, device_plan):
+    from mla import reference, testing
+
+    rng = np.random.default_rng(b * 100 + h_q + s_q)
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=seqlens, dtype=dtype, causal=causal)
+    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, eager_wgmma,
+                                              device_plan=device_plan)
+    out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
+                                                     512, causal=causal)
+    testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
+    assert n_wgmma > 0 or max(seqlens) == 0
+    from mla import scheduler
+
+    if scheduler.num_sm_parts(num_sms, s_q * h_q // h_kv, h_kv) > b and max(seqlens) > 256:
+        assert int(splits[-1]) > b, "meant to exercise the split + combine path"
+
+
+@needs_gxx
+def test_emulated_bf16_p_split_matters(monkeypatch):
+    """The bf16 P = P_hi + P_lo split is live: without it the result moves by ~bf16 rounding of P."""
+    from mla import reference, testing
+
+    case = testing.make_decode_case(np.random.default_rng(5), b=1, s_q=1, h_q=16, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[40], dtype=BF16)
+    out_ref, _ = reference.flash_mla_reference(*case.args())
+    errs = {}
+    for psplit in (0, 1):
+        out, _, _, _ = _run_emulated(monkeypatch, case, 1, psplit=psplit)
+        errs[psplit] = float(np.abs(out.astype(np.float64) - out_ref.astype(np.float64)).max())
+    assert errs[1] < errs[0], errs
+
+
+@needs_gxx
+def test_emulator_catches_a_missing_barrier(monkeypatch):
+    """Self-test of the harness: without the barrier that ends a tile (both warpgroups done reading the
+    K buffer) the next-but-one tile's cp.async overwrites a buffer the other warpgroup still reads."""
+    from mla import reference, testing
+
+    barrier = "__syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer)"
+    case = testing.make_decode_case(np.random.default_rng(9), b=1, s_q=1, h_q=16, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[300], dtype=BF16)
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args())
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, eager_copies=True, schedule="skewed",
+                                   source_edit=(barrier, "// (barrier removed by the test)"))
+    with pytest.raises(AssertionError):
+        testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+def _sensitivity_case():
+    from mla import testing
+
+    return testing.make_decode_case(np.random.default_rng(9), b=1, s_q=1, h_q=16, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[300], dtype=BF16)
+
+
+@needs_gxx
+@pytest.mark.parametrize("swap", ["MLA_WG_DIAG_SWAP_K", "MLA_WG_DIAG_SWAP_MN"])
+def test_emulator_catches_a_wrong_descriptor(monkeypatch, swap):
+    """Self-test of the wgmma model: with LBO and SBO exchanged (K-major for S, or N-major for P V) the
+    emulated kernel is wrong, so the passing runs above do test the kernel's descriptors."""
+    from mla import reference, testing
+
+    case = _sensitivity_case()
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args())
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, extra_defines={swap: 1})
+    with pytest.raises(AssertionError):
+        testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+@needs_gxx
+def test_emulator_catches_a_missing_exchange_barrier(monkeypatch):
+    """Self-test: warpgroup 0 reading the exchange buffer without waiting for warpgroup 1's values."""
+    from mla import reference, testing
+
+    wait = "named_bar_sync(1, 256);\n    wg_xchg_load(sx, t, other);"
+    case = _sensitivity_case()
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args())
+    with pytest.raises(AssertionError):
+        out, lse, _, _ = _run_emulated(monkeypatch, case, 1, schedule="reverse",
+                                       source_edit=(wait, "wg_xchg_load(sx, t, other);"))
+        testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+# ---- the GPU probe tests (tests/test_wgmma_probe_gpu.py) on the emulator: their expectations and their
+# failure diagnosis are right, so on the H100 a failure means the hardware reads wgmma differently.
+
+_PROBE_MODULES: dict = {}
+
+
+class _EmuProbeBackend:
+    xp = np
+
+    def __init__(self, monkeypatch, model=(0, 0)):
+        self.monkeypatch, self.model = monkeypatch, model
+
+    def function(self, name, defines):
+        key = tuple(sorted(defines.items()))
+        if key not in _PROBE_MODULES:
+            self.monkeypatch.setattr(_cuda_emu, "EMULATED", set(_cuda_emu.EMULATED) | MODELLED)
+            decl = "extern __shared__ __align__(128) unsigned char probe_smem[];"
+            src = _nvrtc.read_source("wgmma_probe.cu")
+            assert decl in src
+            src = src.replace(decl, "#define probe_smem (emu::smem_base)")  # file-scope: bind at run time
+            _PROBE_MODULES[key] = _cuda_emu.EmuModule("wgmma_probe.cu", {"MLA_HAS_WGMMA": 1, **defines},
+                                                      source=WGMMA_MODEL + src)
+        module = _PROBE_MODULES[key]
+        module._lib.wgemu_config(0)
+        module._lib.wgemu_model(*self.model)
+        module._lib.wgemu_reset()
+        fn = module.get_function(name)
+        fn.max_dynamic_shared_size_bytes = 155648
+        return fn
+
+    def sync(self):
+        pass
+
+
+def _probe_tests():
+    import test_wgmma_probe_gpu as probes
+
+    return probes
+
+
+PROBE_CASES = [("test_tile_layout_of_the_cp_async_copy", {}), ("test_accumulator_map_on_the_device", {}),
+               ("test_scores_structured", {"dtype": BF16, "k1": True}),
+               ("test_scores_structured", {"dtype": np.float16, "k1": False}),
+               ("test_scores_random", {"dtype": BF16, "k1": False}),
+               ("test_scores_random", {"dtype": np.float16, "k1": True}),
+               ("test_pv_structured", {"dtype": BF16, "split": True}),
+               ("test_pv_structured", {"dtype": np.float16, "split": False}),
+               ("test_pv_random", {"dtype": BF16, "split": False}),
+               ("test_pv_random", {"dtype": np.float16, "split": True}),
+               ("test_pv_split_recovers_bf16_rounding", {})]
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,kwargs", PROBE_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PROBE_CASES)])
+def test_probe_tests_pass_on_the_emulator(monkeypatch, name, kwargs):
+    probes = _probe_tests()
+    monkeypatch.setattr(probes, "BACKEND", _EmuProbeBackend(monkeypatch))
+    getattr(probes, name)(**kwargs)
+
+
+@needs_gxx
+@pytest.mark.parametrize("model,define,test,kwargs",
+                         [((1, 0), "MLA_WG_DIAG_SWAP_K", "test_scores_random", {"dtype": BF16, "k1": False}),
+                          ((0, 1), "MLA_WG_DIAG_SWAP_MN", "test_pv_structured", {"dtype": BF16, "split": False})],
+                         ids=["K-major", "MN-major"])
+def test_probe_failure_names_the_descriptor_fix(monkeypatch, model, define, test, kwargs):
+    """Were the hardware to read LBO / SBO the other way round (the model swaps them here), the probe fails
+    and its message names the define under which it passes (so: swap those constants in mla_wgmma.cuh)."""
+    probes = _probe_tests()
+    monkeypatch.setattr(probes, "BACKEND", _EmuProbeBackend(monkeypatch, model))
+    with pytest.raises(AssertionError, match=re.escape(f"{{'{define}': 1}}: MATCHES numpy")):
+        getattr(probes, test)(**kwargs)
