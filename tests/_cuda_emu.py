@@ -24,7 +24,7 @@ import numpy as np
 from mla.backends import _nvrtc
 
 HERE = Path(__file__).resolve().parent
-EMULATED = {"smem_u32", "pack2", "lo_f", "hi_f", "to_elem", "fast_exp2", "cp_async16", "cp_async4",
+EMULATED = {"smem_u32", "pack2", "lo_f", "hi_f", "to_elem", "fast_exp2", "mul_rn", "cp_async16", "cp_async4",
             "cp_async_commit", "cp_async_wait", "red_add2", "ldsm_x4", "ldsm_x2", "ldsm_x4_t", "mma16816"}
 
 SCHEDULES = ("lockstep", "skewed", "reverse")
@@ -102,6 +102,8 @@ class _Function:
                 if "*" not in p:
                     raise TypeError(f"{self.name}: array passed for scalar parameter {p!r}")
                 conv.append(a.ctypes.data)
+            elif "*" in p and (a is None or (isinstance(a, (int, np.integer)) and int(a) == 0)):
+                conv.append(None)  # a null pointer (the backends pass np.uint64(0))
             else:
                 if "*" in p:
                     raise TypeError(f"{self.name}: scalar passed for pointer parameter {p!r}")
@@ -125,7 +127,11 @@ class EmuModule:
                 f'extern "C" void emu_{fname}(unsigned gx, unsigned gy, unsigned gz, int threads, size_t smem, '
                 f'{", ".join(params)}) {{\n'
                 f"  emu::launch(emu_dim3{{gx, gy, gz}}, threads, smem, [&] {{ {fname}({', '.join(names)}); }});\n}}\n")
+        # a kernel named by a macro (``MLA_KERNEL_NAME(...)``): the library reports the expanded name
+        macros = [fname for fname, _ in kernels if fname.isupper()]
+        wrappers += [f'extern "C" const char* emu_name_{m}() {{ return EMU_STR({m}); }}\n' for m in macros]
         head = "".join(f"#define {k} {v}\n" for k, v in sorted((defines or {}).items()))
+        head += "#define EMU_XSTR(x) #x\n#define EMU_STR(x) EMU_XSTR(x)\n"
         text = head + '#include "cuda_host_emu.h"\n' + src + "\n" + "\n".join(wrappers)
         key = hashlib.sha256((text + (HERE / "cuda_host_emu.h").read_text()).encode()).hexdigest()[:20]
         cache = Path(tempfile.gettempdir()) / "mla_cuda_emu"
@@ -141,7 +147,14 @@ class EmuModule:
                 raise RuntimeError(f"g++ failed on the emulated {name}:\n{res.stderr[-6000:]}")
             tmp.replace(lib)
         self._lib = ctypes.CDLL(str(lib))
-        self._functions = {fname: _Function(self._lib, fname, params) for fname, params in kernels}
+        self._functions = {}
+        for fname, params in kernels:
+            name = fname
+            if fname in macros:
+                getter = getattr(self._lib, f"emu_name_{fname}")
+                getter.restype = ctypes.c_char_p
+                name = getter().decode()
+            self._functions[name] = _Function(self._lib, fname, params)
 
     def configure(self, eager: bool = False, schedule: str = "lockstep") -> None:
         """cp.async copies at the issue (eager) or at the wait (lazy); warp schedule "lockstep",

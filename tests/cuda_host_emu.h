@@ -59,6 +59,14 @@ struct emu_dim3 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(8) int2 {
+  int x, y;
+};
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
 struct float2 {
   float x, y;
 };
@@ -290,6 +298,10 @@ inline float lo_f(u32 x) { return emu::e2f((unsigned short)(x & 0xffff)); }
 inline float hi_f(u32 x) { return emu::e2f((unsigned short)(x >> 16)); }
 inline mla_elem_t to_elem(float x) { return emu::f2e(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }
+inline float mul_rn(float a, float b) {  // one IEEE rounding, subnormals kept (no FTZ on the host)
+  volatile float r = a * b;
+  return r;
+}
 
 inline void emu_cp_async(void* smem, const void* gmem, int size, bool pred) {
   unsigned char* d = static_cast<unsigned char*>(smem);
