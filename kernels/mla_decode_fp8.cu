@@ -239,8 +239,7 @@ MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restric
 #endif
 
     float o_acc[NT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) o_acc[t][0] = o_acc[t][1] = o_acc[t][2] = o_acc[t][3] = 0.f;
+    mla_zero_frags(o_acc);
     float m_run0 = MLA_NEG_INF, m_run1 = MLA_NEG_INF, l_run0 = 0.f, l_run1 = 0.f;
 
     if (n_tiles > 0) {
@@ -328,21 +327,9 @@ MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restric
         // ---- S = Q K^T for 16 rows x SN keys of this warp
         {
           float s_acc[SNT][4];
-#pragma unroll
-          for (int j = 0; j < SNT; ++j) s_acc[j][0] = s_acc[j][1] = s_acc[j][2] = s_acc[j][3] = 0.f;
           const u32 a_base = smem_u32(sQ + (rg * 16 + (lane & 15)) * KSTRIDE + (lane >> 4) * 8);
           const u32 b_base = smem_u32(kt + (cg * SN + (lane & 7)) * KSTRIDE + ((lane >> 3) & 1) * 8);
-#pragma unroll MLA_S_UNROLL
-          for (int k0 = 0; k0 < D_PAD; k0 += 16) {
-            u32 a0, a1, a2, a3;
-            ldsm_x4(a_base + k0 * 2, a0, a1, a2, a3);
-#pragma unroll
-            for (int j = 0; j < SNT; ++j) {
-              u32 b0, b1;
-              ldsm_x2(b_base + (j * 8 * KSTRIDE + k0) * 2, b0, b1);
-              mma16816(s_acc[j], a0, a1, a2, a3, b0, b1);
-            }
-          }
+          mla_warp_qk<D_PAD, KSTRIDE, SNT, MLA_S_UNROLL>(s_acc, a_base, b_base);
           float* s_row0 = sS + (rg * 16 + r0) * SSTRIDE;
           float* s_row1 = s_row0 + 8 * SSTRIDE;
 #pragma unroll
@@ -369,67 +356,11 @@ MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restric
 
         // ---- online softmax (base 2) over the tile's BLOCK_N keys, then O += P V
         {
-          constexpr int KK = BLOCK_N / 16;
-          float2 x00[KK], x01[KK], x10[KK], x11[KK];
           const float* s_row0 = sS + (rg * 16 + r0) * SSTRIDE;
-          const float* s_row1 = s_row0 + 8 * SSTRIDE;
-          float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
-#pragma unroll
-          for (int kk = 0; kk < KK; ++kk) {
-            x00[kk] = *reinterpret_cast<const float2*>(s_row0 + kk * 16 + c2);
-            x01[kk] = *reinterpret_cast<const float2*>(s_row0 + kk * 16 + 8 + c2);
-            x10[kk] = *reinterpret_cast<const float2*>(s_row1 + kk * 16 + c2);
-            x11[kk] = *reinterpret_cast<const float2*>(s_row1 + kk * 16 + 8 + c2);
-            mx0 = fmaxf(mx0, fmaxf(fmaxf(x00[kk].x, x00[kk].y), fmaxf(x01[kk].x, x01[kk].y)));
-            mx1 = fmaxf(mx1, fmaxf(fmaxf(x10[kk].x, x10[kk].y), fmaxf(x11[kk].x, x11[kk].y)));
-          }
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-          const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
-          const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;
-          const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
-          const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
-          m_run0 = mn0;
-          m_run1 = mn1;
-          l_run0 *= alpha0;
-          l_run1 *= alpha1;
-#pragma unroll
-          for (int t2 = 0; t2 < NT; ++t2) {
-            o_acc[t2][0] *= alpha0;
-            o_acc[t2][1] *= alpha0;
-            o_acc[t2][2] *= alpha1;
-            o_acc[t2][3] *= alpha1;
-          }
           const u32 v_base = smem_u32(kt + ((lane & 7) + ((lane >> 3) & 1) * 8) * KSTRIDE + cg * (NT * 8) +
                                       (lane >> 4) * 8);
-#pragma unroll
-          for (int kk = 0; kk < KK; ++kk) {
-            const float p00x = fast_exp2(x00[kk].x - mu0), p00y = fast_exp2(x00[kk].y - mu0);
-            const float p01x = fast_exp2(x01[kk].x - mu0), p01y = fast_exp2(x01[kk].y - mu0);
-            const float p10x = fast_exp2(x10[kk].x - mu1), p10y = fast_exp2(x10[kk].y - mu1);
-            const float p11x = fast_exp2(x11[kk].x - mu1), p11y = fast_exp2(x11[kk].y - mu1);
-            l_run0 += (p00x + p00y) + (p01x + p01y);
-            l_run1 += (p10x + p10y) + (p11x + p11y);
-            const u32 a0 = pack2(p00x, p00y), a1 = pack2(p10x, p10y);
-            const u32 a2 = pack2(p01x, p01y), a3 = pack2(p11x, p11y);
-#if MLA_P_SPLIT
-            const u32 e0 = pack2(p00x - lo_f(a0), p00y - hi_f(a0)), e1 = pack2(p10x - lo_f(a1), p10y - hi_f(a1));
-            const u32 e2 = pack2(p01x - lo_f(a2), p01y - hi_f(a2)), e3 = pack2(p11x - lo_f(a3), p11y - hi_f(a3));
-#endif
-#pragma unroll
-            for (int t2 = 0; t2 < NT; t2 += 2) {
-              u32 b0, b1, b2, b3;
-              ldsm_x4_t(v_base + (kk * 16 * KSTRIDE + t2 * 8) * 2, b0, b1, b2, b3);
-              mma16816(o_acc[t2], a0, a1, a2, a3, b0, b1);
-              mma16816(o_acc[t2 + 1], a0, a1, a2, a3, b2, b3);
-#if MLA_P_SPLIT
-              mma16816(o_acc[t2], e0, e1, e2, e3, b0, b1);
-              mma16816(o_acc[t2 + 1], e0, e1, e2, e3, b2, b3);
-#endif
-            }
-          }
+          mla_softmax_pv<BLOCK_N, SSTRIDE, KSTRIDE, NT, MLA_P_SPLIT>(o_acc, m_run0, m_run1, l_run0, l_run1, s_row0,
+                                                                    v_base, c2);
         }
 #if !MLA_FP8
         __syncthreads();  // sS and this K buffer may now be overwritten (FP8: barrier A of the next tile)
