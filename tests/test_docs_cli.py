@@ -108,3 +108,17 @@ def test_notebook_runner_saves_figures_and_reports_failures(tmp_path):
                    ' "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
     res = subprocess.run(runner + [str(bad)], capture_output=True, text=True)
     assert res.returncode == 1 and "FAILED: RuntimeError: boom" in res.stdout
+
+
+def test_gpu_verification_script_names_real_files():
+    """benchmarks/verify_pending.sh (run on the GPU machine) parses, and every test file, benchmark and
+    module it runs exists, so a rename cannot silently empty the next GPU session's checks."""
+    script = ROOT / "benchmarks" / "verify_pending.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    paths = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
+    assert len(paths) >= 10
+    assert [p for p in paths if not (ROOT / p).is_file()] == []
+    for module in set(re.findall(r"python3 -m ([\w.]+)", text)) - {"pytest", "pip"}:
+        where = ROOT / module.replace(".", "/")
+        assert where.with_suffix(".py").is_file() or where.is_dir(), module
