@@ -279,7 +279,7 @@ def _decode_dense(cp, problem, metadata, num_splits, dev, kernel: str = "portabl
 
 def _prepare_portable(cp, problem, metadata, num_splits, dev):
     """Device arrays, outputs and the launch list [(fn, grid, block, args, smem)] of one decode."""
-    b, s_q, h_q, d = problem.b, problem.s_q, problem.h_q, problem.d
+    s_q, h_q, d = problem.s_q, problem.h_q, problem.d
     h_kv, dv = problem.h_kv, problem.head_dim_v
     rows = s_q * h_q // h_kv
     cfg = portable_config(d, dv, rows, _max_smem(dev))
@@ -296,36 +296,48 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
-    q = _to_device(cp, problem.q)
-    k_cache = _to_device(cp, problem.k_cache)
-    block_table = _to_device(cp, problem.block_table, np.int32)
-    seqlens = _to_device(cp, problem.cache_seqlens, np.int32)
-    sched = _to_device(cp, metadata, np.int32)
-    splits = _to_device(cp, num_splits, np.int32)
+    comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": dv, "MLA_FP16": int(fp16)})
+    arrays = (_to_device(cp, problem.q), _to_device(cp, problem.k_cache), _to_device(cp, problem.block_table, np.int32),
+              _to_device(cp, problem.cache_seqlens, np.int32), _to_device(cp, metadata, np.int32),
+              _to_device(cp, num_splits, np.int32))
+    host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
+    return assemble_dense(cp, fn, comb, problem, arrays, host_splits, block_m, warps * 32, smem, POISON_OUTPUTS)
+
+
+def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, block_m: int, threads: int, smem: int,
+                   poison: bool = False):
+    """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] of a dense decode kernel
+    with the portable kernel's signature (mla_decode_portable.cu, mla_decode_hopper.cu) + mla_combine.cu.
+
+    arrays: (q, k_cache, block_table, seqlens, sched, splits) of the array module ``xp`` (CuPy; NumPy for
+    the CPU emulator in the tests). ``host_splits``: num_splits as a NumPy array when the plan is on the
+    host (the exact partial count is known without a device sync); None: the documented bound
+    b + num_workers rows are allocated and the combine always launched (it skips single-split rows).
+    """
+    q, k_cache, block_table, seqlens, sched, splits = arrays
+    b, s_q, h_q = problem.b, problem.s_q, problem.h_q
+    h_kv, dv = problem.h_kv, problem.head_dim_v
+    rows = s_q * h_q // h_kv
     num_workers = int(sched.shape[0])
-    # partial rows: the plan's exact count when it is on the host, else its documented bound
-    host_plan = isinstance(num_splits, np.ndarray)
-    total = int(num_splits[-1]) if host_plan else b + num_workers
+    host_plan = host_splits is not None
+    total = int(host_splits[-1]) if host_plan else b + num_workers
     needs_combine = (not host_plan) or total > b
-
-    out = cp.empty((b, s_q, h_q, dv), dtype=q.dtype)
-    lse = cp.empty((b, h_q, s_q), dtype=cp.float32)
-    o_part = cp.empty((max(total, 1), s_q, h_q, dv), dtype=cp.float32)
-    lse_part = cp.empty((max(total, 1), s_q, h_q), dtype=cp.float32)
-    if POISON_OUTPUTS:
-        out.view(cp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+    out = xp.empty((b, s_q, h_q, dv), dtype=q.dtype)
+    lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
+    o_part = xp.empty((max(total, 1), s_q, h_q, dv), dtype=xp.float32)
+    lse_part = xp.empty((max(total, 1), s_q, h_q), dtype=xp.float32)
+    if poison:
+        out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
         for arr in (lse, o_part, lse_part):
-            arr.fill(cp.nan)
-
+            arr.fill(np.nan)
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     grid = (num_workers, h_kv, -(-rows // block_m))
     args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
             out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
             scale_log2, np.int32(bool(problem.causal)))
-    launches = [(fn, grid, (warps * 32,), args, smem)]
+    launches = [(decode_fn, grid, (threads,), args, smem)]
     if needs_combine:
-        comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": dv, "MLA_FP16": int(fp16)})
-        launches.append((comb, (-(-(s_q * h_q) // 4), b), (128,),
+        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b), (128,),
                          (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q)), 0))
     return launches, out, lse
 

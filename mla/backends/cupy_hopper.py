@@ -112,37 +112,12 @@ def compile_variants() -> list[dict]:
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
              poison: bool = False):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
-    module ``xp`` (CuPy; NumPy for the CPU emulator in tests/test_hopper_compile.py).
+    module ``xp`` (CuPy; NumPy for the CPU emulator in tests/test_hopper_compile.py): the portable kernel's
+    ``cupy_backend.assemble_dense`` with this kernel's 64-row tile, 256 threads and shared memory."""
+    from .cupy_backend import assemble_dense
 
-    ``host_splits``: num_splits as a NumPy array when the plan is on the host (the exact partial count is
-    known without a device sync); None: the documented bound b + num_workers is allocated and the combine
-    always launched (it skips single-split rows).
-    """
-    b, s_q, h_q = problem.b, problem.s_q, problem.h_q
-    h_kv, dv = problem.h_kv, problem.head_dim_v
-    rows = s_q * h_q // h_kv
-    num_workers = int(sched.shape[0])
-    host_plan = host_splits is not None
-    total = int(host_splits[-1]) if host_plan else b + num_workers
-    needs_combine = (not host_plan) or total > b
-    out = xp.empty((b, s_q, h_q, dv), dtype=q.dtype)
-    lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
-    o_part = xp.empty((max(total, 1), s_q, h_q, dv), dtype=xp.float32)
-    lse_part = xp.empty((max(total, 1), s_q, h_q), dtype=xp.float32)
-    if poison:
-        out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
-        for arr in (lse, o_part, lse_part):
-            arr.fill(np.nan)
-    scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
-    grid = (num_workers, h_kv, -(-rows // BLOCK_M))
-    args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
-            out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
-            scale_log2, np.int32(bool(problem.causal)))
-    launches = [(decode_fn, grid, (THREADS,), args, SMEM_BYTES)]
-    if needs_combine:
-        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b), (128,),
-                         (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q)), 0))
-    return launches, out, lse
+    return assemble_dense(xp, decode_fn, combine_fn, problem, (q, k_cache, block_table, seqlens, sched, splits),
+                          host_splits, BLOCK_M, THREADS, SMEM_BYTES, poison)
 
 
 def prepare(cp, problem, metadata, num_splits, dev):
