@@ -13,19 +13,8 @@ import pytest
 
 from mla.backends import _nvrtc, cupy_backend, cupy_sparse_fp8, cupy_sparse_prefill
 
-
-def _nvrtc_reason():
-    try:
-        from cupy.cuda import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:  # ImportError, or the NVRTC shared library missing
-        return (f"NVRTC is not usable here ({type(exc).__name__}: {exc}); "
-                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
-    return None
-
-
-pytestmark = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+pytestmark = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
+                                 reason=str(_nvrtc.unavailable_reason()))
 
 ARCHS = ("sm_90a", "sm_80")
 SMEM = {"sm_90a": 232448, "sm_80": 166912}

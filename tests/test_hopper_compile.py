@@ -32,18 +32,10 @@ from mla.backends import _nvrtc, cupy_hopper
 BF16 = _arrays.BFLOAT16
 
 
-def _nvrtc_reason():
-    try:
-        from cupy.cuda import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:  # ImportError, or the NVRTC shared library missing
-        return (f"NVRTC is not usable here ({type(exc).__name__}: {exc}); "
-                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
-    return None
 
 
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
+                                 reason=str(_nvrtc.unavailable_reason()))
 
 COMPILE_CASES = [("mla_decode_hopper.cu", d) for d in cupy_hopper.compile_variants()] + [
     ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]

@@ -3,6 +3,9 @@ differences, varlen, causal, GQA, dropout RNG, errors."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,15 +19,12 @@ from mla.prefill import (
     flash_attn_varlen_func,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, any import mode
+from _prefill_check import problem  # noqa: E402
+
 
 def make(lens_q, lens_k, h=4, h_k=4, d=24, d_v=16, seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
-    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
-    q = rng.standard_normal((cu_q[-1], h, d)).astype(dtype)
-    k = rng.standard_normal((cu_k[-1], h_k, d)).astype(dtype)
-    v = rng.standard_normal((cu_k[-1], h_k, d_v)).astype(dtype)
-    return q, k, v, cu_q, cu_k
+    return problem(lens_q, lens_k, h, h_k, d, d_v, dtype, seed)
 
 
 CASES = [

@@ -32,18 +32,10 @@ ARCHS = ("sm_90a", "sm_80")
 H100_SMEM, A100_SMEM, ADA_SMEM = 232448, 166912, 101376
 
 
-def _nvrtc_reason():
-    try:
-        from cupy.cuda import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:  # ImportError, or the NVRTC shared library missing
-        return (f"NVRTC is not usable here ({type(exc).__name__}: {exc}); "
-                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
-    return None
 
 
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
+                                 reason=str(_nvrtc.unavailable_reason()))
 
 
 def _compile_variants():

@@ -3,12 +3,17 @@ on CuPy arrays. Run on the GPU machine with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mla import _arrays
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, any import mode
+from _prefill_check import check_against_reference, problem  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,14 +23,7 @@ pytestmark = [
 BF16 = _arrays.BFLOAT16
 
 
-def _case(lens_q, lens_k, h, h_k, d, d_v, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
-    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
-    q = rng.standard_normal((cu_q[-1], h, d)).astype(dtype)
-    k = rng.standard_normal((cu_k[-1], h_k, d)).astype(dtype)
-    v = rng.standard_normal((cu_k[-1], h_k, d_v)).astype(dtype)
-    return q, k, v, cu_q, cu_k
+_case = problem  # random varlen (q, k, v, cu_q, cu_k), shared with the CPU emulator tests
 
 
 def _close(got, want, rel):
@@ -128,12 +126,7 @@ def mma(monkeypatch):
 
 
 def _check_mma(prefill_cupy, lens_q, lens_k, h, h_k, d, d_v, dtype, causal, dropout_p):
-    import sys
-    from pathlib import Path
-
     import cupy as cp
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _prefill_check import check_against_reference
 
     from mla.prefill import flash_attn_varlen_backward, flash_attn_varlen_forward
 

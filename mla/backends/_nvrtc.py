@@ -24,6 +24,18 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
+def unavailable_reason() -> str | None:
+    """Why NVRTC cannot compile here (None when it can): the compile tests skip with this reason."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or the NVRTC shared library missing
+        return (f"NVRTC is not usable here ({type(exc).__name__}: {exc}); "
+                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
+    return None
+
+
 def kernel_dir() -> Path:
     """The folder holding the .cu/.cuh sources (``mla.kernels``, or ``kernels/`` of a checkout)."""
     try:
