@@ -108,6 +108,38 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// ---- rows of m16n8 fragments: the 4 lanes of a quad (lane / 4 equal) hold rows r0 = lane / 4 and
+// r0 + 8 between them
+
+__device__ __forceinline__ float mla_quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+__device__ __forceinline__ float mla_quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// The online softmax's running max (base 2) of rows r0 / r0 + 8 after a tile whose maxima over this
+// lane's keys are mx0 / mx1: m_run = max(m_run, tile max); mu = m_run, or 0 while the row has seen no
+// key (keeps 2^(s - mu) finite: 0); alpha = 2^(m_old - mu) rescales l and o.
+__device__ __forceinline__ void mla_online_max(float mx0, float mx1, float& m_run0, float& m_run1, float& mu0,
+                                               float& mu1, float& alpha0, float& alpha1) {
+  const float mn0 = fmaxf(m_run0, mla_quad_max(mx0)), mn1 = fmaxf(m_run1, mla_quad_max(mx1));
+  mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;
+  mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
+  alpha0 = fast_exp2(m_run0 - mu0);
+  alpha1 = fast_exp2(m_run1 - mu1);
+  m_run0 = mn0;
+  m_run1 = mn1;
+}
+
+// natural-log lse of a row from its base-2 running max m and sum l (-inf when the row saw no key)
+__device__ __forceinline__ float mla_row_lse(float m, float l) {
+  return l > 0.f ? (m + log2f(l)) * MLA_LN2 : MLA_NEG_INF;
+}
+
 // ---- warp-level attention tile math (mma.sync m16n8k16), used by mla_sparse_prefill.cu; the decode
 // kernels hold the same steps inline. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
 // r0 + 8, columns c2 = 2 (lane % 4) and c2 + 1 of every n8 fragment (the m16n8 accumulator layout).
@@ -189,16 +221,8 @@ __device__ __forceinline__ void mla_softmax_pv(float (&o)[NT][4], float& m_run0,
     mx0 = fmaxf(mx0, fmaxf(fmaxf(x00[kk].x, x00[kk].y), fmaxf(x01[kk].x, x01[kk].y)));
     mx1 = fmaxf(mx1, fmaxf(fmaxf(x10[kk].x, x10[kk].y), fmaxf(x11[kk].x, x11[kk].y)));
   }
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-  const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
-  const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;  // fully masked so far: keep the exponents finite
-  const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
-  const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
-  m_run0 = mn0;
-  m_run1 = mn1;
+  float mu0, mu1, alpha0, alpha1;
+  mla_online_max(mx0, mx1, m_run0, m_run1, mu0, mu1, alpha0, alpha1);
   l_run0 *= alpha0;
   l_run1 *= alpha1;
 #pragma unroll

@@ -369,13 +369,10 @@ MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restric
     }
 
     // ---- finish the piece: o / l, lse = (m + log2 l) ln 2; the 4 lanes of a quad share a row
-    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 1);
-    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 2);
-    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 1);
-    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 2);
+    l_run0 = mla_quad_sum(l_run0);
+    l_run1 = mla_quad_sum(l_run1);
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
-    const float lse0 = l_run0 > 0.f ? (m_run0 + log2f(l_run0)) * MLA_LN2 : MLA_NEG_INF;
-    const float lse1 = l_run1 > 0.f ? (m_run1 + log2f(l_run1)) * MLA_LN2 : MLA_NEG_INF;
+    const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
     const bool direct = nsplit == 1 && !force_partials;
     const int p = lo + split;
 #pragma unroll

@@ -169,16 +169,8 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
           else mx0 = fmaxf(mx0, v);
         }
         // the 4 lanes of a quad hold the same two rows
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
-        const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;  // fully masked so far: keep the exponents finite
-        const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
-        const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
-        m_run0 = mn0;
-        m_run1 = mn1;
+        float mu0, mu1, alpha0, alpha1;  // quad max, running max, rescale factors
+        mla_online_max(mx0, mx1, m_run0, m_run1, mu0, mu1, alpha0, alpha1);
 
         // ---- P = 2^(s - m_new),  l = alpha l + sum_k P_k,  o = alpha o (then + P V)
         l_run0 *= alpha0;
@@ -204,13 +196,10 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
     }
 
     // ---- finish the piece: o / l, lse = (m + log2 l) ln 2; the 4 lanes of a quad share a row
-    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 1);
-    l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 2);
-    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 1);
-    l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 2);
+    l_run0 = mla_quad_sum(l_run0);
+    l_run1 = mla_quad_sum(l_run1);
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
-    const float lse0 = l_run0 > 0.f ? (m_run0 + log2f(l_run0)) * MLA_LN2 : MLA_NEG_INF;
-    const float lse1 = l_run1 > 0.f ? (m_run1 + log2f(l_run1)) * MLA_LN2 : MLA_NEG_INF;
+    const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
     const bool direct = nsplit == 1;
     const int p = lo + split;
 #pragma unroll

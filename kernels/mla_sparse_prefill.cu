@@ -186,10 +186,8 @@ mla_sparse_prefill(const mla_elem_t* __restrict__ q, const mla_elem_t* __restric
   }
 
   // ---- epilogue: the 4 lanes of a quad share a row
-  l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 1);
-  l_run0 += __shfl_xor_sync(0xffffffff, l_run0, 2);
-  l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 1);
-  l_run1 += __shfl_xor_sync(0xffffffff, l_run1, 2);
+  l_run0 = mla_quad_sum(l_run0);
+  l_run1 = mla_quad_sum(l_run1);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int m = qt * BLOCK_M + rg * 16 + r0 + half * 8;

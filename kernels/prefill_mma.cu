@@ -279,16 +279,8 @@ prefill_mma_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
         mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
       }
       // the 4 lanes of a quad (same g) hold one row's 64 keys between them
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m_run0, mx0), mn1 = fmaxf(m_run1, mx1);
-      const float mu0 = mn0 == MLA_NEG_INF ? 0.f : mn0;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
-      const float mu1 = mn1 == MLA_NEG_INF ? 0.f : mn1;
-      const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
-      m_run0 = mn0;
-      m_run1 = mn1;
+      float mu0, mu1, alpha0, alpha1;  // quad max, running max, rescale factors
+      mla_online_max(mx0, mx1, m_run0, m_run1, mu0, mu1, alpha0, alpha1);
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
@@ -339,10 +331,8 @@ prefill_mma_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   }
 
   // ---- out = O / l (times 1/(1-p)), lse = (m + log2 l) ln 2; rows that saw nothing: 0 and +inf
-  l_run0 += __shfl_xor_sync(0xffffffffu, l_run0, 1);
-  l_run0 += __shfl_xor_sync(0xffffffffu, l_run0, 2);
-  l_run1 += __shfl_xor_sync(0xffffffffu, l_run1, 1);
-  l_run1 += __shfl_xor_sync(0xffffffffu, l_run1, 2);
+  l_run0 = mla_quad_sum(l_run0);
+  l_run1 = mla_quad_sum(l_run1);
   const float inv0 = l_run0 > 0.f ? inv_keep / l_run0 : 0.f, inv1 = l_run1 > 0.f ? inv_keep / l_run1 : 0.f;
   const long long o_rs = (long long)H * DV;
   elem_t* oh = out + (long long)qs * o_rs + (long long)head * DV;
