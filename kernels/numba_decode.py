@@ -953,6 +953,22 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0, flat_loader=False):
 # combine: merge each sequence's partials by their lse (the reference's combine_splits).
 
 
+@cuda.jit(device=True, inline=True)
+def split_weights(lse_part, lo, hi, r, h):
+    """(m, total) of row (r, h) over its partials lo .. hi - 1: m = max_s lse_s, total = sum_s exp(lse_s - m)
+    (empty partials, lse -inf, skipped; total 0 when all are empty). Shared by the combine kernels."""
+    m = NEG_INF
+    for sp in range(lo, hi):
+        m = max(m, lse_part[sp, r, h])
+    total = float32(0.0)
+    if m != NEG_INF:
+        for sp in range(lo, hi):
+            ls = lse_part[sp, r, h]
+            if ls != NEG_INF:
+                total += math.exp(ls - m)
+    return m, total
+
+
 def _make_combine(kind):
     narrow = _NARROW[kind]
 
@@ -968,15 +984,7 @@ def _make_combine(kind):
         h = x % h_q
         lo = num_splits[i]
         hi = num_splits[i + 1]
-        m = NEG_INF
-        for sp in range(lo, hi):
-            m = max(m, lse_part[sp, r, h])
-        total = float32(0.0)
-        if m != NEG_INF:
-            for sp in range(lo, hi):
-                ls = lse_part[sp, r, h]
-                if ls != NEG_INF:
-                    total += math.exp(ls - m)
+        m, total = split_weights(lse_part, lo, hi, r, h)
         inv = 1.0 / total if total > 0 else 0.0
         for c in range(tid, d_v, nt):
             o = float32(0.0)

@@ -397,15 +397,7 @@ def _make_combine(kind, has_sink):
         h = x % h_q
         lo = num_splits[i]
         hi = num_splits[i + 1]
-        m = NEG_INF
-        for sp in range(lo, hi):
-            m = max(m, lse_part[sp, r, h])
-        total = float32(0.0)
-        if m != NEG_INF:
-            for sp in range(lo, hi):
-                ls = lse_part[sp, r, h]
-                if ls != NEG_INF:
-                    total += math.exp(ls - m)
+        m, total = _nd.split_weights(lse_part, lo, hi, r, h)
         inv = float32(0.0)
         row_lse = NEG_INF
         if total > 0:
