@@ -175,6 +175,17 @@ def _bits(x):
     return x.view(np.uint16) if x.dtype == _arrays.BFLOAT16 else x
 
 
+def _results(problem, out, lse, out_dev, lse_dev):
+    """(out, lse) in the caller's kind: the CuPy arrays for device inputs, host copies (bf16 restored
+    from its uint16 bits) for NumPy inputs."""
+    if problem.on_device:
+        return out, lse
+    out_host = out_dev.copy_to_host()
+    if problem.q.dtype == _arrays.BFLOAT16:
+        out_host = out_host.view(_arrays.BFLOAT16)
+    return out_host, lse_dev.copy_to_host()
+
+
 def decode(problem, metadata, num_splits):
     """Launch decode + combine. Returns (out [b, s_q, h_q, d_v] in q's dtype, lse f32 [b, h_q, s_q])
     of the caller's array kind."""
@@ -213,8 +224,8 @@ def decode(problem, metadata, num_splits):
         arrays = [None if a is None else cuda.to_device(a) for a in host]
         if version in (2, 3):
             arrays[2] = arrays[1].reshape(k_bits.size).view(np.uint32)
-        out_host = np.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
-        out_dev = cuda.device_array(out_host.shape, _bits(out_host).dtype)
+        out = lse = None  # results are copied back from out_dev / lse_dev
+        out_dev = cuda.device_array((b, s_q, h_q, d_v), _bits(np.empty(0, problem.q.dtype)).dtype)
         lse_dev = cuda.device_array((b, h_q, s_q), np.float32)
 
     o_part, lse_part = _partials(cuda, b + num_workers, s_q, h_q, d_v)
@@ -229,12 +240,7 @@ def decode(problem, metadata, num_splits):
     dec(*arrays, o_part, lse_part, problem.softmax_scale, problem.causal, stream=stream)
     comb(o_part, lse_part, arrays[6], out_dev, lse_dev, stream=stream)
 
-    if problem.on_device:
-        return out, lse
-    out_host = out_dev.copy_to_host()
-    if problem.q.dtype == _arrays.BFLOAT16:
-        out_host = out_host.view(_arrays.BFLOAT16)
-    return out_host, lse_dev.copy_to_host()
+    return _results(problem, out, lse, out_dev, lse_dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +347,7 @@ def _decode_sparse_fp8(problem, metadata, num_splits):
         out_dev, lse_dev = cuda.as_cuda_array(_bits(out)), cuda.as_cuda_array(lse)
     else:
         stream = 0
+        out = lse = None  # results are copied back from out_dev / lse_dev
         dev = {name: cuda.to_device(np.ascontiguousarray(a)) for name, a in named.items()}
         out_dev = cuda.device_array((b, s_q, h_q, d_v), _bits(np.empty(0, problem.q.dtype)).dtype)
         lse_dev = cuda.device_array((b, h_q, s_q), np.float32)
@@ -353,9 +360,4 @@ def _decode_sparse_fp8(problem, metadata, num_splits):
         problem.causal, stream=stream)
     comb(o_part, lse_part, dev["num_splits"], dev["sink"], out_dev, lse_dev, stream=stream)
 
-    if problem.on_device:
-        return out, lse
-    out_host = out_dev.copy_to_host()
-    if problem.q.dtype == _arrays.BFLOAT16:
-        out_host = out_host.view(_arrays.BFLOAT16)
-    return out_host, lse_dev.copy_to_host()
+    return _results(problem, out, lse, out_dev, lse_dev)
