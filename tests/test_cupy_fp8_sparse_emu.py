@@ -37,11 +37,13 @@ H100_SMEM = 232448
 def emulated(monkeypatch):
     """cupy_sparse_fp8.prepare with NumPy as the array module and the emulator as the compiler."""
     modules = {}
+    timing = {"eager": False, "schedule": "lockstep"}  # tests may change it before running
 
     def load_function(name, fn, defines=None):
         key = (name, tuple(sorted((defines or {}).items())))
         if key not in modules:
             modules[key] = _cuda_emu.EmuModule(name, defines)
+        modules[key].configure(timing["eager"], timing["schedule"])
         return modules[key].get_function(fn)
 
     fake_cp = types.SimpleNamespace(asarray=np.asarray, ascontiguousarray=np.ascontiguousarray, empty=np.empty,
@@ -52,7 +54,9 @@ def emulated(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: H100_SMEM)
     monkeypatch.setattr(_nvrtc, "load_function", load_function)
     monkeypatch.setattr(cupy_backend, "POISON_OUTPUTS", True)
-    return fake_cp
+    yield timing
+    for module in modules.values():
+        module.configure(False, "lockstep")
 
 
 def _run(case, num_sms, indices=None, topk_length=None, attn_sink=None):
@@ -115,3 +119,27 @@ def test_sparse_decode_emulated(emulated, fp8, sink):
     want, lse_want = _reference(case, indices, topk_length, attn_sink)
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
     assert (np.asarray(out[1, 1], np.float32) == 0).all() and np.isposinf(lse[1, :, 1]).all()
+
+
+@pytest.mark.parametrize("eager,schedule", [(True, "skewed"), (False, "reverse"), (True, "reverse")])
+@pytest.mark.parametrize("kind", ["fp8_dense", "sparse_fp8_sink"])
+def test_other_warp_schedules_and_copy_timings(emulated, kind, eager, schedule):
+    """Warps run at different speeds and cp.async lands at the issue instead of the wait: a missing
+    barrier or a buffer refilled while another warp still reads it changes the result (shared memory
+    starts as NaN bytes)."""
+    emulated.update(eager=eager, schedule=schedule)
+    rng = np.random.default_rng(31)
+    if kind == "fp8_dense":
+        case = testing.make_decode_case(rng, b=2, s_q=2, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                        seqlens=[200, 7], dtype=BF16, causal=True, fp8=True)
+        out, lse, _ = _run(case, 8)
+        want, lse_want = _reference(case)
+        testing.assert_close(out, lse, want, lse_want)
+        return
+    case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[300, 90], dtype=BF16, fp8=True)
+    indices = testing.make_sparse_indices(rng, case, 160, invalid_ratio=0.3)
+    sink = rng.standard_normal(16).astype(np.float32)
+    out, lse, _ = _run(case, 16, indices=indices, attn_sink=sink)
+    want, lse_want = _reference(case, indices, None, sink)
+    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
