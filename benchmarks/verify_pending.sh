@@ -12,8 +12,12 @@
 #
 # A GPU fault poisons a process's CUDA context, so every test file runs in its own pytest process.
 # Nothing here removes a gate (MLA_CUPY_UNVERIFIED): that is a code change after a pass.
+# The device tool brings back at most 8 files from $OUT: logs, tables and plots are written to a
+# scratch folder and packed into one $OUT/<part>.tgz at the end (tails are printed as they finish).
 set -o pipefail
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+FINAL_OUT=${OUT:-gpu-logs}; mkdir -p "$FINAL_OUT"
+OUT=$(mktemp -d)
+trap 'tar -czf "$FINAL_OUT/${part:-new1}.tgz" -C "$OUT" . && echo "logs: $FINAL_OUT/${part:-new1}.tgz"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 MLA_GPU_EXAMPLES=${MLA_GPU_EXAMPLES:-60}
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || true
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; git rev-parse --short HEAD; date -u; } \
