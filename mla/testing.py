@@ -14,8 +14,8 @@ import numpy as np
 from . import _arrays
 from .fp8 import quantize_kv_fp8
 
-__all__ = ["DecodeCase", "make_decode_case", "make_sparse_indices", "to_device", "assert_close",
-           "run_compute_sanitizer"]
+__all__ = ["DecodeCase", "make_decode_case", "make_sparse_indices", "unused_positions", "poison_sparse_tail",
+           "to_device", "assert_close", "run_compute_sanitizer"]
 
 # DESIGN.md §6 (FlashMLA's test tolerances)
 OUT_ATOL, OUT_RTOL = 8e-4, 2.01 / 128
@@ -126,6 +126,29 @@ def make_sparse_indices(rng, case: DecodeCase, topk: int, invalid_ratio: float =
             keep = rng.random(topk) >= invalid_ratio
             out[i, r] = np.where(keep, phys, -1)
     return out
+
+
+def unused_positions(case: DecodeCase) -> np.ndarray:
+    """Token positions (physical block * page + offset, int32) of every block that no sequence of the
+    case uses: ``make_decode_case`` fills them with NaN (0xFF bytes in an FP8 cache)."""
+    page = case.k_cache.shape[1]
+    used = set()
+    for i, L in enumerate(case.cache_seqlens):
+        used.update(int(x) for x in case.block_table[i, : -(-int(L) // page)])
+    free = [blk for blk in range(case.k_cache.shape[0]) if blk not in used]
+    return np.array([blk * page + o for blk in free for o in range(page)], np.int32)
+
+
+def poison_sparse_tail(rng, case: DecodeCase) -> None:
+    """Point the index-list entries past each sequence's ``topk_length`` (in place) at random
+    ``unused_positions``: a kernel that reads past topk_length then gives NaN. Needs ``case.indices``
+    and ``case.topk_length``; raises ValueError when the case has no unused block (spare_blocks=0)."""
+    free = unused_positions(case)
+    if not free.size:
+        raise ValueError("no unused slots to point at")
+    for i in range(case.q.shape[0]):
+        tail = case.indices[i, :, case.topk_length[i]:]
+        tail[...] = rng.choice(free, size=tail.shape)
 
 
 def to_device(case: DecodeCase) -> DecodeCase:

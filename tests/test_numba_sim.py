@@ -7,15 +7,16 @@ NUMBA_ENABLE_CUDASIM=1; each test then checks its case's result.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("numba")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, any import mode
+from _subprocess import simulator_results  # noqa: E402
 
 CASES = {
     # name: make_decode_case kwargs (tiny dims: the simulator runs every thread in Python)
@@ -63,16 +64,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def sim_results():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", MLA_NUMBA_VERSION="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"simulator subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS"):])
+    return simulator_results(_SCRIPT, CASES, timeout=600, MLA_NUMBA_VERSION="1")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

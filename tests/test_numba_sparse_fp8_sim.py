@@ -15,11 +15,10 @@ problems and still declines what it cannot do, with a reason.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +26,9 @@ import pytest
 pytest.importorskip("numba")
 
 from mla import _arrays, api, testing  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, any import mode
+from _subprocess import run_python, simulator_results  # noqa: E402
 
 BF16 = _arrays.BFLOAT16
 
@@ -87,20 +89,17 @@ _SCRIPT = textwrap.dedent(
     numba_backend.POISON_OUTPUTS = True
     BF16 = _arrays.BFLOAT16
 
-    @cuda.jit
-    def k_e4m3(codes, out):
-        for x in range(cuda.threadIdx.x, codes.shape[0], cuda.blockDim.x):
-            out[x] = nsf.e4m3_to_f32(codes[x])
+    def elementwise(device_fn):
+        # a one-block kernel: out[e] = device_fn(src[e]) for every e
+        @cuda.jit
+        def kernel(src, out):
+            for e in range(cuda.threadIdx.x, src.shape[0], cuda.blockDim.x):
+                out[e] = device_fn(src[e])
+        return kernel
 
-    @cuda.jit
-    def k_bf16_widen(bits, out):
-        for x in range(cuda.threadIdx.x, bits.shape[0], cuda.blockDim.x):
-            out[x] = nsf.bf16_bits_to_f32(bits[x])
-
-    @cuda.jit
-    def k_bf16_narrow(x, out):
-        for e in range(cuda.threadIdx.x, x.shape[0], cuda.blockDim.x):
-            out[e] = nsf.f32_to_bf16_bits(x[e])
+    k_e4m3 = elementwise(nsf.e4m3_to_f32)
+    k_bf16_widen = elementwise(nsf.bf16_bits_to_f32)
+    k_bf16_narrow = elementwise(nsf.f32_to_bf16_bits)
 
     @cuda.jit
     def k_fp8_tokens(words, out):
@@ -160,15 +159,6 @@ _SCRIPT = textwrap.dedent(
         same_bits(out, dequantize_kv_fp8(raw))
         return 6
 
-    def unused_positions(case):
-        # token positions (block * page + offset) in blocks no sequence uses: they hold NaN / 0xFF
-        page = case.k_cache.shape[1]
-        used = set()
-        for i, L in enumerate(case.cache_seqlens):
-            used.update(int(x) for x in case.block_table[i, : -(-int(L) // page)])
-        free = [blk for blk in range(case.k_cache.shape[0]) if blk not in used]
-        return np.array([blk * page + o for blk in free for o in range(page)], np.int32)
-
     def check_decode(rng, p):
         dtype = {"bfloat16": BF16, "float16": np.float16, "float32": np.float32}[p["dtype"]]
         case = testing.make_decode_case(rng, b=p["b"], s_q=p["s_q"], h_q=p["h_q"], h_kv=p["h_kv"], d=p["d"],
@@ -181,11 +171,7 @@ _SCRIPT = textwrap.dedent(
             if p.get("topk_length"):
                 case.topk_length = np.array(p["topk_length"], np.int32)
             if p.get("poison_tail"):  # entries past topk_length point at NaN slots: must never be read
-                free = unused_positions(case)
-                assert free.size, "no unused slots to point at"
-                for i in range(b):
-                    tail = case.indices[i, :, case.topk_length[i]:]
-                    tail[...] = rng.choice(free, size=tail.shape)
+                testing.poison_sparse_tail(rng, case)
         if p.get("sink"):
             case.attn_sink = np.array(p["sink"], np.float32)
         indices_ref = case.indices
@@ -236,17 +222,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def sim_results():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("MLA_NUMBA_VERSION", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"simulator subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS"):])
+    return simulator_results(_SCRIPT, CASES, timeout=900, MLA_NUMBA_VERSION=None)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -300,6 +276,33 @@ def test_supports_declines_with_reason():
                                            attn_sink=None, is_sparse=False, d=64, head_dim_v=48, h_q=1, h_kv=1)
     ok, reason = numba_backend.supports(fp8_wrong_dims)
     assert not ok and "d = 576" in reason
+
+
+def test_poison_sparse_tail_points_at_unused_slots():
+    """mla.testing.unused_positions / poison_sparse_tail (the cases' poison_tail above, the GPU tests): the unused
+    slots hold NaN (0xFF bytes in FP8), entries past topk_length then point at them, those before are unchanged."""
+    rng = np.random.default_rng(2)
+    case = testing.make_decode_case(rng, b=3, s_q=2, h_q=2, d=8, head_dim_v=8, page_block_size=4, seqlens=[9, 0, 13])
+    free = testing.unused_positions(case)
+    assert free.dtype == np.int32 and free.size == 3 * 4  # spare_blocks=3 blocks of page 4
+    slots = case.k_cache.reshape(-1, *case.k_cache.shape[2:])
+    assert np.isnan(slots[free]).all()
+    case.indices = testing.make_sparse_indices(rng, case, 10)
+    assert not np.isin(case.indices, free).any()
+    case.topk_length = np.array([10, 0, 4], np.int32)
+    before = case.indices.copy()
+    testing.poison_sparse_tail(rng, case)
+    for i, n in enumerate(case.topk_length):
+        assert np.array_equal(case.indices[i, :, :n], before[i, :, :n])
+        assert np.isin(case.indices[i, :, n:], free).all()
+    fp8 = testing.make_decode_case(rng, b=1, s_q=1, h_q=1, d=576, head_dim_v=512, page_block_size=2, seqlens=[3],
+                                   fp8=True)
+    assert (fp8.k_cache.reshape(-1, fp8.k_cache.shape[-1])[testing.unused_positions(fp8)] == 0xFF).all()
+    full = testing.make_decode_case(rng, b=1, page_block_size=4, seqlens=[8], spare_blocks=0)
+    full.indices, full.topk_length = testing.make_sparse_indices(rng, full, 4), np.array([2], np.int32)
+    assert testing.unused_positions(full).size == 0
+    with pytest.raises(ValueError, match="no unused slots"):
+        testing.poison_sparse_tail(rng, full)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,11 +363,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 def test_gpu_path_compiles_for_sm90():
     """NVVM compiles the decode (4 variants) and combine kernels for sm_90 without a GPU; with ptxas on
     PATH: no spills and the static shared memory the geometry planned (<= 48 KB)."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=600)
+    proc = run_python(_COMPILE_SCRIPT, timeout=600, NUMBA_ENABLE_CUDASIM="0")
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip()[5:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]

@@ -14,6 +14,7 @@ from mla import _arrays
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file, any import mode
 from _prefill_check import check_against_reference, problem  # noqa: E402
+from _sanitizer import check_compute_sanitizer  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -267,12 +268,7 @@ _SANITIZE = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_mma_compute_sanitizer(tool):
-    from mla import testing
-    result = testing.run_compute_sanitizer(tool, _SANITIZE)
-    if result is None:
-        pytest.skip("compute-sanitizer is not on PATH")
-    ok, report = result
-    assert ok, report
+    check_compute_sanitizer(tool, _SANITIZE)
 
 
 # ------------------------------------------------------------------------------------------ the layer on GPU
