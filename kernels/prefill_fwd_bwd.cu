@@ -84,22 +84,7 @@ __device__ __forceinline__ elem_t from_f(float x) {
 
 // ------------------------------------------------------------------------------------------ dropout RNG
 
-__device__ __forceinline__ u32 mix32(u32 x) {  // lowbias32 (Chris Wellons)
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-__device__ __forceinline__ bool dropout_keep(u32 seed, u32 head, u32 row, u32 col, u32 threshold) {
-  u32 x = mix32(seed ^ 0x9E3779B9u);
-  x = mix32(x ^ head);
-  x = mix32(x ^ row);
-  x = mix32(x ^ col);
-  return (x >> 8) >= threshold;
-}
+#include "mla_dropout.cuh"
 
 // ------------------------------------------------------------------------------------------ tile helpers
 

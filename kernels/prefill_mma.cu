@@ -92,21 +92,7 @@ static_assert(FWD_WARPS == 4 || FWD_WARPS == 8, "PF_FWD_WARPS must be 4 or 8");
 
 // ------------------------------------------------------------------------------------------ dropout RNG
 
-__device__ __forceinline__ u32 mix32(u32 x) {  // lowbias32 (Chris Wellons)
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-// the (seed, head, row) prefix of the hash chain; keep bit of column col: keep_col(prefix, col, thr)
-__device__ __forceinline__ u32 keep_prefix(u32 seed, u32 head, u32 row) {
-  return mix32(mix32(mix32(seed ^ 0x9E3779B9u) ^ head) ^ row);
-}
-__device__ __forceinline__ bool keep_col(u32 prefix, u32 col, u32 threshold) {
-  return (mix32(prefix ^ col) >> 8) >= threshold;
-}
+#include "mla_dropout.cuh"
 
 // ------------------------------------------------------------------------------------------ small helpers
 

@@ -90,7 +90,7 @@ def dropout_keep_mask(seed, head, rows, cols, dropout_p: float, xp=np):
     ``hash = mix(mix(mix(mix(seed ^ 0x9E3779B9) ^ head) ^ row) ^ col)`` with 32-bit wrap-around;
     keep when ``hash >> 8 >= round(p * 2**24)``. rows / cols are *global* packed indices (into
     total_q / total_k), so every sequence of a batch gets independent bits. The CUDA kernel
-    computes exactly the same function (``dropout_keep`` in ``kernels/prefill_fwd_bwd.cu``).
+    computes exactly the same function (``kernels/mla_dropout.cuh``, used by both prefill kernels).
     """
     with np.errstate(over="ignore"):
         s = _mix32(xp.asarray(_seed32(seed) ^ _GOLDEN, dtype=xp.uint32))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import pathlib
 
 import numpy as np
 
@@ -64,9 +63,11 @@ def supports_dtype(dtype) -> bool:
 
 
 def kernel_source() -> str:
-    """The CUDA source of kernels/prefill_fwd_bwd.cu (shipped as mla.kernels package data)."""
-    import mla.kernels
-    return (pathlib.Path(mla.kernels.__file__).resolve().parent / "prefill_fwd_bwd.cu").read_text()
+    """The CUDA source of kernels/prefill_fwd_bwd.cu (shipped as mla.kernels package data), its local
+    includes (mla_dropout.cuh) inlined."""
+    from . import _nvrtc
+
+    return _nvrtc.read_source("prefill_fwd_bwd.cu")
 
 
 # ----------------------------------------------------------------------------------------------
