@@ -122,3 +122,19 @@ def test_gpu_verification_script_names_real_files():
     for module in set(re.findall(r"python3 -m ([\w.]+)", text)) - {"pytest", "pip"}:
         where = ROOT / module.replace(".", "/")
         assert where.with_suffix(".py").is_file() or where.is_dir(), module
+
+
+def test_sass_loop_counter_finds_nested_loops():
+    """benchmarks/sass_loops.py (the instruction count behind Numba v6) on a small listing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sass_loops", ROOT / "benchmarks" / "sass_loops.py")
+    sl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sl)
+    listing = "\n".join(f"        /*{a:04x}*/                   {t} ;" for a, t in [
+        (0x00, "MOV R1, c[0x0][0x28]"), (0x10, "IMAD R2, R3, R4, RZ"), (0x20, "LDGSTS.E.BYPASS.128 [R2], [R4.64]"),
+        (0x30, "@P0 BRA 0x20"), (0x40, "HMMA.16816.F32.BF16 R8, R12, R16, R8"), (0x50, "@!P1 BRA 0x10"),
+        (0x60, "EXIT")])
+    found = sl.loops(listing)
+    assert [(lp["start"], lp["end"], lp["count"]) for lp in found] == [(1, 5, 5), (2, 3, 2)]
+    assert found[0]["ops"]["HMMA"] == 1 and found[1]["ops"]["LDGSTS"] == 1 and sl.opcode("@!P1 BRA 0x10") == "BRA"
