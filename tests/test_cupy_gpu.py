@@ -191,10 +191,14 @@ def test_get_mla_metadata_plans_on_the_device():
         np.testing.assert_array_equal(splits_d.get(), splits_h)
 
 
-def test_decode_step_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+def test_decode_step_replays_from_a_cuda_graph(backend):
     """Plan + decode with device arrays and validate=False record into a CUDA graph (no host sync);
     replaying it after writing new q values and shorter lengths in place gives the reference answer
-    for the new values, while other allocations (which must not reuse the graph's buffers) happen."""
+    for the new values, while other allocations (which must not reuse the graph's buffers) happen.
+    Numba launches on CuPy's current stream and keeps its partial buffers, so it records too."""
+    if backend == "numba":
+        pytest.importorskip("numba")
     cp = _arrays.cupy_module()
     rng = np.random.default_rng(12)
     case = testing.make_decode_case(rng, b=4, s_q=2, h_q=16, d=576, head_dim_v=512, page_block_size=64,
@@ -203,7 +207,7 @@ def test_decode_step_replays_from_a_cuda_graph():
 
     def step():
         sched, splits = mla.get_mla_metadata(c.cache_seqlens, 2 * 16, 1)
-        return mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, backend="cupy", validate=False)
+        return mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, backend=backend, validate=False)
 
     step()  # compile and load the kernels before the capture
     stream = cp.cuda.Stream(non_blocking=True)
