@@ -140,6 +140,24 @@ __device__ __forceinline__ float mla_row_lse(float m, float l) {
   return l > 0.f ? (m + log2f(l)) * MLA_LN2 : MLA_NEG_INF;
 }
 
+// ---- where a finished query row of a split-KV decode goes. Row m of KV head g is (r, h) =
+// (m / group, g group + m % group); a sequence with one split writes out / lse directly (direct),
+// otherwise partial p's o_part / lse_part row. Returns the element offset of the row's first channel
+// (DV channels a row) and sets r, h.
+__device__ __forceinline__ long long mla_row_offset(int m, int group, int g, int i, int p, int s_q, int h_q, int dv,
+                                                    bool direct, int& r, int& h) {
+  r = m / group;
+  h = g * group + m % group;
+  return ((long long)((direct ? i : p) * s_q + r) * h_q + h) * dv;
+}
+
+// the row's lse: lse_out [b, h_q, s_q] (an empty row, -inf, is stored as +inf) or lse_part [*, s_q, h_q]
+__device__ __forceinline__ void mla_store_lse(float* __restrict__ lse_out, float* __restrict__ lse_part, bool direct,
+                                              int i, int p, int r, int h, int s_q, int h_q, float lse_v) {
+  if (direct) lse_out[((long long)i * h_q + h) * s_q + r] = lse_v == MLA_NEG_INF ? MLA_POS_INF : lse_v;
+  else lse_part[(long long)(p * s_q + r) * h_q + h] = lse_v;
+}
+
 // ---- warp-level attention tile math (mma.sync m16n8k16), used by mla_sparse_prefill.cu; the decode
 // kernels hold the same steps inline. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
 // r0 + 8, columns c2 = 2 (lane % 4) and c2 + 1 of every n8 fragment (the m16n8 accumulator layout).

@@ -408,8 +408,7 @@ MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restric
         }
       }
       if (cg == 0 && (lane & 3) == 0) {
-        if (direct) lse_out[((long long)i * h_q + h) * s_q + r] = lse_v == MLA_NEG_INF ? MLA_POS_INF : lse_v;
-        else lse_part[(long long)(p * s_q + r) * h_q + h] = lse_v;
+        mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
       }
     }
   }

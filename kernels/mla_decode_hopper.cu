@@ -206,10 +206,9 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
     for (int half = 0; half < 2; ++half) {
       const int m = half ? m1 : m0;
       if (m >= M) continue;
-      const int r = m / group, h = g * group + m % group;
+      int r, h;
+      const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
       const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
-      const long long orow = direct ? ((long long)(i * s_q + r) * h_q + h) * DV
-                                    : ((long long)(p * s_q + r) * h_q + h) * DV;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int col = 256 * wg + 8 * j + c2;  // wg_acc_col(t, 4 j) of this warpgroup's O columns
@@ -218,8 +217,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
         else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
       }
       if (wg == 0 && (lane & 3) == 0) {
-        if (direct) lse_out[((long long)i * h_q + h) * s_q + r] = lse_v == MLA_NEG_INF ? MLA_POS_INF : lse_v;
-        else lse_part[(long long)(p * s_q + r) * h_q + h] = lse_v;
+        mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
       }
     }
   }
