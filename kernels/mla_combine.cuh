@@ -1,0 +1,65 @@
+// mla_combine.cuh -- merge one query row's split-KV partials (mla.reference.combine_splits), for
+// mla_combine.cu and mla_decode_sparse.cu's mla_combine_sink. One warp a row:
+//
+//   lse = log sum_s exp(lse_s),   out = sum_s exp(lse_s - lse) o_s * f          (empty: out 0, lse +inf)
+//
+// with f = 1 / (1 + exp(sink_h - lse)) when SINK (FlashMLA's attn_sink; lse itself unchanged), else 1.
+// o_part fp32 [*, s_q, h_q, DV], lse_part fp32 [*, s_q, h_q] (-inf = empty split), num_splits int32
+// [b + 1]; out [b, s_q, h_q, DV] (bf16/fp16), lse_out fp32 [b, h_q, s_q]. Rows of a sequence with a
+// single split were written by the decode kernel and are skipped, unless all_rows (the decode kernel
+// then wrote every piece as a partial).
+#pragma once
+#include "mla_common.cuh"
+
+template <int DV, bool SINK>
+__device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part, const float* __restrict__ lse_part,
+                                                const int* __restrict__ num_splits,
+                                                const float* __restrict__ attn_sink, mla_elem_t* __restrict__ out,
+                                                float* __restrict__ lse_out, int s_q, int h_q, int i, int row,
+                                                int lane, int all_rows) {
+  constexpr int PER_LANE = (DV + 31) / 32;
+  const int rows = s_q * h_q;
+  const int lo = num_splits[i], n = num_splits[i + 1] - lo;
+  if (n < 1 || (n == 1 && !all_rows)) return;  // single split: written by the decode kernel
+  const int r = row / h_q, h = row % h_q;
+
+  // m = max_s lse_s, total = sum_s exp(lse_s - m)
+  float m = MLA_NEG_INF;
+  for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+  const float mu = m == MLA_NEG_INF ? 0.f : m;
+  float total = 0.f;
+  for (int s = lane; s < n; s += 32) total += expf(lse_part[(long long)(lo + s) * rows + row] - mu);
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
+  const bool empty = !(total > 0.f);
+  const float lse = empty ? MLA_NEG_INF : mu + logf(total);
+  float sink = 1.f;
+  if constexpr (SINK) {
+    if (attn_sink != nullptr && !empty) sink = 1.f / (1.f + expf(attn_sink[h] - lse));
+  }
+
+  float acc[PER_LANE];
+#pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) acc[k] = 0.f;
+  if (!empty) {
+    for (int s = 0; s < n; ++s) {
+      const float ls = lse_part[(long long)(lo + s) * rows + row];
+      if (ls == MLA_NEG_INF) continue;  // weight 0; its o_s is 0 too, skip the reads
+      float w = expf(ls - lse);
+      if constexpr (SINK) w *= sink;
+      const float* src = o_part + ((long long)(lo + s) * rows + row) * DV;
+#pragma unroll
+      for (int k = 0; k < PER_LANE; ++k) {
+        const int col = lane + 32 * k;
+        if (col < DV) acc[k] += w * src[col];
+      }
+    }
+  }
+  mla_elem_t* dst = out + ((long long)i * rows + row) * DV;
+#pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    const int col = lane + 32 * k;
+    if (col < DV) dst[col] = to_elem(acc[k]);
+  }
+  if (lane == 0) lse_out[((long long)i * h_q + h) * s_q + r] = empty ? MLA_POS_INF : lse;
+}
