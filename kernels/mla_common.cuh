@@ -158,6 +158,34 @@ __device__ __forceinline__ void mla_store_lse(float* __restrict__ lse_out, float
   else lse_part[(long long)(p * s_q + r) * h_q + h] = lse_v;
 }
 
+// o / l of one of this lane's two rows (HALF 0: r0, 1: r0 + 8) from a 16 x 8 NT m16n8 accumulator whose
+// columns start at col0: as q's 16-bit type into out (direct) or fp32 into o_part, at element offset orow.
+template <int HALF, int NT, int DV>
+__device__ __forceinline__ void mla_store_o_row(const float (&o_acc)[NT][4], float inv, bool direct,
+                                                mla_elem_t* __restrict__ out, float* __restrict__ o_part,
+                                                long long orow, int col0, int c2) {
+#pragma unroll
+  for (int t2 = 0; t2 < NT; ++t2) {
+    const int col = col0 + t2 * 8 + c2;
+    const float v0 = o_acc[t2][HALF * 2] * inv, v1 = o_acc[t2][HALF * 2 + 1] * inv;
+    if (direct) {
+      if (DV % 2 == 0) {
+        if (col < DV) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
+      } else {
+        if (col < DV) out[orow + col] = to_elem(v0);
+        if (col + 1 < DV) out[orow + col + 1] = to_elem(v1);
+      }
+    } else {
+      if (DV % 2 == 0) {
+        if (col < DV) *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
+      } else {
+        if (col < DV) o_part[orow + col] = v0;
+        if (col + 1 < DV) o_part[orow + col + 1] = v1;
+      }
+    }
+  }
+}
+
 // ---- warp-level attention tile math (mma.sync m16n8k16), used by mla_sparse_prefill.cu; the decode
 // kernels hold the same steps inline. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
 // r0 + 8, columns c2 = 2 (lane % 4) and c2 + 1 of every n8 fragment (the m16n8 accumulator layout).

@@ -230,26 +230,8 @@ mla_decode_portable(const mla_elem_t* __restrict__ q, const mla_elem_t* __restri
       int r, h;
       const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
       const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
-#pragma unroll
-      for (int t2 = 0; t2 < NT; ++t2) {
-        const int col = cg * (NT * 8) + t2 * 8 + c2;
-        const float v0 = o_acc[t2][half * 2] * inv, v1 = o_acc[t2][half * 2 + 1] * inv;
-        if (direct) {
-          if (DV % 2 == 0) {
-            if (col < DV) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
-          } else {
-            if (col < DV) out[orow + col] = to_elem(v0);
-            if (col + 1 < DV) out[orow + col + 1] = to_elem(v1);
-          }
-        } else {
-          if (DV % 2 == 0) {
-            if (col < DV) *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
-          } else {
-            if (col < DV) o_part[orow + col] = v0;
-            if (col + 1 < DV) o_part[orow + col + 1] = v1;
-          }
-        }
-      }
+      if (half == 0) mla_store_o_row<0, NT, DV>(o_acc, inv, direct, out, o_part, orow, cg * (NT * 8), c2);
+      else mla_store_o_row<1, NT, DV>(o_acc, inv, direct, out, o_part, orow, cg * (NT * 8), c2);
       if (cg == 0 && (lane & 3) == 0) {
         mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
       }
