@@ -186,8 +186,8 @@ __device__ __forceinline__ void mla_store_o_row(const float (&o_acc)[NT][4], flo
   }
 }
 
-// ---- warp-level attention tile math (mma.sync m16n8k16), used by mla_sparse_prefill.cu; the decode
-// kernels hold the same steps inline. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
+// ---- warp-level attention tile math (mma.sync m16n8k16), used by the portable, FP8/sparse decode and
+// sparse prefill kernels. A warp owns 16 rows of a tile; lane holds rows r0 = lane / 4 and
 // r0 + 8, columns c2 = 2 (lane % 4) and c2 + 1 of every n8 fragment (the m16n8 accumulator layout).
 
 // The warp layout of the mma.sync attention kernels (mla_decode_portable.cu's scheme): a CTA of NWARPS

@@ -93,16 +93,10 @@
 constexpr int D = MLA_D, DV = MLA_DV;
 constexpr int BLOCK_M = MLA_BLOCK_M, BLOCK_N = MLA_BLOCK_N, NWARPS = MLA_NWARPS, STAGES = MLA_STAGES;
 constexpr int NTHREADS = NWARPS * 32;
-constexpr int RG = BLOCK_M / 16;
-constexpr int CG = NWARPS / RG;
-constexpr int D_PAD = (D + 15) / 16 * 16;
-constexpr int DV_PAD = (DV + 16 * CG - 1) / (16 * CG) * (16 * CG);
-constexpr int NT = DV_PAD / (8 * CG);
-constexpr int SN = BLOCK_N / CG;
-constexpr int SNT = SN / 8;
-constexpr int KW = D_PAD > DV_PAD ? D_PAD : DV_PAD;
-constexpr int KSTRIDE = KW + 8;
-constexpr int SSTRIDE = BLOCK_N + 8;
+// warp (rg, cg) layout, padded sizes and smem strides: MlaWarpTiling (mla_common.cuh, with its checks)
+using Tiling = MlaWarpTiling<D, DV, BLOCK_M, BLOCK_N, NWARPS>;
+constexpr int RG = Tiling::RG, CG = Tiling::CG, D_PAD = Tiling::D_PAD, DV_PAD = Tiling::DV_PAD, NT = Tiling::NT;
+constexpr int SN = Tiling::SN, SNT = Tiling::SNT, KSTRIDE = Tiling::KSTRIDE, SSTRIDE = Tiling::SSTRIDE;
 constexpr int KROWS_PER_WARP = BLOCK_N / NWARPS;
 
 constexpr int FP8_BYTES = 656, FP8_NOPE = 512, FP8_SCALES_AT = 512, FP8_ROPE_AT = 528;
@@ -110,12 +104,7 @@ constexpr int ROW_BYTES = MLA_FP8 ? FP8_BYTES : D * 2;  // one token of one KV h
 constexpr int ROW_CHUNKS = ROW_BYTES / 16;             // 41 (FP8) or D / 8
 constexpr int DQ_ITEMS = FP8_NOPE / 8 + (D - FP8_NOPE) / 8;  // dequant work items a token: 64 + 8
 
-static_assert(BLOCK_M % 16 == 0 && BLOCK_M <= 64, "BLOCK_M must be 16, 32 or 64");
-static_assert(NWARPS % RG == 0, "NWARPS must be a multiple of BLOCK_M / 16");
-static_assert(BLOCK_N % 16 == 0 && SN % 8 == 0, "BLOCK_N must be a multiple of 16 and of 8 * CG");
 static_assert(BLOCK_N % (2 * NWARPS) == 0, "each warp loads BLOCK_N / NWARPS key rows, two at a time");
-static_assert(D % 8 == 0, "D must be a multiple of 8 (16-byte cp.async rows)");
-static_assert(NT % 2 == 0 && NT <= 32, "O accumulator must fit in registers");
 static_assert(STAGES >= 2, "at least double buffering");
 #if MLA_FP8
 static_assert(D == 576 && DV == 512, "the FP8 layout is DeepSeek's: d = 576, d_v = 512");

@@ -69,25 +69,14 @@
 constexpr int D = MLA_D, DV = MLA_DV;
 constexpr int BLOCK_M = MLA_BLOCK_M, BLOCK_N = MLA_BLOCK_N, NWARPS = MLA_NWARPS, STAGES = MLA_STAGES;
 constexpr int NTHREADS = NWARPS * 32;
-constexpr int RG = BLOCK_M / 16;              // row groups of 16 query rows
-constexpr int CG = NWARPS / RG;               // warps sharing a row group (output column groups)
-constexpr int D_PAD = (D + 15) / 16 * 16;     // QK^T runs over k16 steps
-constexpr int DV_PAD = (DV + 16 * CG - 1) / (16 * CG) * (16 * CG);
-constexpr int NT = DV_PAD / (8 * CG);         // n8 tiles of O a warp owns (even)
-constexpr int SN = BLOCK_N / CG;              // keys a warp scores in the S phase
-constexpr int SNT = SN / 8;
-constexpr int KW = D_PAD > DV_PAD ? D_PAD : DV_PAD;
-constexpr int KSTRIDE = KW + 8;               // +16 bytes a row: ldmatrix rows hit distinct banks
-constexpr int SSTRIDE = BLOCK_N + 8;          // fp32 S tile row
+// warp (rg, cg) layout, padded sizes and smem strides: MlaWarpTiling (mla_common.cuh, with its checks)
+using Tiling = MlaWarpTiling<D, DV, BLOCK_M, BLOCK_N, NWARPS>;
+constexpr int RG = Tiling::RG, CG = Tiling::CG, D_PAD = Tiling::D_PAD, DV_PAD = Tiling::DV_PAD, NT = Tiling::NT;
+constexpr int SN = Tiling::SN, SNT = Tiling::SNT, KSTRIDE = Tiling::KSTRIDE, SSTRIDE = Tiling::SSTRIDE;
 constexpr int CHUNKS = D / 8;                 // 16-byte chunks in a K / Q row
 constexpr int KROWS_PER_WARP = BLOCK_N / NWARPS;
 
-static_assert(BLOCK_M % 16 == 0 && BLOCK_M <= 64, "BLOCK_M must be 16, 32 or 64");
-static_assert(NWARPS % RG == 0, "NWARPS must be a multiple of BLOCK_M / 16");
-static_assert(BLOCK_N % 16 == 0 && SN % 8 == 0, "BLOCK_N must be a multiple of 16 and of 8 * CG");
 static_assert(BLOCK_N % NWARPS == 0, "each warp loads BLOCK_N / NWARPS key rows");
-static_assert(D % 8 == 0, "D must be a multiple of 8 (16-byte cp.async rows)");
-static_assert(NT % 2 == 0 && NT <= 32, "O accumulator must fit in registers");
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 mla_decode_portable(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict__ k_cache,
