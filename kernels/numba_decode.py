@@ -969,30 +969,40 @@ def split_weights(lse_part, lo, hi, r, h):
     return m, total
 
 
+@cuda.jit(device=True, inline=True)
+def combine_row(out):
+    """(i, r, h) of the output row this CTA merges: grid b * s_q * h_q, out [b, s_q, h_q, d_v]."""
+    x = cuda.blockIdx.x
+    s_q, h_q = out.shape[1], out.shape[2]
+    return x // (s_q * h_q), (x // h_q) % s_q, x % h_q
+
+
+@cuda.jit(device=True, inline=True)
+def merged_channel(o_part, lse_part, lo, hi, r, h, c, m, weight):
+    """sum_s exp(lse_s - m) * weight * o_s[c] over the row's non-empty partials (an empty split's o_s
+    may hold anything)."""
+    o = float32(0.0)
+    for sp in range(lo, hi):
+        ls = lse_part[sp, r, h]
+        if ls != NEG_INF:
+            o += math.exp(ls - m) * weight * o_part[sp, r, h, c]
+    return o
+
+
 def _make_combine(kind):
     narrow = _NARROW[kind]
 
     @cuda.jit
     def mla_combine(o_part, lse_part, num_splits, out, lse):
         """grid (b * s_q * h_q), block NT. out [b, s_q, h_q, d_v]; lse [b, h_q, s_q]."""
-        x = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        s_q, h_q, d_v = out.shape[1], out.shape[2], out.shape[3]
-        i = x // (s_q * h_q)
-        r = (x // h_q) % s_q
-        h = x % h_q
+        i, r, h = combine_row(out)
         lo = num_splits[i]
         hi = num_splits[i + 1]
         m, total = split_weights(lse_part, lo, hi, r, h)
         inv = 1.0 / total if total > 0 else 0.0
-        for c in range(tid, d_v, nt):
-            o = float32(0.0)
-            if total > 0:
-                for sp in range(lo, hi):
-                    ls = lse_part[sp, r, h]
-                    if ls != NEG_INF:  # empty splits may hold anything
-                        o += math.exp(ls - m) * inv * o_part[sp, r, h, c]
+        for c in range(tid, out.shape[3], cuda.blockDim.x):
+            o = merged_channel(o_part, lse_part, lo, hi, r, h, c, m, inv) if total > 0 else float32(0.0)
             out[i, r, h, c] = narrow(o)
         if tid == 0:
             lse[i, h, r] = m + math.log(total) if total > 0 else math.inf

@@ -388,13 +388,8 @@ def _make_combine(kind, has_sink):
     @cuda.jit
     def mla_combine_sink(o_part, lse_part, num_splits, attn_sink, out, lse):
         """grid (b * s_q * h_q), block NT. out [b, s_q, h_q, d_v]; lse [b, h_q, s_q]."""
-        x = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        s_q, h_q, d_v = out.shape[1], out.shape[2], out.shape[3]
-        i = x // (s_q * h_q)
-        r = (x // h_q) % s_q
-        h = x % h_q
+        i, r, h = _nd.combine_row(out)
         lo = num_splits[i]
         hi = num_splits[i + 1]
         m, total = _nd.split_weights(lse_part, lo, hi, r, h)
@@ -411,13 +406,8 @@ def _make_combine(kind, has_sink):
                     inv *= ez / (1.0 + ez)
                 else:
                     inv *= 1.0 / (1.0 + math.exp(z))
-        for c in range(tid, d_v, nt):
-            o = float32(0.0)
-            if total > 0:
-                for sp in range(lo, hi):
-                    ls = lse_part[sp, r, h]
-                    if ls != NEG_INF:  # empty splits may hold anything
-                        o += math.exp(ls - m) * inv * o_part[sp, r, h, c]
+        for c in range(tid, out.shape[3], cuda.blockDim.x):
+            o = _nd.merged_channel(o_part, lse_part, lo, hi, r, h, c, m, inv) if total > 0 else float32(0.0)
             out[i, r, h, c] = narrow(o)
         if tid == 0:
             lse[i, h, r] = row_lse if total > 0 else math.inf
