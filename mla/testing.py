@@ -129,8 +129,8 @@ def make_sparse_indices(rng, case: DecodeCase, topk: int, invalid_ratio: float =
 
 
 def unused_positions(case: DecodeCase) -> np.ndarray:
-    """Token positions (physical block * page + offset, int32) of every block that no sequence of the
-    case uses: ``make_decode_case`` fills them with NaN (0xFF bytes in an FP8 cache)."""
+    """Token positions, int32 [n_free_blocks * page] (physical block * page + offset), of every block that
+    no sequence of the case uses: ``make_decode_case`` fills them with NaN (0xFF bytes in an FP8 cache)."""
     page = case.k_cache.shape[1]
     used = set()
     for i, L in enumerate(case.cache_seqlens):
@@ -140,9 +140,10 @@ def unused_positions(case: DecodeCase) -> np.ndarray:
 
 
 def poison_sparse_tail(rng, case: DecodeCase) -> None:
-    """Point the index-list entries past each sequence's ``topk_length`` (in place) at random
-    ``unused_positions``: a kernel that reads past topk_length then gives NaN. Needs ``case.indices``
-    and ``case.topk_length``; raises ValueError when the case has no unused block (spare_blocks=0)."""
+    """Point the index-list entries past each sequence's ``topk_length`` (``case.indices`` int32
+    [b, s_q, topk], ``case.topk_length`` int32 [b]; in place) at random ``unused_positions``: a kernel
+    that reads past topk_length then gives NaN. Raises ValueError when the case has no unused block
+    (spare_blocks=0)."""
     free = unused_positions(case)
     if not free.size:
         raise ValueError("no unused slots to point at")
