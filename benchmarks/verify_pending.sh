@@ -3,6 +3,8 @@
 # Each part fits one device call (timeouts sum to < 600 s); logs and tables go to $OUT (./gpu-logs).
 # Run the parts in this order, back to back (a machine stays warm ~30 s between calls):
 #
+#   bash benchmarks/verify_pending.sh p1        # by issue: Numba v6 + bench (#3), notebooks + roofline (#7), Hopper (#4)
+#   bash benchmarks/verify_pending.sh p2        # FP8/sparse (#5), tensor-core prefill (#6), their benchmarks
 #   bash benchmarks/verify_pending.sh new1      # wgmma probes, device plan + CUDA graph, Numba v6, CuPy FP8/sparse
 #   bash benchmarks/verify_pending.sh new2      # Numba FP8/sparse, sparse prefill, tensor-core prefill, Hopper matrix
 #   bash benchmarks/verify_pending.sh bench     # their benchmarks + the decode table (Numba v5/v6, CuPy kernels)
@@ -24,14 +26,49 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.tx
   > "$OUT/gpu.txt" 2>&1
 PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -ra --maxfail=20"
 
+# Every step's limit is clamped to what is left of the part's budget (BUDGET seconds, default 570),
+# so a part never outlives its device call: a step with under 15 s left is skipped and says so.
+BUDGET=${BUDGET:-570}
+left() { echo $(( BUDGET - SECONDS )); }
+clamp() { local l; l=$(left); (( $1 < l )) && echo "$1" || echo "$l"; }
 t() {  # t SECONDS LOGNAME pytest-args...: one pytest process, log to $OUT/LOGNAME.txt, print its tail
-  local secs=$1 name=$2; shift 2
+  local secs name=$2; secs=$(clamp "$1"); shift 2
+  if (( secs < 15 )); then echo "== $name skipped: out of time"; return; fi
+  local t0=$SECONDS
   timeout "$secs" $PYTEST "$@" > "$OUT/$name.txt" 2>&1
-  echo "== $name (rc $?)"; tail -4 "$OUT/$name.txt"
+  echo "== $name (rc $?, $((SECONDS - t0)) s)"; tail -4 "$OUT/$name.txt"
+}
+r() {  # r SECONDS LOGNAME command...: one command, log to $OUT/LOGNAME.txt, print its tail
+  local secs name=$2; secs=$(clamp "$1"); shift 2
+  if (( secs < 15 )); then echo "== $name skipped: out of time"; return; fi
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
+  echo "== $name (rc $?, $((SECONDS - t0)) s)"; tail -14 "$OUT/$name.txt"
 }
 
 part=${1:-new1}
 case "$part" in
+p1)  # the Numba v6 verdict (#3), the GPU notebooks and roofline plot (#7), then the Hopper kernel (#4)
+  export MLA_CUPY_UNVERIFIED=1
+  t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
+  MLA_TEST_NUMBA_VERSIONS=6 t 150 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays or other_dims"
+  r 110 bench_decode python3 benchmarks/bench_decode.py --versions 5,6 --block-n 32 --reps 20 --out "$OUT/bench_decode.md"
+  r 60 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
+  r 110 notebooks python3 benchmarks/run_notebooks.py --gpu --out "$OUT/notebooks"
+  t 120 t_device_plan_graph tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or cuda_graph"
+  t 200 t_hopper tests/test_cupy_gpu.py -k "hopper and not sanitizer"
+  ;;
+p2)  # FP8 / sparse (#5), tensor-core prefill (#6), and their benchmarks
+  export MLA_CUPY_UNVERIFIED=1
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py -k "not sanitizer"
+  t 100 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py -k "not sanitizer"
+  t 100 t_prefill tests/test_prefill_gpu.py -k "not sanitizer"
+  t 80 t_sparse_prefill tests/test_sparse_prefill_gpu.py -k "not sanitizer"
+  r 90 bench_prefill python3 benchmarks/bench_prefill.py --no-checkpoint --no-simt
+  r 80 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_sparse_prefill python3 benchmarks/bench_sparse_prefill.py --check --out "$OUT/bench_sparse_prefill.md"
+  for k in portable hopper; do r 40 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
+  ;;
 new1)
   export MLA_CUPY_UNVERIFIED=1
   t 100 t_wgmma_probe tests/test_wgmma_probe_gpu.py
