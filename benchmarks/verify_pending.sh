@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/verify_pending.sh p1        # by issue: Numba v6 + bench (#3), notebooks + roofline (#7), Hopper (#4)
 #   bash benchmarks/verify_pending.sh p2        # FP8/sparse (#5), tensor-core prefill (#6), their benchmarks
+#   bash benchmarks/verify_pending.sh p3        # re-checks after p1/p2's fixes, mla bench --plot, GPU notebooks
 #   bash benchmarks/verify_pending.sh new1      # wgmma probes, device plan + CUDA graph, Numba v6, CuPy FP8/sparse
 #   bash benchmarks/verify_pending.sh new2      # Numba FP8/sparse, sparse prefill, tensor-core prefill, Hopper matrix
 #   bash benchmarks/verify_pending.sh bench     # their benchmarks + the decode table (Numba v5/v6, CuPy kernels)
@@ -68,6 +69,16 @@ p2)  # FP8 / sparse (#5), tensor-core prefill (#6), and their benchmarks
   r 80 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   r 60 bench_sparse_prefill python3 benchmarks/bench_sparse_prefill.py --check --out "$OUT/bench_sparse_prefill.md"
   for k in portable hopper; do r 40 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
+  ;;
+p3)  # after p1/p2: Numba views without stream syncs (graph capture, speed), Hopper exchange barriers, #7 runs
+  export MLA_CUPY_UNVERIFIED=1
+  t 60 t_graph tests/test_cupy_gpu.py -k "cuda_graph or forcing_hopper"
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions 5,6 --reps 30 --out "$OUT/bench_decode.md"
+  MLA_CUPY_KERNEL=hopper t 60 s_hopper tests/test_cupy_gpu.py -k sanitizer
+  t 60 t_hopper tests/test_cupy_gpu.py -k "hopper and not sanitizer"
+  for k in portable hopper; do r 30 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
+  r 150 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
+  r 250 notebooks python3 benchmarks/run_notebooks.py --gpu --out "$OUT/notebooks"
   ;;
 new1)
   export MLA_CUPY_UNVERIFIED=1

@@ -258,7 +258,10 @@ def test_non_contiguous_cache_raises():
         mla.flash_mla_with_kvcache(c.q, wide, c.block_table, c.cache_seqlens, 512, backend="cupy")
 
 
-def test_forcing_hopper_raises_until_built():
+def test_forcing_hopper_raises_while_gated(monkeypatch):
+    """The Hopper kernel stays behind MLA_CUPY_UNVERIFIED until its racecheck is clean: forcing it with
+    the gate closed raises (naming the kernel), and an unknown MLA_CUPY_KERNEL is a ValueError."""
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     c = _device_case()
     os.environ["MLA_CUPY_KERNEL"] = "hopper"
     try:

@@ -601,15 +601,16 @@ def test_emulator_catches_a_wrong_descriptor(monkeypatch, swap):
 
 @needs_gxx
 def test_emulator_catches_a_missing_exchange_barrier(monkeypatch):
-    """Self-test: warpgroup 0 reading the exchange buffer without waiting for warpgroup 1's values."""
+    """Self-test: warpgroup 0 reading the exchange buffer before waiting for warpgroup 1's values (the
+    barrier moved after the read, so the arrival counts still match)."""
     from mla import reference, testing
 
     wait = "named_bar_sync(1, 256);\n    wg_xchg_load(sx, t, other);"
     case = _sensitivity_case()
     out_ref, lse_ref = reference.flash_mla_reference(*case.args())
     with pytest.raises(AssertionError):
-        out, lse, _, _ = _run_emulated(monkeypatch, case, 1, schedule="reverse",
-                                       source_edit=(wait, "wg_xchg_load(sx, t, other);"))
+        out, lse, _, _ = _run_emulated(monkeypatch, case, 1, schedule="lockstep",
+                                       source_edit=(wait, "wg_xchg_load(sx, t, other);\n    named_bar_sync(1, 256);"))
         testing.assert_close(out, lse, out_ref, lse_ref)
 
 

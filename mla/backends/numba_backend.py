@@ -175,6 +175,20 @@ def _bits(x):
     return x.view(np.uint16) if x.dtype == _arrays.BFLOAT16 else x
 
 
+def _device_views(cp, cuda, arrays):
+    """Numba views of CuPy arrays (None stays None), for a launch on CuPy's current stream.
+
+    ``sync=False``: Numba would otherwise synchronise the stream each array names in its
+    ``__cuda_array_interface__`` before viewing it. The kernels are launched on that same current
+    stream, so stream order already makes them wait for the writers of their inputs; the syncs only
+    stalled the host (one per array, every call) and are illegal while the stream records a CUDA
+    graph. During a capture the arrays are kept alive for the graph's replays (keep_alive_if_capturing)."""
+    from .cupy_backend import keep_alive_if_capturing
+
+    keep_alive_if_capturing(cp, [a for a in arrays if a is not None])
+    return [None if a is None else cuda.as_cuda_array(a, sync=False) for a in arrays]
+
+
 def _results(problem, out, lse, out_dev, lse_dev):
     """(out, lse) in the caller's kind: the CuPy arrays for device inputs, host copies (bf16 restored
     from its uint16 bits) for NumPy inputs."""
@@ -204,17 +218,15 @@ def decode(problem, metadata, num_splits):
         cp = _arrays.cupy_module()
         stream_ptr = cp.cuda.get_current_stream().ptr
         stream = cuda.external_stream(stream_ptr) if stream_ptr else 0
-        wrap = cuda.as_cuda_array
         out = cp.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
         lse = cp.empty((b, h_q, s_q), dtype=np.float32)
         k_bits = _bits(problem.k_cache)
         q_bits = _bits(problem.q)
         if version in nd.TENSOR_CORE_VERSIONS and (not q_bits.flags.c_contiguous or q_bits.data.ptr % 16):
             q_bits = cp.ascontiguousarray(q_bits)  # cp.async reads 16-byte chunks of q rows
-        arrays = [wrap(q_bits), wrap(k_bits),
-                  wrap(k_bits.reshape(-1).view(np.uint32)) if version in (2, 3) else None,
-                  wrap(problem.block_table), wrap(problem.cache_seqlens), wrap(metadata), wrap(num_splits)]
-        out_dev, lse_dev = wrap(_bits(out)), wrap(lse)
+        *arrays, out_dev, lse_dev = _device_views(cp, cuda, [
+            q_bits, k_bits, k_bits.reshape(-1).view(np.uint32) if version in (2, 3) else None,
+            problem.block_table, problem.cache_seqlens, metadata, num_splits, _bits(out), lse])
     else:
         stream = 0
         k_bits = np.ascontiguousarray(_bits(problem.k_cache))
@@ -341,10 +353,10 @@ def _decode_sparse_fp8(problem, metadata, num_splits):
         cp = xp
         stream_ptr = cp.cuda.get_current_stream().ptr
         stream = cuda.external_stream(stream_ptr) if stream_ptr else 0
-        dev = {name: cuda.as_cuda_array(a) for name, a in named.items()}
         out = cp.empty((b, s_q, h_q, d_v), dtype=problem.q.dtype)
         lse = cp.empty((b, h_q, s_q), dtype=np.float32)
-        out_dev, lse_dev = cuda.as_cuda_array(_bits(out)), cuda.as_cuda_array(lse)
+        *views, out_dev, lse_dev = _device_views(cp, cuda, [*named.values(), _bits(out), lse])
+        dev = dict(zip(named, views))
     else:
         stream = 0
         out = lse = None  # results are copied back from out_dev / lse_dev
