@@ -6,6 +6,7 @@
 #   bash benchmarks/verify_pending.sh p1        # by issue: Numba v6 + bench (#3), notebooks + roofline (#7), Hopper (#4)
 #   bash benchmarks/verify_pending.sh p2        # FP8/sparse (#5), tensor-core prefill (#6), their benchmarks
 #   bash benchmarks/verify_pending.sh p3        # re-checks after p1/p2's fixes, mla bench --plot, GPU notebooks
+#   bash benchmarks/verify_pending.sh p4        # Numba launch per stream (graph), host-time profile
 #   bash benchmarks/verify_pending.sh new1      # wgmma probes, device plan + CUDA graph, Numba v6, CuPy FP8/sparse
 #   bash benchmarks/verify_pending.sh new2      # Numba FP8/sparse, sparse prefill, tensor-core prefill, Hopper matrix
 #   bash benchmarks/verify_pending.sh bench     # their benchmarks + the decode table (Numba v5/v6, CuPy kernels)
@@ -79,6 +80,10 @@ p3)  # after p1/p2: Numba views without stream syncs (graph capture, speed), Hop
   for k in portable hopper; do r 30 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
   r 150 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
   r 250 notebooks python3 benchmarks/run_notebooks.py --gpu --out "$OUT/notebooks"
+  ;;
+p4)  # Numba launchers per stream (graph capture), and where the Numba call's host time goes
+  t 60 t_graph tests/test_cupy_gpu.py -k "cuda_graph"
+  MLA_NUMBA_VERSION=6 r 90 profile_host python3 benchmarks/profile_host.py
   ;;
 new1)
   export MLA_CUPY_UNVERIFIED=1

@@ -1023,6 +1023,18 @@ def _kernel(key, make):
     return k
 
 
+def configured(launchers: dict, kernel, grid, block, stream, smem):
+    """``kernel[grid, block, stream, smem]``, configured once per stream (``launchers`` caches them by
+    stream handle). A configured launcher keeps its stream: caching only the first one would put every
+    later call on the first call's stream, off the caller's current stream (a race with the caller's
+    stream order, and launches missing from a CUDA graph being captured on another stream)."""
+    key = stream if isinstance(stream, int) else int(stream)  # numba Stream.__int__: its handle
+    got = launchers.get(key)
+    if got is None:
+        got = launchers[key] = kernel[grid, block, stream, smem]
+    return got
+
+
 def default_block_n() -> int:
     """Keys per tile of the tiled versions (env MLA_NUMBA_BLOCK_N: 16 or 32)."""
     return int(os.environ.get("MLA_NUMBA_BLOCK_N", "16"))
@@ -1072,7 +1084,7 @@ class DecodeLaunch:
             self.smem = v4_shared_bytes(d)
         else:
             raise ValueError(f"unknown version {version}; versions are {VERSIONS}")
-        self._launch = None
+        self._launchers: dict = {}
 
     def args(self, q, k_cache, k_u32, block_table, seqlens, metadata, num_splits, o_part, lse_part,
              scale, causal):
@@ -1089,11 +1101,9 @@ class DecodeLaunch:
         """arrays: q, k_cache (typed), k_u32 (flat uint32 view; tiled versions), block_table,
         seqlens, metadata, num_splits, o_part, lse_part, scale, causal."""
         args = self.args(*arrays)
-        if self._launch is None:
-            if self.smem > 48 * 1024 and not SIMULATOR:
-                self._opt_in_shared(args)
-            self._launch = self.kernel[self.grid, self.block, stream, self.smem]
-        self._launch(*args)
+        if not self._launchers and self.smem > 48 * 1024 and not SIMULATOR:
+            self._opt_in_shared(args)
+        configured(self._launchers, self.kernel, self.grid, self.block, stream, self.smem)(*args)
 
     def _opt_in_shared(self, args):
         """Kernels may use > 48 KB of dynamic shared memory (up to 227 KB on an H100) only after
@@ -1118,12 +1128,11 @@ class CombineLaunch:
         self.kernel = _kernel(("combine", kind), lambda: _make_combine(kind))
         self.grid = max(b * s_q * h_q, 1)
         self.block = threads or (8 if SIMULATOR else 128)
-        self._launch = None
+        self._launchers: dict = {}
 
     def __call__(self, o_part, lse_part, num_splits, out, lse, stream=0):
-        if self._launch is None:
-            self._launch = self.kernel[self.grid, self.block, stream, 0]
-        self._launch(o_part, lse_part, num_splits, out, lse)
+        launch = configured(self._launchers, self.kernel, self.grid, self.block, stream, 0)
+        launch(o_part, lse_part, num_splits, out, lse)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -437,7 +437,7 @@ class SparseFP8Launch:
         self.kernel = _nd._kernel(key, lambda: _make_decode(kind, fp8, sparse, has_topk_length, d, d_v, geo))
         self.grid = (int(num_workers), int(s_q) * int(h_kv) * -(-group // geo.bh))
         self.block = geo.nt
-        self._launch = None
+        self._launchers: dict = {}
 
     def __call__(self, q, k_cache, block_table, seqlens, plan_lens, indices, topk_length, metadata, num_splits,
                  o_part, lse_part, scale, causal, stream=0):
@@ -445,10 +445,9 @@ class SparseFP8Launch:
         (what the plan split: cache_seqlens, or topk for every sequence), indices, topk_length,
         metadata, num_splits, partial buffers; arrays a mode does not use may be any 1-element
         int32 arrays of the right rank."""
-        if self._launch is None:
-            self._launch = self.kernel[self.grid, self.block, stream, 0]
-        self._launch(q, k_cache, block_table, seqlens, plan_lens, indices, topk_length, metadata, num_splits,
-                     o_part, lse_part, float32(scale), bool(causal))
+        launch = _nd.configured(self._launchers, self.kernel, self.grid, self.block, stream, 0)
+        launch(q, k_cache, block_table, seqlens, plan_lens, indices, topk_length, metadata, num_splits,
+               o_part, lse_part, float32(scale), bool(causal))
 
 
 class SinkCombineLaunch:
@@ -458,12 +457,11 @@ class SinkCombineLaunch:
         self.kernel = _nd._kernel(("combine_sink", kind, bool(has_sink)), lambda: _make_combine(kind, has_sink))
         self.grid = max(int(b) * int(s_q) * int(h_q), 1)
         self.block = threads or (8 if SIMULATOR else 128)
-        self._launch = None
+        self._launchers: dict = {}
 
     def __call__(self, o_part, lse_part, num_splits, attn_sink, out, lse, stream=0):
-        if self._launch is None:
-            self._launch = self.kernel[self.grid, self.block, stream, 0]
-        self._launch(o_part, lse_part, num_splits, attn_sink, out, lse)
+        launch = _nd.configured(self._launchers, self.kernel, self.grid, self.block, stream, 0)
+        launch(o_part, lse_part, num_splits, attn_sink, out, lse)
 
 
 # ----------------------------------------------------------------------------------------------
