@@ -7,6 +7,7 @@
 #   bash benchmarks/verify_pending.sh p2        # FP8/sparse (#5), tensor-core prefill (#6), their benchmarks
 #   bash benchmarks/verify_pending.sh p3        # re-checks after p1/p2's fixes, mla bench --plot, GPU notebooks
 #   bash benchmarks/verify_pending.sh p4        # Numba launch per stream (graph), host-time profile
+#   bash benchmarks/verify_pending.sh p5        # nvidia-h100-x2: NCCL (#8), then re-checks with the gates removed
 #   bash benchmarks/verify_pending.sh new1      # wgmma probes, device plan + CUDA graph, Numba v6, CuPy FP8/sparse
 #   bash benchmarks/verify_pending.sh new2      # Numba FP8/sparse, sparse prefill, tensor-core prefill, Hopper matrix
 #   bash benchmarks/verify_pending.sh bench     # their benchmarks + the decode table (Numba v5/v6, CuPy kernels)
@@ -84,6 +85,21 @@ p3)  # after p1/p2: Numba views without stream syncs (graph capture, speed), Hop
 p4)  # Numba launchers per stream (graph capture), and where the Numba call's host time goes
   t 60 t_graph tests/test_cupy_gpu.py -k "cuda_graph"
   MLA_NUMBA_VERSION=6 r 90 profile_host python3 benchmarks/profile_host.py
+  ;;
+p5)  # on nvidia-h100-x2: the multi-GPU run (#8), then the Numba view cache (#3) and the un-gated kernels
+  t 120 t_distributed tests/test_distributed.py
+  r 60 dist_check python3 -m mla.distributed --mode context --how range --gpus 2 --b 16 --s-k 8192 --varlen --causal \
+    --s-q 2 --reps 3
+  r 90 dist_1m python3 -m mla.distributed --mode context --gpus 1 2 --b 1 --s-k 1048576 --h-q 128 --reps 10 \
+    --json "$OUT/dist_1m.json"
+  r 90 dist_b128 python3 -m mla.distributed --mode context --gpus 1 2 --b 128 --s-k 32768 --h-q 128 --reps 10 \
+    --json "$OUT/dist_b128.json"
+  t 30 t_graph tests/test_cupy_gpu.py -k "cuda_graph"
+  r 50 bench_decode python3 benchmarks/bench_decode.py --versions 5,6 --reps 20 --out "$OUT/bench_decode.md"
+  MLA_TEST_NUMBA_VERSIONS=6 t 70 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
+  t 40 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 50 t_prefill tests/test_prefill_gpu.py
+  t 30 t_sparse_prefill tests/test_sparse_prefill_gpu.py
   ;;
 new1)
   export MLA_CUPY_UNVERIFIED=1
