@@ -96,7 +96,8 @@ p5)  # on nvidia-h100-x2: the multi-GPU run (#8), then the Numba view cache (#3)
     --json "$OUT/dist_b128.json"
   t 30 t_graph tests/test_cupy_gpu.py -k "cuda_graph"
   r 50 bench_decode python3 benchmarks/bench_decode.py --versions 5,6 --reps 20 --out "$OUT/bench_decode.md"
-  MLA_TEST_NUMBA_VERSIONS=6 t 70 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
+  r 60 nb06 python3 benchmarks/run_notebooks.py --gpu --out "$OUT/notebooks" notebooks/06_fp8_and_sparse.ipynb
+  MLA_TEST_NUMBA_VERSIONS=6 t 60 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
   t 40 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   t 50 t_prefill tests/test_prefill_gpu.py
   t 30 t_sparse_prefill tests/test_sparse_prefill_gpu.py
