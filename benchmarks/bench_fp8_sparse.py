@@ -1,4 +1,4 @@
-"""Time the CuPy FP8-cache and sparse (DSA) decode kernels (issue #5; NOT YET RUN ON A GPU before this).
+"""Time the CuPy FP8-cache and sparse (DSA) decode kernels (issue #5; verified on an H100 2026-11-25).
 
     python benchmarks/bench_fp8_sparse.py [--reps 30] [--out results.md] [--check] [--backend cupy|numba]
 
@@ -14,21 +14,19 @@ each rep: 256 MB memset to flush L2, CUDA events around the decode + combine lau
 ``--backend numba`` times the same rows through ``mla.flash_mla_with_kvcache(backend="numba",
 validate=False)`` instead (the whole call between the events: host-side dispatch included; dense bf16
 is the Numba v5 kernel, FP8 and sparse the generic ``numba_sparse_fp8`` kernel).
-``--check`` first compares each configuration with the NumPy reference on a small case. Sets
-MLA_CUPY_UNVERIFIED=1 for itself. ``MLA_CUPY_FP8_CONFIG`` / ``MLA_CUPY_SPARSE_CONFIG`` =
+``--check`` first compares each configuration with the NumPy reference on a small case.
+``MLA_CUPY_FP8_CONFIG`` / ``MLA_CUPY_SPARSE_CONFIG`` =
 "warps,block_n,stages" force a tiling (sweeps).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("MLA_CUPY_UNVERIFIED", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cupy as cp  # noqa: E402

@@ -1,6 +1,7 @@
 // mla_decode_sparse.cu -- token-level sparse MLA decode (DeepSeek-V3.2 DSA), bf16/fp16 or FP8 cache,
-// split-KV partials, plus the combine that applies attn_sink (sm_80+). NOT YET RUN ON A GPU (issue #5):
-// reachable from Python only with MLA_CUPY_UNVERIFIED=1 (mla/backends/cupy_sparse_fp8.py).
+// split-KV partials, plus the combine that applies attn_sink (sm_80+). Issue #5; launched by
+// mla/backends/cupy_sparse_fp8.py. STATUS: verified on an H100 2026-11-25 (with mla_decode_fp8.cu):
+// tests/test_cupy_fp8_sparse_gpu.py 95 passed, compute-sanitizer memcheck + racecheck passed.
 //
 //   mla_decode_sparse  the decode body of mla_decode_fp8.cu compiled with MLA_SPARSE=1 (see its
 //                      header): a CTA owns (plan worker, KV head g, query row r, BLOCK_M heads) and

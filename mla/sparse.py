@@ -19,8 +19,8 @@ The base-2 lse follows FlashMLA's documentation of this function (its kernels wo
 ``mla.flash_mla_with_kvcache`` returns natural-log lse, as FlashMLA's decode does.
 
 Backends: ``sparse_prefill_reference`` (NumPy, the spec) and the CuPy kernel
-``kernels/mla_sparse_prefill.cu`` (``mla.backends.cupy_sparse_prefill``; gated behind
-``MLA_CUPY_UNVERIFIED=1`` until it has run on a GPU).
+``kernels/mla_sparse_prefill.cu`` (``mla.backends.cupy_sparse_prefill``; verified on an H100 on
+2026-11-25).
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
 
     backend: "numpy" (the reference), "cupy" (the GPU kernel ``kernels/mla_sparse_prefill.cu``;
     bfloat16 / float16; host inputs are copied to the GPU and back) or "auto" (the kernel for device
-    inputs when it computes the problem, else the reference; host inputs use the reference). The
-    kernel has not run on a GPU yet: until it has, it is used only with ``MLA_CUPY_UNVERIFIED=1``
-    (``backend="cupy"`` otherwise raises ``BackendUnavailable`` saying so).
+    inputs when it computes the problem, else the reference; host inputs use the reference). When
+    the kernel cannot compute the problem (float32, no GPU, ...), ``backend="cupy"`` raises
+    ``BackendUnavailable`` saying why.
     """
     if backend not in ("auto", "numpy", "cupy"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'cupy', got {backend!r}")

@@ -183,14 +183,13 @@ def random_sparse_case(kind, b, s_q, h_kv, group, page, max_len, topk, invalid, 
     return case
 
 
-def sanitize_script(backend, topk_length=None, unverified=False):
+def sanitize_script(backend, topk_length=None):
     """The compute-sanitizer script (a representative subset, outputs poisoned): one FP8 dense launch (varlen with
     an empty sequence, causal, s_q = 2, h_q = 16), then a sparse one on a bf16 and on an FP8 cache (h_q = 128, topk
     300 with half the indices -1, an empty sequence, attn_sink). backend: "numba" or "cupy"; topk_length: the two
-    sequences' topk_length in the sparse launches (else none); unverified: open the MLA_CUPY_UNVERIFIED gate first."""
-    gate = "import os\nos.environ['MLA_CUPY_UNVERIFIED'] = '1'\n" if unverified else ""
+    sequences' topk_length in the sparse launches (else none)."""
     tl = "" if topk_length is None else f"topk_length=cp.asarray(np.array({list(topk_length)}, np.int32)), "
-    return gate + textwrap.dedent(f"""
+    return textwrap.dedent(f"""
         import numpy as np, cupy as cp, mla
         from mla import testing
         from mla.backends import {backend}_backend

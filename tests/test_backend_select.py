@@ -46,3 +46,18 @@ def test_auto_prefers_cupy_then_numba(fake_backends):
     fake_backends["cupy"] = _fake("cupy", unverified=None)  # a backend without the hook
     assert backends.select("auto", problem).name == "cupy"
     assert backends.select("auto", types.SimpleNamespace(on_device=False)).name == "numpy"
+
+
+def test_only_hopper_is_still_gated(monkeypatch):
+    """The CuPy FP8 / sparse decode, sparse prefill and tensor-core prefill passed on an H100 (2026-11-25)
+    and are not gated; the Hopper (wgmma) decode kernel still is (cupy_hopper.check_gate)."""
+    from mla.backends import cupy_backend, cupy_hopper, cupy_sparse_fp8, cupy_sparse_prefill, prefill_cupy
+
+    assert getattr(cupy_backend, "unverified", None) is None  # "auto" may pick CuPy for FP8 / sparse problems
+    for module in (cupy_sparse_fp8, cupy_sparse_prefill, prefill_cupy):
+        assert not any(hasattr(module, name) for name in ("GATE", "gate_open", "_gate_open", "gate_reason"))
+    monkeypatch.delenv(backends.UNVERIFIED_GATE, raising=False)
+    with pytest.raises(backends.BackendUnavailable, match=f"Hopper.*{backends.UNVERIFIED_GATE}=1"):
+        cupy_hopper.check_gate()
+    monkeypatch.setenv(backends.UNVERIFIED_GATE, "1")
+    cupy_hopper.check_gate()

@@ -3,7 +3,8 @@
 * a NumPy emulation of the kernels' FP8 dequantisation (kernels/mla_decode_fp8.cu ``dequant8`` and
   the work-item indexing of a 656-byte token) equals ``mla.fp8.dequantize_kv_fp8(..., bfloat16)``;
 * the tilings ``cupy_sparse_fp8.config`` picks fit the shared memory and the kernels' static rules;
-* the MLA_CUPY_UNVERIFIED gate: without it FP8 / sparse problems are refused (and say why);
+* no gate (verified on an H100 2026-11-25): FP8 / sparse problems are taken without MLA_CUPY_UNVERIFIED,
+  "auto" picks CuPy for them on a device, and declined problems say why;
 * ``fast_reference`` (the vectorised reference the GPU tests use) equals ``mla.reference``.
 """
 
@@ -178,31 +179,74 @@ def test_deepseek_configs_on_h100():
 
 
 # ---------------------------------------------------------------------------------------------
-# the gate
+# no gate: the kernels ran on an H100 (2026-11-25), so they are ordinary, default-eligible paths
 
 
-def _problem(fp8=False, sparse=False):
+def _problem(fp8=False, sparse=False, dtype=BF16):
     rng = np.random.default_rng(0)
     case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
-                                    seqlens=[10, 70], dtype=BF16, fp8=fp8)
+                                    seqlens=[10, 70], dtype=dtype, fp8=fp8)
     indices = testing.make_sparse_indices(rng, case, 64) if sparse else None
     return api._validate(*case.args(), None, False, fp8, indices, None, None, True)
 
 
+@pytest.fixture
+def fake_h100(monkeypatch):
+    """cupy_backend's device queries answer as an H100 (compute capability 9.0, 227 KiB of shared memory)."""
+    monkeypatch.setattr(cupy_backend, "_device_id", lambda problem: 0)
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: SMEMS["H100"])
+
+
+@pytest.mark.parametrize("gate", [None, "0", "1"])
 @pytest.mark.parametrize("fp8,sparse", [(True, False), (False, True), (True, True)])
-def test_gate_closed_refuses(monkeypatch, fp8, sparse):
-    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+def test_fp8_and_sparse_supported_without_gate(monkeypatch, fake_h100, fp8, sparse, gate):
+    """MLA_CUPY_UNVERIFIED no longer matters for these kernels: unset, "0" or "1", they take the problem."""
+    if gate is None:
+        monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    else:
+        monkeypatch.setenv("MLA_CUPY_UNVERIFIED", gate)
     problem = _problem(fp8, sparse)
     for supports in (cupy_backend.supports, cupy_sparse_fp8.supports):
-        ok, reason = supports(problem)
-        assert not ok and "MLA_CUPY_UNVERIFIED=1" in reason and "not yet verified on a GPU" in reason
-    with pytest.raises(BackendUnavailable, match="MLA_CUPY_UNVERIFIED"):
-        cupy_sparse_fp8.decode(problem, None, None)
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens it
-    assert not cupy_backend.supports(problem)[0]
+        assert supports(problem) == (True, "")
+    assert not hasattr(cupy_sparse_fp8, "gate_open") and not hasattr(cupy_sparse_fp8, "GATE")
 
 
-def test_gate_closed_auto_falls_back_to_numpy(monkeypatch):
+def test_declined_problems_say_why(monkeypatch, fake_h100):
+    from mla import backends
+
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    monkeypatch.setattr(cupy_backend, "available", lambda: (True, ""))
+    ok, reason = cupy_backend.supports(_problem(fp8=True, dtype=np.float16))
+    assert not ok and "bfloat16 q only" in reason
+    with pytest.raises(BackendUnavailable, match="bfloat16 q only"):
+        backends.select("cupy", _problem(fp8=True, dtype=np.float16))
+    ok, reason = cupy_backend.supports(_problem(sparse=True, dtype=np.float32))
+    assert not ok and "bfloat16 and float16 only" in reason
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (7, 5))
+    ok, reason = cupy_backend.supports(_problem(fp8=True))
+    assert not ok and "compute capability >= 8.0" in reason
+    for _ok, reason in (cupy_backend.supports(_problem(fp8=True)), cupy_backend.supports(_problem(sparse=True))):
+        assert "MLA_CUPY_UNVERIFIED" not in reason and "not yet verified" not in reason
+
+
+@pytest.mark.parametrize("fp8,sparse", [(True, False), (False, True)])
+def test_auto_picks_cupy_on_device_without_gate(monkeypatch, fake_h100, fp8, sparse):
+    """backend="auto" for device arrays chooses the CuPy backend for FP8 / sparse problems, env var unset."""
+    import dataclasses
+
+    from mla import backends
+
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    monkeypatch.setattr(cupy_backend, "available", lambda: (True, ""))
+    monkeypatch.setattr(cupy_backend, "_layout_reason", lambda problem: None)  # host arrays stand in for device ones
+    problem = dataclasses.replace(_problem(fp8, sparse), on_device=True)
+    assert backends.select("auto", problem) is cupy_backend
+    assert backends.select("cupy", problem) is cupy_backend
+
+
+def test_host_inputs_auto_uses_numpy(monkeypatch):
+    """Host inputs with backend="auto" still run the NumPy reference (CuPy is for device arrays)."""
     import mla
 
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
@@ -214,11 +258,11 @@ def test_gate_closed_auto_falls_back_to_numpy(monkeypatch):
     testing.assert_close(out, lse, out_ref, lse_ref)
 
 
-def test_gate_open_without_gpu_declines_cleanly(monkeypatch):
-    """With the gate open, supports() still answers (False, reason) rather than raising when no GPU is there."""
+def test_without_gpu_declines_cleanly(monkeypatch):
+    """supports() answers (False, reason) rather than raising when no GPU is there."""
     if _arrays.gpu_available():
         pytest.skip("a GPU is present")
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     ok, reason = cupy_backend.supports(_problem(True, True))
     assert not ok and reason
 

@@ -1,14 +1,15 @@
 """The CuPy FP8-cache and sparse decode kernels (mla_decode_fp8.cu, mla_decode_sparse.cu, and the
 combines) *run* on the CPU emulator (tests/_cuda_emu.py) against the NumPy reference.
 
-These kernels have not run on a GPU yet (gated by MLA_CUPY_UNVERIFIED=1). The emulator executes the
-real .cu source (each CUDA thread a fiber; ldmatrix / mma.sync / cp.async per the PTX spec; checked
-on the GPU-verified portable decode kernel in tests/test_prefill_compile.py), through the backend's
-own launch list (``cupy_sparse_fp8.prepare``) with NumPy standing in for CuPy: tiling choice,
+These kernels were verified on an H100 on 2026-11-25 (tests/test_cupy_fp8_sparse_gpu.py); this file
+checked them before that and still runs without a GPU. The emulator executes the real .cu source
+(each CUDA thread a fiber; ldmatrix / mma.sync / cp.async per the PTX spec; checked on the
+GPU-verified portable decode kernel in tests/test_prefill_compile.py), through the backend's own
+launch list (``cupy_sparse_fp8.prepare``) with NumPy standing in for CuPy: tiling choice,
 arguments, partial buffers, combine. Outputs are poisoned with NaN before the launch, unused cache
 slots hold NaN (FP8: NaN codes), plans are forced to split sequences so the combines run. What the
 emulator cannot show: data races it does not schedule, timing, and device-specific rounding of
-exp2 (host exp2 here); those wait for the GPU tests (tests/test_cupy_fp8_sparse_gpu.py).
+exp2 (host exp2 here); the GPU tests (tests/test_cupy_fp8_sparse_gpu.py) cover those.
 """
 
 from __future__ import annotations

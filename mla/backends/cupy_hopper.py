@@ -3,7 +3,7 @@
 ``kernels/mla_decode_hopper.cu`` (building blocks in ``kernels/mla_wgmma.cuh``) compiles with NVRTC
 for sm_90a without spills (``tests/test_hopper_compile.py``) and runs on the CPU emulator with a wgmma
 model, but it has not executed on a GPU yet. So ``backend="cupy"`` reaches it **only when
-``MLA_CUPY_UNVERIFIED=1``** (the gate of ``mla.backends.cupy_sparse_fp8``) and the kernel is forced
+``MLA_CUPY_UNVERIFIED=1``** (``mla.backends.UNVERIFIED_GATE``) and the kernel is forced
 (``MLA_CUPY_KERNEL=hopper`` or ``decode(..., kernel="hopper")``); forcing it without the gate raises
 ``BackendUnavailable`` saying so, and ``"auto"`` keeps the portable kernel. The checks to run on an H100
 before the gate goes: ``tests/test_wgmma_probe_gpu.py`` (each building block against NumPy), then
@@ -38,20 +38,23 @@ ARCH = "sm_90a"
 SOURCE, FUNCTION = "mla_decode_hopper.cu", "mla_decode_hopper"
 
 
-def _gate():
-    from . import cupy_sparse_fp8
+def gate_open() -> bool:
+    """True only when MLA_CUPY_UNVERIFIED=1 (``mla.backends.UNVERIFIED_GATE``): the kernel has not run on a GPU yet."""
+    from . import UNVERIFIED_GATE
 
-    return cupy_sparse_fp8
+    return os.environ.get(UNVERIFIED_GATE, "") == "1"
 
 
 def gate_reason() -> str:
+    from . import UNVERIFIED_GATE
+
     return ("backend='cupy': the Hopper (wgmma) kernel is written but not yet verified on a GPU (issue #4); "
-            f"set {_gate().GATE}=1 to use it anyway, or use kernel='portable'")
+            f"set {UNVERIFIED_GATE}=1 to use it anyway, or use kernel='portable'")
 
 
 def check_gate() -> None:
     """Raise BackendUnavailable unless MLA_CUPY_UNVERIFIED=1 (the kernel has not run on a GPU yet)."""
-    if not _gate().gate_open():
+    if not gate_open():
         from . import BackendUnavailable
 
         raise BackendUnavailable(gate_reason())

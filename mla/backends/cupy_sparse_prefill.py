@@ -1,12 +1,12 @@
-"""CuPy kernel for sparse prefill, FlashMLA's ``flash_mla_sparse_fwd`` (issue #5). NOT YET RUN ON A GPU.
+"""CuPy kernel for sparse prefill, FlashMLA's ``flash_mla_sparse_fwd`` (issue #5).
 
 ``kernels/mla_sparse_prefill.cu`` compiles (NVRTC, sm_90a and sm_80, no spills;
-``tests/test_cupy_compile.py``) but has not run, so ``mla.flash_mla_sparse_fwd`` reaches it **only
-when ``MLA_CUPY_UNVERIFIED=1``** (the same gate as ``cupy_sparse_fp8``): without it ``supports``
-refuses with a reason saying so, ``backend="cupy"`` raises that reason and "auto" uses the NumPy
-reference. It has run on the CPU emulator of the CUDA sources (``tests/_cuda_emu.py``, in
-``tests/test_sparse_prefill_cupy_cpu.py``); ``tests/test_sparse_prefill_gpu.py`` is the check to run
-on a GPU before the gate goes.
+``tests/test_cupy_compile.py``) and was verified on an H100 on 2026-11-25:
+``tests/test_sparse_prefill_gpu.py`` 74 passed, and its two compute-sanitizer tests (memcheck,
+racecheck) passed. ``mla.flash_mla_sparse_fwd`` uses it for CuPy inputs it computes (and for
+``backend="cupy"``); ``supports`` says why it declines the others, and then "auto" uses the NumPy
+reference while ``backend="cupy"`` raises that reason. It also runs on the CPU emulator of the CUDA
+sources (``tests/_cuda_emu.py``, in ``tests/test_sparse_prefill_cupy_cpu.py``).
 
 One launch per call, no split-KV and no combine: a CTA owns (query row r, KV head g, BLOCK_M heads
 of g's group) and walks that row's whole index list (see the kernel header), writing out,
@@ -39,11 +39,6 @@ MAX_GRID_X = 2**31 - 1
 def available():
     """(True, "") when CuPy sees a CUDA GPU of compute capability >= 8.0, else (False, the reason)."""
     return _cb.available()
-
-
-def gate_reason() -> str:
-    """Why the kernel is refused while MLA_CUPY_UNVERIFIED is not 1."""
-    return _sf._gate_reason(WHAT)
 
 
 def config(d: int, dv: int, group: int, max_smem: int):
@@ -79,8 +74,6 @@ def supports(q, kv, indices, d_v: int):
 
     q [s_q, h_q, d], kv [s_kv, h_kv, d], indices [s_q, h_kv, topk]: NumPy or CuPy arrays.
     """
-    if not _sf.gate_open():
-        return False, gate_reason()
     dt = np.dtype(q.dtype)
     if dt not in (np.dtype(np.float16), _arrays.BFLOAT16):
         return False, (f"backend='cupy' computes the {WHAT} in bfloat16 and float16 only, got "
@@ -126,7 +119,7 @@ _NULL = np.uint64(0)
 
 def prepare(q, kv, indices, sm_scale: float, d_v: int, attn_sink=None, topk_length=None, dev: int | None = None):
     """Device operands, outputs and the launch list [(fn, grid, block, args, smem)] (empty when there
-    is nothing to launch). No gate check: for benchmarks and tests that call it directly.
+    is nothing to launch); ``sparse_prefill`` runs it, benchmarks and tests call it directly.
 
     Returns (launches, out [s_q, h_q, d_v], max_logits [s_q, h_q], lse [s_q, h_q]) as CuPy arrays
     (out in q's dtype for device q, as uint16 bits for host q).
@@ -170,14 +163,10 @@ def prepare(q, kv, indices, sm_scale: float, d_v: int, attn_sink=None, topk_leng
 
 
 def sparse_prefill(q, kv, indices, sm_scale: float, d_v: int, attn_sink=None, topk_length=None):
-    """Run the kernel (gated by MLA_CUPY_UNVERIFIED=1) on arrays ``mla.sparse`` validated.
+    """Run the kernel on arrays ``mla.sparse`` validated.
 
     Returns (out, max_logits, lse (base 2)) of the inputs' kind.
     """
-    from . import BackendUnavailable
-
-    if not _sf.gate_open():
-        raise BackendUnavailable(gate_reason())
     cp = _arrays.cupy_module()
     dev = _device_of(q)
     with cp.cuda.Device(dev):

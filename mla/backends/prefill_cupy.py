@@ -7,11 +7,12 @@ the RawModule for (dtype, d_qk, d_v) once, launches, and returns CuPy arrays. Tw
   bfloat16 inputs. Verified on an H100 (tests/test_prefill_gpu.py).
 * ``kernels/prefill_mma.cu`` ("mma"): tensor cores (mma.sync m16n8k16, fp32 accumulate),
   FlashAttention-2 forward and backward, for float16 / bfloat16 with d_qk, d_v multiples of 32,
-  d_qk <= 256, d_v <= 128 (the MLA shapes are 192 / 128). **Not yet run on a GPU**, so it is reachable only with
-  ``MLA_CUPY_UNVERIFIED=1`` (the gate of ``cupy_sparse_fp8``); without it everything runs on "simt"
-  exactly as before.
+  d_qk <= 256, d_v <= 128 (the MLA shapes are 192 / 128). Verified on an H100 on 2026-11-25
+  (tests/test_prefill_gpu.py: 63 passed, 8 skipped by design, and its two compute-sanitizer tests,
+  memcheck and racecheck, passed); 36-45x faster than naive CuPy there.
 
-Which kernel runs: :func:`select_kernel` (the reason is kept in ``last_choice``). The environment
+Which kernel runs: :func:`select_kernel` (the reason is kept in ``last_choice``): "mma" where it
+supports the problem (dtype, head dims, shared memory), else "simt". The environment
 variable ``MLA_PREFILL_KERNEL`` = ``mma`` | ``simt`` | ``auto`` (default) forces one (tests and
 benchmarks); forcing "mma" where it cannot run raises ``ValueError`` with the reason instead of
 silently running the other kernel. float32 always runs "simt"; float64 stays on the NumPy reference.
@@ -92,11 +93,6 @@ def mma_fwd_warps(d: int, d_v: int, max_smem: int) -> int | None:
     return None
 
 
-def _gate_open() -> bool:
-    from .cupy_sparse_fp8 import gate_open
-    return gate_open()
-
-
 def select_kernel(direction: str, dtype, d: int, d_v: int, max_smem: int, forced: str | None = None):
     """("mma" | "simt", reason) for a forward ("fwd") or backward ("bwd") call.
 
@@ -122,9 +118,6 @@ def select_kernel(direction: str, dtype, d: int, d_v: int, max_smem: int, forced
         if need > max_smem:
             reason = (f"the tensor-core {direction} kernel needs {need} B of shared memory for d_qk {d}, d_v {d_v}; "
                       f"this GPU allows {max_smem}")
-        elif not _gate_open():
-            reason = ("the tensor-core kernel (kernels/prefill_mma.cu) is written but not yet verified on a GPU; "
-                      "set MLA_CUPY_UNVERIFIED=1 to use it")
     if reason is None:
         return "mma", "tensor cores (mma.sync)"
     if forced == "mma":
