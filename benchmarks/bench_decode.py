@@ -7,7 +7,7 @@ GB/s (DESIGN.md §5 bytes: q + cache + out), TFLOP/s (2 b h_q s_q L (d + d_v)) a
 device-to-device copy bandwidth measured by this script (bytes read + written). Two timings:
 "one call" has the call's host work before its first launch inside the events (the GPU waits for
 it: ~0.1 ms for the CuPy backend, ~0.15 ms for Numba's dispatcher); "in a loop" is the time per call
-of 20 calls between two events (median of 5 loops), where the host runs ahead as in a decode loop,
+of 20 calls between two events (median of 20 such loops), where the host runs ahead as in a decode loop,
 so it is the kernels' own time. Numba versions go
 through ``mla.flash_mla_with_kvcache(backend="numba")`` (MLA_NUMBA_VERSION picks the kernel) with
 the plan made once, like a decode loop; the naive CuPy baseline is ``naive_cupy.naive_decode``
@@ -59,7 +59,7 @@ def time_call(fn, reps, warmup=2):
     return float(np.median(times)), reps
 
 
-def time_loop(fn, calls=20, loops=5):
+def time_loop(fn, calls=20, loops=20):
     """ms per call of ``calls`` back-to-back calls between two CUDA events (median of ``loops``)."""
     import cupy as cp
 

@@ -101,6 +101,8 @@ p5)  # on nvidia-h100-x2: the multi-GPU run (#8), then the Numba view cache (#3)
   t 40 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   t 50 t_prefill tests/test_prefill_gpu.py
   t 30 t_sparse_prefill tests/test_sparse_prefill_gpu.py
+  r 80 dist_head python3 -m mla.distributed --mode head --gpus 1 2 --b 128 --s-k 32768 --h-q 128 --reps 10 \
+    --json "$OUT/dist_head.json"
   ;;
 new1)
   export MLA_CUPY_UNVERIFIED=1
