@@ -95,11 +95,15 @@ def _attend(q_i, keys, valid, head_dim_v, softmax_scale, compute_dtype):
     [s_q, h_q, n]. Returns (o [s_q, h_q, d_v] normalised, lse [s_q, h_q]) with lse = -inf and
     o = 0 where nothing is visible.
     """
-    s_q, h_q, _ = q_i.shape
+    s_q, h_q, d = q_i.shape
     n, h_kv, _ = keys.shape
-    group = h_q // h_kv
-    k_per_head = np.repeat(keys, group, axis=1)  # [n, h_q, d]: head h uses KV head h // group
-    scores = np.einsum("rhd,nhd->rhn", q_i, k_per_head) * compute_dtype(softmax_scale)
+    group = h_q // h_kv  # head h uses KV head h // group
+    # one matmul per KV head over its query heads (no per-head copy of the keys: at h_q = 128 and
+    # a million keys that copy would be 36 GB)
+    q_grouped = q_i.reshape(s_q, h_kv, group, d).transpose(1, 0, 2, 3).reshape(h_kv, s_q * group, d)
+    k_heads = keys.transpose(1, 0, 2)  # [h_kv, n, d]
+    scores = np.matmul(q_grouped, k_heads.transpose(0, 2, 1)) * compute_dtype(softmax_scale)  # [h_kv, s_q*group, n]
+    scores = scores.reshape(h_kv, s_q, group, n).transpose(1, 0, 2, 3).reshape(s_q, h_q, n)
     if valid.ndim == 2:
         valid = valid[:, None, :]
     valid = np.broadcast_to(valid, scores.shape)
@@ -108,7 +112,9 @@ def _attend(q_i, keys, valid, head_dim_v, softmax_scale, compute_dtype):
     m_safe = np.where(np.isfinite(m), m, 0)
     p = np.where(valid, np.exp(scores - m_safe[..., None]), 0)
     l = p.sum(axis=-1)
-    o = np.einsum("rhn,nhd->rhd", p, k_per_head[..., :head_dim_v])
+    p_grouped = p.reshape(s_q, h_kv, group, n).transpose(1, 0, 2, 3).reshape(h_kv, s_q * group, n)
+    o = np.matmul(p_grouped, k_heads[..., :head_dim_v])  # [h_kv, s_q*group, d_v]
+    o = o.reshape(h_kv, s_q, group, head_dim_v).transpose(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
     with np.errstate(divide="ignore", invalid="ignore"):
         o = np.where(l[..., None] > 0, o / l[..., None], 0)
         lse = np.where(l > 0, m_safe + np.log(l), -np.inf)

@@ -111,7 +111,7 @@ def test_notebook_runner_saves_figures_and_reports_failures(tmp_path):
 
 
 def test_gpu_verification_script_names_real_files():
-    """benchmarks/verify_pending.sh (run on the GPU machine) parses, and every test file, benchmark and
+    """benchmarks/gpu_checks.sh (run on the GPU machine) parses, and every test file, benchmark and
     module it runs exists, so a rename cannot silently empty the next GPU session's checks."""
     script = ROOT / "benchmarks" / "verify_pending.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
