@@ -113,7 +113,7 @@ def test_notebook_runner_saves_figures_and_reports_failures(tmp_path):
 def test_gpu_verification_script_names_real_files():
     """benchmarks/gpu_checks.sh (run on the GPU machine) parses, and every test file, benchmark and
     module it runs exists, so a rename cannot silently empty the next GPU session's checks."""
-    script = ROOT / "benchmarks" / "verify_pending.sh"
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     paths = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
