@@ -5,16 +5,21 @@
 //
 // with f = 1 / (1 + exp(sink_h - lse)) when SINK (FlashMLA's attn_sink; lse itself unchanged), else 1.
 // o_part fp32 [*, s_q, h_q, DV], lse_part fp32 [*, s_q, h_q] (-inf = empty split), num_splits int32
-// [b + 1]; out [b, s_q, h_q, DV] (bf16/fp16), lse_out fp32 [b, h_q, s_q]. Rows of a sequence with a
+// [b + 1]; out [b, s_q, h_q, DV] (OutT: bf16/fp16 bits, or float for out_dtype=float32), lse_out fp32
+// [b, h_q, s_q]. Rows of a sequence with a
 // single split were written by the decode kernel and are skipped, unless all_rows (the decode kernel
 // then wrote every piece as a partial).
 #pragma once
 #include "mla_common.cuh"
 
-template <int DV, bool SINK>
+// the output element: q's 16-bit type (rounded) or float (kept)
+__device__ __forceinline__ void mla_store_out(mla_elem_t* dst, float x) { *dst = to_elem(x); }
+__device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
+
+template <int DV, bool SINK, typename OutT>
 __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                                                 const int* __restrict__ num_splits,
-                                                const float* __restrict__ attn_sink, mla_elem_t* __restrict__ out,
+                                                const float* __restrict__ attn_sink, OutT* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q, int i, int row,
                                                 int lane, int all_rows) {
   constexpr int PER_LANE = (DV + 31) / 32;
@@ -55,11 +60,11 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
       }
     }
   }
-  mla_elem_t* dst = out + ((long long)i * rows + row) * DV;
+  OutT* dst = out + ((long long)i * rows + row) * DV;
 #pragma unroll
   for (int k = 0; k < PER_LANE; ++k) {
     const int col = lane + 32 * k;
-    if (col < DV) dst[col] = to_elem(acc[k]);
+    if (col < DV) mla_store_out(dst + col, acc[k]);
   }
   if (lane == 0) lse_out[((long long)i * h_q + h) * s_q + r] = empty ? MLA_POS_INF : lse;
 }

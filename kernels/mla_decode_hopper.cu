@@ -12,7 +12,8 @@
 // partial p) of the scheduler plan and each query row m = (r, h) of KV head g (rows [s_q][h_q / h_kv]):
 //     s_j = softmax_scale * q[i, r, h] . k[i, j, g]      j < stop; causal: j <= L - s_q + r
 //     o_p = sum_j exp(s_j - m) v_j / l,   lse_p = m + log l                 (V = first 512 channels of K)
-// Single-split sequences write out (q's dtype) and lse (empty: out 0, lse +inf) directly; otherwise o_p
+// Single-split sequences write out (q's dtype) and lse (empty: out 0, lse +inf) directly (unless
+// force_partials: out_dtype=float32, every piece goes through mla_combine); otherwise o_p
 // (fp32) / lse_p (-inf when empty) go to the partial buffers for kernels/mla_combine.cu. Same signature,
 // grid (num_workers, h_kv, ceil(M / 64)) and partial layout as the portable kernel.
 //
@@ -76,7 +77,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
                   const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
                   const int* __restrict__ sched, const int* __restrict__ num_splits, float* __restrict__ o_part,
                   float* __restrict__ lse_part, mla_elem_t* __restrict__ out, float* __restrict__ lse_out, int s_q,
-                  int h_q, int h_kv, int page, float scale_log2, int causal) {
+                  int h_q, int h_kv, int page, float scale_log2, int causal, int force_partials) {
 #if MLA_HAS_WGMMA
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);   // [TILE_EL]
@@ -200,7 +201,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
     l_run1 = mla_quad_sum(l_run1);
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
     const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
-    const bool direct = nsplit == 1;
+    const bool direct = nsplit == 1 && !force_partials;
     const int p = lo + split;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

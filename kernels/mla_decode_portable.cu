@@ -6,7 +6,8 @@
 //   row m = (r, h) of one KV head g (rows are [s_q][h_q / h_kv], FlashMLA's layout):
 //     s_j = softmax_scale * q[i, r, h] . k[i, j, g]        j visible: j < stop, causal: j <= L - s_q + r
 //     o_p = sum_j exp(s_j - m) v_j / l,   lse_p = m + log l       (V = first d_v channels of K)
-//   A sequence with one split writes out (q's dtype) and lse directly (empty row: out 0, lse +inf);
+//   A sequence with one split writes out (q's dtype) and lse directly (empty row: out 0, lse +inf),
+//   unless force_partials (out_dtype=float32: every piece goes through mla_combine);
 //   otherwise o_p (fp32) and lse_p (-inf when empty) go to the partial buffers and mla_combine.cu
 //   merges them.
 //
@@ -84,7 +85,7 @@ mla_decode_portable(const mla_elem_t* __restrict__ q, const mla_elem_t* __restri
                     const int* __restrict__ sched, const int* __restrict__ num_splits,
                     float* __restrict__ o_part, float* __restrict__ lse_part, mla_elem_t* __restrict__ out,
                     float* __restrict__ lse_out, int s_q, int h_q, int h_kv, int page, float scale_log2,
-                    int causal) {
+                    int causal, int force_partials) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);                 // [BLOCK_M][KSTRIDE]
   mla_elem_t* sK = sQ + BLOCK_M * KSTRIDE;                                  // [STAGES][BLOCK_N][KSTRIDE]
@@ -210,7 +211,7 @@ mla_decode_portable(const mla_elem_t* __restrict__ q, const mla_elem_t* __restri
     l_run1 = mla_quad_sum(l_run1);
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
     const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
-    const bool direct = nsplit == 1;
+    const bool direct = nsplit == 1 && !force_partials;
     const int p = lo + split;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

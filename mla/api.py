@@ -165,10 +165,16 @@ class _Problem:
     softmax_scale: float
     causal: bool
     is_fp8_kvcache: bool
+    out_dtype: object = None  # np.dtype of out: q's dtype, or float32 (``out_dtype=`` of the API)
 
     @property
     def is_sparse(self) -> bool:
         return self.indices is not None
+
+    @property
+    def out_float32(self) -> bool:
+        """out is float32 while q is 16-bit: no row may be rounded on the way (kernels merge every piece)."""
+        return self.out_dtype is not None and self.out_dtype != np.dtype(self.q.dtype)
 
     def plan_key(self) -> tuple:
         topk = None if self.indices is None else int(self.indices.shape[-1])
@@ -405,9 +411,27 @@ def _plan_for(problem: _Problem):
                             problem.h_q, problem.is_fp8_kvcache, topk)
 
 
+def _out_dtype(out_dtype, problem: _Problem):
+    """The checked ``out_dtype`` argument: None -> q's dtype; q's dtype or float32, else TypeError."""
+    q_dtype = np.dtype(problem.q.dtype)
+    if out_dtype is None:
+        return q_dtype
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"out_dtype: expected None, q's dtype or float32, got {out_dtype!r}") from None
+    if dt not in (q_dtype, np.dtype(np.float32)):
+        raise TypeError(f"out_dtype: expected None, q's dtype ({_arrays.dtype_name(q_dtype)}) or float32, "
+                        f"got {_arrays.dtype_name(dt)}")
+    if dt != q_dtype and problem.is_sparse:
+        raise ValueError("out_dtype=float32 is for dense decode; sparse decode (indices) writes q's dtype")
+    return dt
+
+
 def _empty_result(problem: _Problem):
     xp = _arrays.cupy_module() if problem.on_device else np
-    out = xp.zeros((problem.b, problem.s_q, problem.h_q, problem.head_dim_v), dtype=problem.q.dtype)
+    out = xp.zeros((problem.b, problem.s_q, problem.h_q, problem.head_dim_v),
+                   dtype=problem.out_dtype if problem.out_dtype is not None else problem.q.dtype)
     lse = xp.zeros((problem.b, problem.h_q, problem.s_q), dtype=np.float32)
     return out, lse
 
@@ -429,6 +453,7 @@ def flash_mla_with_kvcache(
     attn_sink=None,
     backend: str = "auto",
     validate: bool = True,
+    out_dtype=None,
 ):
     """MLA decode over a paged KV cache (FlashMLA's ``flash_mla_with_kvcache``).
 
@@ -444,14 +469,19 @@ def flash_mla_with_kvcache(
     validate: range-check the values of cache_seqlens / block_table / indices (one small
     device->host copy for device inputs). ``validate=False`` skips only these value checks (for
     CUDA-graph capture); shapes and dtypes are always checked.
+    out_dtype: None (q's dtype, as FlashMLA) or float32: out unrounded, for callers that merge
+    results further (``mla.distributed`` merges context-parallel partials: a 16-bit partial would
+    add one rounding before the merge). Dense decode on the "numpy" and "cupy" backends (every piece
+    then goes through the combine kernel); "numba" and sparse decode write q's dtype only.
 
-    Returns (out [b, s_q, h_q, head_dim_v] in q's dtype, lse float32 [b, h_q, s_q]), NumPy for
-    host inputs, CuPy for device inputs.
+    Returns (out [b, s_q, h_q, head_dim_v] in q's dtype (or out_dtype), lse float32 [b, h_q, s_q]),
+    NumPy for host inputs, CuPy for device inputs.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     problem = _validate(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                         is_fp8_kvcache, indices, topk_length, attn_sink, bool(validate))
+    problem.out_dtype = _out_dtype(out_dtype, problem)
     from . import backends  # late import: backends import this module's helpers
 
     impl = backends.select(backend, problem)

@@ -386,8 +386,11 @@ def _check_rows(q, shard: ContextShard, causal: bool):
 
 def shard_partial(q, shard: ContextShard, head_dim_v: int, *, causal: bool = False, softmax_scale=None,
                   is_fp8_kvcache: bool = False, backend: str = "auto", plan=(None, None), validate: bool = True):
-    """This shard's partial (o [b, s_q, h_q, d_v] in q's dtype, lse float32 [b, s_q, h_q], -inf = empty),
-    from ``mla.flash_mla_with_kvcache`` on the shard's local arrays (causal only on the tail shard).
+    """This shard's partial (o float32 [b, s_q, h_q, d_v], lse float32 [b, s_q, h_q], -inf = empty), from
+    ``mla.flash_mla_with_kvcache(..., out_dtype=float32)`` on the shard's local arrays (causal only on
+    the tail shard). float32, not q's dtype: a 16-bit partial would be rounded once before the merge
+    and once after, and near-cancelling outputs then miss the DESIGN §6 tolerances (measured on 2
+    GPUs, 2026-11-26). Backends "cupy" and "numpy" (and "auto") write float32 out.
 
     plan: (tile_scheduler_metadata, num_splits) for the shard (e.g. from ``get_mla_metadata`` on
     ``shard.cache_seqlens``), reused across calls; (None, None) plans on every call.
@@ -396,7 +399,7 @@ def shard_partial(q, shard: ContextShard, head_dim_v: int, *, causal: bool = Fal
     out, lse = flash_mla_with_kvcache(q, shard.k_cache, shard.block_table, shard.cache_seqlens, head_dim_v,
                                       plan[0], plan[1], softmax_scale=softmax_scale,
                                       causal=bool(causal) and shard.holds_tails, is_fp8_kvcache=is_fp8_kvcache,
-                                      backend=backend, validate=validate)
+                                      backend=backend, validate=validate, out_dtype=np.float32)
     return partial_from_result(out, lse)
 
 

@@ -291,12 +291,14 @@ def combine_splits(o_partial, lse_partial, num_splits, out_dtype=np.float32, att
 
 def split_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                  softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None, topk_length=None,
-                 attn_sink=None, compute_dtype=np.float32):
-    """Split-KV decode: ``split_partials`` then ``combine_splits`` (the NumPy backend's path)."""
+                 attn_sink=None, compute_dtype=np.float32, out_dtype=None):
+    """Split-KV decode: ``split_partials`` then ``combine_splits`` (the NumPy backend's path); out in
+    out_dtype (default q's dtype)."""
     o_partial, lse_partial = split_partials(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal, is_fp8_kvcache, indices, topk_length, compute_dtype)
-    return combine_splits(o_partial, lse_partial, num_splits, np.asarray(q).dtype, attn_sink)
+    return combine_splits(o_partial, lse_partial, num_splits, np.asarray(q).dtype if out_dtype is None else out_dtype,
+                          attn_sink)
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:

@@ -343,3 +343,53 @@ def test_worker_counts_match_sm_parts():
     assert scheduler.num_sm_parts(132, 256, 1) == 33
     assert scheduler.num_sm_parts(132, 16, 8) == 16
     assert scheduler.num_sm_parts(4, 1000, 8) == 1
+
+
+# ---- out_dtype --------------------------------------------------------------------------------------
+
+def test_out_dtype_float32_is_the_unrounded_output():
+    """out_dtype=float32 on the NumPy backend: the combine's float32 values; rounded, the default out."""
+    import ml_dtypes
+
+    c = make_decode_case(np.random.default_rng(1), b=3, s_q=2, h_q=4, h_kv=1, d=32, head_dim_v=16,
+                         page_block_size=8, seqlens=[0, 17, 40], dtype=ml_dtypes.bfloat16, causal=True)
+    sched, splits = mla.get_mla_metadata(c.cache_seqlens, 8, 1, num_sms=8)
+    out16, lse16 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, backend="numpy")
+    out32, lse32 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, backend="numpy",
+                                              out_dtype=np.float32)
+    assert out32.dtype == np.float32 and out16.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(out32.astype(ml_dtypes.bfloat16).view(np.uint16), out16.view(np.uint16))
+    np.testing.assert_array_equal(lse32, lse16)
+    assert np.abs(out32 - out16.astype(np.float32)).max() > 0
+    same, _ = mla.flash_mla_with_kvcache(*c.args(), sched, splits, causal=True, out_dtype=c.q.dtype)
+    assert same.dtype == ml_dtypes.bfloat16
+
+
+def test_out_dtype_rejects_other_types(case):
+    raises(TypeError, r"out_dtype: expected None, q's dtype \(float32\) or float32, got float16", case,
+           out_dtype=np.float16)
+    raises(TypeError, "out_dtype: expected None", case, out_dtype="not a dtype")
+
+
+def test_out_dtype_float32_is_dense_only(case):
+    import ml_dtypes
+
+    c = make_decode_case(np.random.default_rng(2), b=2, s_q=1, h_q=4, d=32, head_dim_v=16, page_block_size=8,
+                         seqlens=[5, 9], dtype=ml_dtypes.bfloat16)
+    idx = make_sparse_indices(np.random.default_rng(3), c, topk=8)
+    with pytest.raises(ValueError, match="out_dtype=float32 is for dense decode"):
+        mla.flash_mla_with_kvcache(*c.args(), indices=idx, out_dtype=np.float32)
+
+
+def test_out_dtype_float32_not_on_numba():
+    import ml_dtypes
+    from mla.backends import numba_backend
+
+    c = make_decode_case(np.random.default_rng(4), b=1, s_q=1, h_q=4, d=32, head_dim_v=16, page_block_size=8,
+                         seqlens=[5], dtype=ml_dtypes.bfloat16)
+    from mla import api
+
+    problem = api._validate(*c.args(), None, False, False, None, None, None, True)
+    problem.out_dtype = np.dtype(np.float32)
+    ok, reason = numba_backend.supports(problem)
+    assert not ok and "out_dtype=float32" in reason

@@ -38,7 +38,8 @@ def _portable_variants(arch):
 
 VARIANTS = {
     "mla_decode_portable.cu": {arch: _portable_variants(arch) for arch in ARCHS},
-    "mla_combine.cu": {arch: [{"MLA_DV": 512, "MLA_FP16": 0}, {"MLA_DV": 33, "MLA_FP16": 1}]
+    "mla_combine.cu": {arch: [{"MLA_DV": 512, "MLA_FP16": 0}, {"MLA_DV": 33, "MLA_FP16": 1},
+                              {"MLA_DV": 512, "MLA_FP16": 0, "MLA_OUT_F32": 1}]
                        for arch in ARCHS},
     "mla_metadata.cu": {arch: [{}] for arch in ARCHS},
     # issue #5 (FP8 / sparse, verified on an H100 2026-11-25): the tilings cupy_sparse_fp8 picks on H100 / A100 / Ada

@@ -233,6 +233,35 @@ def test_decode_step_replays_from_a_cuda_graph(backend):
     finally:
         cupy_backend.release_graph_buffers()
 
+@pytest.mark.parametrize("kernel", KERNELS + [pytest.param("fp8", id="fp8")])
+@pytest.mark.parametrize("b,seqlen,s_q", [(3, 700, 2), (1, 20000, 1), (64, 300, 1)])
+def test_out_float32_is_the_unrounded_output(kernel, b, seqlen, s_q):
+    """out_dtype=float32 (what mla.distributed's partials use): every row through the float32 combine,
+    rows of single- and many-split sequences; rounded to bf16 it is the default output bit for bit."""
+    cp = _arrays.cupy_module()
+    rng = np.random.default_rng(b * 7 + s_q)
+    seqlens = rng.integers(0, seqlen + 1, size=b)
+    seqlens[0] = seqlen
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=16, h_kv=1, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=seqlens, dtype=BF16, causal=s_q > 1, fp8=kernel == "fp8")
+    c = testing.to_device(case)
+    sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * 16, 1)
+    os.environ["MLA_CUPY_KERNEL"] = "portable" if kernel == "fp8" else kernel
+    try:
+        out16, lse16 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
+        out32, lse32 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", out_dtype=np.float32,
+                                                  **c.kwargs())
+    finally:
+        os.environ.pop("MLA_CUPY_KERNEL", None)
+    assert out32.dtype == np.float32 and not bool(cp.isnan(out32).any())
+    n = np.diff(cp.asnumpy(splits))
+    assert (n == 1).any() or b == 1
+    np.testing.assert_array_equal(cp.asnumpy(out32).astype(BF16).view(np.uint16), cp.asnumpy(out16).view(np.uint16))
+    np.testing.assert_array_equal(cp.asnumpy(lse32), cp.asnumpy(lse16))
+    if kernel != "fp8":
+        out_ref, lse_ref = reference.flash_mla_reference(*case.args(), causal=case.causal)
+        testing.assert_close(out32, lse32, out_ref, lse_ref)
+
 
 # ---- bad input raises before launch
 

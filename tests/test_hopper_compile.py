@@ -455,10 +455,10 @@ needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None
 _MODULES: dict = {}
 
 
-def _emu_modules(monkeypatch, defines, source_edit=None):
+def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False):
     """(decode module, combine function) for the emulator, compiled once per define set."""
     emu = _emu()
-    key = (tuple(sorted(defines.items())), source_edit)
+    key = (tuple(sorted(defines.items())), source_edit, out_float32)
     if key not in _MODULES:
         monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
         src = _nvrtc.read_source("mla_decode_hopper.cu")
@@ -467,15 +467,17 @@ def _emu_modules(monkeypatch, defines, source_edit=None):
             assert old in src, old
             src = src.replace(old, new)
         mod = emu.EmuModule("mla_decode_hopper.cu", {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
-        comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0)})
+        comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0),
+                                                "MLA_OUT_F32": int(out_float32)})
         _MODULES[key] = (mod, comb.get_function("mla_combine"))
     return _MODULES[key]
 
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
-                  psplit=None, source_edit=None, extra_defines=None, device_plan=False):
+                  psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
-    device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run)."""
+    device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
+    out_float32: the API's out_dtype=float32 (every piece a partial, float32 out)."""
     import mla
     from mla import api
 
@@ -485,7 +487,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     if psplit is not None:
         defines["MLA_P_SPLIT"] = int(psplit)
     defines.update(extra_defines or {})
-    mod, comb = _emu_modules(monkeypatch, defines, source_edit)
+    mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32)
     mod.configure(eager_copies, schedule)
     lib = mod._lib
     lib.wgemu_config(int(eager_wgmma))
@@ -496,6 +498,8 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     fn.max_dynamic_shared_size_bytes = cupy_hopper.SMEM_BYTES
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
     problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
+    if out_float32:
+        problem.out_dtype = np.dtype(np.float32)
     arrays = [np.ascontiguousarray(case.q), np.ascontiguousarray(case.k_cache),
               np.ascontiguousarray(case.block_table, np.int32), np.ascontiguousarray(case.cache_seqlens, np.int32),
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
@@ -545,6 +549,27 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
 
     if scheduler.num_sm_parts(num_sms, s_q * h_q // h_kv, h_kv) > b and max(seqlens) > 256:
         assert int(splits[-1]) > b, "meant to exercise the split + combine path"
+
+
+@needs_gxx
+@pytest.mark.parametrize("device_plan", [False, True])
+def test_emulated_out_float32_is_the_unrounded_output(monkeypatch, device_plan):
+    """out_dtype=float32 (force_partials + the MLA_OUT_F32 combine): every row, single-split ones
+    included, comes out float32, and rounding it to q's dtype gives the default output bit for bit."""
+    from mla import reference, testing
+
+    case = testing.make_decode_case(np.random.default_rng(11), b=3, s_q=2, h_q=16, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[0, 70, 700], dtype=BF16, causal=True)
+    out16, lse16, splits, _ = _run_emulated(monkeypatch, case, 4, device_plan=device_plan)
+    out32, lse32, _, _ = _run_emulated(monkeypatch, case, 4, device_plan=device_plan, out_float32=True)
+    assert out32.dtype == np.float32 and not np.isnan(out32).any()
+    d = np.diff(np.asarray(splits))
+    assert (d == 1).any() and (d > 1).any(), "meant to hold single- and multi-split sequences"
+    np.testing.assert_array_equal(out32.astype(BF16).view(np.uint16), out16.view(np.uint16))
+    np.testing.assert_array_equal(lse32, lse16)
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args(), causal=True)
+    testing.assert_close(out32, lse32, out_ref, lse_ref, lse_atol=4e-6)
+    assert np.abs(out32 - out32.astype(BF16).astype(np.float32)).max() > 0  # not rounded on the way
 
 
 @needs_gxx

@@ -233,7 +233,7 @@ def test_emulator_runs_the_gpu_verified_decode_kernel():
     args = (c.q, c.k_cache, c.block_table, np.int32(c.block_table.shape[1]), c.cache_seqlens,
             np.ascontiguousarray(sched, dtype=np.int32), np.ascontiguousarray(splits, dtype=np.int32), part,
             lse_part, out, lse, np.int32(s_q), np.int32(h_q), np.int32(1), np.int32(page),
-            np.float32(d ** -0.5 * np.log2(np.e)), np.int32(1))
+            np.float32(d ** -0.5 * np.log2(np.e)), np.int32(1), np.int32(0))
     fn((sched.shape[0], 1, -(-(s_q * h_q) // block_m)), (warps * 32,), args, shared_mem=smem)
     assert rel_err(out, want) < 2.01 / 128
     np.testing.assert_allclose(lse, lse_want, rtol=8.01 / 65536, atol=1e-6)

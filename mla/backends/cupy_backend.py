@@ -295,12 +295,20 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
-    comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": dv, "MLA_FP16": int(fp16)})
+    comb = combine_function(dv, fp16, problem.out_float32)
     arrays = (_to_device(cp, problem.q), _to_device(cp, problem.k_cache), _to_device(cp, problem.block_table, np.int32),
               _to_device(cp, problem.cache_seqlens, np.int32), _to_device(cp, metadata, np.int32),
               _to_device(cp, num_splits, np.int32))
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
     return assemble_dense(cp, fn, comb, problem, arrays, host_splits, block_m, warps * 32, smem, POISON_OUTPUTS)
+
+
+def combine_function(dv: int, fp16: bool, out_float32: bool = False):
+    """kernels/mla_combine.cu for d_v = dv: out in q's 16-bit type, or float32 (MLA_OUT_F32)."""
+    defines = {"MLA_DV": dv, "MLA_FP16": int(fp16)}
+    if out_float32:
+        defines["MLA_OUT_F32"] = 1
+    return _nvrtc.load_function("mla_combine.cu", "mla_combine", defines)
 
 
 def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, block_m: int, threads: int, smem: int,
@@ -312,6 +320,8 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     the CPU emulator in the tests). ``host_splits``: num_splits as a NumPy array when the plan is on the
     host (the exact partial count is known without a device sync); None: the documented bound
     b + num_workers rows are allocated and the combine always launched (it skips single-split rows).
+    ``problem.out_float32``: out is float32, the decode kernel writes every piece as a partial
+    (force_partials) and the combine (built with MLA_OUT_F32) merges every row.
     """
     q, k_cache, block_table, seqlens, sched, splits = arrays
     b, s_q, h_q = problem.b, problem.s_q, problem.h_q
@@ -320,24 +330,26 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     num_workers = int(sched.shape[0])
     host_plan = host_splits is not None
     total = int(host_splits[-1]) if host_plan else b + num_workers
-    needs_combine = (not host_plan) or total > b
-    out = xp.empty((b, s_q, h_q, dv), dtype=q.dtype)
+    force = bool(getattr(problem, "out_float32", False))
+    needs_combine = (not host_plan) or total > b or force
+    out = xp.empty((b, s_q, h_q, dv), dtype=xp.float32 if force else q.dtype)
     lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
     o_part = xp.empty((max(total, 1), s_q, h_q, dv), dtype=xp.float32)
     lse_part = xp.empty((max(total, 1), s_q, h_q), dtype=xp.float32)
     if poison:
-        out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
-        for arr in (lse, o_part, lse_part):
+        if not force:
+            out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+        for arr in (lse, o_part, lse_part) + ((out,) if force else ()):
             arr.fill(np.nan)
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     grid = (num_workers, h_kv, -(-rows // block_m))
     args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
             out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
-            scale_log2, np.int32(bool(problem.causal)))
+            scale_log2, np.int32(bool(problem.causal)), np.int32(force))
     launches = [(decode_fn, grid, (threads,), args, smem)]
     if needs_combine:
         launches.append((combine_fn, (-(-(s_q * h_q) // 4), b), (128,),
-                         (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q)), 0))
+                         (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q), np.int32(force)), 0))
     return launches, out, lse
 
 

@@ -213,16 +213,18 @@ def prepare(problem, metadata, num_splits, dev):
         bt_stride = int(block_table.shape[1])
         seqlens = _cb._to_device(cp, problem.cache_seqlens, np.int32)
         grid = (num_workers, h_kv, -(-(s_q * group) // block_m))
-    force_partials = sink is not None
+    out_f32 = problem.out_float32  # dense only (the API rejects it with indices)
+    force_partials = sink is not None or out_f32
     needs_combine = (not host_plan) or total > b or force_partials
 
-    out = cp.empty((b, s_q, h_q, dv), dtype=q.dtype)
+    out = cp.empty((b, s_q, h_q, dv), dtype=cp.float32 if out_f32 else q.dtype)
     lse = cp.empty((b, h_q, s_q), dtype=cp.float32)
     o_part = cp.empty((max(total, 1), s_q, h_q, dv), dtype=cp.float32)
     lse_part = cp.empty((max(total, 1), s_q, h_q), dtype=cp.float32)
     if _cb.POISON_OUTPUTS:
-        out.view(cp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
-        for arr in (lse, o_part, lse_part):
+        if not out_f32:
+            out.view(cp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+        for arr in (lse, o_part, lse_part) + ((out,) if out_f32 else ()):
             arr.fill(cp.nan)
 
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
@@ -239,9 +241,9 @@ def prepare(problem, metadata, num_splits, dev):
                                                        out, lse, np.int32(s_q), np.int32(h_q),
                                                        np.int32(force_partials)), 0))
         else:
-            comb = _nvrtc.load_function("mla_combine.cu", "mla_combine", {"MLA_DV": dv, "MLA_FP16": int(fp16)})
+            comb = _cb.combine_function(dv, fp16, out_f32)
             launches.append((comb, comb_grid, (128,), (o_part, lse_part, splits, out, lse, np.int32(s_q),
-                                                       np.int32(h_q)), 0))
+                                                       np.int32(h_q), np.int32(force_partials)), 0))
     return launches, out, lse
 
 
