@@ -44,6 +44,7 @@ part=${1:-tests1}
 case "$part" in
 multi)  # #8: equality with one GPU (and the NumPy reference) on varlen batches, then time against G
   t 150 t_distributed tests/test_distributed.py
+  t 90 t_out_float32 tests/test_cupy_gpu.py -k out_float32
   for how in range round_robin; do
     r 70 "dist_check_$how" python3 -m mla.distributed --mode context --how $how --gpus 2 --b 16 --s-k 8192 --varlen \
       --causal --s-q 2 --reps 3
