@@ -2,9 +2,8 @@
 # The GPU runs of a session, one device call per part (a part's steps are clamped to BUDGET s).
 #
 #   bash benchmarks/gpu_checks.sh multi     # nvidia-h100-x2 (or h200-x2): NCCL tests + multi-GPU checks/benchmarks (#8)
-#   bash benchmarks/gpu_checks.sh tests1    # H100: `pytest -m gpu`, first half of the files (one process per file)
-#   bash benchmarks/gpu_checks.sh tests2    # H100: the other half, with compute-sanitizer subsets
-#   bash benchmarks/gpu_checks.sh bench     # H100: every benchmark table, roofline plot, notebooks on the GPU
+#   bash benchmarks/gpu_checks.sh h100a     # H100: `pytest -m gpu` first half (one process per file), decode tables
+#   bash benchmarks/gpu_checks.sh h100b     # H100: `pytest -m gpu` second half, FP8/sparse/prefill tables, roofline
 #
 # A GPU fault poisons a process's CUDA context, so every test file runs in its own pytest process.
 # The device tool brings back at most 8 files from $OUT: logs, tables and plots are written to a
@@ -13,7 +12,7 @@
 set -o pipefail
 FINAL_OUT=${OUT:-gpu-logs}; mkdir -p "$FINAL_OUT"
 OUT=$(mktemp -d)
-trap 'tar -czf "$FINAL_OUT/${part:-tests1}.tgz" -C "$OUT" . && echo "logs: $FINAL_OUT/${part:-tests1}.tgz"' EXIT
+trap 'tar -czf "$FINAL_OUT/${part:-h100a}.tgz" -C "$OUT" . && echo "logs: $FINAL_OUT/${part:-h100a}.tgz"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || true
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; git rev-parse --short HEAD; date -u; } \
@@ -40,7 +39,7 @@ r() {  # r SECONDS LOGNAME command...: one command, log to $OUT/LOGNAME.txt, pri
   echo "== $name (rc $?, $((SECONDS - t0)) s)"; tail -14 "$OUT/$name.txt"
 }
 
-part=${1:-tests1}
+part=${1:-h100a}
 case "$part" in
 multi)  # #8: equality with one GPU (and the NumPy reference) on varlen batches, then time against G
   t 150 t_distributed tests/test_distributed.py
@@ -57,26 +56,23 @@ multi)  # #8: equality with one GPU (and the NumPy reference) on varlen batches,
   r 90 dist_head python3 -m mla.distributed --mode head --gpus 2 --b 128 --s-k 32768 --h-q 128 --reps 20 \
     --json "$OUT/dist_head.json"
   ;;
-tests1)
+h100a)  # `pytest -m gpu`, first half (one process per file), then the decode tables (#3, #4)
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
-  t 200 t_numba tests/test_numba_gpu.py
-  t 300 t_cupy tests/test_cupy_gpu.py
+  t 170 t_numba tests/test_numba_gpu.py
+  t 200 t_cupy tests/test_cupy_gpu.py
+  r 110 bench_decode python3 benchmarks/bench_decode.py --versions 1,5,6 --reps 20 --out "$OUT/bench_decode.md"
+  for k in portable hopper; do r 30 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
   ;;
-tests2)
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  t 150 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
-  t 150 t_prefill tests/test_prefill_gpu.py
-  t 120 t_sparse_prefill tests/test_sparse_prefill_gpu.py
-  ;;
-bench)
-  r 100 bench_decode python3 benchmarks/bench_decode.py --versions 1,5,6 --reps 20 --out "$OUT/bench_decode.md"
-  for k in portable hopper; do r 40 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
-  r 80 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 60 bench_sparse_prefill python3 benchmarks/bench_sparse_prefill.py --check --out "$OUT/bench_sparse_prefill.md"
-  r 90 bench_prefill python3 benchmarks/bench_prefill.py --no-checkpoint --no-simt
-  r 60 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
-  MLA_NUMBA_VERSION=6 r 60 profile_host python3 benchmarks/profile_host.py
+h100b)  # `pytest -m gpu`, second half, then the FP8/sparse/prefill tables (#5, #6), roofline plot, host profile
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 90 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  t 130 t_prefill tests/test_prefill_gpu.py
+  t 70 t_sparse_prefill tests/test_sparse_prefill_gpu.py
+  r 50 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 40 bench_sparse_prefill python3 benchmarks/bench_sparse_prefill.py --check --out "$OUT/bench_sparse_prefill.md"
+  r 60 bench_prefill python3 benchmarks/bench_prefill.py --no-checkpoint --no-simt
+  r 40 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
   ;;
 *)
-  echo "usage: $0 multi|tests1|tests2|bench" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
 esac

@@ -255,7 +255,10 @@ def test_out_float32_is_the_unrounded_output(kernel, b, seqlen, s_q):
         os.environ.pop("MLA_CUPY_KERNEL", None)
     assert out32.dtype == np.float32 and not bool(cp.isnan(out32).any())
     n = np.diff(cp.asnumpy(splits))
-    assert (n == 1).any() or b == 1
+    if b == 64:  # short sequences: some written directly by default, through the combine here
+        assert (n == 1).any()
+    if seqlen >= 700:
+        assert (n > 1).any()
     np.testing.assert_array_equal(cp.asnumpy(out32).astype(BF16).view(np.uint16), cp.asnumpy(out16).view(np.uint16))
     np.testing.assert_array_equal(cp.asnumpy(lse32), cp.asnumpy(lse16))
     if kernel != "fp8":
