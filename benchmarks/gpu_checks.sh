@@ -61,7 +61,8 @@ h100a)  # `pytest -m gpu`, first half (one process per file), then the decode ta
   t 170 t_numba tests/test_numba_gpu.py
   t 200 t_cupy tests/test_cupy_gpu.py
   r 110 bench_decode python3 benchmarks/bench_decode.py --versions 1,5,6 --reps 20 --out "$OUT/bench_decode.md"
-  for k in portable hopper; do r 30 "cupy_$k" env MLA_CUPY_KERNEL=$k python3 -m mla.backends.cupy_backend bench; done
+  r 30 cupy_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
+  r 30 cupy_hopper env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
   ;;
 h100b)  # `pytest -m gpu`, second half, then the FP8/sparse/prefill tables (#5, #6), roofline plot, host profile
   t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
@@ -72,6 +73,13 @@ h100b)  # `pytest -m gpu`, second half, then the FP8/sparse/prefill tables (#5, 
   r 40 bench_sparse_prefill python3 benchmarks/bench_sparse_prefill.py --check --out "$OUT/bench_sparse_prefill.md"
   r 60 bench_prefill python3 benchmarks/bench_prefill.py --no-checkpoint --no-simt
   r 40 mla_bench python3 -m mla bench --plot "$OUT/roofline.png"
+  ;;
+h100c)  # the rest of a session's H100 run: the two longest test files alone, the remaining decode shapes
+  t 260 t_numba tests/test_numba_gpu.py
+  t 170 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  r 80 bench_decode_rest python3 benchmarks/bench_decode.py --versions 5,6 --shapes 2,3,4 --reps 20 \
+    --out "$OUT/bench_decode_rest.md"
+  r 30 cupy_hopper env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
   ;;
 *)
   echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
