@@ -81,6 +81,12 @@ h100c)  # the rest of a session's H100 run: the two longest test files alone, th
     --out "$OUT/bench_decode_rest.md"
   r 30 cupy_hopper env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
   ;;
+h100d)  # re-checks after h100c's two failures (Numba v5/v6 at d_v = 64; memcheck and numba-cuda's start-up probes)
+  t 240 t_numba tests/test_numba_gpu.py
+  t 120 s_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py -k sanitizer
+  t 60 t_out_float32 tests/test_cupy_gpu.py -k "out_float32 or sanitizer"
+  t 60 s_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
+  ;;
 *)
   echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
 esac

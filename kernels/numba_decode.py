@@ -622,9 +622,17 @@ V4_BN = 64
 V4_COMPILED_PAGES = (64,)
 
 
-def v4_supported(d, d_v, kind):
-    """Shapes v4 handles: 16-bit dtypes, d a multiple of 32, d_v a multiple of 64."""
-    return kind in ("bf16", "f16") and d % 32 == 0 and d_v % 64 == 0 and d_v <= d
+def v4_supported(d, d_v, kind, warps=V4_WARPS):
+    """Shapes the tensor-core versions handle: 16-bit dtypes, d a multiple of 32, d_v a multiple of
+    16 * warps (each warp owns d_v / warps output channels, loaded 16 at a time): 64 for v4's 4
+    warps, 128 for v5/v6's 8. (d_v = 64 with 8 warps gave each warp 8 channels, none of which the
+    P.V loop touched: out = 0 -- found by the GPU hypothesis run of 2026-11-26.)"""
+    return kind in ("bf16", "f16") and d % 32 == 0 and d_v % (16 * warps) == 0 and d_v <= d
+
+
+def version_warps(version):
+    """Warps a CTA of a tensor-core version: v4 4, v5/v6 8."""
+    return 4 if version == 4 else 8
 
 
 def v4_shared_bytes(d):
@@ -648,6 +656,9 @@ def _make_v4(kind, d, d_v, warps=V4_WARPS, page_const=0, flat_loader=False):
     KW = BN // warps  # keys per warp in S = Q K^T: 16 (two n-tiles, 4 warps) or 8 (one n-tile, 8 warps)
     CH_W = d_v // warps  # output channels per warp
     NPAIRS = CH_W // 16  # ldmatrix.trans x4 loads two n-tiles of 8 channels
+    if not v4_supported(d, d_v, kind, warps):
+        raise ValueError(f"the tensor-core kernel with {warps} warps needs bf16/fp16, d % 32 == 0 and "
+                         f"d_v % {16 * warps} == 0, got {kind}, d={d}, d_v={d_v}")
     ACC_N = CH_W // 8 * 4
     OFF_K = V4_BH * DP * 2  # byte offsets in shared memory
     STAGE = BN * DP * 2
@@ -1068,10 +1079,10 @@ class DecodeLaunch:
             self.block = NT
             self.smem = _tiled_geometry(d, d_v, bn, kind)["SMEM_FLOATS"] * 4
         elif version in TENSOR_CORE_VERSIONS:
-            if not v4_supported(d, d_v, kind):
-                raise ValueError(f"v{version} needs bf16/fp16, d % 32 == 0 and d_v % 64 == 0, got {kind}, d={d}, "
-                                 f"d_v={d_v}")
-            warps = 4 if version == 4 else 8
+            warps = version_warps(version)
+            if not v4_supported(d, d_v, kind, warps):
+                raise ValueError(f"v{version} needs bf16/fp16, d % 32 == 0 and d_v % {16 * warps} == 0, got {kind}, "
+                                 f"d={d}, d_v={d_v}")
             flat = version == 6
             # DeepSeek's page size is compiled in (measured: 1.21 ms vs 1.92 ms for v4 with a run-time
             # page on b=128, h_q=16, s_k=8192); other page sizes share one kernel with a run-time page

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 
 from . import _arrays
@@ -192,6 +194,25 @@ def run_compute_sanitizer(tool: str, script: str, marker: str = "SANITIZE-DONE")
     proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=600)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]
-    ok = (proc.returncode == 0 and marker in proc.stdout
-          and ("ERROR SUMMARY: 0 errors" in proc.stdout or "0 hazards" in proc.stdout))
+    clean = "ERROR SUMMARY: 0 errors" in proc.stdout or "0 hazards" in proc.stdout
+    ok = marker in proc.stdout and ((proc.returncode == 0 and clean) or _only_driver_probe_errors(proc.stdout))
     return ok, report
+
+
+_PROBE = re.compile(r"Program hit CUDA_ERROR_INVALID_VALUE \(error 1\) due to \"invalid argument\" on CUDA API call "
+                    r"to cuGetProcAddress")
+_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?")
+
+
+def _only_driver_probe_errors(sanitizer_stdout: str) -> bool:
+    """True when every error memcheck counted is a failed ``cuGetProcAddress`` symbol probe.
+
+    numba-cuda's driver binding asks the driver for entry points it may not have while it
+    initialises; memcheck reports each refusal as an API error (34 on the H100 of 2026-11-26)
+    although nothing ran on the device yet. Those are the only errors forgiven: any kernel error
+    (invalid read/write, misaligned access, hardware exception) or other failed API call makes
+    the count differ and the check fail.
+    """
+    totals = [int(n) for n in _SUMMARY.findall(sanitizer_stdout)]
+    probes = len(_PROBE.findall(sanitizer_stdout))
+    return len(totals) == 1 and totals[0] > 0 and totals[0] == probes

@@ -50,3 +50,16 @@ def test_run_compute_sanitizer_without_the_tool(monkeypatch):
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert testing.run_compute_sanitizer("memcheck", "print('SANITIZE-DONE')") is None
+
+
+def test_sanitizer_forgives_only_the_driver_symbol_probes():
+    """numba-cuda's start-up cuGetProcAddress refusals (memcheck API errors) are forgiven; nothing else is."""
+    probe = ('========= Program hit CUDA_ERROR_INVALID_VALUE (error 1) due to "invalid argument" on CUDA API call '
+             'to cuGetProcAddress_v2.\n=========     Saved host backtrace up to driver entry point at error\n')
+    kernel = "========= Invalid __global__ read of size 16 bytes\n=========     at mla_decode+0x1a0\n"
+    only_probes = probe * 34 + "========= ERROR SUMMARY: 34 errors\n"
+    assert testing._only_driver_probe_errors(only_probes)
+    assert not testing._only_driver_probe_errors(probe * 34 + kernel + "========= ERROR SUMMARY: 35 errors\n")
+    assert not testing._only_driver_probe_errors(probe + "========= ERROR SUMMARY: 2 errors\n")
+    assert not testing._only_driver_probe_errors("========= ERROR SUMMARY: 0 errors\n")
+    assert not testing._only_driver_probe_errors(probe * 2)  # no summary: the run did not finish

@@ -110,19 +110,24 @@ def selected_version(problem, kind=None) -> int:
         version = int(env)
         if version not in nd.VERSIONS:
             raise ValueError(f"MLA_NUMBA_VERSION must be one of {nd.VERSIONS}, got {env!r}")
-        if version in nd.TENSOR_CORE_VERSIONS and not _v4_ok(problem, kind, nd):
-            version = 3
+        if version in nd.TENSOR_CORE_VERSIONS and not _v4_ok(problem, kind, nd, version):
+            version = 4 if _v4_ok(problem, kind, nd, 4) else 3
         if version > 1 and not _tiled_ok(problem, kind, nd):
             return 1
         return version
     if nd.SIMULATOR or not _tiled_ok(problem, kind, nd):
         return 1
-    return FASTEST if _v4_ok(problem, kind, nd) else 3
+    for version in (FASTEST, 4):  # v5/v6 need d_v % 128 == 0, v4 d_v % 64 == 0
+        if _v4_ok(problem, kind, nd, version):
+            return version
+    return 3
 
 
-def _v4_ok(problem, kind, nd):
-    """v4 (tensor cores) copies 16-byte chunks of q and the cache with cp.async."""
-    return nd.v4_supported(problem.d, problem.head_dim_v, kind) and _tiled_ok(problem, kind, nd)
+def _v4_ok(problem, kind, nd, version=4):
+    """The tensor-core versions copy 16-byte chunks of q and the cache with cp.async; each of
+    their warps owns d_v / warps output channels (``numba_decode.v4_supported``)."""
+    return (nd.v4_supported(problem.d, problem.head_dim_v, kind, nd.version_warps(version))
+            and _tiled_ok(problem, kind, nd))
 
 
 def _tiled_ok(problem, kind, nd):
