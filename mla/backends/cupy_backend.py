@@ -295,7 +295,7 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
-    comb = combine_function(dv, fp16, problem.out_float32)
+    comb = combine_function(dv, fp16, getattr(problem, "out_float32", False))
     arrays = (_to_device(cp, problem.q), _to_device(cp, problem.k_cache), _to_device(cp, problem.block_table, np.int32),
               _to_device(cp, problem.cache_seqlens, np.int32), _to_device(cp, metadata, np.int32),
               _to_device(cp, num_splits, np.int32))

@@ -213,7 +213,7 @@ def prepare(problem, metadata, num_splits, dev):
         bt_stride = int(block_table.shape[1])
         seqlens = _cb._to_device(cp, problem.cache_seqlens, np.int32)
         grid = (num_workers, h_kv, -(-(s_q * group) // block_m))
-    out_f32 = problem.out_float32  # dense only (the API rejects it with indices)
+    out_f32 = getattr(problem, "out_float32", False)  # dense only (the API rejects it with indices)
     force_partials = sink is not None or out_f32
     needs_combine = (not host_plan) or total > b or force_partials
 
