@@ -16,7 +16,8 @@ validate=False)`` instead (the whole call between the events: host-side dispatch
 is the Numba v5 kernel, FP8 and sparse the generic ``numba_sparse_fp8`` kernel).
 ``--check`` first compares each configuration with the NumPy reference on a small case.
 ``MLA_CUPY_FP8_CONFIG`` / ``MLA_CUPY_SPARSE_CONFIG`` =
-"warps,block_n,stages" force a tiling (sweeps).
+"warps,block_n,stages" force a tiling (sweeps). ``--sweep 8,64,3 8,32,2 ...`` times the memory-bound
+dense FP8 row under each FP8 tiling, each first checked on a small poisoned case.
 """
 
 from __future__ import annotations
@@ -161,12 +162,58 @@ def check(backend="cupy"):
     return ok
 
 
+def sweep(configs, reps, flush):
+    """The dense FP8 row (128, 1, 16, 8192) under each forced tiling "warps,block_n,stages"."""
+    import os
+
+    from mla import reference
+
+    dev = cp.cuda.Device().id
+    b, s_q, h_q, s_k = 128, 1, 16, 8192
+    k, k8, table = _cache(b, s_k)
+    q = _random_bf16((b, s_q, h_q, D))
+    seqlens = cp.full((b,), s_k, dtype=cp.int32)
+    sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
+    nbytes = b * (s_q * h_q * D * 2 + s_k * 656 + s_q * h_q * DV * 2)
+    case = testing.make_decode_case(np.random.default_rng(5), b=3, s_q=1, h_q=16, d=D, head_dim_v=DV,
+                                    page_block_size=PAGE, seqlens=[0, 300, 1500], dtype=BF16, fp8=True)
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args(), **case.kwargs())
+    print("| FP8 tiling (warps, block_n, stages) -> (block_m, warps, block_n, stages) | smem | check | time | GB/s |"
+          "\n|---|---|---|---|---|", flush=True)
+    for forced in configs:
+        os.environ["MLA_CUPY_FP8_CONFIG"] = forced
+        try:
+            cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
+            if cfg is None:
+                print(f"| {forced} | | does not fit | | |", flush=True)
+                continue
+            smem = cupy_sparse_fp8.smem_bytes(D, DV, *cfg, True, False)
+            cupy_backend.POISON_OUTPUTS = True
+            try:
+                c = testing.to_device(case)
+                out, lse = mla.flash_mla_with_kvcache(*c.args(), backend="cupy", **c.kwargs())
+                testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
+                ok = "OK"
+            except AssertionError as exc:
+                ok = "BAD " + str(exc).splitlines()[0][:80]
+            finally:
+                cupy_backend.POISON_OUTPUTS = False
+            problem = api._validate(q, k8, table, seqlens, DV, None, False, True, None, None, None, False)
+            launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+            t = _time(launches, flush, reps)
+            print(f"| {forced} -> {cfg} | {smem} | {ok} | {t * 1e3:.3f} ms | {nbytes / t / 1e9:.0f} |", flush=True)
+        finally:
+            os.environ.pop("MLA_CUPY_FP8_CONFIG", None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--backend", choices=("cupy", "numba"), default="cupy")
+    ap.add_argument("--sweep", nargs="+", default=None, metavar="W,BN,ST",
+                    help="only time the dense FP8 memory-bound row under these FP8 tilings")
     args = ap.parse_args()
     dev = cp.cuda.Device()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, CuPy {cp.__version__}",
@@ -174,6 +221,9 @@ def main():
     if args.check and not check(args.backend):
         print("check FAILED: timings below are of wrong kernels", flush=True)
     flush = cp.empty(256 << 20, dtype=cp.uint8)
+    if args.sweep:
+        sweep(args.sweep, args.reps, flush)
+        return
     rows = ["| kernel | b, s_q, h_q, s_k / topk | (block_m, warps, block_n, stages) | time | GB/s | TFLOP/s | "
             "vs bf16 |", "|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)

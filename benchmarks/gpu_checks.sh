@@ -87,6 +87,10 @@ h100d)  # re-checks after h100c's two failures (Numba v5/v6 at d_v = 64; memchec
   t 60 t_out_float32 tests/test_cupy_gpu.py -k "out_float32 or sanitizer"
   t 60 s_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
   ;;
+fp8sweep)  # issue #5: the dense FP8 kernel under other tilings (2 CTAs an SM fit at block_n 32, 2 stages)
+  r 150 fp8_sweep python3 benchmarks/bench_fp8_sparse.py --reps 20 --sweep 8,64,3 8,64,2 8,32,2 4,32,2 8,32,3 8,32,4 4,64,3 4,64,2
+  r 120 bench_fp8_numba python3 benchmarks/bench_fp8_sparse.py --backend numba --check --reps 10
+  ;;
 *)
   echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
 esac
