@@ -185,9 +185,10 @@ def sweep(configs, reps, flush):
         try:
             cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
             if cfg is None:
-                print(f"| {forced} | | does not fit | | |", flush=True)
+                print(f"| {forced} | | no valid tiling (divisibility or shared memory) | | |", flush=True)
                 continue
-            smem = cupy_sparse_fp8.smem_bytes(D, DV, *cfg, True, False)
+            block_m, warps, block_n, stages = cfg
+            smem = cupy_sparse_fp8.smem_bytes(D, DV, block_m, block_n, warps, stages, True, False)
             cupy_backend.POISON_OUTPUTS = True
             try:
                 c = testing.to_device(case)
