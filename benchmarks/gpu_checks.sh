@@ -91,6 +91,12 @@ fp8sweep)  # issue #5: the dense FP8 kernel under other tilings (2 CTAs an SM fi
   r 150 fp8_sweep python3 benchmarks/bench_fp8_sparse.py --reps 20 --sweep 8,64,3 8,64,2 8,32,2 4,32,2 8,32,3 8,32,4 4,64,3 4,64,2
   r 120 bench_fp8_numba python3 benchmarks/bench_fp8_sparse.py --backend numba --check --reps 10
   ;;
+ncu)  # Nsight Compute on the memory-bound shape: portable (the reference point), hopper, fp8 (#4, #5)
+  NCU="ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis"
+  for k in portable hopper fp8; do r 100 "ncu_$k" $NCU python3 benchmarks/profile_kernel.py --kernel $k; done
+  r 100 ncu_hopper_compute $NCU python3 benchmarks/profile_kernel.py --kernel hopper --s-q 2 --h-q 128
+  ;;
 *)
   echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
 esac
