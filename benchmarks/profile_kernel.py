@@ -48,7 +48,7 @@ def main(argv=None):
         cp.uint16).view(_arrays.BFLOAT16)
     table = cp.asarray(np.random.default_rng(0).permutation(blocks).astype(np.int32).reshape(b, -1))
     seqlens = cp.full((b,), s_k, dtype=cp.int32)
-    sched, splits = mla.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
+    sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)  # device lengths: a device plan
 
     def call():
         return mla.flash_mla_with_kvcache(q, cache, table, seqlens, DV, sched, splits, causal=s_q > 1,
