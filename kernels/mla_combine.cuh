@@ -6,9 +6,8 @@
 // with f = 1 / (1 + exp(sink_h - lse)) when SINK (FlashMLA's attn_sink; lse itself unchanged), else 1.
 // o_part fp32 [*, s_q, h_q, DV], lse_part fp32 [*, s_q, h_q] (-inf = empty split), num_splits int32
 // [b + 1]; out [b, s_q, h_q, DV] (OutT: bf16/fp16 bits, or float for out_dtype=float32), lse_out fp32
-// [b, h_q, s_q]. Rows of a sequence with a
-// single split were written by the decode kernel and are skipped, unless all_rows (the decode kernel
-// then wrote every piece as a partial).
+// [b, h_q, s_q]. Rows of a sequence with a single split were written by the decode kernel and are
+// skipped, unless all_rows (the decode kernel then wrote every piece as a partial).
 #pragma once
 #include "mla_common.cuh"
 

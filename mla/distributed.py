@@ -677,7 +677,7 @@ def _compare(out, lse, single_out, single_lse, case) -> dict:
     and against the reference (``max_abs_out_ref`` / ``max_abs_lse_ref``).
     """
     from .reference import flash_mla_reference
-    from .testing import OUT_ATOL, OUT_RTOL, LSE_ATOL, LSE_RTOL, assert_close
+    from .testing import LSE_ATOL, LSE_RTOL, OUT_ATOL, OUT_RTOL, assert_close
 
     host = [_arrays.asnumpy(a) for a in case.args()[:4]]
     ref_out, ref_lse = flash_mla_reference(*host, case.head_dim_v, causal=case.causal)
@@ -901,8 +901,9 @@ def main(argv=None) -> int:
         all_ok &= (not cfg.check) or bool(r0["ok"])
         speedup = r0["single_ms"] / r0["parallel_ms"] if r0["parallel_ms"] > 0 else math.nan
         print(f"| {G} | {r0['single_ms']:.3f} | {r0['parallel_ms']:.3f} | {slowest:.3f} | {speedup:.2f} | "
-              f"{speedup / G:.0%} | {r0.get('max_abs_out', math.nan):.2e} | {r0.get('max_abs_out_ref', math.nan):.2e} | "
-              f"{r0.get('max_abs_lse', math.nan):.2e} | {check} |", flush=True)
+              f"{speedup / G:.0%} | {r0.get('max_abs_out', math.nan):.2e} | "
+              f"{r0.get('max_abs_out_ref', math.nan):.2e} | {r0.get('max_abs_lse', math.nan):.2e} | {check} |",
+              flush=True)
         if cfg.check and not r0["ok"]:
             print(r0.get("mismatch", ""), file=sys.stderr)
         rows.append({"gpus": G, "config": dataclasses.asdict(cfg), "ranks": res})

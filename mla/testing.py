@@ -7,9 +7,8 @@ physical blocks are shuffled, so a kernel that reads anything it should not show
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 import numpy as np
 

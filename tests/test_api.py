@@ -383,6 +383,7 @@ def test_out_dtype_float32_is_dense_only(case):
 
 def test_out_dtype_float32_not_on_numba():
     import ml_dtypes
+
     from mla.backends import numba_backend
 
     c = make_decode_case(np.random.default_rng(4), b=1, s_q=1, h_q=4, d=32, head_dim_v=16, page_block_size=8,

@@ -273,7 +273,8 @@ def test_supports_declines_with_reason():
     ok, reason = numba_backend.supports(fake)
     assert not ok and "float64" in reason
     fp8_wrong_dims = types.SimpleNamespace(q=np.zeros((1, 1, 1, 64), BF16), is_fp8_kvcache=True, indices=None,
-                                           attn_sink=None, is_sparse=False, d=64, head_dim_v=48, h_q=1, h_kv=1)
+                                           attn_sink=None, is_sparse=False, d=64, head_dim_v=48, h_q=1, h_kv=1,
+                                           out_float32=False)
     ok, reason = numba_backend.supports(fp8_wrong_dims)
     assert not ok and "d = 576" in reason
 

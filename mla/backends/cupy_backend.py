@@ -295,7 +295,7 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
-    comb = combine_function(dv, fp16, getattr(problem, "out_float32", False))
+    comb = combine_function(dv, fp16, problem.out_float32)
     arrays = (_to_device(cp, problem.q), _to_device(cp, problem.k_cache), _to_device(cp, problem.block_table, np.int32),
               _to_device(cp, problem.cache_seqlens, np.int32), _to_device(cp, metadata, np.int32),
               _to_device(cp, num_splits, np.int32))
@@ -309,6 +309,23 @@ def combine_function(dv: int, fp16: bool, out_float32: bool = False):
     if out_float32:
         defines["MLA_OUT_F32"] = 1
     return _nvrtc.load_function("mla_combine.cu", "mla_combine", defines)
+
+
+def allocate_outputs(xp, problem, q_dtype, partial_rows: int, out_float32: bool, poison: bool):
+    """out [b, s_q, h_q, d_v] (q's dtype, or float32 when out_float32), lse f32 [b, h_q, s_q] and the
+    partial buffers o_part f32 [partial_rows, s_q, h_q, d_v], lse_part f32 [partial_rows, s_q, h_q]
+    of one decode; poison: all filled with NaN (unwritten elements show in the tests)."""
+    b, s_q, h_q, dv = problem.b, problem.s_q, problem.h_q, problem.head_dim_v
+    out = xp.empty((b, s_q, h_q, dv), dtype=xp.float32 if out_float32 else q_dtype)
+    lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
+    o_part = xp.empty((max(partial_rows, 1), s_q, h_q, dv), dtype=xp.float32)
+    lse_part = xp.empty((max(partial_rows, 1), s_q, h_q), dtype=xp.float32)
+    if poison:
+        if not out_float32:
+            out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
+        for arr in (lse, o_part, lse_part) + ((out,) if out_float32 else ()):
+            arr.fill(np.nan)
+    return out, lse, o_part, lse_part
 
 
 def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, block_m: int, threads: int, smem: int,
@@ -325,22 +342,14 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     """
     q, k_cache, block_table, seqlens, sched, splits = arrays
     b, s_q, h_q = problem.b, problem.s_q, problem.h_q
-    h_kv, dv = problem.h_kv, problem.head_dim_v
+    h_kv = problem.h_kv
     rows = s_q * h_q // h_kv
     num_workers = int(sched.shape[0])
     host_plan = host_splits is not None
     total = int(host_splits[-1]) if host_plan else b + num_workers
-    force = bool(getattr(problem, "out_float32", False))
+    force = problem.out_float32
     needs_combine = (not host_plan) or total > b or force
-    out = xp.empty((b, s_q, h_q, dv), dtype=xp.float32 if force else q.dtype)
-    lse = xp.empty((b, h_q, s_q), dtype=xp.float32)
-    o_part = xp.empty((max(total, 1), s_q, h_q, dv), dtype=xp.float32)
-    lse_part = xp.empty((max(total, 1), s_q, h_q), dtype=xp.float32)
-    if poison:
-        if not force:
-            out.view(xp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
-        for arr in (lse, o_part, lse_part) + ((out,) if force else ()):
-            arr.fill(np.nan)
+    out, lse, o_part, lse_part = allocate_outputs(xp, problem, q.dtype, total, force, poison)
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     grid = (num_workers, h_kv, -(-rows // block_m))
     args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,

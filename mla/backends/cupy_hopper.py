@@ -135,7 +135,7 @@ def prepare(cp, problem, metadata, num_splits, dev):
     fn = _nvrtc.load_function(SOURCE, FUNCTION, defines(fp16), arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < SMEM_BYTES:
         fn.max_dynamic_shared_size_bytes = SMEM_BYTES
-    comb = _cb.combine_function(DV, fp16, getattr(problem, "out_float32", False))
+    comb = _cb.combine_function(DV, fp16, problem.out_float32)
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]

@@ -213,19 +213,10 @@ def prepare(problem, metadata, num_splits, dev):
         bt_stride = int(block_table.shape[1])
         seqlens = _cb._to_device(cp, problem.cache_seqlens, np.int32)
         grid = (num_workers, h_kv, -(-(s_q * group) // block_m))
-    out_f32 = getattr(problem, "out_float32", False)  # dense only (the API rejects it with indices)
+    out_f32 = problem.out_float32  # dense only (the API rejects it with indices)
     force_partials = sink is not None or out_f32
     needs_combine = (not host_plan) or total > b or force_partials
-
-    out = cp.empty((b, s_q, h_q, dv), dtype=cp.float32 if out_f32 else q.dtype)
-    lse = cp.empty((b, h_q, s_q), dtype=cp.float32)
-    o_part = cp.empty((max(total, 1), s_q, h_q, dv), dtype=cp.float32)
-    lse_part = cp.empty((max(total, 1), s_q, h_q), dtype=cp.float32)
-    if _cb.POISON_OUTPUTS:
-        if not out_f32:
-            out.view(cp.uint16).fill(0xFFFF)  # NaN in bf16 and fp16
-        for arr in (lse, o_part, lse_part) + ((out,) if out_f32 else ()):
-            arr.fill(cp.nan)
+    out, lse, o_part, lse_part = _cb.allocate_outputs(cp, problem, q.dtype, total, out_f32, _cb.POISON_OUTPUTS)
 
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     args = (q, k_cache, block_table, np.int32(bt_stride), seqlens, indices, np.int32(topk), topk_length,

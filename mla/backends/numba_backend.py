@@ -82,7 +82,7 @@ def supports(problem):
     with or without attn_sink; else (False, the reason)."""
     if problem.q.dtype not in _KIND:
         return False, f"backend='numba' does not support dtype {problem.q.dtype}"
-    if getattr(problem, "out_float32", False):
+    if problem.out_float32:
         return False, "backend='numba' writes out in q's dtype only (out_dtype=float32: backend='cupy' or 'numpy')"
     if _uses_sparse_fp8(problem):
         from ..kernels import numba_sparse_fp8 as nsf

@@ -30,7 +30,7 @@ def decode(problem, metadata, num_splits):
         None if problem.topk_length is None else h(problem.topk_length),
         None if problem.attn_sink is None else h(problem.attn_sink),
         compute_dtype=np.float32,
-        out_dtype=getattr(problem, "out_dtype", None),
+        out_dtype=problem.out_dtype,
     )
     if problem.on_device:
         cp = _arrays.cupy_module()
