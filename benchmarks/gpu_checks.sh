@@ -97,6 +97,11 @@ ncu)  # Nsight Compute on the memory-bound shape: portable (the reference point)
   for k in portable hopper fp8; do r 100 "ncu_$k" $NCU python3 benchmarks/profile_kernel.py --kernel $k; done
   r 100 ncu_hopper_compute $NCU python3 benchmarks/profile_kernel.py --kernel hopper --s-q 2 --h-q 128
   ;;
+recheck)  # after the review refactor (shared output allocation of the CuPy paths): their GPU tests again
+  t 150 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  MLA_TEST_NUMBA_VERSIONS=6 t 120 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
+  ;;
 *)
   echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
 esac
