@@ -32,6 +32,8 @@ SHAPES = [  # (b, s_q, h_q, s_k)
     (128, 1, 128, 4096),
     (128, 2, 128, 4096),
     (1, 1, 128, 32768),
+    (8, 1, 16, 8192),      # issue #4: few sequences, long context
+    (128, 2, 128, 8192),   # issue #4: compute-bound
 ]
 D, DV, PAGE, H_KV = 576, 512, 64, 1
 
@@ -118,6 +120,9 @@ def main(argv=None):
     parser.add_argument("--block-n", default="16,32", help="key tiles to try for versions >= 2")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
+    parser.add_argument("--cupy-kernels", default="auto",
+                        help="CuPy kernels to time, comma-separated: auto (what backend='cupy' picks), portable, "
+                             "hopper (as dispatched), hopper-wide, hopper-narrow (MLA_HOPPER_VARIANT forced)")
     args = parser.parse_args(argv)
 
     import cupy as cp
@@ -181,13 +186,27 @@ def main(argv=None):
                     print(f"{name} failed on {(b, s_q, h_q, s_k)}: {exc!r}", flush=True)
         os.environ.pop("MLA_NUMBA_VERSION", None)
         os.environ.pop("MLA_NUMBA_BLOCK_N", None)
-        if have_cupy_backend:
+        for ck in (args.cupy_kernels.split(",") if have_cupy_backend else []):
+            env = {"auto": {}, "portable": {"MLA_CUPY_KERNEL": "portable"},
+                   "hopper": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1"},
+                   "hopper-wide": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1", "MLA_HOPPER_VARIANT": "wide"},
+                   "hopper-narrow": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1",
+                                     "MLA_HOPPER_VARIANT": "narrow"}}[ck]
+            saved = {key: os.environ.get(key) for key in ("MLA_CUPY_KERNEL", "MLA_CUPY_UNVERIFIED", "MLA_HOPPER_VARIANT")}
+            os.environ.update(env)
+            name = "cupy backend" if ck == "auto" else f"cupy {ck}"
             try:
                 fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits, backend="cupy",  # noqa: E731
                                                         validate=False)
-                rows.append(("cupy backend", *timed(fn, args.reps)))
+                rows.append((name, *timed(fn, args.reps)))
             except Exception as exc:
-                print(f"cupy backend failed: {exc!r}", flush=True)
+                print(f"{name} failed: {exc!r}", flush=True)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
         for name, ms, reps, loop_ms in rows:
             gbs = nbytes / ms / 1e6
             loop = f"{loop_ms:.3f} | {100 * nbytes / loop_ms / 1e6 / copy_gbs:.0f}%" if loop_ms else "- | -"

@@ -102,6 +102,18 @@ recheck)  # after the review refactor (shared output allocation of the CuPy path
   t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   MLA_TEST_NUMBA_VERSIONS=6 t 120 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
   ;;
+narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its GPU tests, sanitizers, timings
+  t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
+  MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow tests/test_cupy_gpu.py \
+    -k sanitizer
+  r 120 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6 --reps 20 \
+    --cupy-kernels portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
+  for v in wide narrow; do
+    r 40 "kernel_$v" env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=$v \
+      python3 -m mla.backends.cupy_backend bench
+  done
+  r 30 kernel_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow" >&2; exit 2 ;;
 esac

@@ -177,6 +177,38 @@ __device__ __forceinline__ void wg_mma_m64n256k16_rs_nmajor(float (&d)[128], u32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1)
       : "memory");
 }
+
+// ---- the narrow kernel's shapes (kernels/mla_decode_hopper_narrow.cu): both operands from shared memory.
+// D[64 x 16] = A[64 x 16] B[16 x 16]^T (+ D when accumulate): A, B K-major (S^T = K Q^T)
+__device__ __forceinline__ void wg_mma_m64n16k16_ss(float (&d)[8], u64 desc_a, u64 desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : WG_D8(0)
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+// D[64 x 16] += A[64 x 16] B[16 x 16]: A and B MN-major (imm-trans-a = imm-trans-b = 1; O^T += V^T P^T, fp16)
+__device__ __forceinline__ void wg_mma_m64n16k16_ss_tt(float (&d)[8], u64 desc_a, u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 1;\n}\n"
+      : WG_D8(0)
+      : "l"(desc_a), "l"(desc_b), "r"(1)
+      : "memory");
+}
+// D[64 x 32] += A[64 x 16] B[16 x 32]: A and B MN-major (O^T += V^T [P_hi | P_lo]^T, bf16)
+__device__ __forceinline__ void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_a, u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : WG_D8(0), WG_D8(8)
+      : "l"(desc_a), "l"(desc_b), "r"(1)
+      : "memory");
+}
 #undef WG_D8
 #endif  // MLA_HAS_WGMMA
 

@@ -285,6 +285,19 @@ inline float __shfl_xor_sync(unsigned mask, float v, int m) {
   return r;
 }
 
+inline int __shfl_sync(unsigned mask, int v, int src) {
+  if (mask != 0xffffffffu) emu::fail("__shfl_sync with a partial mask");
+  float f;
+  std::memcpy(&f, &v, 4);
+  emu::my_lane().f[0] = f;
+  emu::warp_sync(emu::OP_SHFL);
+  const float r = emu::lane_of(src & 31).f[0];
+  emu::warp_sync(emu::OP_SHFL);
+  int out;
+  std::memcpy(&out, &r, 4);
+  return out;
+}
+
 // ---- replacements of the inline-PTX helpers (mla_common.cuh and kernel files)
 
 inline u32 smem_u32(const void* p) {

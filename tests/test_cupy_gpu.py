@@ -28,7 +28,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _ok, reason=f"CuPy backend
 
 BF16 = _arrays.BFLOAT16
 DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(np.float16, id="fp16")]
-KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper")]
+# "hopper": the Hopper kernels as dispatched (the narrow kernel for <= 16 query rows a KV head, the 64-row
+# kernel above); "hopper-narrow": the narrow kernel forced on every shape (MLA_HOPPER_VARIANT=narrow, several
+# 16-row tiles where there are more rows)
+KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper"),
+           pytest.param("hopper-narrow", id="hopper-narrow")]
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +45,18 @@ def _hopper_gate(request, monkeypatch):
     """The Hopper kernel has not run on a GPU yet (cupy_hopper.py): open MLA_CUPY_UNVERIFIED for its cases.
     It takes every case of this file's DeepSeek-dims tests (any h_kv, s_q, h_q) on compute capability 9.0."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("kernel") == "hopper":
+    if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow"):
         from mla.backends import cupy_hopper
 
         reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
         if reason:
             pytest.skip(reason)
         monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
+        monkeypatch.setenv("MLA_HOPPER_VARIANT", "narrow" if callspec.params["kernel"] == "hopper-narrow" else "auto")
 
 
 def _check(case, kernel="portable", on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL):
-    os.environ["MLA_CUPY_KERNEL"] = kernel
+    os.environ["MLA_CUPY_KERNEL"] = "hopper" if kernel.startswith("hopper") else kernel
     try:
         c = testing.to_device(case) if on_device else case
         args, kw = c.args(), c.kwargs()
@@ -246,7 +251,8 @@ def test_out_float32_is_the_unrounded_output(kernel, b, seqlen, s_q):
                                     seqlens=seqlens, dtype=BF16, causal=s_q > 1, fp8=kernel == "fp8")
     c = testing.to_device(case)
     sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * 16, 1)
-    os.environ["MLA_CUPY_KERNEL"] = "portable" if kernel == "fp8" else kernel
+    os.environ["MLA_CUPY_KERNEL"] = ("portable" if kernel == "fp8" else
+                                     "hopper" if kernel.startswith("hopper") else kernel)
     try:
         out16, lse16 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
         out32, lse32 = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", out_dtype=np.float32,

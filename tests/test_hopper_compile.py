@@ -37,7 +37,8 @@ BF16 = _arrays.BFLOAT16
 needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
                                  reason=str(_nvrtc.unavailable_reason()))
 
-COMPILE_CASES = [("mla_decode_hopper.cu", d) for d in cupy_hopper.compile_variants()] + [
+COMPILE_CASES = [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
+                 for d in cupy_hopper.compile_variants()] + [
     ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
 
 
@@ -65,7 +66,7 @@ def test_sm90a_compiles_without_spills(name, defines):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "wgmma_probe.cu"])
+@pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "mla_decode_hopper_narrow.cu", "wgmma_probe.cu"])
 def test_sm80_builds_are_trapping_stubs(name):
     """tests/test_cupy_compile.py builds every source for sm_80 too: wgmma code is compiled out there."""
     _, log = _nvrtc.compile_cubin(name, "sm_80", {})
@@ -113,6 +114,39 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
     pv = [line for line in sass.splitlines() if "HGMMA.64x256x16" in line]
     assert all(".tnspB" in line for line in pv), pv[:2]  # imm-trans-b = 1: B (= V) read N-major
     assert sass.count("WARPGROUP.DEPBAR") == 2  # one wait for S, one for P V: the batches are not serialised
+
+
+@pytest.mark.parametrize("defines,pv_shape", [({"MLA_FP16": 0}, "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16"),
+                                               ({"MLA_FP16": 1}, "64x16x16")])
+def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
+    """The narrow kernel: 36 HGMMA.64x16x16 (S^T) and 32 P V HGMMA a tile, both operands transposed for P V,
+    and exactly two waits: ptxas did not serialise the wgmma (it does when the warpgroup index looks
+    divergent to it, and then NVRTC's log does not say so)."""
+    nvcc, cuobjdump = _sass_tools()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc / cuobjdump not found (SASS check only)")
+    src = tmp_path / "narrow.cu"
+    src.write_text(_nvrtc.read_source(cupy_hopper.NARROW_SOURCE))
+    cubin = tmp_path / "narrow.cubin"
+    cmd = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-o", str(cubin), str(src),
+           "-Xptxas", "-v"]
+    cmd += [f"-D{k}={v}" for k, v in defines.items()]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "serialized" not in res.stderr, res.stderr
+    env = None
+    nvdisasm = shutil.which("nvdisasm") or "/tmp/nvdis/nvidia/cu13/bin/nvdisasm"
+    if shutil.which(nvdisasm):
+        import os
+
+        env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
+                          env=env).stdout
+    shapes = re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass)
+    want = {"64x16x16": 36 + (32 if pv_shape == "64x16x16" else 0)}
+    if pv_shape != "64x16x16":
+        want[pv_shape] = 32
+    assert {k: shapes.count(k) for k in set(shapes)} == want
+    assert sass.count("WARPGROUP.DEPBAR") == 2
 
 
 # ---- the dispatch and the gate (no GPU)
@@ -248,7 +282,8 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 namespace wgemu {
 constexpr int OP_WG = 100, OP_NAMED = 200;
 struct Op {
-  int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major
+  int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major;
+             // 2: m64n16k16, A and B K-major; 3: m64n16k16, A and B MN-major (imm-trans 1, 1); 4: m64n32k16 likewise
   u64 da, db;
   bool accumulate;
   u32 a[128][4];
@@ -314,10 +349,19 @@ inline int d_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
 
 inline void execute(const Op& op) {
   static float A[64][16], B[256][16];  // B[n][k]
-  const int n = op.kind == 0 ? 32 : 256;
+  const int n = op.kind == 1 ? 256 : (op.kind == 2 || op.kind == 3) ? 16 : 32;
   Desc db = decode_desc(op.db);
-  if ((op.kind == 0 && swap_k) || (op.kind == 1 && swap_mn)) std::swap(db.lbo, db.sbo);
-  if (op.kind == 0) {
+  if (((op.kind == 0 || op.kind == 2) && swap_k) || (op.kind != 0 && op.kind != 2 && swap_mn))
+    std::swap(db.lbo, db.sbo);
+  if (op.kind >= 2) {  // both operands from shared memory, K-major (2) or MN-major (3, 4)
+    Desc da = decode_desc(op.da);
+    const bool mn = op.kind >= 3;
+    if ((mn && swap_mn) || (!mn && swap_k)) std::swap(da.lbo, da.sbo);
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; ++k) A[m][k] = smem_elem(mn ? mnmajor(da, m, k) : kmajor(da, m, k));
+    for (int c = 0; c < n; ++c)
+      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(mn ? mnmajor(db, c, k) : kmajor(db, c, k));
+  } else if (op.kind == 0) {
     Desc da = decode_desc(op.da);
     if (swap_k) std::swap(da.lbo, da.sbo);
     for (int m = 0; m < 64; ++m)
@@ -397,6 +441,15 @@ inline void wg_mma_m64n32k16_ss(float (&d)[16], u64 desc_a, u64 desc_b, int accu
 inline void wg_mma_m64n256k16_rs_nmajor(float (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
   wgemu::issue(1, d, 0, desc_b, 1, a0, a1, a2, a3);
 }
+inline void wg_mma_m64n16k16_ss(float (&d)[8], u64 desc_a, u64 desc_b, int accumulate) {
+  wgemu::issue(2, d, desc_a, desc_b, accumulate, 0, 0, 0, 0);
+}
+inline void wg_mma_m64n16k16_ss_tt(float (&d)[8], u64 desc_a, u64 desc_b) {
+  wgemu::issue(3, d, desc_a, desc_b, 1, 0, 0, 0, 0);
+}
+inline void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_a, u64 desc_b) {
+  wgemu::issue(4, d, desc_a, desc_b, 1, 0, 0, 0, 0);
+}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -437,7 +490,8 @@ extern "C" void wgemu_reset() {
 """
 
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
-            "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor"}
+            "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
+            "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt"}
 
 
 try:
@@ -455,18 +509,20 @@ needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None
 _MODULES: dict = {}
 
 
-def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False):
-    """(decode module, combine function) for the emulator, compiled once per define set."""
+def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False):
+    """(decode module, combine function) for the emulator, compiled once per define set.
+    narrow: kernels/mla_decode_hopper_narrow.cu instead of the 64-row mla_decode_hopper.cu."""
     emu = _emu()
-    key = (tuple(sorted(defines.items())), source_edit, out_float32)
+    name = cupy_hopper.NARROW_SOURCE if narrow else cupy_hopper.SOURCE
+    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow)
     if key not in _MODULES:
         monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
-        src = _nvrtc.read_source("mla_decode_hopper.cu")
+        src = _nvrtc.read_source(name)
         if source_edit is not None:
             old, new = source_edit
             assert old in src, old
             src = src.replace(old, new)
-        mod = emu.EmuModule("mla_decode_hopper.cu", {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
+        mod = emu.EmuModule(name, {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
         comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0),
                                                 "MLA_OUT_F32": int(out_float32)})
         _MODULES[key] = (mod, comb.get_function("mla_combine"))
@@ -474,8 +530,10 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False):
 
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
-                  psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False):
+                  psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
+                  narrow=False):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
+    narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
     out_float32: the API's out_dtype=float32 (every piece a partial, float32 out)."""
     import mla
@@ -487,15 +545,16 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     if psplit is not None:
         defines["MLA_P_SPLIT"] = int(psplit)
     defines.update(extra_defines or {})
-    mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32)
+    mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow)
     mod.configure(eager_copies, schedule)
     lib = mod._lib
     lib.wgemu_config(int(eager_wgmma))
     lib.wgemu_model(0, 0)
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
-    fn = mod.get_function("mla_decode_hopper")
-    fn.max_dynamic_shared_size_bytes = cupy_hopper.SMEM_BYTES
+    fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
+    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines)) if narrow else cupy_hopper.SMEM_BYTES
+    fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
     problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
     if out_float32:
@@ -504,7 +563,8 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
               np.ascontiguousarray(case.block_table, np.int32), np.ascontiguousarray(case.cache_seqlens, np.int32),
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
     launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
-                                              host_splits=None if device_plan else arrays[-1], poison=True)
+                                              host_splits=None if device_plan else arrays[-1], poison=True,
+                                              narrow=narrow, smem=smem)
     before = lib.wgemu_executed()
     for f, grid, block, args, smem in launches:
         f(grid, block, args, shared_mem=smem)
@@ -530,17 +590,18 @@ EMU_CASES = [
 
 
 @needs_gxx
+@pytest.mark.parametrize("narrow", [False, True], ids=["wide", "narrow"])
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,dtype,num_sms,eager,schedule,eager_wgmma,device_plan",
                          EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
 def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms,
-                                                  eager, schedule, eager_wgmma, device_plan):
+                                                  eager, schedule, eager_wgmma, device_plan, narrow):
     from mla import reference, testing
 
     rng = np.random.default_rng(b * 100 + h_q + s_q)
     case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
                                     page_block_size=64, seqlens=seqlens, dtype=dtype, causal=causal)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, eager_wgmma,
-                                              device_plan=device_plan)
+                                              device_plan=device_plan, narrow=narrow)
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
                                                      512, causal=causal)
     testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)

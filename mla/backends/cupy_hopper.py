@@ -37,6 +37,30 @@ SMEM_BYTES = 3 * TILE_BYTES + XCHG_BYTES
 ARCH = "sm_90a"
 SOURCE, FUNCTION = "mla_decode_hopper.cu", "mla_decode_hopper"
 
+# The narrow kernel (kernels/mla_decode_hopper_narrow.cu): keys / channels on wgmma's M, up to 16 query
+# rows of a KV head on N, so h_q = 16 decode pays no 64-row padding. Same signature and plan.
+NARROW_SOURCE, NARROW_FUNCTION = "mla_decode_hopper_narrow.cu", "mla_decode_hopper_narrow"
+NARROW_ROWS = 16
+VARIANTS = ("auto", "narrow", "wide")
+
+
+def narrow_smem_bytes(p_split: bool) -> int:
+    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles + 2 P^T tiles + reductions."""
+    npv = 2 * NARROW_ROWS if p_split else NARROW_ROWS
+    return 2 * (NARROW_ROWS * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * 4 * NARROW_ROWS + 2 * NARROW_ROWS)
+
+
+def variant(problem) -> str:
+    """"narrow" when a KV head has at most 16 query rows (s_q * h_q / h_kv), else "wide" (the 64-row
+    kernel). MLA_HOPPER_VARIANT=narrow|wide forces one (tests, benchmarks); both compute any shape."""
+    forced = os.environ.get("MLA_HOPPER_VARIANT", "auto") or "auto"
+    if forced not in VARIANTS:
+        raise ValueError(f"MLA_HOPPER_VARIANT must be one of {VARIANTS}, got {forced!r}")
+    if forced != "auto":
+        return forced
+    rows = problem.s_q * problem.h_q // problem.h_kv
+    return "narrow" if rows <= NARROW_ROWS else "wide"
+
 
 def gate_open() -> bool:
     """True only when MLA_CUPY_UNVERIFIED=1 (``mla.backends.UNVERIFIED_GATE``): the kernel has not run on a GPU yet."""
@@ -112,15 +136,22 @@ def compile_variants() -> list[dict]:
     return [{"MLA_FP16": 0}, {"MLA_FP16": 0, "MLA_P_SPLIT": 0}, {"MLA_FP16": 1}]
 
 
+def p_split(d: dict) -> bool:
+    """Whether a -D set (``defines``) builds the bf16 P = P_hi + P_lo split (the kernels' default: bf16)."""
+    return bool(d.get("MLA_P_SPLIT", not d.get("MLA_FP16", 0)))
+
+
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
-             poison: bool = False):
+             poison: bool = False, narrow: bool = False, smem: int | None = None):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
-    module ``xp`` (CuPy; NumPy for the CPU emulator in tests/test_hopper_compile.py): the portable kernel's
-    ``cupy_backend.assemble_dense`` with this kernel's 64-row tile, 256 threads and shared memory."""
+    module ``xp`` (CuPy; NumPy for the CPU emulator in the tests): the portable kernel's
+    ``cupy_backend.assemble_dense`` with the 64-row kernel's tile, 256 threads and shared memory, or
+    (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``)."""
     from .cupy_backend import assemble_dense
 
+    block_m, smem = (NARROW_ROWS, smem) if narrow else (BLOCK_M, SMEM_BYTES)
     return assemble_dense(xp, decode_fn, combine_fn, problem, (q, k_cache, block_table, seqlens, sched, splits),
-                          host_splits, BLOCK_M, THREADS, SMEM_BYTES, poison)
+                          host_splits, block_m, THREADS, smem, poison)
 
 
 def prepare(cp, problem, metadata, num_splits, dev):
@@ -132,12 +163,17 @@ def prepare(cp, problem, metadata, num_splits, dev):
     if reason:
         raise ValueError(f"backend='cupy': {reason}")
     fp16 = np.dtype(problem.q.dtype) == np.float16
-    fn = _nvrtc.load_function(SOURCE, FUNCTION, defines(fp16), arch=ARCH)
-    if fn.max_dynamic_shared_size_bytes < SMEM_BYTES:
-        fn.max_dynamic_shared_size_bytes = SMEM_BYTES
+    narrow = variant(problem) == "narrow"
+    d = defines(fp16)
+    smem = narrow_smem_bytes(p_split(d)) if narrow else SMEM_BYTES
+    fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
+                              arch=ARCH)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
     comb = _cb.combine_function(DV, fp16, problem.out_float32)
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
-    return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS)
+    return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS,
+                    narrow=narrow, smem=smem)
