@@ -104,8 +104,8 @@ recheck)  # after the review refactor (shared output allocation of the CuPy path
   ;;
 narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its GPU tests, sanitizers, timings
   t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
-  MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow tests/test_cupy_gpu.py \
-    -k sanitizer
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow \
+    tests/test_cupy_gpu.py -k sanitizer
   r 120 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6 --reps 20 \
     --cupy-kernels portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
   for v in wide narrow; do
@@ -113,6 +113,9 @@ narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its 
       python3 -m mla.backends.cupy_backend bench
   done
   r 30 kernel_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
+  r 120 ncu_narrow env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section MemoryWorkloadAnalysis --section SourceCounters python3 benchmarks/profile_kernel.py --kernel hopper
   ;;
 *)
   echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow" >&2; exit 2 ;;

@@ -4,36 +4,40 @@
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu and mla_decode_portable.cu compute
 // (mla/reference.py is the spec), same signature, same plan / partial layout / combine, for d = 576,
-// d_v = 512; grid (num_workers, h_kv, ceil(M / 16)), 256 threads.
+// d_v = 512; grid (num_workers, h_kv, ceil(M / 16)), 256 threads (more than 16 rows: several row tiles,
+// each reading the keys again -- correct, but the 64-row kernel is the one for that).
 //
 // Why a second Hopper kernel: wgmma's M is 64. The 64-row kernel puts query rows on M, so 16 heads
-// are padded to 64 (4x the tensor work and 4x the shared-memory reads of Q), and its two warpgroups
-// share every key tile in lock step (score exchange, 3 barriers a tile). Here the keys and the value
-// channels are on M and the 16 query rows on N ("swap AB"):
-//   S^T [64 keys x 16 rows]  = K_tile [64 x 576] . Q^T          36 x wgmma m64n16k16 (A = K, B = Q, smem)
+// are padded to 64 (4x the tensor work and 4x the shared-memory reads of Q). Here the keys and the
+// value channels are on M and the 16 query rows on N ("swap AB"):
+//   S^T [64 keys x 16 rows]  = K_tile [64 x 576] . Q^T          36 k-steps of wgmma m64n16k16 (A = K,
+//                                                               B = Q, both from smem)
 //   O^T [512 ch x 16 rows]  += V^T [512 x 64 keys] . P^T        8 channel blocks x 4 k-steps of
 //                                                               m64n32k16 (bf16: B = [P_hi | P_lo], 32 columns)
 //                                                               or m64n16k16 (fp16: B = P)
 // V^T is the K tile read channel-major (imm-trans-a = 1, the same descriptor as the 64-row kernel's
 // N-major V); P goes through shared memory (B must), 4 KB a tile.
 //
-// Schedule: the two warpgroups are independent. Warpgroup w walks key tiles w, w + 2, w + 4, ... of
-// the piece in its own K buffer, with its own online softmax (running max m, sum l per query row)
-// and its own 512 x 16 O^T accumulator (128 fp32 registers a thread, bf16; 64 for fp16); while one
-// computes, the other's tile is in flight. Per tile, per warpgroup: wait for the tile (cp.async, then
-// a 128-thread named barrier), S^T, column max (shuffles + 4 warps through smem, one barrier), P and
-// P -> smem (one barrier), O^T, a barrier (the whole warpgroup is done with the buffer), then the copy
-// of its next tile (block-table entries fetched at the top of the iteration, so that lookup is off the
-// critical path). At the end of a piece the two warpgroups' (m, l, O) merge through shared memory
-// (warpgroup 1's scaled O over its K buffer) and warpgroup 0 writes the rows.
+// Schedule (v2): both warpgroups work on the same key tile; the next tile's cp.async copies are in
+// flight while this one is computed (2 K buffers: 2 x 72 KB is all that fits beside Q). Per tile:
+//   1. copies of tile t + 1 issued (block-table entries fetched one tile earlier), wait for tile t, CTA barrier;
+//   2. S^T: warpgroup w takes k-steps 18 w .. 18 w + 17 (channels 288 w ..), the two partial sums swap
+//      through smem (CTA barrier) and each warpgroup adds them in the same order: both hold the same
+//      S^T bit for bit;
+//   3. column max (a query row is a column of S^T, its 64 keys spread over lane / 4 and the 4 warps of
+//      a warpgroup: shuffles, then the warps through smem, a 128-thread barrier), P = 2^(s - m), P^T ->
+//      smem (128-thread barrier); both warpgroups do this on the same values (their m, l agree);
+//   4. O^T: warpgroup w owns channels 256 w .. 256 w + 255 (4 blocks, 64 fp32 registers a thread with the
+//      P split); CTA barrier (the K buffer and the S^T swap area are free).
+// The running sum l needs no per-tile reduction: each thread keeps the sum of its own keys, rescaled by
+// the (uniform) alpha, and the sums are reduced once, at the end of a piece.
+// v1 (commit d6fd662) let each warpgroup walk every other tile alone in its own buffer: no swap, but a
+// warpgroup could only issue its next copy after computing, so every load's latency was exposed
+// (0.702 ms at 128,1,16,8192 on the H100, 59% of copy; benchmarks/NOTES_cupy.md).
 //
-// Row max across keys: a query row is a column of S^T, its 64 keys spread over the warpgroup (lane / 4
-// and the warp). The running sum l needs no per-tile reduction: each thread keeps the sum of its own
-// keys, rescaled by the (warpgroup-uniform) alpha, and the sums are reduced once, at the end.
-//
-// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py NARROW_SMEM_BYTES): Q 18432 B
-//   + 2 K tiles 147456 B + 2 P tiles 2 * NPV * 128 B + reductions 640 B (174720 B bf16). Layouts (no swizzle, 8 x 16 B
-//   core matrices):
+// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes): Q 18432 B
+//   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B (182784 B bf16).
+//   Layouts (no swizzle, 8 x 16 B core matrices):
 //   K tile  offset(key, ch)  = (ch / 8) * 512 + (key / 8) * 64 + (key % 8) * 8 + ch % 8    (mla_wgmma.cuh)
 //   Q       offset(row, ch)  = (ch / 8) * 128 + (row / 8) * 64 + (row % 8) * 8 + ch % 8    (16 rows)
 //   P^T     offset(col, key) = ((key / 8) * NPV / 8 + col / 8) * 64 + (key % 8) * 8 + col % 8
@@ -55,15 +59,16 @@ constexpr int NQ = 16;                     // query rows a CTA (wgmma N of S^T)
 constexpr int BLOCK_N = 64;                // keys a tile (wgmma M of S^T)
 constexpr int NTHREADS = 256;
 constexpr int KSTEPS = D / 16;             // k-steps of S^T
-constexpr int MBLOCKS = DV / 64;           // channel blocks of O^T
+constexpr int KSTEPS_WG = KSTEPS / 2;      // ... of one warpgroup
+constexpr int MBLOCKS_WG = DV / 64 / 2;    // channel blocks of O^T a warpgroup
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 constexpr int NPV = P_SPLIT ? 2 * NQ : NQ;  // columns of the P^T operand: [P_hi | P_lo] or P
 constexpr int OREG = NPV / 2;              // accumulator registers of one m64nNPV block
 constexpr int TILE_EL = BLOCK_N * D, Q_EL = NQ * D, P_EL = NPV * BLOCK_N;
-constexpr int RED_FLOATS = 2 * 4 * NQ + 2 * NQ;  // [wg][warp][col] partial max / sum + [wg][col] running max
-constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * RED_FLOATS;
-static_assert(SMEM_BYTES == (P_SPLIT ? 174720 : 170624), "mirrored in mla/backends/cupy_hopper.py");
-static_assert(DV * NQ * 4 <= 2 * TILE_EL, "warpgroup 1's O^T fits over its K buffer");
+constexpr int X_FLOATS = 2 * 8 * 128;      // [wg][8 registers][128 threads]: the S^T partial sums
+constexpr int RED_FLOATS = 2 * 4 * NQ;     // [wg][warp][col]: per-warp column max / sum
+constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS);
+static_assert(SMEM_BYTES == (P_SPLIT ? 182784 : 178688), "mirrored in mla/backends/cupy_hopper.py");
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
@@ -76,35 +81,41 @@ __device__ __forceinline__ int p_offset(int col, int key) {
   return ((key >> 3) * (NPV / 8) + (col >> 3)) * 64 + (key & 7) * 8 + (col & 7);
 }
 // this thread's 4 query columns: j = 0..3 -> column c2 + (j & 1) + 8 (j >> 1); accumulator register i of
-// an m64n16 (S^T) or of the P_hi half of an m64nNPV block (i < 8) holds column jcol(i)
+// an m64n16 (S^T) or of the P_hi half of an m64nNPV block (i < 8; i + 8 is P_lo's) holds column j = jof(i)
 __device__ __forceinline__ int jof(int i) { return (i & 1) | (((i >> 2) & 1) << 1); }
 
+// warpgroup wg's 128-thread named barrier (ids 1, 2); wg is warp-uniform, the branch is too
+__device__ __forceinline__ void wg_bar(int wg) {
+  if (wg) named_bar_sync(2, 128);
+  else named_bar_sync(1, 128);
+}
+
 #if MLA_HAS_WGMMA
-// s[8] = S^T of the K tile at k_tile (this thread: keys key0, key0 + 8 of its warp, its 4 columns); commits
-__device__ __forceinline__ void st_issue(float (&s)[8], u32 k_tile, u32 q_tile) {
-  const u64 dk = wg_desc(k_tile, WG_K_LBO, WG_K_SBO);
-  const u64 dq = wg_desc(q_tile, Q_LBO, Q_SBO);
+// s[8] = the part of S^T from this warpgroup's k-steps (K tile at k_tile, Q at q_tile); commits
+__device__ __forceinline__ void st_issue(float (&s)[8], u32 k_tile, u32 q_tile, int wg) {
+  const u64 dk = wg_desc(k_tile, WG_K_LBO, WG_K_SBO) + wg * KSTEPS_WG * WG_QK_KSTEP;
+  const u64 dq = wg_desc(q_tile, Q_LBO, Q_SBO) + wg * KSTEPS_WG * Q_KSTEP;
   wg_fence_operands(s);
   wg_fence();
 #pragma unroll
-  for (int k = 0; k < KSTEPS; ++k) wg_mma_m64n16k16_ss(s, dk + k * WG_QK_KSTEP, dq + k * Q_KSTEP, k > 0);
+  for (int k = 0; k < KSTEPS_WG; ++k) wg_mma_m64n16k16_ss(s, dk + k * WG_QK_KSTEP, dq + k * Q_KSTEP, k > 0);
   wg_commit();
 }
 
 __device__ __forceinline__ void pv_mma(float (&d)[16], u64 da, u64 db) { wg_mma_m64n32k16_ss_tt(d, da, db); }
 __device__ __forceinline__ void pv_mma(float (&d)[8], u64 da, u64 db) { wg_mma_m64n16k16_ss_tt(d, da, db); }
 
-// O^T[512 x NPV] += V^T P^T (V = the K tile at v_tile, P^T at p_tile); commits
-__device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS][OREG], u32 v_tile, u32 p_tile) {
-  const u64 dv = wg_desc(v_tile, WG_MN_LBO, WG_MN_SBO);
+// O^T[this warpgroup's 256 channels x NPV] += V^T P^T (V = the K tile at v_tile, P^T at p_tile); commits
+__device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS_WG][OREG], u32 v_tile, u32 p_tile, int wg) {
+  const u64 dv = wg_desc(v_tile, WG_MN_LBO, WG_MN_SBO) + wg * MBLOCKS_WG * V_MBLOCK;
   const u64 dp = wg_desc(p_tile, P_LBO, P_SBO);
 #pragma unroll
-  for (int mb = 0; mb < MBLOCKS; ++mb) wg_fence_operands(o[mb]);
+  for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk)
 #pragma unroll
-    for (int mb = 0; mb < MBLOCKS; ++mb) pv_mma(o[mb], dv + mb * V_MBLOCK + kk * WG_PV_KSTEP, dp + kk * P_KSTEP);
+    for (int mb = 0; mb < MBLOCKS_WG; ++mb) pv_mma(o[mb], dv + mb * V_MBLOCK + kk * WG_PV_KSTEP, dp + kk * P_KSTEP);
   wg_commit();
 }
 #endif
@@ -121,26 +132,22 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
   using namespace narrow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);  // [Q_EL]
-  mla_elem_t* sK = sQ + Q_EL;                                 // [2][TILE_EL]: warpgroup w's K buffer
-  mla_elem_t* sP = sK + 2 * TILE_EL;                          // [2][P_EL]: warpgroup w's P^T
-  float* sRed = reinterpret_cast<float*>(sP + 2 * P_EL);      // [2][4][NQ]: per-warp column max / sum
-  float* sM = sRed + 2 * 4 * NQ;                              // [2][NQ]: each warpgroup's running max
-  float* sO = reinterpret_cast<float*>(sK + TILE_EL);         // [DV][NQ]: warpgroup 1's O (end of a piece)
+  mla_elem_t* sK = sQ + Q_EL;                                 // [2][TILE_EL]: tile t in buffer t % 2
+  mla_elem_t* sP = sK + 2 * TILE_EL;                          // [2][P_EL]: warpgroup w's copy of P^T
+  float* sX = reinterpret_cast<float*>(sP + 2 * P_EL);        // [2][8][128]: warpgroup w's S^T partial
+  float* sRed = sX + X_FLOATS;                                // [2][4][NQ]: warpgroup w's per-warp column max / sum
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // warpgroup (read from lane 0, so that ptxas sees a warp-uniform value: control flow that depends on it
-  // is then not "divergent", which would make ptxas serialise the wgmma), warp in it
-  const int wg = __shfl_sync(0xffffffff, tid >> 7, 0), wq = warp & 3;
+  // is then not "divergent", which would make ptxas serialise the wgmma), thread and warp in it
+  const int wg = __shfl_sync(0xffffffff, tid >> 7, 0), t = tid & 127, wq = warp & 3;
   const int g = blockIdx.y, qt = blockIdx.z;
   const int group = h_q / h_kv, M = s_q * group;
   const int c2 = 2 * (lane & 3);
   const int key0 = 16 * wq + (lane >> 2);  // accumulator rows key0, key0 + 8 (keys of S^T; channels of O^T)
-  const int ld_row = 8 * wq + (lane & 7);  // this thread copies K tile rows ld_row and ld_row + 32
-  const u32 sQ_addr = smem_u32(sQ);
-  const u32 myK_addr = smem_u32(sK) + wg * TILE_EL * 2, myP_addr = smem_u32(sP) + wg * P_EL * 2;
-  mla_elem_t* myK = sK + wg * TILE_EL;
+  const int ld_row = 8 * warp + (lane & 7);  // the K tile row this thread copies
+  const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK), myP_addr = smem_u32(sP) + wg * P_EL * 2;
   mla_elem_t* myP = sP + wg * P_EL;
-  const int bar = 1 + wg;  // this warpgroup's named barrier (128 threads)
 
   const int* row = sched + blockIdx.x * 8;
   const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
@@ -161,9 +168,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
       lim[j] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
     }
 
-    float o[MBLOCKS][OREG];
+    float o[MBLOCKS_WG][OREG];
 #pragma unroll
-    for (int mb = 0; mb < MBLOCKS; ++mb)
+    for (int mb = 0; mb < MBLOCKS_WG; ++mb)
 #pragma unroll
       for (int k = 0; k < OREG; ++k) o[mb][k] = 0.f;
     float m_run[4], l_part[4];
@@ -171,25 +178,19 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
     for (int j = 0; j < 4; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
     if (n_tiles > 0) {
-      // key tile `tile` of the piece: this thread's two rows, their block-table entries first
-      auto fetch_blk = [&](int tile, int (&blk)[2]) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-          blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
-        }
+      // the block-table entry of this thread's row of key tile `tile` (0 past the piece: never used)
+      auto fetch_blk = [&](int tile) {
+        const int pos = start + tile * BLOCK_N + ld_row;
+        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
       };
-      auto load_k = [&](int tile, const int (&blk)[2]) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-          const bool valid = pos < stop_eff;
-          const mla_elem_t* src = k_cache;
-          if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
-          wg_tile_load_row<D>(myK, ld_row + 32 * h, lane, src, valid);
-        }
+      auto load_k = [&](int tile, int blk) {
+        const int pos = start + tile * BLOCK_N + ld_row;
+        const bool valid = pos < stop_eff;
+        const mla_elem_t* src = k_cache;
+        if (valid) src = k_cache + (((long long)blk * page + pos % page) * h_kv + g) * (long long)D;
+        wg_tile_load_row<D>(sK + (tile & 1) * TILE_EL, ld_row, lane, src, valid);
       };
-      // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; all 256 threads
+      // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {
         const int r = c % NQ, ch = 8 * (c / NQ), m = qt * NQ + r;
         const bool valid = m < M;
@@ -197,30 +198,30 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + ch;
         cp_async16(sQ + q_offset(r, ch), src, valid);
       }
-      cp_async_commit();
-      if (wg < n_tiles) {
-        int blk[2];
-        fetch_blk(wg, blk);
-        load_k(wg, blk);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();   // this thread's Q copies have landed ...
-      fence_proxy_async();  // ... visible to the tensor cores ...
-      __syncthreads();      // ... and everyone's
+      load_k(0, fetch_blk(0));
+      cp_async_commit();  // group: Q + tile 0
+      int blk_next = n_tiles > 1 ? fetch_blk(1) : 0;
 
-      for (int tt = wg; tt < n_tiles; tt += 2) {
-        const bool more = tt + 2 < n_tiles;
-        int blk[2];
-        if (more) fetch_blk(tt + 2, blk);  // used at the end of this iteration
-        cp_async_wait<0>();
-        fence_proxy_async();
-        named_bar_sync(bar, 128);  // the warpgroup's copies of tile tt are in its buffer
+      for (int tt = 0; tt < n_tiles; ++tt) {
+        // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
+        if (tt + 1 < n_tiles) load_k(tt + 1, blk_next);
+        cp_async_commit();
+        if (tt + 2 < n_tiles) blk_next = fetch_blk(tt + 2);  // in flight while this tile computes
+        cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
+        fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
+        __syncthreads();      // everyone's copies of tile tt are in
+        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
 
-        // ---- S^T = K Q^T
+        // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
         float s[8];
-        st_issue(s, myK_addr, sQ_addr);
+        st_issue(s, kt, sQ_addr, wg);
         wg_wait<0>();
         wg_fence_operands(s);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sX[(wg * 8 + k) * 128 + t] = s[k];
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s[k] += sX[((1 - wg) * 8 + k) * 128 + t];  // a + b == b + a: same bits in both
 
         // ---- scale to base 2, mask, column max over the tile's 64 keys
         const int pos0 = start + tt * BLOCK_N + key0;
@@ -244,15 +245,15 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
 #pragma unroll
           for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + c2 + (j & 1) + 8 * (j >> 1)] = mx[j];
         }
-        named_bar_sync(bar, 128);
+        wg_bar(wg);
         float mu[4], alpha[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int col = c2 + (j & 1) + 8 * (j >> 1);
-          float t = sRed[(wg * 4) * NQ + col];
+          float tmax = sRed[(wg * 4) * NQ + col];
 #pragma unroll
-          for (int w = 1; w < 4; ++w) t = fmaxf(t, sRed[(wg * 4 + w) * NQ + col]);
-          const float mn = fmaxf(m_run[j], t);
+          for (int w = 1; w < 4; ++w) tmax = fmaxf(tmax, sRed[(wg * 4 + w) * NQ + col]);
+          const float mn = fmaxf(m_run[j], tmax);
           mu[j] = mn == MLA_NEG_INF ? 0.f : mn;  // a column with no key yet: 2^(-inf - 0) = 0
           alpha[j] = fast_exp2(m_run[j] - mu[j]);
           m_run[j] = mn;
@@ -265,10 +266,10 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
           l_part[jof(k)] += s[k];
         }
 #pragma unroll
-        for (int mb = 0; mb < MBLOCKS; ++mb)
+        for (int mb = 0; mb < MBLOCKS_WG; ++mb)
 #pragma unroll
           for (int k = 0; k < OREG; ++k) o[mb][k] *= alpha[jof(k)];
-        // ---- P^T -> shared memory (the B operand of O^T): columns c2, c2 + 1 are adjacent, one 32-bit store
+        // ---- P^T -> this warpgroup's P^T buffer: columns c2, c2 + 1 are adjacent, one 32-bit store
 #pragma unroll
         for (int k = 0; k < 8; k += 2) {
           const int key = key0 + 8 * ((k >> 1) & 1), col = c2 + 8 * (k >> 2);
@@ -278,21 +279,19 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
             *reinterpret_cast<u32*>(myP + p_offset(col + NQ, key)) = pack2(s[k] - lo_f(hi), s[k + 1] - hi_f(hi));
         }
         fence_proxy_async();
-        named_bar_sync(bar, 128);  // P^T complete
+        wg_bar(wg);  // P^T complete (and everyone has read the column maxima)
 
-        // ---- O^T += V^T P^T
-        ot_issue(o, myK_addr, myP_addr);
+        // ---- O^T += V^T P^T, this warpgroup's channels
+        ot_issue(o, kt, myP_addr, wg);
         wg_wait<0>();
 #pragma unroll
-        for (int mb = 0; mb < MBLOCKS; ++mb) wg_fence_operands(o[mb]);
-        named_bar_sync(bar, 128);  // the whole warpgroup is done with the K buffer and P^T
-        if (more) load_k(tt + 2, blk);
-        cp_async_commit();
+        for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
+        __syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T
       }
     }
 
-    // ---- merge the two warpgroups: per column, m = max(m_0, m_1), l = sum_w 2^(m_w - m) l_w,
-    // O = sum_w 2^(m_w - m) O_w; l_w first: this thread's keys -> the warp -> the warpgroup
+    // ---- finish the piece: l = the sum over this warpgroup's threads (the same in both warpgroups),
+    // out = O / l (this warpgroup's channels), lse = (m + log2 l) ln 2
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 4);
@@ -301,70 +300,38 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
     }
     if (lane < 4) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = c2 + (j & 1) + 8 * (j >> 1);
-        sRed[(wg * 4 + wq) * NQ + col] = l_part[j];
-        if (wq == 0) sM[wg * NQ + col] = m_run[j];
-      }
+      for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + c2 + (j & 1) + 8 * (j >> 1)] = l_part[j];
     }
-    __syncthreads();
-    float scale_own[4], l_tot[4], m_tot[4];
+    wg_bar(wg);
+    const bool direct = nsplit == 1 && !force_partials;
+    const int p = lo + split;
+    long long orow[4];
+    float inv[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int col = c2 + (j & 1) + 8 * (j >> 1);
-      float l_w[2];
-#pragma unroll
-      for (int w2 = 0; w2 < 2; ++w2)
-        l_w[w2] = sRed[(w2 * 4) * NQ + col] + sRed[(w2 * 4 + 1) * NQ + col] + sRed[(w2 * 4 + 2) * NQ + col] +
-                  sRed[(w2 * 4 + 3) * NQ + col];
-      const float m0 = sM[col], m1 = sM[NQ + col];
-      const float mn = fmaxf(m0, m1), mu = mn == MLA_NEG_INF ? 0.f : mn;
-      const float s0 = fast_exp2(m0 - mu), s1 = fast_exp2(m1 - mu);
-      scale_own[j] = wg ? s1 : s0;
-      l_tot[j] = l_w[0] * s0 + l_w[1] * s1;
-      m_tot[j] = mn;
+      const int col = c2 + (j & 1) + 8 * (j >> 1), m = qt * NQ + col;
+      const float l = sRed[(wg * 4) * NQ + col] + sRed[(wg * 4 + 1) * NQ + col] + sRed[(wg * 4 + 2) * NQ + col] +
+                      sRed[(wg * 4 + 3) * NQ + col];
+      int r = 0, h = 0;
+      orow[j] = m < M ? mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h) : -1;
+      inv[j] = l > 0.f ? 1.f / l : 0.f;
+      if (wg == 0 && wq == 0 && lane < 4 && m < M)
+        mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, mla_row_lse(m_run[j], l));
     }
-    if (wg == 1) {  // warpgroup 1's scaled O (hi + lo) over its K buffer: sO[ch][col]
 #pragma unroll
-      for (int mb = 0; mb < MBLOCKS; ++mb)
+    for (int mb = 0; mb < MBLOCKS_WG; ++mb)
 #pragma unroll
-        for (int k = 0; k < 8; k += 2) {
-          const int ch = 64 * mb + key0 + 8 * ((k >> 1) & 1), col = c2 + 8 * (k >> 2);
-          float v0 = o[mb][k], v1 = o[mb][k + 1];
-          if constexpr (P_SPLIT) v0 += o[mb][k + 8], v1 += o[mb][k + 9];
-          *reinterpret_cast<float2*>(sO + ch * NQ + col) = make_float2(v0 * scale_own[jof(k)], v1 * scale_own[jof(k + 1)]);
-        }
-    }
-    __syncthreads();
-    if (wg == 0) {
-      const bool direct = nsplit == 1 && !force_partials;
-      const int p = lo + split;
-      long long orow[4];
-      float inv[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int m = qt * NQ + c2 + (j & 1) + 8 * (j >> 1);
-        int r, h;
-        orow[j] = m < M ? mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h) : -1;
-        inv[j] = l_tot[j] > 0.f ? 1.f / l_tot[j] : 0.f;
-        if (wq == 0 && lane < 4 && m < M)
-          mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, mla_row_lse(m_tot[j], l_tot[j]));
+      for (int k = 0; k < 8; ++k) {
+        const int j = jof(k);
+        if (orow[j] < 0) continue;
+        const int ch = 256 * wg + 64 * mb + key0 + 8 * ((k >> 1) & 1);
+        float v = o[mb][k];
+        if constexpr (P_SPLIT) v += o[mb][k + 8];
+        v *= inv[j];
+        if (direct) out[orow[j] + ch] = to_elem(v);
+        else o_part[orow[j] + ch] = v;
       }
-#pragma unroll
-      for (int mb = 0; mb < MBLOCKS; ++mb)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const int j = jof(k);
-          if (orow[j] < 0) continue;
-          const int ch = 64 * mb + key0 + 8 * ((k >> 1) & 1), col = c2 + (k & 1) + 8 * (k >> 2);
-          float v = o[mb][k];
-          if constexpr (P_SPLIT) v += o[mb][k + 8];
-          v = (v * scale_own[j] + sO[ch * NQ + col]) * inv[j];
-          if (direct) out[orow[j] + ch] = to_elem(v);
-          else o_part[orow[j] + ch] = v;
-        }
-    }
-    __syncthreads();  // sO, sRed, sM and the buffers are free for the next piece
+    __syncthreads();  // sRed is free for the next piece
   }
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there

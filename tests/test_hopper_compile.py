@@ -119,7 +119,8 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
 @pytest.mark.parametrize("defines,pv_shape", [({"MLA_FP16": 0}, "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16"),
                                                ({"MLA_FP16": 1}, "64x16x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
-    """The narrow kernel: 36 HGMMA.64x16x16 (S^T) and 32 P V HGMMA a tile, both operands transposed for P V,
+    """The narrow kernel: 18 HGMMA.64x16x16 (a warpgroup's half of S^T) and 16 P V HGMMA (its 4 channel
+    blocks) a tile,
     and exactly two waits: ptxas did not serialise the wgmma (it does when the warpgroup index looks
     divergent to it, and then NVRTC's log does not say so)."""
     nvcc, cuobjdump = _sass_tools()
@@ -142,9 +143,9 @@ def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
                           env=env).stdout
     shapes = re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass)
-    want = {"64x16x16": 36 + (32 if pv_shape == "64x16x16" else 0)}
+    want = {"64x16x16": 18 + (16 if pv_shape == "64x16x16" else 0)}
     if pv_shape != "64x16x16":
-        want[pv_shape] = 32
+        want[pv_shape] = 16
     assert {k: shapes.count(k) for k in set(shapes)} == want
     assert sass.count("WARPGROUP.DEPBAR") == 2
 
@@ -697,6 +698,30 @@ def test_emulator_catches_a_missing_exchange_barrier(monkeypatch):
     with pytest.raises(AssertionError):
         out, lse, _, _ = _run_emulated(monkeypatch, case, 1, schedule="lockstep",
                                        source_edit=(wait, "wg_xchg_load(sx, t, other);\n    named_bar_sync(1, 256);"))
+        testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+NARROW_EDITS = {
+    "end barrier": "__syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T",
+    "swap barrier": "sX[(wg * 8 + k) * 128 + t] = s[k];\n        __syncthreads();",
+}
+
+
+@needs_gxx
+@pytest.mark.parametrize("edit", ["MLA_WG_DIAG_SWAP_K", "MLA_WG_DIAG_SWAP_MN", "end barrier", "swap barrier"])
+def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
+    """Self-test for the narrow kernel: a wrong descriptor (LBO / SBO exchanged) or a missing barrier (the
+    next tile's copies overwriting a buffer still read; a warpgroup reading the other's S^T half before it
+    is stored) makes the emulated result wrong, so the passing narrow runs do test these."""
+    from mla import reference, testing
+
+    case = _sensitivity_case()
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args())
+    kw = {"extra_defines": {edit: 1}} if edit.startswith("MLA_") else {
+        "source_edit": (NARROW_EDITS[edit], NARROW_EDITS[edit].replace("__syncthreads();", "")),
+        "eager_copies": True, "schedule": "skewed"}
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, narrow=True, **kw)
+    with pytest.raises(AssertionError):
         testing.assert_close(out, lse, out_ref, lse_ref)
 
 

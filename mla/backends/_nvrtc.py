@@ -73,8 +73,13 @@ def read_source(name: str) -> str:
 
 
 def options(arch: str | None, defines: dict | None = None, ptxas_verbose: bool = False) -> tuple[str, ...]:
-    """NVRTC options: C++17, the target (e.g. "sm_90a"), -D defines, and -Xptxas -v when asked."""
+    """NVRTC options: C++17, the target (e.g. "sm_90a"), -D defines, and -Xptxas -v when asked.
+    MLA_NVRTC_LINEINFO=1 adds -lineinfo (compute-sanitizer and Nsight Compute then name source lines)."""
+    import os
+
     opts = ["-std=c++17"]
+    if os.environ.get("MLA_NVRTC_LINEINFO") == "1":
+        opts.append("-lineinfo")
     if arch is not None:
         opts.append(f"--gpu-architecture={arch}")
     for key, value in sorted((defines or {}).items()):

@@ -45,9 +45,10 @@ VARIANTS = ("auto", "narrow", "wide")
 
 
 def narrow_smem_bytes(p_split: bool) -> int:
-    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles + 2 P^T tiles + reductions."""
+    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles + 2 P^T tiles + the S^T swap
+    area + reductions."""
     npv = 2 * NARROW_ROWS if p_split else NARROW_ROWS
-    return 2 * (NARROW_ROWS * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * 4 * NARROW_ROWS + 2 * NARROW_ROWS)
+    return 2 * (NARROW_ROWS * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * 8 * 128 + 2 * 4 * NARROW_ROWS)
 
 
 def variant(problem) -> str:
