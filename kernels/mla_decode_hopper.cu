@@ -89,7 +89,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
   const int wg = tid >> 7, t = tid & 127;                      // warpgroup, thread in it
   const int g = blockIdx.y, qt = blockIdx.z;
   const int group = h_q / h_kv, M = s_q * group;
-  const int ld_row = 8 * warp + (lane & 7);                    // the tile row this thread copies
+  const int ld_row = wg_copy_row(tid);                         // the tile row this thread copies
   const int c2 = 2 * (lane & 3);
   // this thread's two accumulator rows (wg_acc_row(t, 0) and + 8), as query rows of the problem
   const int m0 = qt * BLOCK_M + wg_acc_row(t, 0), m1 = m0 + 8;
@@ -128,7 +128,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
         const bool valid = m < M;
         const mla_elem_t* src = q;
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
-        wg_tile_load_row<D>(sQ, ld_row, lane, src, valid);
+        wg_tile_load_row<D>(sQ, tid, src, valid);
       }
       // key tile `tile` of the piece -> K buffer `buf`; this thread copies key ld_row of it
       auto load_k = [&](int tile, int buf) {
@@ -139,7 +139,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
           const long long blk = block_table[(long long)i * bt_stride + pos / page];
           src = k_cache + ((blk * page + pos % page) * h_kv + g) * (long long)D;
         }
-        wg_tile_load_row<D>(sK + buf * TILE_EL, ld_row, lane, src, valid);
+        wg_tile_load_row<D>(sK + buf * TILE_EL, tid, src, valid);
       };
       load_k(0, 0);
       cp_async_commit();  // group: Q + tile 0

@@ -145,7 +145,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
   const int group = h_q / h_kv, M = s_q * group;
   const int c2 = 2 * (lane & 3);
   const int key0 = 16 * wq + (lane >> 2);  // accumulator rows key0, key0 + 8 (keys of S^T; channels of O^T)
-  const int ld_row = 8 * warp + (lane & 7);  // the K tile row this thread copies
+  const int ld_row = wg_copy_row(tid);  // the K tile row this thread copies
   const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK), myP_addr = smem_u32(sP) + wg * P_EL * 2;
   mla_elem_t* myP = sP + wg * P_EL;
 
@@ -188,7 +188,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
         const bool valid = pos < stop_eff;
         const mla_elem_t* src = k_cache;
         if (valid) src = k_cache + (((long long)blk * page + pos % page) * h_kv + g) * (long long)D;
-        wg_tile_load_row<D>(sK + (tile & 1) * TILE_EL, ld_row, lane, src, valid);
+        wg_tile_load_row<D>(sK + (tile & 1) * TILE_EL, tid, src, valid);
       };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {

@@ -28,12 +28,12 @@ static_assert(PROBE_SMEM_BYTES == 155648, "tests/test_wgmma_probe_gpu.py launche
 
 extern __shared__ __align__(128) unsigned char probe_smem[];
 
-// both tiles: thread -> row 8 warp + lane % 8 of each, as in the decode kernel; then fence + barrier
+// both tiles: thread -> row wg_copy_row(tid) of each, as in the decode kernels; then fence + barrier
 __device__ __forceinline__ void probe_load_tiles(mla_elem_t* s0, const mla_elem_t* g0, mla_elem_t* s1,
                                                  const mla_elem_t* g1) {
-  const int lane = threadIdx.x & 31, row = 8 * (threadIdx.x >> 5) + (lane & 7);
-  if (g0) wg_tile_load_row<PD>(s0, row, lane, g0 + row * PD, true);
-  if (g1) wg_tile_load_row<PD>(s1, row, lane, g1 + row * PD, true);
+  const int tid = threadIdx.x, row = wg_copy_row(tid);
+  if (g0) wg_tile_load_row<PD>(s0, tid, g0 + row * PD, true);
+  if (g1) wg_tile_load_row<PD>(s1, tid, g1 + row * PD, true);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();
