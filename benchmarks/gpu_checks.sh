@@ -103,6 +103,10 @@ recheck)  # after the review refactor (shared output allocation of the CuPy path
   MLA_TEST_NUMBA_VERSIONS=6 t 120 t_numba_v6 tests/test_numba_gpu.py -k "case_matrix or host_arrays"
   ;;
 narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its GPU tests, sanitizers, timings
+  for swap in 0 1; do  # which reading of the MN-major SW128 descriptor the hardware has (mla_wgmma.cuh)
+    r 60 "selfcheck_swapmn$swap" env MLA_WG_DIAG_SW_SWAP_MN=$swap MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper \
+      MLA_HOPPER_VARIANT=narrow python3 -m mla.backends.cupy_backend check
+  done
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
   t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
   MLA_NVRTC_LINEINFO=1 MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow \

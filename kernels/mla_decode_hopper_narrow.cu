@@ -37,13 +37,15 @@
 //
 // Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes): Q 18432 B
 //   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B (182784 B bf16).
-//   Layouts (no swizzle, 8 x 16 B core matrices):
-//   K tile  offset(key, ch)  = (ch / 8) * 512 + (key / 8) * 64 + (key % 8) * 8 + ch % 8    (mla_wgmma.cuh)
-//   Q       offset(row, ch)  = (ch / 8) * 128 + (row / 8) * 64 + (row % 8) * 8 + ch % 8    (16 rows)
+//   Layouts: the K tiles are 128-byte swizzled (mla_wgmma.cuh, "128-byte swizzled tiles": a quarter-warp
+//   copies a whole 128-byte line, conflict-free); Q and P^T are small, unswizzled 8 x 16 B core matrices:
+//   K tile  byte(key, ch)    = (ch / 64) * 8192 + key * 128 + (((ch % 64) / 8) ^ (key % 8)) * 16 + (ch % 8) * 2
+//   Q       offset(row, ch)  = (ch / 8) * 128 + (row / 8) * 64 + (row % 8) * 8 + ch % 8    (elements, 16 rows)
 //   P^T     offset(col, key) = ((key / 8) * NPV / 8 + col / 8) * 64 + (key % 8) * 8 + col % 8
-// Descriptors: S^T A = K tile K-major (LBO 1024 B = next 8 channels, SBO 128 B = next 8 keys), B = Q
-// K-major (LBO 256 B, SBO 128 B); O^T A = V^T MN-major (LBO 128 B = next 8 keys, SBO 1024 B = next 8
-// channels), B = P^T MN-major (LBO NPV * 16 B = next 8 keys, SBO 128 B = next 8 columns).
+// Descriptors: S^T A = K tile K-major SW128 (SBO 1024 B = next 8 keys; k-step k starts in channel block k / 4,
+// 32 (k % 4) bytes into the row), B = Q K-major (LBO 256 B = next 8 channels, SBO 128 B = next 8 rows);
+// O^T A = V^T MN-major SW128 (SBO 1024 B = next 8 keys, LBO 8192 B = next channel block), B = P^T MN-major
+// (LBO NPV * 16 B = next 8 keys, SBO 128 B = next 8 columns).
 //
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16).
 #include "mla_common.cuh"
@@ -74,7 +76,6 @@ constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
 constexpr u64 Q_KSTEP = (2 * Q_LBO) >> 4;                   // descriptor step of 16 channels in Q
 constexpr u64 P_KSTEP = (2 * P_LBO) >> 4;                   // ... of 16 keys in P^T
-constexpr u64 V_MBLOCK = (8 * WG_CG_BYTES) >> 4;            // ... of 64 channels in a K tile (V^T)
 
 __device__ __forceinline__ int q_offset(int row, int ch) { return (ch >> 3) * (NQ * 8) + (row >> 3) * 64 + (row & 7) * 8 + (ch & 7); }
 __device__ __forceinline__ int p_offset(int col, int key) {
@@ -91,23 +92,28 @@ __device__ __forceinline__ void wg_bar(int wg) {
 }
 
 #if MLA_HAS_WGMMA
-// s[8] = the part of S^T from this warpgroup's k-steps (K tile at k_tile, Q at q_tile); commits
+// s[8] = the part of S^T from this warpgroup's k-steps (SW128 K tile at k_tile, Q at q_tile); commits.
+// k-step k (channels 16 k ..) of the K tile: channel block k / 4, 32 bytes further a step inside it.
 __device__ __forceinline__ void st_issue(float (&s)[8], u32 k_tile, u32 q_tile, int wg) {
-  const u64 dk = wg_desc(k_tile, WG_K_LBO, WG_K_SBO) + wg * KSTEPS_WG * WG_QK_KSTEP;
+  const u64 dk = wg_desc_sw128(k_tile, WG_SW_K_LBO, WG_SW_K_SBO);
   const u64 dq = wg_desc(q_tile, Q_LBO, Q_SBO) + wg * KSTEPS_WG * Q_KSTEP;
   wg_fence_operands(s);
   wg_fence();
 #pragma unroll
-  for (int k = 0; k < KSTEPS_WG; ++k) wg_mma_m64n16k16_ss(s, dk + k * WG_QK_KSTEP, dq + k * Q_KSTEP, k > 0);
+  for (int k = 0; k < KSTEPS_WG; ++k) {
+    const int ks = wg * KSTEPS_WG + k;
+    wg_mma_m64n16k16_ss(s, dk + (((ks >> 2) * SW128_BLOCK_BYTES + (ks & 3) * 32) >> 4), dq + k * Q_KSTEP, k > 0);
+  }
   wg_commit();
 }
 
 __device__ __forceinline__ void pv_mma(float (&d)[16], u64 da, u64 db) { wg_mma_m64n32k16_ss_tt(d, da, db); }
 __device__ __forceinline__ void pv_mma(float (&d)[8], u64 da, u64 db) { wg_mma_m64n16k16_ss_tt(d, da, db); }
 
-// O^T[this warpgroup's 256 channels x NPV] += V^T P^T (V = the K tile at v_tile, P^T at p_tile); commits
+// O^T[this warpgroup's 256 channels x NPV] += V^T P^T (V = the SW128 K tile at v_tile, read MN-major: channel
+// block mb is M-block mb, 16 keys = 2 atoms of 8 rows = 2048 bytes a k-step; P^T at p_tile); commits
 __device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS_WG][OREG], u32 v_tile, u32 p_tile, int wg) {
-  const u64 dv = wg_desc(v_tile, WG_MN_LBO, WG_MN_SBO) + wg * MBLOCKS_WG * V_MBLOCK;
+  const u64 dv = wg_desc_sw128(v_tile + wg * MBLOCKS_WG * SW128_BLOCK_BYTES, WG_SW_MN_LBO, WG_SW_MN_SBO);
   const u64 dp = wg_desc(p_tile, P_LBO, P_SBO);
 #pragma unroll
   for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
@@ -115,7 +121,8 @@ __device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS_WG][OREG], u32 v_til
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk)
 #pragma unroll
-    for (int mb = 0; mb < MBLOCKS_WG; ++mb) pv_mma(o[mb], dv + mb * V_MBLOCK + kk * WG_PV_KSTEP, dp + kk * P_KSTEP);
+    for (int mb = 0; mb < MBLOCKS_WG; ++mb)
+      pv_mma(o[mb], dv + ((mb * SW128_BLOCK_BYTES + kk * 2048) >> 4), dp + kk * P_KSTEP);
   wg_commit();
 }
 #endif
@@ -145,10 +152,11 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
   const int group = h_q / h_kv, M = s_q * group;
   const int c2 = 2 * (lane & 3);
   const int key0 = 16 * wq + (lane >> 2);  // accumulator rows key0, key0 + 8 (keys of S^T; channels of O^T)
-  const int ld_row = wg_copy_row(tid);  // the K tile row this thread copies
+  const int ld_row = sw128_copy_row(tid);  // the K tile rows this thread copies: ld_row, ld_row + 32
   const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK), myP_addr = smem_u32(sP) + wg * P_EL * 2;
   mla_elem_t* myP = sP + wg * P_EL;
 
+  if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
   const int* row = sched + blockIdx.x * 8;
   const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
 
@@ -178,17 +186,24 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
     for (int j = 0; j < 4; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
     if (n_tiles > 0) {
-      // the block-table entry of this thread's row of key tile `tile` (0 past the piece: never used)
-      auto fetch_blk = [&](int tile) {
-        const int pos = start + tile * BLOCK_N + ld_row;
-        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+      // the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used)
+      auto fetch_blk = [&](int tile, int (&blk)[2]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+          blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+        }
       };
-      auto load_k = [&](int tile, int blk) {
-        const int pos = start + tile * BLOCK_N + ld_row;
-        const bool valid = pos < stop_eff;
-        const mla_elem_t* src = k_cache;
-        if (valid) src = k_cache + (((long long)blk * page + pos % page) * h_kv + g) * (long long)D;
-        wg_tile_load_row<D>(sK + (tile & 1) * TILE_EL, tid, src, valid);
+      auto load_k = [&](int tile, const int (&blk)[2]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+          const bool valid = pos < stop_eff;
+          const mla_elem_t* src = k_cache;
+          if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
+          sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL), ld_row + 32 * h, tid,
+                                 src, valid);
+        }
       };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {
@@ -198,15 +213,17 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + ch;
         cp_async16(sQ + q_offset(r, ch), src, valid);
       }
-      load_k(0, fetch_blk(0));
+      int blk_next[2];
+      fetch_blk(0, blk_next);
+      load_k(0, blk_next);
       cp_async_commit();  // group: Q + tile 0
-      int blk_next = n_tiles > 1 ? fetch_blk(1) : 0;
+      if (n_tiles > 1) fetch_blk(1, blk_next);
 
       for (int tt = 0; tt < n_tiles; ++tt) {
         // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
         if (tt + 1 < n_tiles) load_k(tt + 1, blk_next);
         cp_async_commit();
-        if (tt + 2 < n_tiles) blk_next = fetch_blk(tt + 2);  // in flight while this tile computes
+        if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
         cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
         fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
         __syncthreads();      // everyone's copies of tile tt are in

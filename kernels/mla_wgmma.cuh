@@ -233,6 +233,47 @@ __device__ __forceinline__ void wg_tile_load_row(mla_elem_t* tile, int tid, cons
   }
 }
 
+// ---- 128-byte swizzled tiles (the narrow kernel's K tile) -------------------------------------------------
+// A tile of 64 rows (keys) x D_ channels stored as D_ / 64 channel blocks of 64 rows x 128 bytes; inside a
+// block, row r is 128 bytes at 128 r and its 16-byte chunk c (channels 8 c .. 8 c + 7 of the block) sits at
+// chunk position c ^ (r % 8): PTX's 128B swizzle (Swizzle<3,4,3>: byte-address bits 4-6 ^= bits 7-9), which
+// the tensor cores undo on the absolute shared-memory address, so every block must start 1024-byte aligned.
+//     byte offset(row, ch) = (ch / 64) * 8192 + row * 128 + (((ch % 64) / 8) ^ (row % 8)) * 16 + (ch % 8) * 2
+// Read K-major (S^T = K Q^T: M = keys, K = channels; one 8-row x 128-byte atom a 1024 bytes, SBO 1024, a
+// 16-channel k-step moves the start 32 bytes inside the row, k-step 4 j is block j) or MN-major (O^T = V^T P^T:
+// M = channels of one block, K = keys; SBO 1024 = next 8 keys, LBO = next channel block, 8192).
+// Why: a quarter-warp (8 lanes of a 16-byte cp.async) then copies one row's 128 bytes of a block -- one whole
+// aligned line of the cache (rows are 1152 bytes) -- into 8 different bank groups. Unswizzled core matrices
+// force a choice between 16- or 32-byte pieces of many rows a request (L2 at 82-84% of its throughput with
+// DRAM at 49-55% in Nsight Compute, H100) and 8-way bank conflicts.
+constexpr u32 SW128_BLOCK_BYTES = 64 * 128;  // one channel block of a 64-row tile
+#ifndef MLA_WG_DIAG_SW_SWAP_MN
+#define MLA_WG_DIAG_SW_SWAP_MN 0  // diagnostics: read the MN-major SW128 LBO / SBO the other way round
+#endif
+constexpr u32 WG_SW_K_SBO = 1024, WG_SW_K_LBO = 16;  // K-major: LBO unused with swizzling (encoded 1)
+constexpr u32 WG_SW_MN_SBO = MLA_WG_DIAG_SW_SWAP_MN ? SW128_BLOCK_BYTES : 1024;
+constexpr u32 WG_SW_MN_LBO = MLA_WG_DIAG_SW_SWAP_MN ? 1024 : SW128_BLOCK_BYTES;
+
+__device__ __forceinline__ u32 sw128_offset(int row, int ch) {  // bytes
+  return (u32)(ch >> 6) * SW128_BLOCK_BYTES + row * 128 + ((((ch & 63) >> 3) ^ (row & 7)) << 4) + (ch & 7) * 2;
+}
+// shared-memory matrix descriptor, 128B swizzle (layout type 1 in bits 62-63)
+__device__ __forceinline__ u64 wg_desc_sw128(u32 smem_addr, u32 lbo_bytes, u32 sbo_bytes) {
+  return wg_desc(smem_addr, lbo_bytes, sbo_bytes) | (1ull << 62);
+}
+// Copying a 64-row SW128 tile of D_ channels with 256 threads: thread tid copies rows sw128_copy_row(tid) and
+// that + 32, chunk tid % 8 of every channel block (a quarter-warp: one row's 128 bytes of one block).
+__device__ __forceinline__ int sw128_copy_row(int tid) { return ((tid & 31) >> 3) + 4 * (tid >> 5); }
+template <int D_>
+__device__ __forceinline__ void sw128_tile_load_row(unsigned char* tile, int row, int tid, const mla_elem_t* src,
+                                                    bool valid) {
+  static_assert(D_ % 64 == 0, "a row is D / 64 blocks of 128 bytes");
+  const int c = tid & 7;
+#pragma unroll
+  for (int cb = 0; cb < D_ / 64; ++cb)
+    cp_async16(tile + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
+}
+
 // The warpgroup exchange buffer: 16 floats for each of a warpgroup's 128 threads (8 KB), float4-interleaved
 // so that a warp's 16-byte accesses are 512 contiguous bytes.
 constexpr int WG_XCHG_FLOATS = 128 * 16;

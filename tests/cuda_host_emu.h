@@ -275,6 +275,7 @@ inline unsigned short f2e(float x) { return MLA_FP16 ? f2h(x) : f2bf(x); }
 #define MLA_LOG2E 1.44269504088896340736f
 
 inline void __syncthreads() { emu::barrier_wait(emu::cta_bar, (int)emu::bdim.x, emu::OP_SYNC); }
+inline void __trap() { emu::fail("__trap() reached"); }
 
 inline float __shfl_xor_sync(unsigned mask, float v, int m) {
   if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync with a partial mask");

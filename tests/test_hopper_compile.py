@@ -324,22 +324,35 @@ inline float smem_elem(u32 addr) {
 }
 struct Desc {
   u32 start, lbo, sbo;
+  bool sw128;  // layout type 1: 128B swizzle (bits 4-6 of the byte address ^= bits 7-9)
 };
 // Matrix Descriptor Format: start address bits 0-13, LBO 16-29, SBO 32-45 (each >> 4), base offset 49-51,
 // swizzle 62-63; the other bits are reserved.
 inline Desc decode_desc(u64 d) {
-  if (d >> 62) emu::fail("wgmma descriptor: swizzle mode is not 'none'");
-  if ((d >> 49) & 7) emu::fail("wgmma descriptor: base offset set without swizzling");
+  const u64 mode = d >> 62;
+  if (mode != 0 && mode != 1) emu::fail("wgmma descriptor: a swizzle mode other than none / 128B");
+  if ((d >> 49) & 7) emu::fail("wgmma descriptor: base offset set (not modelled)");
   if (d & 0x3FFFC000C000C000ull & ~(7ull << 49)) emu::fail("wgmma descriptor: reserved bits set");
-  return Desc{(u32)(d & 0x3FFF) << 4, (u32)((d >> 16) & 0x3FFF) << 4, (u32)((d >> 32) & 0x3FFF) << 4};
+  return Desc{(u32)(d & 0x3FFF) << 4, (u32)((d >> 16) & 0x3FFF) << 4, (u32)((d >> 32) & 0x3FFF) << 4, mode == 1};
 }
+// 128B swizzle (PTX "Shared Memory Matrix Layout", swizzle atom 8 rows x 128 bytes; CUTLASS Swizzle<3,4,3>):
+// the canonical (unswizzled) byte address a is read at a ^ (((a >> 7) & 7) << 4), on absolute addresses.
+// Canonical 128B layouts, 16-bit elements (64 a 128-byte row), in bytes:
+//   K-major  (mn, k) -> start + (mn % 8) * 128 + (mn / 8) * SBO + k * 2             (k < 64 - start % 128 / 2)
+//   MN-major (mn, k) -> start + (k % 8) * 128 + (k / 8) * SBO + (mn % 64) * 2 + (mn / 64) * LBO
+inline u32 sw128(u32 a) { return a ^ (((a >> 7) & 7) << 4); }
 // Canonical no-swizzle layouts (T = 8 16-bit elements = 16 bytes), in bytes:
 //   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO)):    (mn, k) -> (mn%8)*16 + (mn/8)*SBO + (k%8)*2 + (k/8)*LBO
 //   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)): (mn, k) -> (mn%8)*2 + (mn/8)*SBO + (k%8)*16 + (k/8)*LBO
 inline u32 kmajor(const Desc& d, int mn, int k) {
+  if (d.sw128) {
+    if ((d.start % 128) / 2 + k >= 64) emu::fail("SW128 K-major: a k-step crosses the 128-byte row");
+    return sw128(d.start + (mn % 8) * 128 + (mn / 8) * d.sbo + k * 2);
+  }
   return d.start + (mn % 8) * 16 + (mn / 8) * d.sbo + (k % 8) * 2 + (k / 8) * d.lbo;
 }
 inline u32 mnmajor(const Desc& d, int mn, int k) {
+  if (d.sw128) return sw128(d.start + (k % 8) * 128 + (k / 8) * d.sbo + (mn % 64) * 2 + (mn / 64) * d.lbo);
   return d.start + (mn % 8) * 2 + (mn / 8) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo;
 }
 // m64nNk16 fragments: warp w of the warpgroup owns rows 16 w..; lane l: group g = l / 4, quad q = l % 4.
@@ -708,9 +721,9 @@ NARROW_EDITS = {
 
 
 @needs_gxx
-@pytest.mark.parametrize("edit", ["MLA_WG_DIAG_SWAP_K", "MLA_WG_DIAG_SWAP_MN", "end barrier", "swap barrier"])
+@pytest.mark.parametrize("edit", ["MLA_WG_DIAG_SW_SWAP_MN", "end barrier", "swap barrier"])
 def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
-    """Self-test for the narrow kernel: a wrong descriptor (LBO / SBO exchanged) or a missing barrier (the
+    """Self-test for the narrow kernel: a wrong descriptor (V^T's SW128 LBO / SBO exchanged) or a missing barrier (the
     next tile's copies overwriting a buffer still read; a warpgroup reading the other's S^T half before it
     is stored) makes the emulated result wrong, so the passing narrow runs do test these."""
     from mla import reference, testing

@@ -129,6 +129,8 @@ def defines(fp16: bool) -> dict:
     result = {"MLA_FP16": int(bool(fp16))}
     if os.environ.get("MLA_CUPY_PSPLIT") is not None:  # benchmarks
         result["MLA_P_SPLIT"] = int(os.environ["MLA_CUPY_PSPLIT"])
+    if os.environ.get("MLA_WG_DIAG_SW_SWAP_MN"):  # diagnostics only (mla_wgmma.cuh): the other SW128 reading
+        result["MLA_WG_DIAG_SW_SWAP_MN"] = int(os.environ["MLA_WG_DIAG_SW_SWAP_MN"])
     return result
 
 
