@@ -34,6 +34,9 @@ SHAPES = [  # (b, s_q, h_q, s_k)
     (1, 1, 128, 32768),
     (8, 1, 16, 8192),      # issue #4: few sequences, long context
     (128, 2, 128, 8192),   # issue #4: compute-bound
+    (128, 1, 32, 8192),    # 32 / 64 query rows a KV head: where "auto" switches between the CuPy kernels
+    (128, 1, 64, 8192),
+    (128, 2, 16, 8192),
 ]
 D, DV, PAGE, H_KV = 576, 512, 64, 1
 
@@ -187,12 +190,10 @@ def main(argv=None):
         os.environ.pop("MLA_NUMBA_VERSION", None)
         os.environ.pop("MLA_NUMBA_BLOCK_N", None)
         for ck in (args.cupy_kernels.split(",") if have_cupy_backend else []):
-            env = {"auto": {}, "portable": {"MLA_CUPY_KERNEL": "portable"},
-                   "hopper": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1"},
-                   "hopper-wide": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1", "MLA_HOPPER_VARIANT": "wide"},
-                   "hopper-narrow": {"MLA_CUPY_KERNEL": "hopper", "MLA_CUPY_UNVERIFIED": "1",
-                                     "MLA_HOPPER_VARIANT": "narrow"}}[ck]
-            saved = {key: os.environ.get(key) for key in ("MLA_CUPY_KERNEL", "MLA_CUPY_UNVERIFIED", "MLA_HOPPER_VARIANT")}
+            env = {"auto": {}, "portable": {"MLA_CUPY_KERNEL": "portable"}, "hopper": {"MLA_CUPY_KERNEL": "hopper"},
+                   "hopper-wide": {"MLA_CUPY_KERNEL": "hopper", "MLA_HOPPER_VARIANT": "wide"},
+                   "hopper-narrow": {"MLA_CUPY_KERNEL": "hopper", "MLA_HOPPER_VARIANT": "narrow"}}[ck]
+            saved = {key: os.environ.get(key) for key in ("MLA_CUPY_KERNEL", "MLA_HOPPER_VARIANT")}
             os.environ.update(env)
             name = "cupy backend" if ck == "auto" else f"cupy {ck}"
             try:

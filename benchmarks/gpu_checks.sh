@@ -62,7 +62,7 @@ h100a)  # `pytest -m gpu`, first half (one process per file), then the decode ta
   t 200 t_cupy tests/test_cupy_gpu.py
   r 110 bench_decode python3 benchmarks/bench_decode.py --versions 1,5,6 --reps 20 --out "$OUT/bench_decode.md"
   r 30 cupy_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
-  r 30 cupy_hopper env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  r 30 cupy_hopper env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
   ;;
 h100b)  # `pytest -m gpu`, second half, then the FP8/sparse/prefill tables (#5, #6), roofline plot, host profile
   t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
@@ -79,7 +79,7 @@ h100c)  # the rest of a session's H100 run: the two longest test files alone, th
   t 170 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
   r 80 bench_decode_rest python3 benchmarks/bench_decode.py --versions 5,6 --shapes 2,3,4 --reps 20 \
     --out "$OUT/bench_decode_rest.md"
-  r 30 cupy_hopper env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  r 30 cupy_hopper env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
   ;;
 h100d)  # re-checks after h100c's two failures (Numba v5/v6 at d_v = 64; memcheck and numba-cuda's start-up probes)
   t 240 t_numba tests/test_numba_gpu.py
@@ -104,17 +104,17 @@ recheck)  # after the review refactor (shared output allocation of the CuPy path
   ;;
 narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its GPU tests, sanitizers, timings
   for swap in 0 1; do  # which reading of the MN-major SW128 descriptor the hardware has (mla_wgmma.cuh)
-    r 60 "selfcheck_swapmn$swap" env MLA_WG_DIAG_SW_SWAP_MN=$swap MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper \
+    r 60 "selfcheck_swapmn$swap" env MLA_WG_DIAG_SW_SWAP_MN=$swap MLA_CUPY_KERNEL=hopper \
       MLA_HOPPER_VARIANT=narrow python3 -m mla.backends.cupy_backend check
   done
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
   t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow \
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow \
     tests/test_cupy_gpu.py -k sanitizer
   r 120 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6 --reps 20 \
     --cupy-kernels portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
   for v in wide narrow; do
-    r 40 "kernel_$v" env MLA_CUPY_UNVERIFIED=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=$v \
+    r 40 "kernel_$v" env MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=$v \
       python3 -m mla.backends.cupy_backend bench
   done
   r 30 kernel_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
@@ -122,6 +122,15 @@ narrow)  # issue #4: the narrow Hopper kernel (<= 16 query rows a KV head): its 
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section MemoryWorkloadAnalysis --section SourceCounters python3 benchmarks/profile_kernel.py --kernel hopper
   ;;
+auto)  # issue #4: "auto" picks the Hopper kernels now; the whole CuPy GPU file, the row counts where "auto"
+  # switches kernels, the decode / combine split of the few-sequences shape (b = 8)
+  t 200 t_cupy tests/test_cupy_gpu.py
+  r 150 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6,7,8,9 --reps 20 \
+    --cupy-kernels auto,portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
+  r 40 kernel_auto python3 -m mla.backends.cupy_backend bench
+  r 60 ncu_b8 ncu --clock-control none -k regex:mla_ --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+    python3 benchmarks/profile_kernel.py --kernel hopper --b 8
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto" >&2; exit 2 ;;
 esac

@@ -35,8 +35,6 @@ def main(argv=None):
     ap.add_argument("--h-q", type=int, default=16)
     ap.add_argument("--s-k", type=int, default=8192)
     args = ap.parse_args(argv)
-    if args.kernel == "hopper":
-        os.environ["MLA_CUPY_UNVERIFIED"] = "1"
     os.environ["MLA_CUPY_KERNEL"] = "portable" if args.kernel == "fp8" else args.kernel
     b, s_q, h_q, s_k = args.b, args.s_q, args.h_q, args.s_k
     blocks = b * s_k // PAGE

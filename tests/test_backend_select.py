@@ -50,19 +50,15 @@ def test_auto_prefers_cupy_then_numba(fake_backends):
     assert backends.select("auto", types.SimpleNamespace(on_device=False)).name == "numpy"
 
 
-def test_only_hopper_is_still_gated(monkeypatch):
-    """The CuPy FP8 / sparse decode, sparse prefill and tensor-core prefill passed on an H100 (2026-11-25)
-    and are not gated; the Hopper (wgmma) decode kernel still is (cupy_hopper.check_gate)."""
+def test_nothing_is_gated():
+    """Every CuPy kernel has passed its GPU tests: the FP8 / sparse decode, sparse prefill and tensor-core
+    prefill on 2026-11-25, the Hopper (wgmma) decode kernels on 2026-11-26. None carries a gate."""
     from mla.backends import cupy_backend, cupy_hopper, cupy_sparse_fp8, cupy_sparse_prefill, prefill_cupy
 
-    assert getattr(cupy_backend, "unverified", None) is None  # "auto" may pick CuPy for FP8 / sparse problems
-    for module in (cupy_sparse_fp8, cupy_sparse_prefill, prefill_cupy):
-        assert not any(hasattr(module, name) for name in ("GATE", "gate_open", "_gate_open", "gate_reason"))
-    monkeypatch.delenv(backends.UNVERIFIED_GATE, raising=False)
-    with pytest.raises(backends.BackendUnavailable, match=f"Hopper.*{backends.UNVERIFIED_GATE}=1"):
-        cupy_hopper.check_gate()
-    monkeypatch.setenv(backends.UNVERIFIED_GATE, "1")
-    cupy_hopper.check_gate()
+    assert getattr(cupy_backend, "unverified", None) is None  # "auto" may pick CuPy for every problem it takes
+    for module in (cupy_hopper, cupy_sparse_fp8, cupy_sparse_prefill, prefill_cupy):
+        assert not any(hasattr(module, name) for name in ("GATE", "gate_open", "_gate_open", "gate_reason",
+                                                          "check_gate"))
 
 
 def test_numba_tensor_core_versions_need_16_channels_a_warp(monkeypatch):

@@ -41,9 +41,10 @@ def _poison(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _hopper_gate(request, monkeypatch):
-    """The Hopper kernel has not run on a GPU yet (cupy_hopper.py): open MLA_CUPY_UNVERIFIED for its cases.
-    It takes every case of this file's DeepSeek-dims tests (any h_kv, s_q, h_q) on compute capability 9.0."""
+def _hopper_cases(request, monkeypatch):
+    """The Hopper kernels take every case of this file's DeepSeek-dims tests (any h_kv, s_q, h_q) on compute
+    capability 9.0; elsewhere their cases skip. No gate (MLA_CUPY_UNVERIFIED unset): they are ordinary paths."""
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow"):
         from mla.backends import cupy_hopper
@@ -51,7 +52,6 @@ def _hopper_gate(request, monkeypatch):
         reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
         if reason:
             pytest.skip(reason)
-        monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
         monkeypatch.setenv("MLA_HOPPER_VARIANT", "narrow" if callspec.params["kernel"] == "hopper-narrow" else "auto")
 
 
@@ -296,20 +296,35 @@ def test_non_contiguous_cache_raises():
         mla.flash_mla_with_kvcache(c.q, wide, c.block_table, c.cache_seqlens, 512, backend="cupy")
 
 
-def test_forcing_hopper_raises_while_gated(monkeypatch):
-    """The Hopper kernel stays behind MLA_CUPY_UNVERIFIED until its racecheck is clean: forcing it with
-    the gate closed raises (naming the kernel), and an unknown MLA_CUPY_KERNEL is a ValueError."""
-    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
-    c = _device_case()
-    os.environ["MLA_CUPY_KERNEL"] = "hopper"
-    try:
-        with pytest.raises(BackendUnavailable, match="Hopper"):
-            mla.flash_mla_with_kvcache(*c.args(), backend="cupy")
-        os.environ["MLA_CUPY_KERNEL"] = "nonsense"
-        with pytest.raises(ValueError, match="MLA_CUPY_KERNEL"):
-            mla.flash_mla_with_kvcache(*c.args(), backend="cupy")
-    finally:
-        os.environ.pop("MLA_CUPY_KERNEL", None)
+@pytest.mark.parametrize("h_q,s_q,want", [(16, 1, "mla_decode_hopper_narrow"), (32, 1, "mla_decode_portable"),
+                                           (128, 1, "mla_decode_hopper"), (3, 1, "mla_decode_hopper_narrow")])
+def test_auto_kernel_choice(monkeypatch, h_q, s_q, want):
+    """kernel="auto" (the default, no MLA_CUPY_KERNEL): on an H100 the narrow Hopper kernel up to 16 rows a KV
+    head, the wide one from 64, the portable kernel between (cupy_hopper.auto_variant); elsewhere portable.
+    An unknown MLA_CUPY_KERNEL is a ValueError."""
+    from mla.backends import cupy_hopper
+
+    monkeypatch.delenv("MLA_CUPY_KERNEL", raising=False)
+    monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
+    cp = _arrays.cupy_module()
+    case = testing.make_decode_case(np.random.default_rng(h_q), b=2, s_q=s_q, h_q=h_q, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[10, 700], dtype=BF16)
+    c = testing.to_device(case)
+    from mla import api
+
+    problem = api._validate(*c.args(), None, False, False, None, None, None, True)
+    sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * h_q, 1)
+    launches, out, lse = cupy_backend._prepare(cp, problem, sched, splits, cp.cuda.Device().id,
+                                               cupy_backend._pick_kernel(None))
+    if cupy_hopper.device_reason(cp.cuda.Device().id) is not None:
+        want = "mla_decode_portable"
+    assert launches[0][0].name == want
+    out, lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy")
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args())
+    testing.assert_close(out, lse, out_ref, lse_ref)
+    monkeypatch.setenv("MLA_CUPY_KERNEL", "nonsense")
+    with pytest.raises(ValueError, match="MLA_CUPY_KERNEL"):
+        mla.flash_mla_with_kvcache(*c.args(), backend="cupy")
 
 
 # ---- hypothesis: random shapes

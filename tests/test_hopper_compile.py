@@ -13,7 +13,7 @@ wgmma_probe.cu and their launcher mla/backends/cupy_hopper.py. NO GPU NEEDED.
   an early buffer refill or a read of an unfinished wgmma shows).
   What this does NOT check: that the hardware agrees with this reading of the PTX ISA (descriptor
   fields, fragment maps) -- tests/test_wgmma_probe_gpu.py checks that on an H100.
-* The dispatch: the MLA_CUPY_UNVERIFIED gate, shape / device reasons, "auto" stays portable.
+* The dispatch: no gate, shape / device reasons, "auto" / "hopper" / MLA_HOPPER_VARIANT choices.
 """
 
 from __future__ import annotations
@@ -163,30 +163,46 @@ def _problem(d=576, dv=512, dtype=BF16, h_kv=1):
     return api._validate(*case.args(), None, False, False, None, None, None, True)
 
 
-def test_gate_closed_forcing_hopper_raises(monkeypatch):
-    from mla.backends import BackendUnavailable, cupy_backend
-
-    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
-    with pytest.raises(BackendUnavailable, match="Hopper.*not yet verified on a GPU.*MLA_CUPY_UNVERIFIED=1"):
-        cupy_backend._pick_kernel("hopper")
-    monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
-    with pytest.raises(BackendUnavailable, match="Hopper"):
-        cupy_backend._pick_kernel(None)
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "0")  # only "1" opens it
-    with pytest.raises(BackendUnavailable):
-        cupy_backend._pick_kernel(None)
-
-
-def test_gate_open_picks_hopper_auto_stays_portable(monkeypatch):
+def test_no_gate_kernel_choice(monkeypatch):
+    """The Hopper kernels passed their GPU tests (2026-11-26): forcing them needs no MLA_CUPY_UNVERIFIED, and
+    "auto" (the default) is chosen per problem in _prepare."""
     from mla.backends import cupy_backend
 
-    monkeypatch.setenv("MLA_CUPY_UNVERIFIED", "1")
-    assert cupy_backend._pick_kernel("hopper") == "hopper"
+    monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     monkeypatch.delenv("MLA_CUPY_KERNEL", raising=False)
+    assert cupy_backend._pick_kernel("hopper") == "hopper"
+    assert cupy_backend._pick_kernel(None) == "auto"
+    monkeypatch.setenv("MLA_CUPY_KERNEL", "portable")
     assert cupy_backend._pick_kernel(None) == "portable"
-    assert cupy_backend._pick_kernel("auto") == "portable"
     with pytest.raises(ValueError, match="MLA_CUPY_KERNEL"):
         cupy_backend._pick_kernel("nonsense")
+    assert not any(hasattr(cupy_hopper, n) for n in ("check_gate", "gate_open", "gate_reason"))
+
+
+def _rows_problem(s_q, h_q, h_kv=1):
+    import types
+
+    return types.SimpleNamespace(s_q=s_q, h_q=h_q, h_kv=h_kv)
+
+
+@pytest.mark.parametrize("s_q,h_q,h_kv,auto,forced", [(1, 16, 1, "narrow", "narrow"), (1, 1, 1, "narrow", "narrow"),
+                                                      (2, 64, 8, "narrow", "narrow"), (2, 16, 1, None, "wide"),
+                                                      (1, 32, 1, None, "wide"), (1, 64, 1, "wide", "wide"),
+                                                      (2, 128, 1, "wide", "wide")])
+def test_variants(monkeypatch, s_q, h_q, h_kv, auto, forced):
+    """Rows a KV head (s_q h_q / h_kv): "auto" takes narrow up to 16, wide from WIDE_MIN_ROWS (64), else the
+    portable kernel (None); kernel="hopper" takes narrow up to 16, else wide; MLA_HOPPER_VARIANT overrides both."""
+    monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
+    p = _rows_problem(s_q, h_q, h_kv)
+    assert cupy_hopper.WIDE_MIN_ROWS == 64
+    assert cupy_hopper.auto_variant(p) == auto
+    assert cupy_hopper.variant(p) == forced
+    for v in ("narrow", "wide"):
+        monkeypatch.setenv("MLA_HOPPER_VARIANT", v)
+        assert cupy_hopper.auto_variant(p) == v and cupy_hopper.variant(p) == v
+    monkeypatch.setenv("MLA_HOPPER_VARIANT", "bogus")
+    with pytest.raises(ValueError, match="MLA_HOPPER_VARIANT"):
+        cupy_hopper.variant(p)
 
 
 def test_shape_reasons():
@@ -211,18 +227,27 @@ def test_device_reasons(monkeypatch):
     assert "shared memory" in cupy_hopper.device_reason(0)
 
 
-@pytest.mark.parametrize("cc,d,dv,want", [((9, 0), 576, 512, "hopper"), ((9, 0), 64, 48, "portable"),
-                                          ((8, 0), 576, 512, "portable")])
-def test_prepare_dispatch(monkeypatch, cc, d, dv, want):
-    """cupy_backend._prepare(kernel="hopper") takes the Hopper launches where it applies, else the portable."""
+@pytest.mark.parametrize("cc,d,dv,h_q,want_hopper,want_auto", [
+    ((9, 0), 576, 512, 16, "hopper-narrow", "hopper-narrow"), ((9, 0), 576, 512, 32, "hopper-wide", "portable"),
+    ((9, 0), 576, 512, 64, "hopper-wide", "hopper-wide"), ((9, 0), 64, 48, 16, "portable", "portable"),
+    ((8, 0), 576, 512, 16, "portable", "portable"), ((10, 0), 576, 512, 64, "portable", "portable")])
+def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
+    """cupy_backend._prepare: "hopper" takes a Hopper kernel where it applies, "auto" where it was measured
+    faster, else (and for "portable") the portable kernel."""
+    from mla import api, testing
     from mla.backends import cupy_backend
 
+    monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
     monkeypatch.setattr(cupy_backend, "_capability", lambda dev: cc)
     monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: 232448)
     monkeypatch.setattr(cupy_backend, "_prepare_portable", lambda *a: "portable")
-    monkeypatch.setattr(cupy_hopper, "prepare", lambda *a: "hopper")
-    assert cupy_backend._prepare(None, _problem(d=d, dv=dv), None, None, 0, "hopper") == want
-    assert cupy_backend._prepare(None, _problem(d=d, dv=dv), None, None, 0, "portable") == "portable"
+    monkeypatch.setattr(cupy_hopper, "prepare", lambda *a: f"hopper-{a[-1]}")
+    case = testing.make_decode_case(np.random.default_rng(0), b=2, s_q=1, h_q=h_q, d=d, head_dim_v=dv,
+                                    page_block_size=64, seqlens=[5, 70], dtype=BF16)
+    problem = api._validate(*case.args(), None, False, False, None, None, None, True)
+    assert cupy_backend._prepare(None, problem, None, None, 0, "hopper") == want_hopper
+    assert cupy_backend._prepare(None, problem, None, None, 0, "auto") == want_auto
+    assert cupy_backend._prepare(None, problem, None, None, 0, "portable") == "portable"
 
 
 def test_psplit_define(monkeypatch):

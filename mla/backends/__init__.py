@@ -51,9 +51,9 @@ def status() -> dict[str, str]:
 
 
 UNVERIFIED_GATE = "MLA_CUPY_UNVERIFIED"
-"""Kernels written but not yet run on a GPU are used only when this variable is 1 (today CuPy's
-Hopper kernel, ``cupy_hopper.check_gate``, refuses without it); "auto" also skips a backend whose
-``unverified(problem)`` names a reason, unless the variable is set."""
+"""A kernel written but not yet run on a GPU is used only when this variable is 1: "auto" skips a backend
+whose ``unverified(problem)`` names a reason, unless the variable is set. Today no backend does (every
+kernel has passed its GPU tests; the Hopper decode kernels were the last, 2026-11-26)."""
 
 
 def select(name: str, problem):

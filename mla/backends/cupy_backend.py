@@ -5,11 +5,13 @@ Kernels (``MLA_CUPY_KERNEL`` or ``decode(..., kernel=)`` forces one; default "au
 * ``portable`` -- ``kernels/mla_decode_portable.cu``: mma.sync m16n8k16 + cp.async, any
   D % 8 == 0, d_v <= D, page size and h_kv; sm_80 and newer. Writes split-KV partials per the
   scheduler plan (``mla.scheduler``); ``kernels/mla_combine.cu`` merges them.
-* ``hopper`` -- ``kernels/mla_decode_hopper.cu`` (launches: ``mla.backends.cupy_hopper``): wgmma +
-  cp.async for d = 576, d_v = 512 on compute capability 9.0, same plan / partials / combine. NOT YET
-  RUN ON A GPU: forcing it raises unless ``MLA_CUPY_UNVERIFIED=1``; with the gate open, problems it
-  does not take (other d / d_v / dtype, other GPUs) run on the portable kernel. "auto" always uses
-  the portable kernel.
+* ``hopper`` -- the wgmma kernels of ``mla.backends.cupy_hopper`` for d = 576, d_v = 512 on compute
+  capability 9.0 (``kernels/mla_decode_hopper_narrow.cu`` up to 16 query rows a KV head,
+  ``kernels/mla_decode_hopper.cu`` above), same plan / partials / combine; problems they do not take
+  (other d / d_v / dtype, other GPUs) run on the portable kernel.
+* ``auto`` (default) -- per problem: the narrow Hopper kernel up to 16 rows a KV head and the wide one from
+  ``cupy_hopper.WIDE_MIN_ROWS`` rows on an H100-class GPU (where each was measured faster than the
+  portable kernel, benchmarks/BENCHMARKS.md), else the portable kernel.
 
 Arrays: device inputs (CuPy or anything CUDA-array-like, as ``mla.api`` converted them) give
 CuPy outputs on the inputs' device; NumPy inputs are copied to the current device and the
@@ -193,15 +195,11 @@ def supports(problem):
 
 
 def _pick_kernel(kernel: str | None) -> str:
+    """"auto", "portable" or "hopper" from the argument or MLA_CUPY_KERNEL (default "auto")."""
     kernel = kernel or os.environ.get("MLA_CUPY_KERNEL") or "auto"
     if kernel not in KERNELS:
         raise ValueError(f"kernel (or MLA_CUPY_KERNEL) must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "hopper":
-        from . import cupy_hopper
-
-        cupy_hopper.check_gate()  # not yet run on a GPU: BackendUnavailable unless MLA_CUPY_UNVERIFIED=1
-        return "hopper"
-    return "portable"
+    return kernel
 
 
 def _to_device(cp, x, dtype=None):
@@ -255,13 +253,15 @@ def decode(problem, metadata, num_splits, kernel: str | None = None):
 
 
 def _prepare(cp, problem, metadata, num_splits, dev, kernel: str = "portable"):
-    """The launch list of the chosen dense kernel; "hopper" falls back to the portable kernel for
-    problems or devices it does not take (``cupy_hopper.supports`` says why)."""
-    if kernel == "hopper":
+    """The launch list of the chosen dense kernel ("auto", "portable", "hopper"; see the module
+    docstring); "hopper" / "auto" fall back to the portable kernel for problems or devices the Hopper
+    kernels do not take (``cupy_hopper.supports`` says why)."""
+    if kernel in ("hopper", "auto"):
         from . import cupy_hopper
 
-        if cupy_hopper.supports(problem, dev)[0]:
-            return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev)
+        which = cupy_hopper.variant(problem) if kernel == "hopper" else cupy_hopper.auto_variant(problem)
+        if which is not None and cupy_hopper.supports(problem, dev)[0]:
+            return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev, which)
     return _prepare_portable(cp, problem, metadata, num_splits, dev)
 
 

@@ -1,21 +1,26 @@
-"""Launch preparation for the Hopper (sm_90a, wgmma) MLA decode kernel. NOT YET RUN ON A GPU.
+"""Launch preparation for the Hopper (sm_90a, wgmma) MLA decode kernels.
 
-``kernels/mla_decode_hopper.cu`` (building blocks in ``kernels/mla_wgmma.cuh``) compiles with NVRTC
-for sm_90a without spills (``tests/test_hopper_compile.py``) and runs on the CPU emulator with a wgmma
-model, but it has not executed on a GPU yet. So ``backend="cupy"`` reaches it **only when
-``MLA_CUPY_UNVERIFIED=1``** (``mla.backends.UNVERIFIED_GATE``) and the kernel is forced
-(``MLA_CUPY_KERNEL=hopper`` or ``decode(..., kernel="hopper")``); forcing it without the gate raises
-``BackendUnavailable`` saying so, and ``"auto"`` keeps the portable kernel. The checks to run on an H100
-before the gate goes: ``tests/test_wgmma_probe_gpu.py`` (each building block against NumPy), then
-``tests/test_cupy_gpu.py -k hopper`` (the case matrix).
+Two kernels, both verified on an H100 (``tests/test_cupy_gpu.py``: FlashMLA's case matrix, hypothesis,
+compute-sanitizer memcheck / racecheck) and both wgmma + cp.async with the portable kernel's signature,
+plan, partial buffers and combine kernel:
+
+* **narrow** -- ``kernels/mla_decode_hopper_narrow.cu``: keys and value channels on wgmma's M, up to 16
+  query rows of a KV head on N (S^T = K Q^T, O^T = V^T P^T), 128-byte swizzled K tiles; both warpgroups
+  on one tile while the next loads. Launch: grid (workers, h_kv, ceil(rows / 16)), 256 threads,
+  ``narrow_smem_bytes`` of shared memory. 97% of the copy bandwidth at 128,1,16,8192 (0.421 ms).
+* **wide** -- ``kernels/mla_decode_hopper.cu``: 64 query rows a CTA on M, two warpgroups splitting the
+  64 x 512 output. Grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B of shared memory. Faster
+  than the portable kernel from 64 rows a KV head up (h_q = 128: 180 TFLOP/s vs 143), slower below.
+
+Which one: ``variant(problem, forced)``. ``backend="cupy"`` with ``kernel="auto"`` (the default) uses
+``auto_variant``: narrow up to 16 rows, wide from ``WIDE_MIN_ROWS`` rows, the portable kernel between and
+on every other GPU / shape. ``kernel="hopper"`` (or ``MLA_CUPY_KERNEL=hopper``) forces a Hopper kernel
+(narrow up to 16 rows, else wide); ``MLA_HOPPER_VARIANT=narrow|wide`` forces one of the two (tests,
+benchmarks; both compute any shape).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
-d_v = 512; any page size, h_kv, s_q, h_q (query rows are padded to 64 a CTA). Other problems go to the
-portable kernel (``cupy_backend._prepare`` falls back), the reason is ``shape_reason``/``device_reason``.
-
-Same plan, partial buffers and combine kernel as the portable kernel: the launch list is
-[mla_decode_hopper (grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B of shared memory),
-mla_combine (when a sequence has several splits)].
+d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
+(``cupy_backend._prepare`` falls back); the reason is ``shape_reason`` / ``device_reason``.
 """
 
 from __future__ import annotations
@@ -51,38 +56,37 @@ def narrow_smem_bytes(p_split: bool) -> int:
     return 2 * (NARROW_ROWS * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * 8 * 128 + 2 * 4 * NARROW_ROWS)
 
 
-def variant(problem) -> str:
-    """"narrow" when a KV head has at most 16 query rows (s_q * h_q / h_kv), else "wide" (the 64-row
-    kernel). MLA_HOPPER_VARIANT=narrow|wide forces one (tests, benchmarks); both compute any shape."""
+WIDE_MIN_ROWS = 64
+"""``kernel="auto"`` takes the 64-row (wide) kernel from this many query rows a KV head up: measured faster
+than the portable kernel there on the H100 (benchmarks/BENCHMARKS.md); 17..63 rows stay portable."""
+
+
+def _forced_variant() -> str:
     forced = os.environ.get("MLA_HOPPER_VARIANT", "auto") or "auto"
     if forced not in VARIANTS:
         raise ValueError(f"MLA_HOPPER_VARIANT must be one of {VARIANTS}, got {forced!r}")
+    return forced
+
+
+def auto_variant(problem) -> str | None:
+    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with ("narrow" / "wide"), or None for the
+    portable kernel (rows a KV head between 16 and WIDE_MIN_ROWS). MLA_HOPPER_VARIANT overrides."""
+    forced = _forced_variant()
     if forced != "auto":
         return forced
     rows = problem.s_q * problem.h_q // problem.h_kv
-    return "narrow" if rows <= NARROW_ROWS else "wide"
+    if rows <= NARROW_ROWS:
+        return "narrow"
+    return "wide" if rows >= WIDE_MIN_ROWS else None
 
 
-def gate_open() -> bool:
-    """True only when MLA_CUPY_UNVERIFIED=1 (``mla.backends.UNVERIFIED_GATE``): the kernel has not run on a GPU yet."""
-    from . import UNVERIFIED_GATE
-
-    return os.environ.get(UNVERIFIED_GATE, "") == "1"
-
-
-def gate_reason() -> str:
-    from . import UNVERIFIED_GATE
-
-    return ("backend='cupy': the Hopper (wgmma) kernel is written but not yet verified on a GPU (issue #4); "
-            f"set {UNVERIFIED_GATE}=1 to use it anyway, or use kernel='portable'")
-
-
-def check_gate() -> None:
-    """Raise BackendUnavailable unless MLA_CUPY_UNVERIFIED=1 (the kernel has not run on a GPU yet)."""
-    if not gate_open():
-        from . import BackendUnavailable
-
-        raise BackendUnavailable(gate_reason())
+def variant(problem) -> str:
+    """The Hopper kernel ``kernel="hopper"`` runs: MLA_HOPPER_VARIANT if set, else "narrow" when a KV head
+    has at most 16 query rows (s_q * h_q / h_kv), else "wide"."""
+    forced = _forced_variant()
+    if forced != "auto":
+        return forced
+    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS else "wide"
 
 
 def shape_reason(problem) -> str | None:
@@ -157,16 +161,16 @@ def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlen
                           host_splits, block_m, THREADS, smem, poison)
 
 
-def prepare(cp, problem, metadata, num_splits, dev):
-    """Device arrays, outputs and the launch list of one decode on device ``dev`` (no gate check: for
-    benchmarks and tests calling it directly; ``cupy_backend.decode`` checks the gate)."""
+def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
+    """Device arrays, outputs and the launch list of one decode on device ``dev`` with the "narrow" or
+    "wide" kernel (``which``; None: ``variant(problem)``)."""
     from . import cupy_backend as _cb
 
     reason = shape_reason(problem) or device_reason(dev)
     if reason:
         raise ValueError(f"backend='cupy': {reason}")
     fp16 = np.dtype(problem.q.dtype) == np.float16
-    narrow = variant(problem) == "narrow"
+    narrow = (which or variant(problem)) == "narrow"
     d = defines(fp16)
     smem = narrow_smem_bytes(p_split(d)) if narrow else SMEM_BYTES
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
