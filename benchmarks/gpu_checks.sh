@@ -131,6 +131,17 @@ auto)  # issue #4: "auto" picks the Hopper kernels now; the whole CuPy GPU file,
   r 60 ncu_b8 ncu --clock-control none -k regex:mla_ --launch-skip 4 --launch-count 2 --section SpeedOfLight \
     python3 benchmarks/profile_kernel.py --kernel hopper --b 8
   ;;
+combine)  # the combine kernel with 4 warps a row: every GPU test file whose kernels use it, then the tables
+  t 120 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 150 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6 --reps 20 \
+    --cupy-kernels auto,portable --out "$OUT/bench_decode.md"
+  r 40 kernel_auto python3 -m mla.backends.cupy_backend bench
+  r 30 kernel_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
+  r 60 ncu_b8 ncu --clock-control none -k regex:mla_ --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+    python3 benchmarks/profile_kernel.py --kernel hopper --b 8
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine" >&2; exit 2 ;;
 esac

@@ -15,13 +15,20 @@
 __device__ __forceinline__ void mla_store_out(mla_elem_t* dst, float x) { *dst = to_elem(x); }
 __device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
 
-template <int DV, bool SINK, typename OutT>
+// PARTS > 1: the row's DV channels are split into PARTS slices of DV / PARTS, slice `part` done by this warp
+// (mla_combine.cu launches PARTS warps a row: with one warp a row and ~17 splits, b = 8, h_q = 16 took 23 us,
+// latency-bound). Lane s computes split s's weight exp(lse_s - lse) once; the split loop then reads it with a
+// shuffle and has no branch, so its loads overlap (an empty split, lse_s = -inf, has weight 0 and its partial
+// is not used: the select keeps a NaN there out). The sum runs over s in order, as before: same bits.
+template <int DV, bool SINK, typename OutT, int PARTS = 1>
 __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                                                 const int* __restrict__ num_splits,
                                                 const float* __restrict__ attn_sink, OutT* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q, int i, int row,
-                                                int lane, int all_rows) {
-  constexpr int PER_LANE = (DV + 31) / 32;
+                                                int lane, int all_rows, int part = 0) {
+  static_assert(DV % PARTS == 0, "the channel slices must tile DV");
+  constexpr int SLICE = DV / PARTS;
+  constexpr int PER_LANE = (SLICE + 31) / 32;
   const int rows = s_q * h_q;
   const int lo = num_splits[i], n = num_splits[i + 1] - lo;
   if (n < 1 || (n == 1 && !all_rows)) return;  // single split: written by the decode kernel
@@ -46,24 +53,36 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
 #pragma unroll
   for (int k = 0; k < PER_LANE; ++k) acc[k] = 0.f;
   if (!empty) {
-    for (int s = 0; s < n; ++s) {
-      const float ls = lse_part[(long long)(lo + s) * rows + row];
-      if (ls == MLA_NEG_INF) continue;  // weight 0; its o_s is 0 too, skip the reads
-      float w = expf(ls - lse);
-      if constexpr (SINK) w *= sink;
-      const float* src = o_part + ((long long)(lo + s) * rows + row) * DV;
+    for (int s0 = 0; s0 < n; s0 += 32) {
+      float w = 0.f;  // lane j: the weight of split s0 + j
+      if (s0 + lane < n) {
+        const float ls = lse_part[(long long)(lo + s0 + lane) * rows + row];
+        if (ls != MLA_NEG_INF) {
+          w = expf(ls - lse);
+          if constexpr (SINK) w *= sink;
+        }
+      }
+      const int cnt = min(32, n - s0);
+#pragma unroll 4
+      for (int j = 0; j < cnt; ++j) {
+        const float wj = __shfl_sync(0xffffffff, w, j);
+        const float* src = o_part + ((long long)(lo + s0 + j) * rows + row) * DV + part * SLICE;
 #pragma unroll
-      for (int k = 0; k < PER_LANE; ++k) {
-        const int col = lane + 32 * k;
-        if (col < DV) acc[k] += w * src[col];
+        for (int k = 0; k < PER_LANE; ++k) {
+          const int col = lane + 32 * k;
+          if (col < SLICE) {
+            const float v = src[col];
+            acc[k] += wj != 0.f ? wj * v : 0.f;
+          }
+        }
       }
     }
   }
-  OutT* dst = out + ((long long)i * rows + row) * DV;
+  OutT* dst = out + ((long long)i * rows + row) * DV + part * SLICE;
 #pragma unroll
   for (int k = 0; k < PER_LANE; ++k) {
     const int col = lane + 32 * k;
-    if (col < DV) mla_store_out(dst + col, acc[k]);
+    if (col < SLICE) mla_store_out(dst + col, acc[k]);
   }
-  if (lane == 0) lse_out[((long long)i * h_q + h) * s_q + r] = empty ? MLA_POS_INF : lse;
+  if (lane == 0 && part == 0) lse_out[((long long)i * h_q + h) * s_q + r] = empty ? MLA_POS_INF : lse;
 }

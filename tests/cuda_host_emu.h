@@ -299,6 +299,15 @@ inline int __shfl_sync(unsigned mask, int v, int src) {
   return out;
 }
 
+inline float __shfl_sync(unsigned mask, float v, int src) {
+  if (mask != 0xffffffffu) emu::fail("__shfl_sync with a partial mask");
+  emu::my_lane().f[0] = v;
+  emu::warp_sync(emu::OP_SHFL);
+  const float r = emu::lane_of(src & 31).f[0];
+  emu::warp_sync(emu::OP_SHFL);
+  return r;
+}
+
 // ---- replacements of the inline-PTX helpers (mla_common.cuh and kernel files)
 
 inline u32 smem_u32(const void* p) {

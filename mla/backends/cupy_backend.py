@@ -303,9 +303,15 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     return assemble_dense(cp, fn, comb, problem, arrays, host_splits, block_m, warps * 32, smem, POISON_OUTPUTS)
 
 
+def combine_parts(dv: int) -> int:
+    """Warps a query row in kernels/mla_combine.cu (its grid's z): 4 (128 channels each) when d_v % 128 == 0."""
+    return 4 if dv % 128 == 0 else 1
+
+
 def combine_function(dv: int, fp16: bool, out_float32: bool = False):
-    """kernels/mla_combine.cu for d_v = dv: out in q's 16-bit type, or float32 (MLA_OUT_F32)."""
-    defines = {"MLA_DV": dv, "MLA_FP16": int(fp16)}
+    """kernels/mla_combine.cu for d_v = dv: out in q's 16-bit type, or float32 (MLA_OUT_F32); launched
+    with grid z = combine_parts(dv)."""
+    defines = {"MLA_DV": dv, "MLA_FP16": int(fp16), "MLA_COMBINE_PARTS": combine_parts(dv)}
     if out_float32:
         defines["MLA_OUT_F32"] = 1
     return _nvrtc.load_function("mla_combine.cu", "mla_combine", defines)
@@ -357,7 +363,7 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
             scale_log2, np.int32(bool(problem.causal)), np.int32(force))
     launches = [(decode_fn, grid, (threads,), args, smem)]
     if needs_combine:
-        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b), (128,),
+        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b, combine_parts(problem.head_dim_v)), (128,),
                          (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q), np.int32(force)), 0))
     return launches, out, lse
 
