@@ -78,7 +78,12 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
     sched, splits = api.get_mla_metadata(seqlens.get(), s_q * h_q, 1)
     flops = 2 * b * h_q * s_q * s_k * (D + DV)
     base = None
-    for kind, cache in (("bf16 portable", k), ("fp8", k8)):
+    # "bf16 auto": what backend="cupy" runs for the bf16 cache (the Hopper kernels on an H100), the base of
+    # the ratio issue #5 asks for; "fp8": what it runs for the FP8 cache (the narrow kernel's FP8 build on an
+    # H100 for <= 16 rows a KV head, else the mma.sync FP8 kernel; MLA_CUPY_FP8_KERNEL forces one)
+    kinds = (("bf16 portable", k), ("fp8", k8)) if backend == "numba" else (
+        ("bf16 auto", k), ("bf16 portable", k), ("fp8", k8))
+    for kind, cache in kinds:
         fp8 = kind == "fp8"
         problem = api._validate(q, cache, table, seqlens, DV, None, False, fp8, None, None, None, False)
         if backend == "numba":
@@ -86,9 +91,13 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
         elif fp8:
             launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
             cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
+        elif kind == "bf16 auto":
+            launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")
         else:
             launches, _, _ = cupy_backend._prepare_portable(cp, problem, sched, splits, dev)
             cfg = cupy_backend.portable_config(D, DV, s_q * h_q, cupy_backend._max_smem(dev))
+        if backend != "numba" and getattr(launches[0][0], "name", "").startswith("mla_decode_hopper"):
+            cfg = launches[0][0].name  # a Hopper kernel: no tiling tuple
         t = _time(launches, flush, reps)
         token_bytes = 656 if fp8 else 2 * D
         nbytes = b * (s_q * h_q * D * 2 + s_k * token_bytes + s_q * h_q * DV * 2)

@@ -46,6 +46,7 @@
 //     bf16: 2 * KSTRIDE * (BLOCK_M + STAGES * BLOCK_N) + 4 * BLOCK_M * (BLOCK_N + 8)
 //     sparse: + 4 * STAGES * BLOCK_N (valid flags of the key rows)
 #include "mla_common.cuh"
+#include "mla_fp8.cuh"
 
 #ifndef MLA_SPARSE
 #define MLA_SPARSE 0
@@ -100,7 +101,6 @@ constexpr int RG = Tiling::RG, CG = Tiling::CG, D_PAD = Tiling::D_PAD, DV_PAD = 
 constexpr int SN = Tiling::SN, SNT = Tiling::SNT, KSTRIDE = Tiling::KSTRIDE, SSTRIDE = Tiling::SSTRIDE;
 constexpr int KROWS_PER_WARP = BLOCK_N / NWARPS;
 
-constexpr int FP8_BYTES = 656, FP8_NOPE = 512, FP8_SCALES_AT = 512, FP8_ROPE_AT = 528;
 constexpr int ROW_BYTES = MLA_FP8 ? FP8_BYTES : D * 2;  // one token of one KV head in global memory
 constexpr int ROW_CHUNKS = ROW_BYTES / 16;             // 41 (FP8) or D / 8
 constexpr int DQ_ITEMS = FP8_NOPE / 8 + (D - FP8_NOPE) / 8;  // dequant work items a token: 64 + 8
@@ -111,48 +111,6 @@ static_assert(STAGES >= 2, "at least double buffering");
 static_assert(D == 576 && DV == 512, "the FP8 layout is DeepSeek's: d = 576, d_v = 512");
 static_assert(ROW_BYTES % 16 == 0 && (2 * KSTRIDE) % 16 == 0, "16-byte aligned smem rows");
 #endif
-
-// fp32 product without flush-to-zero whatever the compile flags (e4m3 subnormals arrive as fp32
-// subnormals, see the header)
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-// code byte `byte` of w -> fp32 whose value is e4m3(code) * 2^-120 (exact, also for E = 0 codes)
-template <int BYTE>
-__device__ __forceinline__ float e4m3_times_2m120(u32 w) {
-  const int x = static_cast<int>(w << (24 - 8 * BYTE));  // the code in the top byte
-  return __uint_as_float(static_cast<u32>(x >> 4) & 0x87F00000u);  // sign stays at 31, E M at 26..20
-}
-
-// 8 e4m3 codes (two little-endian words) * scale -> 8 bf16 (16 bytes)
-__device__ __forceinline__ uint4 dequant8(uint2 codes, float scale) {
-  float f[8];
-  f[0] = e4m3_times_2m120<0>(codes.x);
-  f[1] = e4m3_times_2m120<1>(codes.x);
-  f[2] = e4m3_times_2m120<2>(codes.x);
-  f[3] = e4m3_times_2m120<3>(codes.x);
-  f[4] = e4m3_times_2m120<0>(codes.y);
-  f[5] = e4m3_times_2m120<1>(codes.y);
-  f[6] = e4m3_times_2m120<2>(codes.y);
-  f[7] = e4m3_times_2m120<3>(codes.y);
-  if (scale < 256.f) {  // scale * 2^120 is a finite power of two (zero-filled rows: scale 0)
-    const float s = mul_rn(scale, 0x1p120f);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) f[k] = mul_rn(f[k], s);
-  } else {  // 2^8 <= scale <= 2^120: two exact steps
-#pragma unroll
-    for (int k = 0; k < 8; ++k) f[k] = mul_rn(mul_rn(f[k], 0x1p120f), scale);
-  }
-  uint4 r;
-  r.x = pack2(f[0], f[1]);
-  r.y = pack2(f[2], f[3]);
-  r.z = pack2(f[4], f[5]);
-  r.w = pack2(f[6], f[7]);
-  return r;
-}
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 MLA_KERNEL_NAME(const mla_elem_t* __restrict__ q, const unsigned char* __restrict__ k_cache,

@@ -47,9 +47,25 @@
 // O^T A = V^T MN-major SW128 (SBO 1024 B = next 8 keys, LBO 8192 B = next channel block), B = P^T MN-major
 // (LBO NPV * 16 B = next 8 keys, SBO 128 B = next 8 columns).
 //
-// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16).
+// FP8 cache (-DMLA_FP8=1; issue #5): k_cache holds FlashMLA's 656-byte tokens (kernels/mla_fp8.cuh). The
+// raw rows stream into two raw buffers (41 KB each: tile t + 1 is in flight while tile t is computed); at
+// the top of each tile all 256 threads dequantise the raw tile into the (single) SW128 bf16 tile with the
+// exact dequant8 of the mma.sync FP8 kernel, then the same S^T / softmax / O^T run. Barriers a tile: raw
+// tile landed, bf16 tile written, S^T swap, and the end of the tile; the dequantisation is not overlapped
+// with the tensor work (a second bf16 tile does not fit: Q + 2 raw + 2 bf16 = 248 KB). Shared memory:
+// Q 18432 + K 73728 + raw 83968 + P^T 8192 + swap 8192 + reductions 512 = 193024 B. q must be bf16.
+//
+// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16), MLA_FP8 (0).
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
+#include "mla_fp8.cuh"
+
+#ifndef MLA_FP8
+#define MLA_FP8 0
+#endif
+#if MLA_FP8 && MLA_FP16
+#error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
+#endif
 
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
@@ -69,8 +85,13 @@ constexpr int OREG = NPV / 2;              // accumulator registers of one m64nN
 constexpr int TILE_EL = BLOCK_N * D, Q_EL = NQ * D, P_EL = NPV * BLOCK_N;
 constexpr int X_FLOATS = 2 * 8 * 128;      // [wg][8 registers][128 threads]: the S^T partial sums
 constexpr int RED_FLOATS = 2 * 4 * NQ;     // [wg][warp][col]: per-warp column max / sum
-constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS);
-static_assert(SMEM_BYTES == (P_SPLIT ? 182784 : 178688), "mirrored in mla/backends/cupy_hopper.py");
+constexpr bool FP8 = MLA_FP8;
+constexpr int K_TILES = FP8 ? 1 : 2;                        // bf16 K tiles in smem
+constexpr int RAW_TILE_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;  // one raw FP8 tile (2 of them)
+constexpr int SMEM_BYTES =
+    2 * (Q_EL + K_TILES * TILE_EL + 2 * P_EL) + 2 * RAW_TILE_BYTES + 4 * (X_FLOATS + RED_FLOATS);
+static_assert(SMEM_BYTES == (FP8 ? 193024 : P_SPLIT ? 182784 : 178688), "mirrored in mla/backends/cupy_hopper.py");
+constexpr int DQ_ITEMS = FP8_NOPE / 8 + (D - FP8_NOPE) / 8;  // 16-byte bf16 chunks a token: 64 dequantised + 8 RoPE
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
@@ -129,7 +150,7 @@ __device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS_WG][OREG], u32 v_til
 }  // namespace narrow
 
 extern "C" __global__ void __launch_bounds__(narrow::NTHREADS, 1)
-mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict__ k_cache,
+mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
                          const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
                          const int* __restrict__ sched, const int* __restrict__ num_splits,
                          float* __restrict__ o_part, float* __restrict__ lse_part, mla_elem_t* __restrict__ out,
@@ -139,8 +160,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
   using namespace narrow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);  // [Q_EL]
-  mla_elem_t* sK = sQ + Q_EL;                                 // [2][TILE_EL]: tile t in buffer t % 2
-  mla_elem_t* sP = sK + 2 * TILE_EL;                          // [2][P_EL]: warpgroup w's copy of P^T
+  mla_elem_t* sK = sQ + Q_EL;                                 // [K_TILES][TILE_EL]: tile t in buffer t % K_TILES
+  unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [2][RAW_TILE_BYTES]
+  mla_elem_t* sP = reinterpret_cast<mla_elem_t*>(sRaw + 2 * RAW_TILE_BYTES);  // [2][P_EL]: warpgroup w's P^T
   float* sX = reinterpret_cast<float*>(sP + 2 * P_EL);        // [2][8][128]: warpgroup w's S^T partial
   float* sRed = sX + X_FLOATS;                                // [2][4][NQ]: warpgroup w's per-warp column max / sum
 
@@ -186,23 +208,65 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
     for (int j = 0; j < 4; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
     if (n_tiles > 0) {
-      // the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used)
+      // the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used);
+      // FP8: lane l % 8 of warp w holds the entry of row 8 w + l % 8 (the rows that warp copies)
       auto fetch_blk = [&](int tile, int (&blk)[2]) {
+        if constexpr (FP8) {
+          const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
+          blk[0] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+        } else {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-          blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+          for (int h = 0; h < 2; ++h) {
+            const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+            blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+          }
         }
       };
+      // copies of key tile `tile`: bf16 rows into K buffer tile % 2 (SW128); FP8: warp w copies the raw
+      // 656-byte rows 8 w .. 8 w + 7 into raw buffer tile % 2, lanes on consecutive 16-byte chunks
       auto load_k = [&](int tile, const int (&blk)[2]) {
+        if constexpr (FP8) {
+          unsigned char* raw = sRaw + (tile & 1) * RAW_TILE_BYTES;
+          const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-          const bool valid = pos < stop_eff;
-          const mla_elem_t* src = k_cache;
-          if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
-          sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL), ld_row + 32 * h, tid,
-                                 src, valid);
+          for (int r = 0; r < 8; ++r) {
+            const int row = 8 * warp + r, pos = start + tile * BLOCK_N + row;
+            const int b = __shfl_sync(0xffffffff, blk[0], r);
+            const bool valid = pos < stop_eff;
+            const unsigned char* src = kc8;
+            if (valid) src = kc8 + (((long long)b * page + pos % page) * h_kv + g) * (long long)FP8_BYTES;
+            for (int c = lane; c < FP8_BYTES / 16; c += 32) cp_async16(raw + row * FP8_BYTES + c * 16, src + c * 16, valid);
+          }
+        } else {
+          const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+            const bool valid = pos < stop_eff;
+            const mla_elem_t* src = k_cache;
+            if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
+            sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL), ld_row + 32 * h,
+                                   tid, src, valid);
+          }
+        }
+      };
+      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128), 16-byte chunks; consecutive threads take
+      // consecutive chunks of a token (conflict-free stores, whole raw rows read)
+      auto dequant = [&](int buf) {
+        const unsigned char* raw = sRaw + buf * RAW_TILE_BYTES;
+        unsigned char* kb = reinterpret_cast<unsigned char*>(sK);
+        for (int idx = tid; idx < BLOCK_N * DQ_ITEMS; idx += NTHREADS) {
+          const int n = idx / DQ_ITEMS, c = idx - n * DQ_ITEMS;
+          const unsigned char* rrow = raw + n * FP8_BYTES;
+          uint4 v;
+          if (c < FP8_NOPE / 8) {
+            const uint2 codes = *reinterpret_cast<const uint2*>(rrow + c * 8);
+            const float scale = *reinterpret_cast<const float*>(rrow + FP8_SCALES_AT + (c >> 4) * 4);
+            v = dequant8(codes, scale);
+          } else {
+            v = *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + (c - FP8_NOPE / 8) * 16);
+          }
+          *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = v;
         }
       };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
@@ -227,7 +291,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const mla_elem_t* __r
         cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
         fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
         __syncthreads();      // everyone's copies of tile tt are in
-        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
+        if constexpr (FP8) {  // the bf16 tile was last read by tile tt - 1, finished by everyone
+          dequant(tt & 1);
+          fence_proxy_async();
+          __syncthreads();  // the bf16 tile is complete
+        }
+        const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
         float s[8];

@@ -55,6 +55,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: H100_SMEM)
     monkeypatch.setattr(_nvrtc, "load_function", load_function)
     monkeypatch.setattr(cupy_backend, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", "portable")  # the mma.sync FP8 kernel (narrow: test_hopper_compile.py)
     yield timing
     for module in modules.values():
         module.configure(False, "lockstep")

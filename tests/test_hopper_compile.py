@@ -38,7 +38,7 @@ needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
                                  reason=str(_nvrtc.unavailable_reason()))
 
 COMPILE_CASES = [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
-                 for d in cupy_hopper.compile_variants()] + [
+                 for d in cupy_hopper.compile_variants()] + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
     ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
 
 
@@ -117,7 +117,7 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
 
 
 @pytest.mark.parametrize("defines,pv_shape", [({"MLA_FP16": 0}, "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16"),
-                                               ({"MLA_FP16": 1}, "64x16x16")])
+                                               ({"MLA_FP16": 1}, "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x32x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
     """The narrow kernel: 18 HGMMA.64x16x16 (a warpgroup's half of S^T) and 16 P V HGMMA (its 4 channel
     blocks) a tile,
@@ -571,7 +571,7 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
                   psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
-                  narrow=False):
+                  narrow=False, fp8=False):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
     narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
@@ -584,6 +584,8 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     defines = {"MLA_FP16": int(fp16)}
     if psplit is not None:
         defines["MLA_P_SPLIT"] = int(psplit)
+    if fp8:
+        defines["MLA_FP8"] = 1
     defines.update(extra_defines or {})
     mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow)
     mod.configure(eager_copies, schedule)
@@ -593,10 +595,10 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
-    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines)) if narrow else cupy_hopper.SMEM_BYTES
+    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8) if narrow else cupy_hopper.SMEM_BYTES
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
-    problem = api._validate(*case.args(), None, case.causal, False, None, None, None, True)
+    problem = api._validate(*case.args(), None, case.causal, fp8, None, None, None, True)
     if out_float32:
         problem.out_dtype = np.dtype(np.float32)
     arrays = [np.ascontiguousarray(case.q), np.ascontiguousarray(case.k_cache),
@@ -650,6 +652,33 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
 
     if scheduler.num_sm_parts(num_sms, s_q * h_q // h_kv, h_kv) > b and max(seqlens) > 256:
         assert int(splits[-1]) > b, "meant to exercise the split + combine path"
+
+
+FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies)
+    (3, 1, 16, 1, [150, 0, 64], False, 8, "lockstep", False),   # splits + combine, an empty sequence
+    (2, 2, 16, 2, [200, 7], True, 4, "skewed", True),          # causal s_q 2, h_kv 2 (8 rows a KV head)
+    (1, 1, 3, 1, [129], False, 1, "reverse", False),           # one split: direct write, 3 heads
+    (1, 2, 32, 1, [90], True, 2, "lockstep", True),            # 64 rows: 4 row tiles (forced narrow)
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager", FP8_CASES,
+                         ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
+def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
+                                               eager):
+    """The narrow kernel's FP8 build (MLA_FP8=1: raw 656-byte rows, exact dequantisation into the SW128 bf16
+    tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots."""
+    import mla
+    from mla import testing
+
+    rng = np.random.default_rng(b * 10 + h_q + s_q)
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=seqlens, dtype=BF16, causal=causal, fp8=True)
+    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=True, fp8=True)
+    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
+    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
+    assert n_wgmma > 0
 
 
 @needs_gxx

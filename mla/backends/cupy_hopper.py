@@ -49,11 +49,37 @@ NARROW_ROWS = 16
 VARIANTS = ("auto", "narrow", "wide")
 
 
-def narrow_smem_bytes(p_split: bool) -> int:
-    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles + 2 P^T tiles + the S^T swap
-    area + reductions."""
+FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
+
+
+def narrow_smem_bytes(p_split: bool, fp8: bool = False) -> int:
+    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles (FP8: 1 bf16 tile + 2 raw
+    tiles) + 2 P^T tiles + the S^T swap area + reductions."""
     npv = 2 * NARROW_ROWS if p_split else NARROW_ROWS
-    return 2 * (NARROW_ROWS * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * 8 * 128 + 2 * 4 * NARROW_ROWS)
+    k_tiles, raw = (1, 2 * BLOCK_M * FP8_BYTES) if fp8 else (2, 0)
+    return (2 * (NARROW_ROWS * D + k_tiles * BLOCK_M * D + 2 * npv * 64) + raw
+            + 4 * (2 * 8 * 128 + 2 * 4 * NARROW_ROWS))
+
+
+FP8_KERNELS = ("auto", "narrow", "portable")
+
+
+def fp8_variant(problem, dev: int) -> str | None:
+    """"narrow" when the narrow kernel's FP8 build takes this dense FP8-cache problem on device ``dev``
+    (compute capability 9.0, bf16 q, at most 16 query rows a KV head), else None (the mma.sync FP8 kernel
+    of cupy_sparse_fp8). MLA_CUPY_FP8_KERNEL=portable|narrow forces one (narrow: any row count)."""
+    forced = os.environ.get("MLA_CUPY_FP8_KERNEL", "auto") or "auto"
+    if forced not in FP8_KERNELS:
+        raise ValueError(f"MLA_CUPY_FP8_KERNEL must be one of {FP8_KERNELS}, got {forced!r}")
+    if forced == "portable" or problem.is_sparse or not problem.is_fp8_kvcache:
+        return None
+    if np.dtype(problem.q.dtype) != _arrays.BFLOAT16 or problem.d != D or problem.head_dim_v != DV:
+        return None
+    if device_reason(dev) is not None:
+        return None
+    if forced == "narrow" or problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS:
+        return "narrow"
+    return None
 
 
 WIDE_MIN_ROWS = 64
@@ -166,13 +192,16 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     "wide" kernel (``which``; None: ``variant(problem)``)."""
     from . import cupy_backend as _cb
 
-    reason = shape_reason(problem) or device_reason(dev)
+    fp8 = bool(problem.is_fp8_kvcache)
+    reason = (None if fp8 and fp8_variant(problem, dev) else shape_reason(problem)) or device_reason(dev)
     if reason:
         raise ValueError(f"backend='cupy': {reason}")
     fp16 = np.dtype(problem.q.dtype) == np.float16
-    narrow = (which or variant(problem)) == "narrow"
+    narrow = fp8 or (which or variant(problem)) == "narrow"
     d = defines(fp16)
-    smem = narrow_smem_bytes(p_split(d)) if narrow else SMEM_BYTES
+    if fp8:
+        d["MLA_FP8"] = 1
+    smem = narrow_smem_bytes(p_split(d), fp8) if narrow else SMEM_BYTES
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
                               arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
