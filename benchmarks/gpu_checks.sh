@@ -144,7 +144,7 @@ combine)  # the combine kernel with 4 warps a row: every GPU test file whose ker
   ;;
 fp8narrow)  # issue #5: the narrow kernel's FP8 build (auto for dense FP8 with <= 16 rows a KV head on an H100)
   t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  MLA_CUPY_FP8_KERNEL=narrow t 120 t_cupy_fp8_forced tests/test_cupy_fp8_sparse_gpu.py -k "not sparse"
+  MLA_CUPY_FP8_KERNEL=narrow t 120 t_cupy_fp8_forced tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
   MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=narrow t 120 s_cupy_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
   r 90 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   r 120 ncu_fp8_narrow env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \

@@ -49,9 +49,9 @@
 //
 // FP8 cache (-DMLA_FP8=1; issue #5): k_cache holds FlashMLA's 656-byte tokens (kernels/mla_fp8.cuh). The
 // raw rows stream into two raw buffers (41 KB each: tile t + 1 is in flight while tile t is computed); at
-// the top of each tile all 256 threads dequantise the raw tile into the (single) SW128 bf16 tile with the
-// exact dequant8 of the mma.sync FP8 kernel, then the same S^T / softmax / O^T run. Barriers a tile: raw
-// tile landed, bf16 tile written, S^T swap, and the end of the tile; the dequantisation is not overlapped
+// the top of each tile every warp dequantises the raw rows it copied into the (single) SW128 bf16 tile
+// (dequant8_fast: hardware e4m3 -> f16 conversion, exact; dequant8 for unusual scales), then the same S^T /
+// softmax / O^T run. Barriers a tile: bf16 tile written, S^T swap, end of the tile; the dequantisation is not overlapped
 // with the tensor work (a second bf16 tile does not fit: Q + 2 raw + 2 bf16 = 248 KB). Shared memory:
 // Q 18432 + K 73728 + raw 83968 + P^T 8192 + swap 8192 + reductions 512 = 193024 B. q must be bf16.
 //
@@ -250,23 +250,26 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           }
         }
       };
-      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128), 16-byte chunks; consecutive threads take
-      // consecutive chunks of a token (conflict-free stores, whole raw rows read)
+      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128), in 16-byte chunks (8 channels). Warp w
+      // converts the rows it copied (8 w .. 8 w + 7), lanes on consecutive chunks: conflict-free stores,
+      // whole raw rows read, and only this warp's copies to wait for (__syncwarp). Unrolled, no divisions.
       auto dequant = [&](int buf) {
         const unsigned char* raw = sRaw + buf * RAW_TILE_BYTES;
         unsigned char* kb = reinterpret_cast<unsigned char*>(sK);
-        for (int idx = tid; idx < BLOCK_N * DQ_ITEMS; idx += NTHREADS) {
-          const int n = idx / DQ_ITEMS, c = idx - n * DQ_ITEMS;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int n = 8 * warp + r;
           const unsigned char* rrow = raw + n * FP8_BYTES;
-          uint4 v;
-          if (c < FP8_NOPE / 8) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {  // the 64 e4m3 chunks (channels 0..511)
+            const int c = lane + 32 * j;
             const uint2 codes = *reinterpret_cast<const uint2*>(rrow + c * 8);
             const float scale = *reinterpret_cast<const float*>(rrow + FP8_SCALES_AT + (c >> 4) * 4);
-            v = dequant8(codes, scale);
-          } else {
-            v = *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + (c - FP8_NOPE / 8) * 16);
+            *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = dequant8_fast(codes, scale);
           }
-          *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = v;
+          if (lane < (D - FP8_NOPE) / 8)  // the 8 bf16 RoPE chunks (channels 512..575), copied
+            *reinterpret_cast<uint4*>(kb + sw128_offset(n, FP8_NOPE + 8 * lane)) =
+                *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + lane * 16);
         }
       };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
@@ -289,12 +292,16 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         cp_async_commit();
         if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
         cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
-        fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
-        __syncthreads();      // everyone's copies of tile tt are in
-        if constexpr (FP8) {  // the bf16 tile was last read by tile tt - 1, finished by everyone
+        if constexpr (FP8) {
+          // ... this warp's raw rows are in (its own copies); the bf16 tile was last read by tile tt - 1,
+          // which everyone finished (barrier at its end)
+          __syncwarp();
           dequant(tt & 1);
-          fence_proxy_async();
-          __syncthreads();  // the bf16 tile is complete
+          fence_proxy_async();  // the bf16 tile and Q are visible to the tensor cores' reads ...
+          __syncthreads();      // ... everyone's (the bf16 tile is complete, Q is in)
+        } else {
+          fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
+          __syncthreads();      // everyone's copies of tile tt are in
         }
         const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
 

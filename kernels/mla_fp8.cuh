@@ -52,3 +52,31 @@ __device__ __forceinline__ uint4 dequant8(uint2 codes, float scale) {
   r.w = pack2(f[6], f[7]);
   return r;
 }
+
+// two e4m3 codes (the low 16 bits of pair, code 0 in the low byte) -> their exact fp32 values, with the
+// sm_89+ conversion cvt.rn.f16x2.e4m3x2 (exact: every e4m3 value, subnormals included, is an f16 normal
+// or zero) and cvt.f32.f16 (exact). The narrow Hopper kernel only (sm_90a).
+__device__ __forceinline__ void e4m3x2_to_f32x2(u32 pair, float& lo, float& hi) {
+  u32 h2;
+  asm("{ .reg .b16 c; cvt.u16.u32 c, %1; cvt.rn.f16x2.e4m3x2 %0, c; }" : "=r"(h2) : "r"(pair));
+  asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }" : "=f"(lo), "=f"(hi) : "r"(h2));
+}
+
+// dequant8 with fewer instructions where that is exact: a scale that is a power of two in [2^-100, 2^100]
+// (mla.fp8's scales are) multiplies the exact code values with no rounding, underflow or overflow, so
+// code * scale packed to bf16 equals dequant8's result bit for bit; any other scale takes dequant8.
+__device__ __forceinline__ uint4 dequant8_fast(uint2 codes, float scale) {
+  const u32 sb = __float_as_uint(scale), e = (sb >> 23) & 0xFF;
+  if ((sb & 0x807FFFFFu) != 0 || e < 27 || e > 227) return dequant8(codes, scale);
+  float f[8];
+  e4m3x2_to_f32x2(codes.x & 0xFFFF, f[0], f[1]);
+  e4m3x2_to_f32x2(codes.x >> 16, f[2], f[3]);
+  e4m3x2_to_f32x2(codes.y & 0xFFFF, f[4], f[5]);
+  e4m3x2_to_f32x2(codes.y >> 16, f[6], f[7]);
+  uint4 r;
+  r.x = pack2(f[0] * scale, f[1] * scale);
+  r.y = pack2(f[2] * scale, f[3] * scale);
+  r.z = pack2(f[4] * scale, f[5] * scale);
+  r.w = pack2(f[6] * scale, f[7] * scale);
+  return r;
+}

@@ -123,7 +123,7 @@ struct Barrier {
   int op = -1;
 };
 
-enum Op { OP_SYNC = 1, OP_SHFL, OP_LDSM4, OP_LDSM2, OP_LDSM4T, OP_MMA };
+enum Op { OP_SYNC = 1, OP_SHFL, OP_LDSM4, OP_LDSM2, OP_LDSM4T, OP_MMA, OP_SYNCWARP };
 
 struct Lane {
   int op;
@@ -276,6 +276,10 @@ inline unsigned short f2e(float x) { return MLA_FP16 ? f2h(x) : f2bf(x); }
 
 inline void __syncthreads() { emu::barrier_wait(emu::cta_bar, (int)emu::bdim.x, emu::OP_SYNC); }
 inline void __trap() { emu::fail("__trap() reached"); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) emu::fail("__syncwarp with a partial mask");
+  emu::warp_sync(emu::OP_SYNCWARP);
+}
 
 inline float __shfl_xor_sync(unsigned mask, float v, int m) {
   if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync with a partial mask");
@@ -321,6 +325,15 @@ inline float lo_f(u32 x) { return emu::e2f((unsigned short)(x & 0xffff)); }
 inline float hi_f(u32 x) { return emu::e2f((unsigned short)(x >> 16)); }
 inline mla_elem_t to_elem(float x) { return emu::f2e(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }
+inline float emu_e4m3(unsigned b) {  // e4m3fn: bias 7, no infinities, S.1111.111 = NaN
+  const unsigned e = (b >> 3) & 15, m = b & 7;
+  float v = (e == 15 && m == 7) ? NAN : e == 0 ? std::ldexp((float)m, -9) : std::ldexp(1.f + m / 8.f, (int)e - 7);
+  return (b & 0x80) ? -v : v;
+}
+inline void e4m3x2_to_f32x2(u32 pair, float& lo, float& hi) {  // cvt.rn.f16x2.e4m3x2 + cvt.f32.f16: exact
+  lo = emu_e4m3(pair & 0xFF);
+  hi = emu_e4m3((pair >> 8) & 0xFF);
+}
 inline float mul_rn(float a, float b) {  // one IEEE rounding, subnormals kept (no FTZ on the host)
   volatile float r = a * b;
   return r;

@@ -654,28 +654,36 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
         assert int(splits[-1]) > b, "meant to exercise the split + combine path"
 
 
-FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies)
-    (3, 1, 16, 1, [150, 0, 64], False, 8, "lockstep", False),   # splits + combine, an empty sequence
-    (2, 2, 16, 2, [200, 7], True, 4, "skewed", True),          # causal s_q 2, h_kv 2 (8 rows a KV head)
-    (1, 1, 3, 1, [129], False, 1, "reverse", False),           # one split: direct write, 3 heads
-    (1, 2, 32, 1, [90], True, 2, "lockstep", True),            # 64 rows: 4 row tiles (forced narrow)
+FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies, odd scales)
+    (3, 1, 16, 1, [150, 0, 64], False, 8, "lockstep", False, False),   # splits + combine, an empty sequence
+    (2, 2, 16, 2, [200, 7], True, 4, "skewed", True, False),          # causal s_q 2, h_kv 2 (8 rows a KV head)
+    (1, 1, 3, 1, [129], False, 1, "reverse", False, True),            # one split: direct write, 3 heads
+    (1, 2, 32, 1, [90], True, 2, "lockstep", True, False),            # 64 rows: 4 row tiles (forced narrow)
+    (2, 1, 16, 1, [70, 260], False, 3, "skewed", False, True),        # scales not powers of two / tiny / huge
 ]
 
 
 @needs_gxx
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager", FP8_CASES,
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd", FP8_CASES,
                          ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
 def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
-                                               eager):
+                                               eager, odd):
     """The narrow kernel's FP8 build (MLA_FP8=1: raw 656-byte rows, exact dequantisation into the SW128 bf16
-    tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots."""
+    tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots.
+    odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
     import mla
     from mla import testing
 
     rng = np.random.default_rng(b * 10 + h_q + s_q)
     case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
                                     page_block_size=64, seqlens=seqlens, dtype=BF16, causal=causal, fp8=True)
+    if odd:  # scale *= 1.5 on odd pages' tokens, 2^-110 / 2^+110 factors on a few (codes kept: values change)
+        scales = case.k_cache[..., 512:528].view(np.float32)  # [blocks, page, h_kv, 4], a view
+        scales[1::2] *= np.float32(1.5)
+        scales[::3, :4] *= np.float32(2.0 ** -110)
+        scales[::5, 4:6] *= np.float32(2.0 ** 100)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=True, fp8=True)
+    assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
     assert n_wgmma > 0
