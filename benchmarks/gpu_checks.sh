@@ -151,6 +151,18 @@ fp8narrow)  # issue #5: the narrow kernel's FP8 build (auto for dense FP8 with <
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section SourceCounters python3 benchmarks/profile_kernel.py --kernel fp8
   ;;
+wide)  # issue #4: the 64-row Hopper kernel on 128-byte swizzled K tiles (whole-line copies, as the narrow one)
+  t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=wide t 120 s_cupy_wide tests/test_cupy_gpu.py \
+    -k sanitizer
+  r 40 kernel_auto python3 -m mla.backends.cupy_backend bench
+  r 40 kernel_wide env MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=wide python3 -m mla.backends.cupy_backend bench
+  r 150 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6,7,8,9 --reps 20 \
+    --cupy-kernels auto,portable,hopper-wide --out "$OUT/bench_decode.md"
+  r 100 ncu_wide_compute ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/profile_kernel.py --kernel hopper --s-q 2 --h-q 128
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide" >&2; exit 2 ;;
 esac

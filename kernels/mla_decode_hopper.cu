@@ -21,7 +21,8 @@
 // warpgroups (256 threads) owns 64 query rows (padded: rows >= M are zero and never written) and walks
 // the piece's keys in tiles of 64. The 64 x 512 fp32 O accumulator is split by columns: warpgroup w owns
 // O[:, 256 w .. 256 w + 255] (128 registers a thread). Per key tile:
-//   load   cp.async of the next tile's 64 rows (576 channels, through the block table; rows past the
+//   load   cp.async of the next tile's 64 rows (576 channels, through the block table, into the 128-byte
+//          swizzled layout of mla_wgmma.cuh since 2026-11-26: whole-line copies; rows past the
 //          piece zero-filled, never read) into the other of two K buffers, issued before waiting on this
 //          tile; every copying thread fences the async proxy before the barrier (wgmma reads smem there);
 //   S      warpgroup w: S[:, 32 w .. 32 w + 31] = Q K^T, 36 x wgmma m64n32k16 (A = Q, B = K tile, both
@@ -89,11 +90,13 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
   const int wg = tid >> 7, t = tid & 127;                      // warpgroup, thread in it
   const int g = blockIdx.y, qt = blockIdx.z;
   const int group = h_q / h_kv, M = s_q * group;
-  const int ld_row = wg_copy_row(tid);                         // the tile row this thread copies
+  const int ld_row = wg_copy_row(tid);                         // the Q tile row this thread copies
+  const int k_row = sw128_copy_row(tid);                       // the K tile rows it copies: k_row, k_row + 32
   const int c2 = 2 * (lane & 3);
   // this thread's two accumulator rows (wg_acc_row(t, 0) and + 8), as query rows of the problem
   const int m0 = qt * BLOCK_M + wg_acc_row(t, 0), m1 = m0 + 8;
 
+  if (sK_addr & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
   const int* row = sched + blockIdx.x * 8;
   const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
 
@@ -130,16 +133,21 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
         wg_tile_load_row<D>(sQ, tid, src, valid);
       }
-      // key tile `tile` of the piece -> K buffer `buf`; this thread copies key ld_row of it
+      // key tile `tile` of the piece -> K buffer `buf` (128-byte swizzled, mla_wgmma.cuh: a quarter-warp copies
+      // one whole 128-byte line); this thread copies keys k_row and k_row + 32 of it
       auto load_k = [&](int tile, int buf) {
-        const int pos = start + tile * BLOCK_N + ld_row;
-        const bool valid = pos < stop_eff;
-        const mla_elem_t* src = k_cache;
-        if (valid) {
-          const long long blk = block_table[(long long)i * bt_stride + pos / page];
-          src = k_cache + ((blk * page + pos % page) * h_kv + g) * (long long)D;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int pos = start + tile * BLOCK_N + k_row + 32 * h;
+          const bool valid = pos < stop_eff;
+          const mla_elem_t* src = k_cache;
+          if (valid) {
+            const long long blk = block_table[(long long)i * bt_stride + pos / page];
+            src = k_cache + ((blk * page + pos % page) * h_kv + g) * (long long)D;
+          }
+          sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + buf * TILE_EL), k_row + 32 * h, tid, src,
+                                 valid);
         }
-        wg_tile_load_row<D>(sK + buf * TILE_EL, tid, src, valid);
       };
       load_k(0, 0);
       cp_async_commit();  // group: Q + tile 0
@@ -156,7 +164,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
 
         // ---- S = Q K^T (both warpgroups end with the whole tile, s[i] = S[acc_row][acc_col])
         float s[32];
-        wg_scores<KSTEPS>(s, sQ_addr, kt, sX, wg, t);
+        wg_scores<KSTEPS, true>(s, sQ_addr, kt, sX, wg, t);
 
         // ---- scale to base 2, mask, running max:  m_new = max(m, max_k s_k),  alpha = 2^(m - m_new)
         float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
@@ -189,7 +197,7 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
         wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
 
         // ---- O[:, 256 wg ..] += P V (V = channels 256 wg .. 256 wg + 255 of this K tile)
-        wg_pv_issue<P_SPLIT>(o, p_hi, p_lo, kt + wg * 32 * WG_CG_BYTES);
+        wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, kt + wg * 4 * SW128_BLOCK_BYTES);
         wg_wait<0>();
         wg_fence_operands(o);
         __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer)

@@ -297,14 +297,18 @@ __device__ __forceinline__ void wg_xchg_load(const float* sx, int t, float (&v)[
 // acc[16] = Q[64 rows, channels 0 .. 16 KSTEPS) . K[keys key0 .. key0 + 31, same channels]^T, fp32.
 // q_tile / k_keys: shared-window addresses of the Q tile and of the K tile's row group key0 / 8 (key0 % 8 == 0).
 // Issues the wgmma batch and commits it; the caller waits (wg_wait<0>) before reading acc.
-template <int KSTEPS>
+// SW: the K tile is 128-byte swizzled (k_keys inside it; k-step s: channel block s / 4, 32 (s % 4) bytes in).
+template <int KSTEPS, bool SW = false>
 __device__ __forceinline__ void wg_qk_n32_issue(float (&acc)[16], u32 q_tile, u32 k_keys) {
   const u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
-  const u64 dk = wg_desc(k_keys, WG_K_LBO, WG_K_SBO);
+  const u64 dk = SW ? wg_desc_sw128(k_keys, WG_SW_K_LBO, WG_SW_K_SBO) : wg_desc(k_keys, WG_K_LBO, WG_K_SBO);
   wg_fence_operands(acc);
   wg_fence();
 #pragma unroll
-  for (int s = 0; s < KSTEPS; ++s) wg_mma_m64n32k16_ss(acc, dq + s * WG_QK_KSTEP, dk + s * WG_QK_KSTEP, s > 0);
+  for (int s = 0; s < KSTEPS; ++s) {
+    const u64 kstep = SW ? (((s >> 2) * SW128_BLOCK_BYTES + (s & 3) * 32) >> 4) : s * WG_QK_KSTEP;
+    wg_mma_m64n32k16_ss(acc, dq + s * WG_QK_KSTEP, dk + kstep, s > 0);
+  }
   wg_commit();
 }
 
@@ -315,12 +319,12 @@ __device__ __forceinline__ void wg_qk_n32_issue(float (&acc)[16], u32 q_tile, u3
 // Thread t of warpgroup 0 needs exactly the keys 32..63 values that thread t of warpgroup 1 holds (same rows,
 // same column pattern), so the exchange is a pure thread-pair swap. Both warpgroups end with the same s[32],
 // bit for bit: s[i] = S[wg_acc_row(t, i)][wg_acc_col(t, i)], i = 0..31 over the 64 keys (wg_acc_col < 64).
-template <int KSTEPS>
+template <int KSTEPS, bool SW = false>
 __device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile, float* sx, int wg, int t) {
   float acc[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc[i] = 0.f;
-  wg_qk_n32_issue<KSTEPS>(acc, q_tile, k_tile + wg * 4 * WG_RG_BYTES);
+  wg_qk_n32_issue<KSTEPS, SW>(acc, q_tile, k_tile + wg * (SW ? 32 * 128 : 4 * WG_RG_BYTES));
   wg_wait<0>();
   wg_fence_operands(acc);
   float other[16];
@@ -360,18 +364,19 @@ __device__ __forceinline__ void wg_p_frags(const float (&p)[32], u32 (&hi)[16], 
 
 // o[64 x 256] += P[64 x 64] V[64 keys x 256 channels] (+ P_lo V when SPLIT). v_cols: shared-window address of
 // the K tile's channel group 32 w (this warpgroup's channels 256 w ..). Issues and commits; the caller waits.
-template <bool SPLIT>
+// SW: the K tile is 128-byte swizzled, v_cols its channel block 4 w (MN-major SW128: LBO = next 64 channels,
+// SBO = next 8 keys, a 16-key k-step 2048 bytes).
+template <bool SPLIT, bool SW = false>
 __device__ __forceinline__ void wg_pv_issue(float (&o)[128], const u32 (&hi)[16], const u32 (&lo)[16], u32 v_cols) {
-  const u64 dv = wg_desc(v_cols, WG_MN_LBO, WG_MN_SBO);
+  const u64 dv = SW ? wg_desc_sw128(v_cols, WG_SW_MN_LBO, WG_SW_MN_SBO) : wg_desc(v_cols, WG_MN_LBO, WG_MN_SBO);
+  constexpr u64 KSTEP = SW ? (2048 >> 4) : WG_PV_KSTEP;
   wg_fence_operands(o);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    wg_mma_m64n256k16_rs_nmajor(o, hi[4 * kk], hi[4 * kk + 1], hi[4 * kk + 2], hi[4 * kk + 3],
-                                dv + kk * WG_PV_KSTEP);
+    wg_mma_m64n256k16_rs_nmajor(o, hi[4 * kk], hi[4 * kk + 1], hi[4 * kk + 2], hi[4 * kk + 3], dv + kk * KSTEP);
     if constexpr (SPLIT)
-      wg_mma_m64n256k16_rs_nmajor(o, lo[4 * kk], lo[4 * kk + 1], lo[4 * kk + 2], lo[4 * kk + 3],
-                                  dv + kk * WG_PV_KSTEP);
+      wg_mma_m64n256k16_rs_nmajor(o, lo[4 * kk], lo[4 * kk + 1], lo[4 * kk + 2], lo[4 * kk + 3], dv + kk * KSTEP);
   }
   wg_commit();
 }

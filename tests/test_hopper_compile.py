@@ -749,10 +749,11 @@ def _sensitivity_case():
 
 
 @needs_gxx
-@pytest.mark.parametrize("swap", ["MLA_WG_DIAG_SWAP_K", "MLA_WG_DIAG_SWAP_MN"])
+@pytest.mark.parametrize("swap", ["MLA_WG_DIAG_SWAP_K", "MLA_WG_DIAG_SW_SWAP_MN"])
 def test_emulator_catches_a_wrong_descriptor(monkeypatch, swap):
-    """Self-test of the wgmma model: with LBO and SBO exchanged (K-major for S, or N-major for P V) the
-    emulated kernel is wrong, so the passing runs above do test the kernel's descriptors."""
+    """Self-test of the wgmma model: with LBO and SBO exchanged (Q's K-major descriptor in S, or the
+    swizzled V's MN-major one in P V) the emulated kernel is wrong, so the passing runs above do test the
+    kernel's descriptors."""
     from mla import reference, testing
 
     case = _sensitivity_case()
