@@ -163,6 +163,18 @@ wide)  # issue #4: the 64-row Hopper kernel on 128-byte swizzled K tiles (whole-
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     python3 benchmarks/profile_kernel.py --kernel hopper --s-q 2 --h-q 128
   ;;
+final)  # the session's last re-check: every CuPy GPU test file (auto = narrow <= 16 rows, wide above), the
+  # wgmma probes, the decode / FP8 tables, the split-count sweep of the few-long shapes
+  t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
+  t 150 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 150 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,0,5,4,6,7,8,9 --reps 20 \
+    --cupy-kernels auto,portable --out "$OUT/bench_decode.md"
+  r 30 kernel_auto python3 -m mla.backends.cupy_backend bench
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_splits python3 benchmarks/bench_splits.py
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide" >&2; exit 2 ;;
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final" >&2
+  exit 2 ;;
 esac

@@ -9,12 +9,13 @@ plan, partial buffers and combine kernel:
   on one tile while the next loads. Launch: grid (workers, h_kv, ceil(rows / 16)), 256 threads,
   ``narrow_smem_bytes`` of shared memory. 97% of the copy bandwidth at 128,1,16,8192 (0.421 ms).
 * **wide** -- ``kernels/mla_decode_hopper.cu``: 64 query rows a CTA on M, two warpgroups splitting the
-  64 x 512 output. Grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B of shared memory. Faster
-  than the portable kernel from 64 rows a KV head up (h_q = 128: 180 TFLOP/s vs 143), slower below.
+  64 x 512 output, 128-byte swizzled K tiles. Grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B
+  of shared memory. Faster than the portable kernel above 16 rows a KV head (128,2,128,8192: 1.94 ms,
+  301 TFLOP/s, vs 4.09 ms).
 
 Which one: ``variant(problem, forced)``. ``backend="cupy"`` with ``kernel="auto"`` (the default) uses
-``auto_variant``: narrow up to 16 rows, wide from ``WIDE_MIN_ROWS`` rows, the portable kernel between and
-on every other GPU / shape. ``kernel="hopper"`` (or ``MLA_CUPY_KERNEL=hopper``) forces a Hopper kernel
+``auto_variant``: narrow up to 16 rows, wide above (``WIDE_MIN_ROWS``); the portable kernel on every other
+GPU and for other dims / dtypes. ``kernel="hopper"`` (or ``MLA_CUPY_KERNEL=hopper``) forces a Hopper kernel
 (narrow up to 16 rows, else wide); ``MLA_HOPPER_VARIANT=narrow|wide`` forces one of the two (tests,
 benchmarks; both compute any shape).
 
@@ -82,9 +83,11 @@ def fp8_variant(problem, dev: int) -> str | None:
     return None
 
 
-WIDE_MIN_ROWS = 64
-"""``kernel="auto"`` takes the 64-row (wide) kernel from this many query rows a KV head up: measured faster
-than the portable kernel there on the H100 (benchmarks/BENCHMARKS.md); 17..63 rows stay portable."""
+WIDE_MIN_ROWS = NARROW_ROWS + 1
+"""``kernel="auto"`` takes the 64-row (wide) kernel from this many query rows a KV head up: on the H100 it is
+faster than the portable kernel at every row count measured above 16 since its K tiles are 128-byte
+swizzled (32 rows: 0.532 vs 0.695 ms; 64: 0.579 vs 1.069; 256: 1.94 vs 4.09; benchmarks/BENCHMARKS.md).
+(With the unswizzled tiles it lost at 32 rows and auto kept 17..63 rows on the portable kernel.)"""
 
 
 def _forced_variant() -> str:
@@ -95,8 +98,9 @@ def _forced_variant() -> str:
 
 
 def auto_variant(problem) -> str | None:
-    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with ("narrow" / "wide"), or None for the
-    portable kernel (rows a KV head between 16 and WIDE_MIN_ROWS). MLA_HOPPER_VARIANT overrides."""
+    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with ("narrow" up to 16 query rows a KV head,
+    "wide" from WIDE_MIN_ROWS), or None for the portable kernel (rows in between: none today).
+    MLA_HOPPER_VARIANT overrides."""
     forced = _forced_variant()
     if forced != "auto":
         return forced

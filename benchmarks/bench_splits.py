@@ -1,0 +1,53 @@
+"""Kernel time of the CuPy decode (what backend="cupy" runs) against the number of workers of the plan, on the
+few-long-sequence shapes of issue #4: does a plan with fewer, longer splits (less partial traffic, a
+cheaper combine) beat one worker an SM?
+
+    python3 benchmarks/bench_splits.py [--reps 30]
+
+Prints one markdown row a (shape, SM basis): num_sms passed to mla.get_mla_metadata (132 = the H100's count,
+the default), the resulting workers and partials, kernel ms (decode + combine, L2 flushed, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+SHAPES = ((8, 1, 16, 8192), (1, 1, 128, 32768), (4, 1, 16, 16384))
+D, DV, PAGE = 576, 512, 64
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args(argv)
+    import cupy as cp
+
+    import mla
+    from mla import _arrays, api
+    from mla.backends import cupy_backend
+
+    flush = cp.empty(256 << 20, dtype=cp.uint8)
+    rng = np.random.default_rng(0)
+    dev = cp.cuda.Device().id
+    print("| b, s_q, h_q, s_k | SM basis | workers | partials | kernel ms | GB/s |")
+    print("|---|---|---|---|---|---|")
+    for b, s_q, h_q, s_k in SHAPES:
+        blocks = b * s_k // PAGE
+        q = cupy_backend._random_device(cp, (b, s_q, h_q, D), _arrays.BFLOAT16)
+        k = cupy_backend._random_device(cp, (blocks, PAGE, 1, D), _arrays.BFLOAT16)
+        table = cp.asarray(rng.permutation(blocks).astype(np.int32).reshape(b, s_k // PAGE))
+        seqlens = cp.full((b,), s_k, dtype=cp.int32)
+        problem = api._validate(q, k, table, seqlens, DV, None, False, False, None, None, None, False)
+        nbytes = b * (s_q * h_q * D * 2 + s_k * D * 2 + s_q * h_q * DV * 2)
+        for sms in (132, 110, 88, 66, 44):
+            sched, splits = mla.get_mla_metadata(seqlens.get(), s_q * h_q, 1, num_sms=sms)
+            launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")
+            t = cupy_backend.time_launches(cp, launches, flush, args.reps)
+            print(f"| {b}, {s_q}, {h_q}, {s_k} | {sms} | {sched.shape[0]} | {int(splits[-1])} | {t * 1e3:.4f} | "
+                  f"{nbytes / t / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
