@@ -224,6 +224,8 @@ def main():
     ap.add_argument("--backend", choices=("cupy", "numba"), default="cupy")
     ap.add_argument("--sweep", nargs="+", default=None, metavar="W,BN,ST",
                     help="only time the dense FP8 memory-bound row under these FP8 tilings")
+    ap.add_argument("--dense-only", action="store_true", help="only the dense rows, at b=128, s_q=1, s_k=8192")
+    ap.add_argument("--h-q", type=int, default=None, help="with --dense-only: this h_q (default 16)")
     args = ap.parse_args()
     dev = cp.cuda.Device()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, CuPy {cp.__version__}",
@@ -237,6 +239,11 @@ def main():
     rows = ["| kernel | b, s_q, h_q, s_k / topk | (block_m, warps, block_n, stages) | time | GB/s | TFLOP/s | "
             "vs bf16 |", "|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
+    if args.dense_only:
+        bench_dense(128, 1, args.h_q or 16, 8192, args.reps, flush, rows, args.backend)
+        if args.out:
+            args.out.write_text("\n".join(rows) + "\n")
+        return
     bench_dense(128, 1, 16, 8192, args.reps, flush, rows, args.backend)
     bench_dense(128, 2, 128, 8192, args.reps, flush, rows, args.backend)
     bench_sparse(128, 2, 128, 2048, 8192, args.reps, flush, rows, args.backend)

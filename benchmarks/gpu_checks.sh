@@ -174,7 +174,17 @@ final)  # the session's last re-check: every CuPy GPU test file (auto = narrow <
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   r 60 bench_splits python3 benchmarks/bench_splits.py
   ;;
+narrow32)  # the narrow kernel with 32 query rows a CTA (MLA_NQ=32): forced on every shape, then timed at 32 rows
+  t 200 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper"
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=narrow t 120 s_cupy_narrow tests/test_cupy_gpu.py \
+    -k sanitizer
+  MLA_CUPY_FP8_KERNEL=narrow t 120 t_cupy_fp8_forced tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
+  r 120 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 7,9,8,1 --reps 20 \
+    --cupy-kernels auto,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
+  r 60 bench_fp8_32 env MLA_CUPY_FP8_KERNEL=narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only \
+    --h-q 32 --out "$OUT/bench_fp8_32.md"
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32" >&2
   exit 2 ;;
 esac

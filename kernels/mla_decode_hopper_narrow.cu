@@ -63,6 +63,9 @@
 #ifndef MLA_FP8
 #define MLA_FP8 0
 #endif
+#ifndef MLA_NQ
+#define MLA_NQ 16
+#endif
 #if MLA_FP8 && MLA_FP16
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
 #endif
@@ -73,7 +76,10 @@
 
 namespace narrow {
 constexpr int D = 576, DV = 512;
-constexpr int NQ = 16;                     // query rows a CTA (wgmma N of S^T)
+constexpr int NQ = MLA_NQ;                 // query rows a CTA (wgmma N of S^T): 16 or 32
+static_assert(NQ == 16 || NQ == 32, "the narrow kernel takes 16 or 32 query rows a CTA");
+constexpr int SREG = NQ / 2;               // S^T accumulator registers a thread (m64nNQ)
+constexpr int NCOL = NQ / 4;               // query columns a thread holds
 constexpr int BLOCK_N = 64;                // keys a tile (wgmma M of S^T)
 constexpr int NTHREADS = 256;
 constexpr int KSTEPS = D / 16;             // k-steps of S^T
@@ -83,14 +89,16 @@ constexpr bool P_SPLIT = MLA_P_SPLIT;
 constexpr int NPV = P_SPLIT ? 2 * NQ : NQ;  // columns of the P^T operand: [P_hi | P_lo] or P
 constexpr int OREG = NPV / 2;              // accumulator registers of one m64nNPV block
 constexpr int TILE_EL = BLOCK_N * D, Q_EL = NQ * D, P_EL = NPV * BLOCK_N;
-constexpr int X_FLOATS = 2 * 8 * 128;      // [wg][8 registers][128 threads]: the S^T partial sums
+constexpr int X_FLOATS = 2 * SREG * 128;   // [wg][SREG registers][128 threads]: the S^T partial sums
 constexpr int RED_FLOATS = 2 * 4 * NQ;     // [wg][warp][col]: per-warp column max / sum
 constexpr bool FP8 = MLA_FP8;
 constexpr int K_TILES = FP8 ? 1 : 2;                        // bf16 K tiles in smem
 constexpr int RAW_TILE_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;  // one raw FP8 tile (2 of them)
 constexpr int SMEM_BYTES =
     2 * (Q_EL + K_TILES * TILE_EL + 2 * P_EL) + 2 * RAW_TILE_BYTES + 4 * (X_FLOATS + RED_FLOATS);
-static_assert(SMEM_BYTES == (FP8 ? 193024 : P_SPLIT ? 182784 : 178688), "mirrored in mla/backends/cupy_hopper.py");
+static_assert(SMEM_BYTES == (NQ == 16 ? (FP8 ? 193024 : P_SPLIT ? 182784 : 178688)
+                                       : (FP8 ? 228352 : P_SPLIT ? 218112 : 209920)),
+              "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
 constexpr int DQ_ITEMS = FP8_NOPE / 8 + (D - FP8_NOPE) / 8;  // 16-byte bf16 chunks a token: 64 dequantised + 8 RoPE
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
@@ -102,9 +110,10 @@ __device__ __forceinline__ int q_offset(int row, int ch) { return (ch >> 3) * (N
 __device__ __forceinline__ int p_offset(int col, int key) {
   return ((key >> 3) * (NPV / 8) + (col >> 3)) * 64 + (key & 7) * 8 + (col & 7);
 }
-// this thread's 4 query columns: j = 0..3 -> column c2 + (j & 1) + 8 (j >> 1); accumulator register i of
-// an m64n16 (S^T) or of the P_hi half of an m64nNPV block (i < 8; i + 8 is P_lo's) holds column j = jof(i)
-__device__ __forceinline__ int jof(int i) { return (i & 1) | (((i >> 2) & 1) << 1); }
+// this thread's NCOL query columns: j -> column c2 + (j & 1) + 8 (j >> 1); accumulator register i of an
+// m64nNQ (S^T) or of the P_hi half of an m64nNPV block (i < SREG; i + SREG is P_lo's) holds column jof(i)
+__device__ __forceinline__ int jof(int i) { return (i & 1) | (((i & (SREG - 1)) >> 2) << 1); }
+__device__ __forceinline__ int colof(int c2, int j) { return c2 + (j & 1) + 8 * (j >> 1); }
 
 // warpgroup wg's 128-thread named barrier (ids 1, 2); wg is warp-uniform, the branch is too
 __device__ __forceinline__ void wg_bar(int wg) {
@@ -115,7 +124,9 @@ __device__ __forceinline__ void wg_bar(int wg) {
 #if MLA_HAS_WGMMA
 // s[8] = the part of S^T from this warpgroup's k-steps (SW128 K tile at k_tile, Q at q_tile); commits.
 // k-step k (channels 16 k ..) of the K tile: channel block k / 4, 32 bytes further a step inside it.
-__device__ __forceinline__ void st_issue(float (&s)[8], u32 k_tile, u32 q_tile, int wg) {
+__device__ __forceinline__ void qk_mma(float (&d)[8], u64 da, u64 db, int acc) { wg_mma_m64n16k16_ss(d, da, db, acc); }
+__device__ __forceinline__ void qk_mma(float (&d)[16], u64 da, u64 db, int acc) { wg_mma_m64n32k16_ss(d, da, db, acc); }
+__device__ __forceinline__ void st_issue(float (&s)[SREG], u32 k_tile, u32 q_tile, int wg) {
   const u64 dk = wg_desc_sw128(k_tile, WG_SW_K_LBO, WG_SW_K_SBO);
   const u64 dq = wg_desc(q_tile, Q_LBO, Q_SBO) + wg * KSTEPS_WG * Q_KSTEP;
   wg_fence_operands(s);
@@ -123,13 +134,14 @@ __device__ __forceinline__ void st_issue(float (&s)[8], u32 k_tile, u32 q_tile, 
 #pragma unroll
   for (int k = 0; k < KSTEPS_WG; ++k) {
     const int ks = wg * KSTEPS_WG + k;
-    wg_mma_m64n16k16_ss(s, dk + (((ks >> 2) * SW128_BLOCK_BYTES + (ks & 3) * 32) >> 4), dq + k * Q_KSTEP, k > 0);
+    qk_mma(s, dk + (((ks >> 2) * SW128_BLOCK_BYTES + (ks & 3) * 32) >> 4), dq + k * Q_KSTEP, k > 0);
   }
   wg_commit();
 }
 
 __device__ __forceinline__ void pv_mma(float (&d)[16], u64 da, u64 db) { wg_mma_m64n32k16_ss_tt(d, da, db); }
 __device__ __forceinline__ void pv_mma(float (&d)[8], u64 da, u64 db) { wg_mma_m64n16k16_ss_tt(d, da, db); }
+__device__ __forceinline__ void pv_mma(float (&d)[32], u64 da, u64 db) { wg_mma_m64n64k16_ss_tt(d, da, db); }
 
 // O^T[this warpgroup's 256 channels x NPV] += V^T P^T (V = the SW128 K tile at v_tile, read MN-major: channel
 // block mb is M-block mb, 16 keys = 2 atoms of 8 rows = 2048 bytes a k-step; P^T at p_tile); commits
@@ -163,7 +175,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   mla_elem_t* sK = sQ + Q_EL;                                 // [K_TILES][TILE_EL]: tile t in buffer t % K_TILES
   unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [2][RAW_TILE_BYTES]
   mla_elem_t* sP = reinterpret_cast<mla_elem_t*>(sRaw + 2 * RAW_TILE_BYTES);  // [2][P_EL]: warpgroup w's P^T
-  float* sX = reinterpret_cast<float*>(sP + 2 * P_EL);        // [2][8][128]: warpgroup w's S^T partial
+  float* sX = reinterpret_cast<float*>(sP + 2 * P_EL);        // [2][SREG][128]: warpgroup w's S^T partial
   float* sRed = sX + X_FLOATS;                                // [2][4][NQ]: warpgroup w's per-warp column max / sum
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -191,10 +203,10 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
     if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
     const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
-    int lim[4];  // last key each of this thread's columns sees
+    int lim[NCOL];  // last key each of this thread's columns sees
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int m = qt * NQ + c2 + (j & 1) + 8 * (j >> 1);
+    for (int j = 0; j < NCOL; ++j) {
+      const int m = qt * NQ + colof(c2, j);
       lim[j] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
     }
 
@@ -203,9 +215,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     for (int mb = 0; mb < MBLOCKS_WG; ++mb)
 #pragma unroll
       for (int k = 0; k < OREG; ++k) o[mb][k] = 0.f;
-    float m_run[4], l_part[4];
+    float m_run[NCOL], l_part[NCOL];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
+    for (int j = 0; j < NCOL; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
     if (n_tiles > 0) {
       // the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used);
@@ -306,43 +318,43 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
-        float s[8];
+        float s[SREG];
         st_issue(s, kt, sQ_addr, wg);
         wg_wait<0>();
         wg_fence_operands(s);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) sX[(wg * 8 + k) * 128 + t] = s[k];
+        for (int k = 0; k < SREG; ++k) sX[(wg * SREG + k) * 128 + t] = s[k];
         __syncthreads();
 #pragma unroll
-        for (int k = 0; k < 8; ++k) s[k] += sX[((1 - wg) * 8 + k) * 128 + t];  // a + b == b + a: same bits in both
+        for (int k = 0; k < SREG; ++k) s[k] += sX[((1 - wg) * SREG + k) * 128 + t];  // a + b == b + a: same bits in both
 
         // ---- scale to base 2, mask, column max over the tile's 64 keys
         const int pos0 = start + tt * BLOCK_N + key0;
-        float mx[4];
+        float mx[NCOL];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mx[j] = MLA_NEG_INF;
+        for (int j = 0; j < NCOL; ++j) mx[j] = MLA_NEG_INF;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
+        for (int k = 0; k < SREG; ++k) {
           const int j = jof(k);
           const float v = pos0 + 8 * ((k >> 1) & 1) <= lim[j] ? s[k] * scale_log2 : MLA_NEG_INF;
           s[k] = v;
           mx[j] = fmaxf(mx[j], v);
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // the 8 lanes with the same lane % 4 hold the same columns
+        for (int j = 0; j < NCOL; ++j) {  // the 8 lanes with the same lane % 4 hold the same columns
           mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 4));
           mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 8));
           mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 16));
         }
         if (lane < 4) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + c2 + (j & 1) + 8 * (j >> 1)] = mx[j];
+          for (int j = 0; j < NCOL; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = mx[j];
         }
         wg_bar(wg);
-        float mu[4], alpha[4];
+        float mu[NCOL], alpha[NCOL];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int col = c2 + (j & 1) + 8 * (j >> 1);
+        for (int j = 0; j < NCOL; ++j) {
+          const int col = colof(c2, j);
           float tmax = sRed[(wg * 4) * NQ + col];
 #pragma unroll
           for (int w = 1; w < 4; ++w) tmax = fmaxf(tmax, sRed[(wg * 4 + w) * NQ + col]);
@@ -354,7 +366,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         }
         // ---- P = 2^(s - m), this thread's part of l, O *= alpha
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
+        for (int k = 0; k < SREG; ++k) {
           s[k] = fast_exp2(s[k] - mu[jof(k)]);
           l_part[jof(k)] += s[k];
         }
@@ -364,7 +376,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           for (int k = 0; k < OREG; ++k) o[mb][k] *= alpha[jof(k)];
         // ---- P^T -> this warpgroup's P^T buffer: columns c2, c2 + 1 are adjacent, one 32-bit store
 #pragma unroll
-        for (int k = 0; k < 8; k += 2) {
+        for (int k = 0; k < SREG; k += 2) {
           const int key = key0 + 8 * ((k >> 1) & 1), col = c2 + 8 * (k >> 2);
           const u32 hi = pack2(s[k], s[k + 1]);
           *reinterpret_cast<u32*>(myP + p_offset(col, key)) = hi;
@@ -386,23 +398,23 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     // ---- finish the piece: l = the sum over this warpgroup's threads (the same in both warpgroups),
     // out = O / l (this warpgroup's channels), lse = (m + log2 l) ln 2
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NCOL; ++j) {
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 4);
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 8);
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 16);
     }
     if (lane < 4) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + c2 + (j & 1) + 8 * (j >> 1)] = l_part[j];
+      for (int j = 0; j < NCOL; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = l_part[j];
     }
     wg_bar(wg);
     const bool direct = nsplit == 1 && !force_partials;
     const int p = lo + split;
-    long long orow[4];
-    float inv[4];
+    long long orow[NCOL];
+    float inv[NCOL];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = c2 + (j & 1) + 8 * (j >> 1), m = qt * NQ + col;
+    for (int j = 0; j < NCOL; ++j) {
+      const int col = colof(c2, j), m = qt * NQ + col;
       const float l = sRed[(wg * 4) * NQ + col] + sRed[(wg * 4 + 1) * NQ + col] + sRed[(wg * 4 + 2) * NQ + col] +
                       sRed[(wg * 4 + 3) * NQ + col];
       int r = 0, h = 0;
@@ -414,12 +426,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 #pragma unroll
     for (int mb = 0; mb < MBLOCKS_WG; ++mb)
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
+      for (int k = 0; k < SREG; ++k) {
         const int j = jof(k);
         if (orow[j] < 0) continue;
         const int ch = 256 * wg + 64 * mb + key0 + 8 * ((k >> 1) & 1);
         float v = o[mb][k];
-        if constexpr (P_SPLIT) v += o[mb][k + 8];
+        if constexpr (P_SPLIT) v += o[mb][k + SREG];
         v *= inv[j];
         if (direct) out[orow[j] + ch] = to_elem(v);
         else o_part[orow[j] + ch] = v;

@@ -209,6 +209,17 @@ __device__ __forceinline__ void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_
       : "l"(desc_a), "l"(desc_b), "r"(1)
       : "memory");
 }
+// D[64 x 64] += A[64 x 16] B[16 x 64]: A and B MN-major (O^T += V^T [P_hi | P_lo]^T with 32 query rows, bf16)
+__device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_a, u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+      : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24)
+      : "l"(desc_a), "l"(desc_b), "r"(1)
+      : "memory");
+}
 #undef WG_D8
 #endif  // MLA_HAS_WGMMA
 

@@ -39,6 +39,7 @@ needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
 
 COMPILE_CASES = [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
                  for d in cupy_hopper.compile_variants()] + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
+    (cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [{"MLA_FP16": 0, "MLA_FP8": 1}]] + [
     ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
 
 
@@ -116,9 +117,11 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
     assert sass.count("WARPGROUP.DEPBAR") == 2  # one wait for S, one for P V: the batches are not serialised
 
 
-@pytest.mark.parametrize("defines,pv_shape", [({"MLA_FP16": 0}, "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16"),
-                                               ({"MLA_FP16": 1}, "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x32x16")])
-def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
+@pytest.mark.parametrize("defines,st_shape,pv_shape", [
+    ({"MLA_FP16": 0}, "64x16x16", "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16", "64x16x16"),
+    ({"MLA_FP16": 1}, "64x16x16", "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x16x16", "64x32x16"),
+    ({"MLA_FP16": 0, "MLA_NQ": 32}, "64x32x16", "64x64x16"), ({"MLA_FP16": 1, "MLA_NQ": 32}, "64x32x16", "64x32x16")])
+def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, st_shape, pv_shape):
     """The narrow kernel: 18 HGMMA.64x16x16 (a warpgroup's half of S^T) and 16 P V HGMMA (its 4 channel
     blocks) a tile,
     and exactly two waits: ptxas did not serialise the wgmma (it does when the warpgroup index looks
@@ -143,9 +146,8 @@ def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, pv_shape):
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
                           env=env).stdout
     shapes = re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass)
-    want = {"64x16x16": 18 + (16 if pv_shape == "64x16x16" else 0)}
-    if pv_shape != "64x16x16":
-        want[pv_shape] = 16
+    want = {st_shape: 18}
+    want[pv_shape] = want.get(pv_shape, 0) + 16
     assert {k: shapes.count(k) for k in set(shapes)} == want
     assert sass.count("WARPGROUP.DEPBAR") == 2
 
@@ -309,7 +311,8 @@ namespace wgemu {
 constexpr int OP_WG = 100, OP_NAMED = 200;
 struct Op {
   int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major;
-             // 2: m64n16k16, A and B K-major; 3: m64n16k16, A and B MN-major (imm-trans 1, 1); 4: m64n32k16 likewise
+             // 2: m64n16k16, A and B K-major; 3: m64n16k16, A and B MN-major (imm-trans 1, 1); 4: m64n32k16 likewise;
+             // 5: m64n64k16 likewise
   u64 da, db;
   bool accumulate;
   u32 a[128][4];
@@ -388,7 +391,7 @@ inline int d_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
 
 inline void execute(const Op& op) {
   static float A[64][16], B[256][16];  // B[n][k]
-  const int n = op.kind == 1 ? 256 : (op.kind == 2 || op.kind == 3) ? 16 : 32;
+  const int n = op.kind == 1 ? 256 : (op.kind == 2 || op.kind == 3) ? 16 : op.kind == 5 ? 64 : 32;
   Desc db = decode_desc(op.db);
   if (((op.kind == 0 || op.kind == 2) && swap_k) || (op.kind != 0 && op.kind != 2 && swap_mn))
     std::swap(db.lbo, db.sbo);
@@ -489,6 +492,9 @@ inline void wg_mma_m64n16k16_ss_tt(float (&d)[8], u64 desc_a, u64 desc_b) {
 inline void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_a, u64 desc_b) {
   wgemu::issue(4, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
+inline void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_a, u64 desc_b) {
+  wgemu::issue(5, d, desc_a, desc_b, 1, 0, 0, 0, 0);
+}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -530,7 +536,7 @@ extern "C" void wgemu_reset() {
 
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
-            "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt"}
+            "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt"}
 
 
 try:
@@ -571,7 +577,7 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
                   psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
-                  narrow=False, fp8=False):
+                  narrow=False, fp8=False, nq=16):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
     narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
@@ -586,6 +592,8 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
         defines["MLA_P_SPLIT"] = int(psplit)
     if fp8:
         defines["MLA_FP8"] = 1
+    if nq != 16:
+        defines["MLA_NQ"] = nq
     defines.update(extra_defines or {})
     mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow)
     mod.configure(eager_copies, schedule)
@@ -595,7 +603,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
-    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8) if narrow else cupy_hopper.SMEM_BYTES
+    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8, nq) if narrow else cupy_hopper.SMEM_BYTES
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
     problem = api._validate(*case.args(), None, case.causal, fp8, None, None, None, True)
@@ -606,7 +614,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
     launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
                                               host_splits=None if device_plan else arrays[-1], poison=True,
-                                              narrow=narrow, smem=smem)
+                                              narrow=narrow, smem=smem, nq=nq)
     before = lib.wgemu_executed()
     for f, grid, block, args, smem in launches:
         f(grid, block, args, shared_mem=smem)
@@ -632,18 +640,18 @@ EMU_CASES = [
 
 
 @needs_gxx
-@pytest.mark.parametrize("narrow", [False, True], ids=["wide", "narrow"])
+@pytest.mark.parametrize("narrow,nq", [(False, 16), (True, 16), (True, 32)], ids=["wide", "narrow", "narrow32"])
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,dtype,num_sms,eager,schedule,eager_wgmma,device_plan",
                          EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
 def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms,
-                                                  eager, schedule, eager_wgmma, device_plan, narrow):
+                                                  eager, schedule, eager_wgmma, device_plan, narrow, nq):
     from mla import reference, testing
 
     rng = np.random.default_rng(b * 100 + h_q + s_q)
     case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
                                     page_block_size=64, seqlens=seqlens, dtype=dtype, causal=causal)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, eager_wgmma,
-                                              device_plan=device_plan, narrow=narrow)
+                                              device_plan=device_plan, narrow=narrow, nq=nq)
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
                                                      512, causal=causal)
     testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
@@ -654,20 +662,22 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
         assert int(splits[-1]) > b, "meant to exercise the split + combine path"
 
 
-FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies, odd scales)
-    (3, 1, 16, 1, [150, 0, 64], False, 8, "lockstep", False, False),   # splits + combine, an empty sequence
-    (2, 2, 16, 2, [200, 7], True, 4, "skewed", True, False),          # causal s_q 2, h_kv 2 (8 rows a KV head)
-    (1, 1, 3, 1, [129], False, 1, "reverse", False, True),            # one split: direct write, 3 heads
-    (1, 2, 32, 1, [90], True, 2, "lockstep", True, False),            # 64 rows: 4 row tiles (forced narrow)
-    (2, 1, 16, 1, [70, 260], False, 3, "skewed", False, True),        # scales not powers of two / tiny / huge
+FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies, odd scales, rows a CTA)
+    (3, 1, 16, 1, [150, 0, 64], False, 8, "lockstep", False, False, 16),   # splits + combine, an empty sequence
+    (2, 2, 16, 2, [200, 7], True, 4, "skewed", True, False, 16),          # causal s_q 2, h_kv 2 (8 rows a KV head)
+    (1, 1, 3, 1, [129], False, 1, "reverse", False, True, 16),            # one split: direct write, 3 heads
+    (1, 2, 32, 1, [90], True, 2, "lockstep", True, False, 16),            # 64 rows: 4 row tiles (forced narrow)
+    (2, 1, 16, 1, [70, 260], False, 3, "skewed", False, True, 16),        # scales not powers of two / tiny / huge
+    (2, 2, 16, 1, [300, 5], True, 4, "reverse", False, False, 32),        # 32 rows a CTA (MLA_NQ=32), causal
+    (1, 1, 24, 1, [100], False, 1, "skewed", True, True, 32),             # 24 of 32 rows, direct write
 ]
 
 
 @needs_gxx
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd", FP8_CASES,
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq", FP8_CASES,
                          ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
 def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
-                                               eager, odd):
+                                               eager, odd, nq):
     """The narrow kernel's FP8 build (MLA_FP8=1: raw 656-byte rows, exact dequantisation into the SW128 bf16
     tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots.
     odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
@@ -682,7 +692,8 @@ def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
         scales[1::2] *= np.float32(1.5)
         scales[::3, :4] *= np.float32(2.0 ** -110)
         scales[::5, 4:6] *= np.float32(2.0 ** 100)
-    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=True, fp8=True)
+    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=True, fp8=True,
+                                              nq=nq)
     assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)

@@ -53,13 +53,18 @@ VARIANTS = ("auto", "narrow", "wide")
 FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
-def narrow_smem_bytes(p_split: bool, fp8: bool = False) -> int:
-    """Dynamic shared memory of the narrow kernel: Q (16 rows) + 2 K tiles (FP8: 1 bf16 tile + 2 raw
-    tiles) + 2 P^T tiles + the S^T swap area + reductions."""
-    npv = 2 * NARROW_ROWS if p_split else NARROW_ROWS
+def narrow_smem_bytes(p_split: bool, fp8: bool = False, nq: int = NARROW_ROWS) -> int:
+    """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles (FP8: 1
+    bf16 tile + 2 raw tiles) + 2 P^T tiles + the S^T swap area + reductions."""
+    npv = 2 * nq if p_split else nq
     k_tiles, raw = (1, 2 * BLOCK_M * FP8_BYTES) if fp8 else (2, 0)
-    return (2 * (NARROW_ROWS * D + k_tiles * BLOCK_M * D + 2 * npv * 64) + raw
-            + 4 * (2 * 8 * 128 + 2 * 4 * NARROW_ROWS))
+    return 2 * (nq * D + k_tiles * BLOCK_M * D + 2 * npv * 64) + raw + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq)
+
+
+def narrow_nq(problem) -> int:
+    """Query rows a CTA of the narrow kernel: 16 when a KV head has at most 16 (s_q h_q / h_kv), else 32
+    (-DMLA_NQ=32; more rows than 32 run as several row tiles, each reading the keys again)."""
+    return NARROW_ROWS if problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS else 2 * NARROW_ROWS
 
 
 FP8_KERNELS = ("auto", "narrow", "portable")
@@ -179,14 +184,14 @@ def p_split(d: dict) -> bool:
 
 
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
-             poison: bool = False, narrow: bool = False, smem: int | None = None):
+             poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
     module ``xp`` (CuPy; NumPy for the CPU emulator in the tests): the portable kernel's
     ``cupy_backend.assemble_dense`` with the 64-row kernel's tile, 256 threads and shared memory, or
     (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``)."""
     from .cupy_backend import assemble_dense
 
-    block_m, smem = (NARROW_ROWS, smem) if narrow else (BLOCK_M, SMEM_BYTES)
+    block_m, smem = (nq, smem) if narrow else (BLOCK_M, SMEM_BYTES)
     return assemble_dense(xp, decode_fn, combine_fn, problem, (q, k_cache, block_table, seqlens, sched, splits),
                           host_splits, block_m, THREADS, smem, poison)
 
@@ -205,7 +210,10 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     d = defines(fp16)
     if fp8:
         d["MLA_FP8"] = 1
-    smem = narrow_smem_bytes(p_split(d), fp8) if narrow else SMEM_BYTES
+    nq = narrow_nq(problem)
+    if narrow and nq != NARROW_ROWS:
+        d["MLA_NQ"] = nq
+    smem = narrow_smem_bytes(p_split(d), fp8, nq) if narrow else SMEM_BYTES
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
                               arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
@@ -216,4 +224,4 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
     return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS,
-                    narrow=narrow, smem=smem)
+                    narrow=narrow, smem=smem, nq=nq)
