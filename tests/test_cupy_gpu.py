@@ -296,10 +296,11 @@ def test_non_contiguous_cache_raises():
         mla.flash_mla_with_kvcache(c.q, wide, c.block_table, c.cache_seqlens, 512, backend="cupy")
 
 
-@pytest.mark.parametrize("h_q,s_q,want", [(16, 1, "mla_decode_hopper_narrow"), (32, 1, "mla_decode_hopper"),
+@pytest.mark.parametrize("h_q,s_q,want", [(16, 1, "mla_decode_hopper_narrow"), (32, 1, "mla_decode_hopper_narrow"),
+                                           (16, 2, "mla_decode_hopper_narrow"), (64, 1, "mla_decode_hopper"),
                                            (128, 1, "mla_decode_hopper"), (3, 1, "mla_decode_hopper_narrow")])
 def test_auto_kernel_choice(monkeypatch, h_q, s_q, want):
-    """kernel="auto" (the default, no MLA_CUPY_KERNEL): on an H100 the narrow Hopper kernel up to 16 rows a KV
+    """kernel="auto" (the default, no MLA_CUPY_KERNEL): on an H100 the narrow Hopper kernel up to 32 rows a KV
     head, the wide one above (cupy_hopper.auto_variant); elsewhere the portable kernel.
     An unknown MLA_CUPY_KERNEL is a ValueError."""
     from mla.backends import cupy_hopper

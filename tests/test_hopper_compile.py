@@ -188,15 +188,16 @@ def _rows_problem(s_q, h_q, h_kv=1):
 
 
 @pytest.mark.parametrize("s_q,h_q,h_kv,auto,forced", [(1, 16, 1, "narrow", "narrow"), (1, 1, 1, "narrow", "narrow"),
-                                                      (2, 64, 8, "narrow", "narrow"), (2, 16, 1, "wide", "wide"),
-                                                      (1, 17, 1, "wide", "wide"), (1, 64, 1, "wide", "wide"),
+                                                      (2, 64, 8, "narrow", "narrow"), (2, 16, 1, "narrow", "narrow"),
+                                                      (1, 33, 1, "wide", "wide"), (1, 64, 1, "wide", "wide"),
                                                       (2, 128, 1, "wide", "wide")])
 def test_variants(monkeypatch, s_q, h_q, h_kv, auto, forced):
-    """Rows a KV head (s_q h_q / h_kv): "auto" and kernel="hopper" take narrow up to 16, wide above
-    (WIDE_MIN_ROWS = 17; measured faster than the portable kernel there); MLA_HOPPER_VARIANT overrides both."""
+    """Rows a KV head (s_q h_q / h_kv): "auto" and kernel="hopper" take narrow up to 32 (nq 16 up to 16 rows,
+    else 32), wide above (WIDE_MIN_ROWS = 33); MLA_HOPPER_VARIANT overrides both."""
     monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
     p = _rows_problem(s_q, h_q, h_kv)
-    assert cupy_hopper.WIDE_MIN_ROWS == 17
+    assert cupy_hopper.WIDE_MIN_ROWS == 33
+    assert cupy_hopper.narrow_nq(p) == (16 if s_q * h_q // h_kv <= 16 else 32)
     assert cupy_hopper.auto_variant(p) == auto
     assert cupy_hopper.variant(p) == forced
     for v in ("narrow", "wide"):
@@ -230,7 +231,7 @@ def test_device_reasons(monkeypatch):
 
 
 @pytest.mark.parametrize("cc,d,dv,h_q,want_hopper,want_auto", [
-    ((9, 0), 576, 512, 16, "hopper-narrow", "hopper-narrow"), ((9, 0), 576, 512, 32, "hopper-wide", "hopper-wide"),
+    ((9, 0), 576, 512, 16, "hopper-narrow", "hopper-narrow"), ((9, 0), 576, 512, 32, "hopper-narrow", "hopper-narrow"),
     ((9, 0), 576, 512, 64, "hopper-wide", "hopper-wide"), ((9, 0), 64, 48, 16, "portable", "portable"),
     ((8, 0), 576, 512, 16, "portable", "portable"), ((10, 0), 576, 512, 64, "portable", "portable")])
 def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):

@@ -6,12 +6,11 @@ Kernels (``MLA_CUPY_KERNEL`` or ``decode(..., kernel=)`` forces one; default "au
   D % 8 == 0, d_v <= D, page size and h_kv; sm_80 and newer. Writes split-KV partials per the
   scheduler plan (``mla.scheduler``); ``kernels/mla_combine.cu`` merges them.
 * ``hopper`` -- the wgmma kernels of ``mla.backends.cupy_hopper`` for d = 576, d_v = 512 on compute
-  capability 9.0 (``kernels/mla_decode_hopper_narrow.cu`` up to 16 query rows a KV head,
+  capability 9.0 (``kernels/mla_decode_hopper_narrow.cu`` up to 32 query rows a KV head,
   ``kernels/mla_decode_hopper.cu`` above), same plan / partials / combine; problems they do not take
   (other d / d_v / dtype, other GPUs) run on the portable kernel.
-* ``auto`` (default) -- per problem: the narrow Hopper kernel up to 16 rows a KV head and the wide one from
-  ``cupy_hopper.WIDE_MIN_ROWS`` rows on an H100-class GPU (where each was measured faster than the
-  portable kernel, benchmarks/BENCHMARKS.md), else the portable kernel.
+* ``auto`` (default) -- the same choice as ``hopper`` (on an H100-class GPU a Hopper kernel was measured
+  faster than the portable kernel at every row count, benchmarks/BENCHMARKS.md), else the portable kernel.
 
 Arrays: device inputs (CuPy or anything CUDA-array-like, as ``mla.api`` converted them) give
 CuPy outputs on the inputs' device; NumPy inputs are copied to the current device and the

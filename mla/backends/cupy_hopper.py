@@ -4,20 +4,20 @@ Two kernels, both verified on an H100 (``tests/test_cupy_gpu.py``: FlashMLA's ca
 compute-sanitizer memcheck / racecheck) and both wgmma + cp.async with the portable kernel's signature,
 plan, partial buffers and combine kernel:
 
-* **narrow** -- ``kernels/mla_decode_hopper_narrow.cu``: keys and value channels on wgmma's M, up to 16
-  query rows of a KV head on N (S^T = K Q^T, O^T = V^T P^T), 128-byte swizzled K tiles; both warpgroups
-  on one tile while the next loads. Launch: grid (workers, h_kv, ceil(rows / 16)), 256 threads,
-  ``narrow_smem_bytes`` of shared memory. 97% of the copy bandwidth at 128,1,16,8192 (0.421 ms).
+* **narrow** -- ``kernels/mla_decode_hopper_narrow.cu``: keys and value channels on wgmma's M, 16 (or 32,
+  ``narrow_nq``) query rows of a KV head on N (S^T = K Q^T, O^T = V^T P^T), 128-byte swizzled K tiles; both
+  warpgroups on one tile while the next loads. Launch: grid (workers, h_kv, ceil(rows / nq)), 256 threads,
+  ``narrow_smem_bytes`` of shared memory. 96–99% of the copy bandwidth at 128,1,16,8192 (0.42 ms) and 95%
+  with 32 rows (128,2,16,8192: 0.43 ms). Its FP8 build (``fp8_variant``) takes dense FP8 caches.
 * **wide** -- ``kernels/mla_decode_hopper.cu``: 64 query rows a CTA on M, two warpgroups splitting the
   64 x 512 output, 128-byte swizzled K tiles. Grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B
   of shared memory. Faster than the portable kernel above 16 rows a KV head (128,2,128,8192: 1.94 ms,
   301 TFLOP/s, vs 4.09 ms).
 
-Which one: ``variant(problem, forced)``. ``backend="cupy"`` with ``kernel="auto"`` (the default) uses
-``auto_variant``: narrow up to 16 rows, wide above (``WIDE_MIN_ROWS``); the portable kernel on every other
-GPU and for other dims / dtypes. ``kernel="hopper"`` (or ``MLA_CUPY_KERNEL=hopper``) forces a Hopper kernel
-(narrow up to 16 rows, else wide); ``MLA_HOPPER_VARIANT=narrow|wide`` forces one of the two (tests,
-benchmarks; both compute any shape).
+Which one: ``backend="cupy"`` with ``kernel="auto"`` (the default) or ``kernel="hopper"`` takes the narrow
+kernel up to 32 query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32) and the wide one above
+(``variant``, ``WIDE_MIN_ROWS``); the portable kernel on every other GPU and for other dims / dtypes.
+``MLA_HOPPER_VARIANT=narrow|wide`` forces one of the two (tests, benchmarks; both compute any shape).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
@@ -88,11 +88,12 @@ def fp8_variant(problem, dev: int) -> str | None:
     return None
 
 
-WIDE_MIN_ROWS = NARROW_ROWS + 1
-"""``kernel="auto"`` takes the 64-row (wide) kernel from this many query rows a KV head up: on the H100 it is
-faster than the portable kernel at every row count measured above 16 since its K tiles are 128-byte
-swizzled (32 rows: 0.532 vs 0.695 ms; 64: 0.579 vs 1.069; 256: 1.94 vs 4.09; benchmarks/BENCHMARKS.md).
-(With the unswizzled tiles it lost at 32 rows and auto kept 17..63 rows on the portable kernel.)"""
+NARROW_MAX_ROWS = 2 * NARROW_ROWS
+"""The narrow kernel takes up to this many query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32)."""
+WIDE_MIN_ROWS = NARROW_MAX_ROWS + 1
+"""``kernel="auto"`` takes the 64-row (wide) kernel from this many query rows a KV head up. H100, in a loop
+(benchmarks/BENCHMARKS.md): 32 rows narrow 0.431 ms vs wide 0.527 (portable 0.700); 64 rows wide 0.561 vs
+narrow 0.856 (two 32-row tiles re-read the keys) vs portable 1.091; 16 rows narrow 0.424 vs wide 0.508."""
 
 
 def _forced_variant() -> str:
@@ -102,26 +103,20 @@ def _forced_variant() -> str:
     return forced
 
 
-def auto_variant(problem) -> str | None:
-    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with ("narrow" up to 16 query rows a KV head,
-    "wide" from WIDE_MIN_ROWS), or None for the portable kernel (rows in between: none today).
-    MLA_HOPPER_VARIANT overrides."""
-    forced = _forced_variant()
-    if forced != "auto":
-        return forced
-    rows = problem.s_q * problem.h_q // problem.h_kv
-    if rows <= NARROW_ROWS:
-        return "narrow"
-    return "wide" if rows >= WIDE_MIN_ROWS else None
-
-
 def variant(problem) -> str:
-    """The Hopper kernel ``kernel="hopper"`` runs: MLA_HOPPER_VARIANT if set, else "narrow" when a KV head
-    has at most 16 query rows (s_q * h_q / h_kv), else "wide"."""
+    """The Hopper kernel for ``problem``: MLA_HOPPER_VARIANT if set, else "narrow" when a KV head has at most
+    NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else "wide"."""
     forced = _forced_variant()
     if forced != "auto":
         return forced
-    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS else "wide"
+    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "wide"
+
+
+def auto_variant(problem) -> str | None:
+    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with, or None for the portable kernel. Today the
+    same as ``variant`` (a Hopper kernel is the faster one at every row count measured); kept apart so that
+    a row range where the portable kernel wins can return None again."""
+    return variant(problem)
 
 
 def shape_reason(problem) -> str | None:
