@@ -184,7 +184,16 @@ narrow32)  # the narrow kernel with 32 query rows a CTA (MLA_NQ=32): forced on e
   r 60 bench_fp8_32 env MLA_CUPY_FP8_KERNEL=narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only \
     --h-q 32 --out "$OUT/bench_fp8_32.md"
   ;;
+fp8wide)  # the wide kernel's FP8 build (dense FP8 above 32 rows a KV head): tests forced and auto, sanitizer, timings
+  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  MLA_CUPY_FP8_KERNEL=wide t 120 t_cupy_fp8_forced tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 120 s_cupy_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  for k in portable narrow wide; do
+    r 40 "bench_fp8_32_$k" env MLA_CUPY_FP8_KERNEL=$k python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
+  done
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide" >&2
   exit 2 ;;
 esac

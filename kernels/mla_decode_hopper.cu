@@ -62,6 +62,12 @@
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
 #endif
+#ifndef MLA_FP8
+#define MLA_FP8 0
+#endif
+#if MLA_FP8 && MLA_FP16
+#error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
+#endif
 
 constexpr int D = MLA_D, DV = MLA_DV;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -70,11 +76,18 @@ constexpr int TILE_EL = BLOCK_N * D;     // elements of a Q or K tile
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 static_assert(D == 576 && DV == 512, "the Hopper kernel is specialised for d = 576, d_v = 512");
 static_assert(BLOCK_M == WG_TILE_ROWS && BLOCK_N == WG_TILE_ROWS, "tiles are 64 rows");
-constexpr int SMEM_BYTES = 2 * 3 * TILE_EL + 4 * WG_XCHG_FLOATS;  // Q + 2 K tiles + exchange
-static_assert(SMEM_BYTES == 229376, "mirrored in mla/backends/cupy_hopper.py (SMEM_BYTES)");
+// FP8 cache (-DMLA_FP8=1, FlashMLA's 656-byte tokens, kernels/mla_fp8.cuh): one bf16 K tile and one raw tile.
+// Per tile: wait for the raw tile (this warp's own rows), dequantise them into the bf16 tile
+// (sw128_dequant_warp_rows), CTA barrier, then the copies of the next raw tile start -- the raw buffer is
+// free -- and run under this tile's math. (Two bf16 tiles and a raw one would not fit beside the 72 KB Q.)
+constexpr bool FP8 = MLA_FP8;
+constexpr int K_TILES = FP8 ? 1 : 2;
+constexpr int RAW_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;
+constexpr int SMEM_BYTES = 2 * (1 + K_TILES) * TILE_EL + RAW_BYTES + 4 * WG_XCHG_FLOATS;  // Q + K + raw + exchange
+static_assert(SMEM_BYTES == (FP8 ? 197632 : 229376), "mirrored in mla/backends/cupy_hopper.py (wide_smem_bytes)");
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
-mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict__ k_cache,
+mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
                   const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
                   const int* __restrict__ sched, const int* __restrict__ num_splits, float* __restrict__ o_part,
                   float* __restrict__ lse_part, mla_elem_t* __restrict__ out, float* __restrict__ lse_out, int s_q,
@@ -82,8 +95,9 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
 #if MLA_HAS_WGMMA
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);   // [TILE_EL]
-  mla_elem_t* sK = sQ + TILE_EL;                               // [2][TILE_EL]
-  float* sX = reinterpret_cast<float*>(sK + 2 * TILE_EL);      // [WG_XCHG_FLOATS]
+  mla_elem_t* sK = sQ + TILE_EL;                               // [K_TILES][TILE_EL]
+  unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [RAW_BYTES]
+  float* sX = reinterpret_cast<float*>(sRaw + RAW_BYTES);      // [WG_XCHG_FLOATS]
   const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -133,9 +147,28 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
         wg_tile_load_row<D>(sQ, tid, src, valid);
       }
+      // FP8: the raw rows 8 warp .. 8 warp + 7 of key tile `tile` into the raw buffer; the block-table entry
+      // of row 8 warp + lane % 8 comes in blk (fetched a tile ahead)
+      auto fetch_blk = [&](int tile) {
+        const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
+        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+      };
+      auto load_raw = [&](int tile, int blk) {
+        const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int row = 8 * warp + r, pos = start + tile * BLOCK_N + row;
+          const int b = __shfl_sync(0xffffffff, blk, r);
+          const bool valid = pos < stop_eff;
+          const unsigned char* src = kc8;
+          if (valid) src = kc8 + (((long long)b * page + pos % page) * h_kv + g) * (long long)FP8_BYTES;
+          fp8_copy_row(sRaw + row * FP8_BYTES, src, valid, lane);
+        }
+      };
       // key tile `tile` of the piece -> K buffer `buf` (128-byte swizzled, mla_wgmma.cuh: a quarter-warp copies
       // one whole 128-byte line); this thread copies keys k_row and k_row + 32 of it
       auto load_k = [&](int tile, int buf) {
+        const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int pos = start + tile * BLOCK_N + k_row + 32 * h;
@@ -149,17 +182,34 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const mla_elem_t* __restrict
                                  valid);
         }
       };
-      load_k(0, 0);
+      int blk = 0;
+      if constexpr (FP8) {
+        load_raw(0, fetch_blk(0));
+        if (n_tiles > 1) blk = fetch_blk(1);
+      } else {
+        load_k(0, 0);
+      }
       cp_async_commit();  // group: Q + tile 0
 
       for (int tt = 0; tt < n_tiles; ++tt) {
-        // the other buffer was last read by tile tt - 1, finished by both warpgroups (barrier at its end)
-        if (tt + 1 < n_tiles) load_k(tt + 1, (tt + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
-        fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
-        __syncthreads();      // everyone's copies of tile tt are in
-        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
+        if constexpr (FP8) {
+          cp_async_wait<0>();  // this thread's copies of raw tile tt (and Q) have landed; the bf16 tile was
+          __syncwarp();        // last read by tile tt - 1 (barrier at its end); this warp's raw rows are in
+          sw128_dequant_warp_rows<D>(sRaw, reinterpret_cast<unsigned char*>(sK), warp, lane);
+          fence_proxy_async();  // the bf16 tile and Q are visible to the tensor cores' reads ...
+          __syncthreads();      // ... everyone's
+          if (tt + 1 < n_tiles) load_raw(tt + 1, blk);  // this warp's raw rows are free: in flight under the math
+          cp_async_commit();
+          if (tt + 2 < n_tiles) blk = fetch_blk(tt + 2);
+        } else {
+          // the other buffer was last read by tile tt - 1, finished by both warpgroups (barrier at its end)
+          if (tt + 1 < n_tiles) load_k(tt + 1, (tt + 1) & 1);
+          cp_async_commit();
+          cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
+          fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
+          __syncthreads();      // everyone's copies of tile tt are in
+        }
+        const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
         const int pos0 = start + tt * BLOCK_N;
 
         // ---- S = Q K^T (both warpgroups end with the whole tile, s[i] = S[acc_row][acc_col])

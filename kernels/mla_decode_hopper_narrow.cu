@@ -58,7 +58,6 @@
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16), MLA_FP8 (0).
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
-#include "mla_fp8.cuh"
 
 #ifndef MLA_FP8
 #define MLA_FP8 0
@@ -247,7 +246,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
             const bool valid = pos < stop_eff;
             const unsigned char* src = kc8;
             if (valid) src = kc8 + (((long long)b * page + pos % page) * h_kv + g) * (long long)FP8_BYTES;
-            for (int c = lane; c < FP8_BYTES / 16; c += 32) cp_async16(raw + row * FP8_BYTES + c * 16, src + c * 16, valid);
+            fp8_copy_row(raw + row * FP8_BYTES, src, valid, lane);
           }
         } else {
           const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
@@ -262,27 +261,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           }
         }
       };
-      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128), in 16-byte chunks (8 channels). Warp w
-      // converts the rows it copied (8 w .. 8 w + 7), lanes on consecutive chunks: conflict-free stores,
-      // whole raw rows read, and only this warp's copies to wait for (__syncwarp). Unrolled, no divisions.
+      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128): warp w the rows it copied (mla_wgmma.cuh)
       auto dequant = [&](int buf) {
-        const unsigned char* raw = sRaw + buf * RAW_TILE_BYTES;
-        unsigned char* kb = reinterpret_cast<unsigned char*>(sK);
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const int n = 8 * warp + r;
-          const unsigned char* rrow = raw + n * FP8_BYTES;
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {  // the 64 e4m3 chunks (channels 0..511)
-            const int c = lane + 32 * j;
-            const uint2 codes = *reinterpret_cast<const uint2*>(rrow + c * 8);
-            const float scale = *reinterpret_cast<const float*>(rrow + FP8_SCALES_AT + (c >> 4) * 4);
-            *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = dequant8_fast(codes, scale);
-          }
-          if (lane < (D - FP8_NOPE) / 8)  // the 8 bf16 RoPE chunks (channels 512..575), copied
-            *reinterpret_cast<uint4*>(kb + sw128_offset(n, FP8_NOPE + 8 * lane)) =
-                *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + lane * 16);
-        }
+        sw128_dequant_warp_rows<D>(sRaw + buf * RAW_TILE_BYTES, reinterpret_cast<unsigned char*>(sK), warp, lane);
       };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {

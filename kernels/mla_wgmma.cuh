@@ -63,6 +63,7 @@
 //   accesses across the asynchronous region.
 #pragma once
 #include "mla_common.cuh"
+#include "mla_fp8.cuh"
 
 // wgmma exists only in the sm_90a feature set; other targets (the CI compiles every source for sm_80 too)
 // get stubs that trap, and cupy_hopper.py launches these kernels on compute capability 9.0 only. (The CPU
@@ -283,6 +284,35 @@ __device__ __forceinline__ void sw128_tile_load_row(unsigned char* tile, int row
 #pragma unroll
   for (int cb = 0; cb < D_ / 64; ++cb)
     cp_async16(tile + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
+}
+
+// FP8 caches (kernels/mla_fp8.cuh) in the Hopper kernels: warp w copies and dequantises the raw 656-byte
+// rows 8 w .. 8 w + 7 of a 64-row tile, so a warp only ever waits for its own copies (__syncwarp).
+// fp8_copy_row: one raw row, lanes on consecutive 16-byte chunks (zero-filled when !valid).
+__device__ __forceinline__ void fp8_copy_row(unsigned char* dst, const unsigned char* src, bool valid, int lane) {
+  for (int c = lane; c < FP8_BYTES / 16; c += 32) cp_async16(dst + c * 16, src + c * 16, valid);
+}
+// sw128_dequant_warp_rows: this warp's 8 raw rows -> the SW128 bf16 tile kb, in 16-byte chunks (8 channels),
+// lanes on consecutive chunks: conflict-free stores, whole raw rows read. Unrolled, no divisions.
+template <int D_>
+__device__ __forceinline__ void sw128_dequant_warp_rows(const unsigned char* raw, unsigned char* kb, int warp,
+                                                        int lane) {
+  static_assert(D_ == FP8_NOPE + 64, "the FP8 token: 512 e4m3 channels + 64 bf16 RoPE channels");
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int n = 8 * warp + r;
+    const unsigned char* rrow = raw + n * FP8_BYTES;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {  // the 64 e4m3 chunks (channels 0..511)
+      const int c = lane + 32 * j;
+      const uint2 codes = *reinterpret_cast<const uint2*>(rrow + c * 8);
+      const float scale = *reinterpret_cast<const float*>(rrow + FP8_SCALES_AT + (c >> 4) * 4);
+      *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = dequant8_fast(codes, scale);
+    }
+    if (lane < (D_ - FP8_NOPE) / 8)  // the 8 bf16 RoPE chunks (channels 512..575), copied
+      *reinterpret_cast<uint4*>(kb + sw128_offset(n, FP8_NOPE + 8 * lane)) =
+          *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + lane * 16);
+  }
 }
 
 // The warpgroup exchange buffer: 16 floats for each of a warpgroup's 128 threads (8 KB), float4-interleaved

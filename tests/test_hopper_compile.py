@@ -37,7 +37,8 @@ BF16 = _arrays.BFLOAT16
 needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
                                  reason=str(_nvrtc.unavailable_reason()))
 
-COMPILE_CASES = [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
+COMPILE_CASES = [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
+    (src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
                  for d in cupy_hopper.compile_variants()] + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
     (cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [{"MLA_FP16": 0, "MLA_FP8": 1}]] + [
     ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
@@ -604,7 +605,8 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
-    smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8, nq) if narrow else cupy_hopper.SMEM_BYTES
+    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8, nq) if narrow
+            else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
     problem = api._validate(*case.args(), None, case.causal, fp8, None, None, None, True)
@@ -671,15 +673,17 @@ FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager c
     (2, 1, 16, 1, [70, 260], False, 3, "skewed", False, True, 16),        # scales not powers of two / tiny / huge
     (2, 2, 16, 1, [300, 5], True, 4, "reverse", False, False, 32),        # 32 rows a CTA (MLA_NQ=32), causal
     (1, 1, 24, 1, [100], False, 1, "skewed", True, True, 32),             # 24 of 32 rows, direct write
+    (2, 2, 64, 1, [150, 66], True, 4, "lockstep", False, False, 0),       # the wide kernel's FP8 build (nq 0)
+    (3, 1, 128, 2, [0, 300, 64], False, 3, "reverse", True, True, 0),     # wide, h_kv 2, odd scales, empty seq
 ]
 
 
 @needs_gxx
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq", FP8_CASES,
                          ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
-def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
+def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
                                                eager, odd, nq):
-    """The narrow kernel's FP8 build (MLA_FP8=1: raw 656-byte rows, exact dequantisation into the SW128 bf16
+    """The Hopper kernels. FP8 builds (MLA_FP8=1; nq 16 or 32: narrow, 0: wide; raw 656-byte rows, exact dequantisation into the SW128 bf16
     tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots.
     odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
     import mla
@@ -693,8 +697,8 @@ def test_narrow_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
         scales[1::2] *= np.float32(1.5)
         scales[::3, :4] *= np.float32(2.0 ** -110)
         scales[::5, 4:6] *= np.float32(2.0 ** 100)
-    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=True, fp8=True,
-                                              nq=nq)
+    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=nq > 0, fp8=True,
+                                              nq=max(nq, 16))
     assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
@@ -792,7 +796,7 @@ def test_emulator_catches_a_missing_exchange_barrier(monkeypatch):
 
 NARROW_EDITS = {
     "end barrier": "__syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T",
-    "swap barrier": "sX[(wg * 8 + k) * 128 + t] = s[k];\n        __syncthreads();",
+    "swap barrier": "sX[(wg * SREG + k) * 128 + t] = s[k];\n        __syncthreads();",
 }
 
 

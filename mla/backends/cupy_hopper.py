@@ -67,13 +67,19 @@ def narrow_nq(problem) -> int:
     return NARROW_ROWS if problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS else 2 * NARROW_ROWS
 
 
-FP8_KERNELS = ("auto", "narrow", "portable")
+FP8_KERNELS = ("auto", "narrow", "wide", "portable")
+
+
+def wide_smem_bytes(fp8: bool = False) -> int:
+    """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange; FP8: Q + 1 K tile + 1 raw tile."""
+    return 2 * BLOCK_M * D * (2 if fp8 else 3) + (BLOCK_M * FP8_BYTES if fp8 else 0) + XCHG_BYTES
 
 
 def fp8_variant(problem, dev: int) -> str | None:
-    """"narrow" when the narrow kernel's FP8 build takes this dense FP8-cache problem on device ``dev``
-    (compute capability 9.0, bf16 q, at most 16 query rows a KV head), else None (the mma.sync FP8 kernel
-    of cupy_sparse_fp8). MLA_CUPY_FP8_KERNEL=portable|narrow forces one (narrow: any row count)."""
+    """The Hopper kernel whose FP8 build takes this dense FP8-cache problem on device ``dev`` (compute
+    capability 9.0, bf16 q): "narrow" up to 16 query rows a KV head, "wide" from WIDE_MIN_ROWS; None (the
+    mma.sync FP8 kernel of cupy_sparse_fp8) in between and elsewhere. MLA_CUPY_FP8_KERNEL=portable|narrow|wide
+    forces one (narrow / wide: any row count)."""
     forced = os.environ.get("MLA_CUPY_FP8_KERNEL", "auto") or "auto"
     if forced not in FP8_KERNELS:
         raise ValueError(f"MLA_CUPY_FP8_KERNEL must be one of {FP8_KERNELS}, got {forced!r}")
@@ -83,9 +89,12 @@ def fp8_variant(problem, dev: int) -> str | None:
         return None
     if device_reason(dev) is not None:
         return None
-    if forced == "narrow" or problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS:
+    if forced in ("narrow", "wide"):
+        return forced
+    rows = problem.s_q * problem.h_q // problem.h_kv
+    if rows <= NARROW_ROWS:
         return "narrow"
-    return None
+    return "wide" if rows >= WIDE_MIN_ROWS else None
 
 
 NARROW_MAX_ROWS = 2 * NARROW_ROWS
@@ -186,7 +195,7 @@ def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlen
     (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``)."""
     from .cupy_backend import assemble_dense
 
-    block_m, smem = (nq, smem) if narrow else (BLOCK_M, SMEM_BYTES)
+    block_m, smem = (nq, smem) if narrow else (BLOCK_M, smem or SMEM_BYTES)
     return assemble_dense(xp, decode_fn, combine_fn, problem, (q, k_cache, block_table, seqlens, sched, splits),
                           host_splits, block_m, THREADS, smem, poison)
 
@@ -201,14 +210,14 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     if reason:
         raise ValueError(f"backend='cupy': {reason}")
     fp16 = np.dtype(problem.q.dtype) == np.float16
-    narrow = fp8 or (which or variant(problem)) == "narrow"
+    narrow = (which or (fp8_variant(problem, dev) if fp8 else variant(problem))) == "narrow"
     d = defines(fp16)
     if fp8:
         d["MLA_FP8"] = 1
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    smem = narrow_smem_bytes(p_split(d), fp8, nq) if narrow else SMEM_BYTES
+    smem = narrow_smem_bytes(p_split(d), fp8, nq) if narrow else wide_smem_bytes(fp8)
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
                               arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:

@@ -174,8 +174,9 @@ def prepare(problem, metadata, num_splits, dev):
     cp = _arrays.cupy_module()
     from . import cupy_hopper
 
-    if cupy_hopper.fp8_variant(problem, dev) == "narrow":  # dense FP8, <= 16 rows a KV head, H100-class
-        return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev, "narrow")
+    hopper = cupy_hopper.fp8_variant(problem, dev)  # dense FP8 on an H100-class GPU: a Hopper kernel's FP8 build
+    if hopper is not None:
+        return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev, hopper)
     b, s_q, h_q, d = problem.b, problem.s_q, problem.h_q, problem.d
     h_kv, dv = problem.h_kv, problem.head_dim_v
     fp8, sparse = bool(problem.is_fp8_kvcache), bool(problem.is_sparse)
