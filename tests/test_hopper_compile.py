@@ -37,11 +37,12 @@ BF16 = _arrays.BFLOAT16
 needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
                                  reason=str(_nvrtc.unavailable_reason()))
 
-COMPILE_CASES = [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
-    (src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
-                 for d in cupy_hopper.compile_variants()] + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_FP8": 1})] + [
-    (cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [{"MLA_FP16": 0, "MLA_FP8": 1}]] + [
-    ("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})]
+_FP8_BUILD = {"MLA_FP16": 0, "MLA_FP8": 1}
+COMPILE_CASES = (
+    [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
+     for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
+    + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
+    + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
 def _ptxas_check(log, arch="sm_90a"):
@@ -252,6 +253,31 @@ def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
     assert cupy_backend._prepare(None, problem, None, None, 0, "hopper") == want_hopper
     assert cupy_backend._prepare(None, problem, None, None, 0, "auto") == want_auto
     assert cupy_backend._prepare(None, problem, None, None, 0, "portable") == "portable"
+
+
+@pytest.mark.parametrize("s_q,h_q,forced,want", [
+    (1, 16, None, "narrow"), (2, 16, None, "narrow"), (1, 32, None, "narrow"), (1, 64, None, "wide"),
+    (2, 128, None, "wide"), (1, 16, "wide", "wide"), (2, 128, "narrow", "narrow"), (1, 16, "portable", None)])
+def test_fp8_variant(monkeypatch, s_q, h_q, forced, want):
+    """Dense FP8 on an H100: the narrow kernel's FP8 build up to 32 rows a KV head, the wide one's above, the
+    mma.sync kernel (None) when forced; never for sparse problems, fp16 q, other dims or other GPUs."""
+    import types
+
+    monkeypatch.setattr(cupy_hopper, "device_reason", lambda dev: None)
+    if forced:
+        monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", forced)
+    else:
+        monkeypatch.delenv("MLA_CUPY_FP8_KERNEL", raising=False)
+    p = types.SimpleNamespace(s_q=s_q, h_q=h_q, h_kv=1, is_sparse=False, is_fp8_kvcache=True, q=np.zeros(1, BF16),
+                              d=576, head_dim_v=512)
+    assert cupy_hopper.fp8_variant(p, 0) == want
+    assert cupy_hopper.fp8_variant(types.SimpleNamespace(**{**vars(p), "is_sparse": True}), 0) is None
+    assert cupy_hopper.fp8_variant(types.SimpleNamespace(**{**vars(p), "q": np.zeros(1, np.float16)}), 0) is None
+    monkeypatch.setattr(cupy_hopper, "device_reason", lambda dev: "not an H100")
+    assert cupy_hopper.fp8_variant(p, 0) is None
+    monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="MLA_CUPY_FP8_KERNEL"):
+        cupy_hopper.fp8_variant(p, 0)
 
 
 def test_psplit_define(monkeypatch):
@@ -683,8 +709,9 @@ FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager c
                          ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
 def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
                                                eager, odd, nq):
-    """The Hopper kernels. FP8 builds (MLA_FP8=1; nq 16 or 32: narrow, 0: wide; raw 656-byte rows, exact dequantisation into the SW128 bf16
-    tile) against the NumPy backend on the same FP8 cache (which dequantises it), NaN in the unused slots.
+    """The Hopper kernels' FP8 builds (MLA_FP8=1; nq 16 or 32: narrow, 0: wide; raw 656-byte rows, exact
+    dequantisation into the SW128 bf16 tile) against the NumPy backend on the same FP8 cache (which
+    dequantises it), NaN in the unused slots.
     odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
     import mla
     from mla import testing
