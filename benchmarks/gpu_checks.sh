@@ -193,7 +193,13 @@ fp8wide)  # the wide kernel's FP8 build (dense FP8 above 32 rows a KV head): tes
     r 40 "bench_fp8_32_$k" env MLA_CUPY_FP8_KERNEL=$k python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
   done
   ;;
+sparsewide)  # the wide kernel's sparse build (h_q / h_kv % 64 == 0 on an H100): tests, sanitizer, timings
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 150 t_cupy tests/test_cupy_gpu.py -k "hopper or auto or sanitizer"
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_sparse_portable env MLA_CUPY_SPARSE_KERNEL=portable python3 benchmarks/bench_fp8_sparse.py --reps 20
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide" >&2
   exit 2 ;;
 esac

@@ -65,6 +65,9 @@
 #ifndef MLA_FP8
 #define MLA_FP8 0
 #endif
+#ifndef MLA_SPARSE
+#define MLA_SPARSE 0
+#endif
 #if MLA_FP8 && MLA_FP16
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
 #endif
@@ -83,21 +86,37 @@ static_assert(BLOCK_M == WG_TILE_ROWS && BLOCK_N == WG_TILE_ROWS, "tiles are 64 
 constexpr bool FP8 = MLA_FP8;
 constexpr int K_TILES = FP8 ? 1 : 2;
 constexpr int RAW_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;
-constexpr int SMEM_BYTES = 2 * (1 + K_TILES) * TILE_EL + RAW_BYTES + 4 * WG_XCHG_FLOATS;  // Q + K + raw + exchange
-static_assert(SMEM_BYTES == (FP8 ? 197632 : 229376), "mirrored in mla/backends/cupy_hopper.py (wide_smem_bytes)");
+// Sparse decode (-DMLA_SPARSE=1, DeepSeek-V3.2's DSA; kernel mla_decode_hopper_sparse with the signature of
+// kernels/mla_decode_sparse.cu, which the launcher swaps it for): the keys of query row r are the token rows
+// indices[i, r, p] for list positions p in [start, stop) of the plan (L = topk; p >= topk_length[i] and
+// indices outside [0, num_tokens) are invalid: zero-filled, never read, masked by a per-key flag); no causal
+// mask. Needs h_q / h_kv % 64 == 0, so that the 64 rows of a CTA are heads of one query token.
+constexpr bool SPARSE = MLA_SPARSE;
+constexpr int FLAG_BYTES = SPARSE ? 2 * BLOCK_N * 4 : 0;  // [2][BLOCK_N] valid flags of the key rows
+constexpr int SMEM_BYTES = 2 * (1 + K_TILES) * TILE_EL + RAW_BYTES + 4 * WG_XCHG_FLOATS + FLAG_BYTES;
+static_assert(SMEM_BYTES == (FP8 ? 197632 : 229376) + FLAG_BYTES, "mirrored in cupy_hopper.py (wide_smem_bytes)");
 
+// One parameter list for both builds: kernels/mla_decode_sparse.cu's (the dense build ignores indices,
+// topk, topk_length, num_tokens; mla/backends/cupy_hopper.py `assemble` orders the dense arguments so).
+#if MLA_SPARSE
+#define MLA_HOPPER_KERNEL mla_decode_hopper_sparse
+#else
+#define MLA_HOPPER_KERNEL mla_decode_hopper
+#endif
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
-mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
+MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
                   const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
-                  const int* __restrict__ sched, const int* __restrict__ num_splits, float* __restrict__ o_part,
-                  float* __restrict__ lse_part, mla_elem_t* __restrict__ out, float* __restrict__ lse_out, int s_q,
-                  int h_q, int h_kv, int page, float scale_log2, int causal, int force_partials) {
+                  const int* __restrict__ indices, int topk, const int* __restrict__ topk_length, int num_tokens,
+                  int force_partials, const int* __restrict__ sched, const int* __restrict__ num_splits,
+                  float* __restrict__ o_part, float* __restrict__ lse_part, mla_elem_t* __restrict__ out,
+                  float* __restrict__ lse_out, int s_q, int h_q, int h_kv, int page, float scale_log2, int causal) {
 #if MLA_HAS_WGMMA
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);   // [TILE_EL]
   mla_elem_t* sK = sQ + TILE_EL;                               // [K_TILES][TILE_EL]
   unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [RAW_BYTES]
   float* sX = reinterpret_cast<float*>(sRaw + RAW_BYTES);      // [WG_XCHG_FLOATS]
+  int* sFlag = reinterpret_cast<int*>(sX + WG_XCHG_FLOATS);    // sparse: [2][BLOCK_N]
   const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -115,20 +134,30 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
   const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
 
   for (int i = begin_b; i <= end_b; ++i) {
+#if MLA_SPARSE
+    const int L = topk;  // the plan splits the index list
+    const int rq = (qt * BLOCK_M) / group;  // this CTA's query token (its 64 rows are heads of it)
+#else
     const int L = seqlens[i];
+#endif
     const int start = (i == begin_b) ? begin_tok : 0;
     const int stop = (i == end_b) ? end_tok : L;
     const int split = (i == begin_b) ? begin_split : 0;
     const int lo = num_splits[i], nsplit = num_splits[i + 1] - lo;
     // causal: no row of this CTA sees keys past L - s_q + r_max, so later tiles are skipped
     int stop_eff = stop;
+#if MLA_SPARSE
+    if (topk_length != nullptr) stop_eff = min(stop, topk_length[i]);  // later entries never count
+    if (false) {
+#else
     if (causal) {
+#endif
       const int r_max = min(s_q - 1, (qt * BLOCK_M + BLOCK_M - 1) / group);
       stop_eff = min(stop, L - s_q + r_max + 1);
     }
     const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
     int lim0 = stop - 1, lim1 = stop - 1;  // last key rows m0 / m1 see
-    if (causal) {
+    if (causal && !SPARSE) {
       lim0 = min(lim0, L - s_q + m0 / group);
       lim1 = min(lim1, L - s_q + m1 / group);
     }
@@ -147,22 +176,31 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
         wg_tile_load_row<D>(sQ, tid, src, valid);
       }
-      // FP8: the raw rows 8 warp .. 8 warp + 7 of key tile `tile` into the raw buffer; the block-table entry
-      // of row 8 warp + lane % 8 comes in blk (fetched a tile ahead)
-      auto fetch_blk = [&](int tile) {
-        const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
-        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
+      // the token row (block * page + offset) of key position pos, or -1 when the key is invalid (past the
+      // piece; sparse: a -1 / out-of-range index)
+      auto token_of = [&](int pos) -> int {
+        if (pos >= stop_eff) return -1;
+#if MLA_SPARSE
+        const int tok = indices[((long long)i * s_q + rq) * topk + pos];
+        return tok >= 0 && tok < num_tokens ? tok : -1;
+#else
+        return block_table[(long long)i * bt_stride + pos / page] * page + pos % page;
+#endif
       };
+      // FP8: the raw rows 8 warp .. 8 warp + 7 of key tile `tile` into the raw buffer; the token row of row
+      // 8 warp + lane % 8 comes in blk (fetched a tile ahead)
+      auto fetch_blk = [&](int tile) { return token_of(start + tile * BLOCK_N + 8 * warp + (lane & 7)); };
       auto load_raw = [&](int tile, int blk) {
         const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
-          const int row = 8 * warp + r, pos = start + tile * BLOCK_N + row;
-          const int b = __shfl_sync(0xffffffff, blk, r);
-          const bool valid = pos < stop_eff;
+          const int row = 8 * warp + r;
+          const int tok = __shfl_sync(0xffffffff, blk, r);
+          const bool valid = tok >= 0;
           const unsigned char* src = kc8;
-          if (valid) src = kc8 + (((long long)b * page + pos % page) * h_kv + g) * (long long)FP8_BYTES;
+          if (valid) src = kc8 + ((long long)tok * h_kv + g) * (long long)FP8_BYTES;
           fp8_copy_row(sRaw + row * FP8_BYTES, src, valid, lane);
+          if (SPARSE && lane == 0) sFlag[(tile & 1) * BLOCK_N + row] = valid;
         }
       };
       // key tile `tile` of the piece -> K buffer `buf` (128-byte swizzled, mla_wgmma.cuh: a quarter-warp copies
@@ -171,15 +209,13 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int pos = start + tile * BLOCK_N + k_row + 32 * h;
-          const bool valid = pos < stop_eff;
+          const int tok = token_of(start + tile * BLOCK_N + k_row + 32 * h);
+          const bool valid = tok >= 0;
           const mla_elem_t* src = k_cache;
-          if (valid) {
-            const long long blk = block_table[(long long)i * bt_stride + pos / page];
-            src = k_cache + ((blk * page + pos % page) * h_kv + g) * (long long)D;
-          }
+          if (valid) src = k_cache + ((long long)tok * h_kv + g) * (long long)D;
           sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + buf * TILE_EL), k_row + 32 * h, tid, src,
                                  valid);
+          if (SPARSE && (tid & 7) == 0) sFlag[(tile & 1) * BLOCK_N + k_row + 32 * h] = valid;
         }
       };
       int blk = 0;
@@ -222,7 +258,8 @@ mla_decode_hopper(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         for (int k = 0; k < 32; ++k) {
           const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);  // key of wg_acc_col(t, k)
           const bool second = (k >> 1) & 1;                    // row m1
-          const float v = pos <= (second ? lim1 : lim0) ? s[k] * scale_log2 : MLA_NEG_INF;
+          const bool ok = SPARSE ? sFlag[(tt & 1) * BLOCK_N + pos - pos0] != 0 : pos <= (second ? lim1 : lim0);
+          const float v = ok ? s[k] * scale_log2 : MLA_NEG_INF;
           s[k] = v;
           if (second) mx1 = fmaxf(mx1, v);
           else mx0 = fmaxf(mx0, v);

@@ -40,10 +40,17 @@ def emulated(monkeypatch):
     modules = {}
     timing = {"eager": False, "schedule": "lockstep"}  # tests may change it before running
 
-    def load_function(name, fn, defines=None):
+    def load_function(name, fn, defines=None, arch=None):
         key = (name, tuple(sorted((defines or {}).items())))
         if key not in modules:
-            modules[key] = _cuda_emu.EmuModule(name, defines)
+            if name == "mla_decode_hopper.cu":  # the Hopper kernels: with the wgmma model of test_hopper_compile.py
+                import test_hopper_compile as th
+
+                monkeypatch.setattr(_cuda_emu, "EMULATED", set(_cuda_emu.EMULATED) | th.MODELLED)
+                modules[key] = _cuda_emu.EmuModule(name, {"MLA_HAS_WGMMA": 1, **(defines or {})},
+                                                   source=th.WGMMA_MODEL + _nvrtc.read_source(name))
+            else:
+                modules[key] = _cuda_emu.EmuModule(name, defines)
         modules[key].configure(timing["eager"], timing["schedule"])
         return modules[key].get_function(fn)
 
@@ -55,7 +62,8 @@ def emulated(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: H100_SMEM)
     monkeypatch.setattr(_nvrtc, "load_function", load_function)
     monkeypatch.setattr(cupy_backend, "POISON_OUTPUTS", True)
-    monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", "portable")  # the mma.sync FP8 kernel (narrow: test_hopper_compile.py)
+    monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", "portable")  # the mma.sync kernels (Hopper: test_hopper_compile.py)
+    monkeypatch.setenv("MLA_CUPY_SPARSE_KERNEL", "portable")
     yield timing
     for module in modules.values():
         module.configure(False, "lockstep")
@@ -121,6 +129,36 @@ def test_sparse_decode_emulated(emulated, fp8, sink):
     want, lse_want = _reference(case, indices, topk_length, attn_sink)
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
     assert (np.asarray(out[1, 1], np.float32) == 0).all() and np.isposinf(lse[1, :, 1]).all()
+
+
+@pytest.mark.parametrize("fp8,sink,h_q,h_kv", [(False, None, 64, 1), (True, "finite", 64, 1), (True, None, 128, 2),
+                                              (False, "inf", 128, 1)])
+def test_hopper_sparse_decode_emulated(emulated, monkeypatch, fp8, sink, h_q, h_kv):
+    """The wide Hopper kernel's sparse build (mla_decode_hopper_sparse; taken for h_q / h_kv % 64 == 0 on an
+    H100): -1 indices, topk_length, an empty row, sinks, splits + the sink combine."""
+    monkeypatch.setenv("MLA_CUPY_SPARSE_KERNEL", "hopper")
+    rng = np.random.default_rng(70 + fp8 * 10 + h_q)
+    b, s_q, topk = 2, 2, 150
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[300, 90], dtype=BF16, fp8=fp8)
+    indices = testing.make_sparse_indices(rng, case, topk, invalid_ratio=0.4)
+    indices[1, 1, :] = -1  # a row with no valid index: out 0, lse +inf
+    topk_length = np.array([topk, 70], np.int32)
+    attn_sink = None
+    if sink == "finite":
+        attn_sink = rng.standard_normal(h_q).astype(np.float32)
+    elif sink == "inf":
+        attn_sink = np.where(np.arange(h_q) % 2 == 0, np.inf, -np.inf).astype(np.float32)
+    problem = api._validate(*case.args(), None, False, fp8, indices, topk_length, attn_sink, True)
+    from mla.backends import cupy_hopper
+
+    assert cupy_hopper.sparse_ok(problem, 0)
+    out, lse, splits = _run(case, 16, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+    if h_q == 64:  # 128 rows and 16 SMs: 4 workers for 2 lists of 3 tiles, no split there
+        assert int(np.diff(splits).max()) > 1
+    want, lse_want = _reference(case, indices, topk_length, attn_sink)
+    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
+    assert (np.asarray(out[1, 1], np.float32) == 0).all()
 
 
 @pytest.mark.parametrize("eager,schedule", [(True, "skewed"), (False, "reverse"), (True, "reverse")])

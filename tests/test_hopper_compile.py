@@ -42,6 +42,8 @@ COMPILE_CASES = (
     [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
      for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
+    + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
+    + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
@@ -65,7 +67,8 @@ def test_sm90a_compiles_without_spills(name, defines):
     reports = _ptxas_check(log)
     assert "serialized" not in log, f"ptxas serialises the wgmma pipeline:\n{log}"
     if name == "mla_decode_hopper.cu":
-        assert [r["function"] for r in reports] == ["mla_decode_hopper"]
+        want = "mla_decode_hopper_sparse" if defines.get("MLA_SPARSE") else "mla_decode_hopper"
+        assert [r["function"] for r in reports] == [want]
 
 
 @needs_nvrtc

@@ -70,9 +70,32 @@ def narrow_nq(problem) -> int:
 FP8_KERNELS = ("auto", "narrow", "wide", "portable")
 
 
-def wide_smem_bytes(fp8: bool = False) -> int:
-    """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange; FP8: Q + 1 K tile + 1 raw tile."""
-    return 2 * BLOCK_M * D * (2 if fp8 else 3) + (BLOCK_M * FP8_BYTES if fp8 else 0) + XCHG_BYTES
+def wide_smem_bytes(fp8: bool = False, sparse: bool = False) -> int:
+    """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange; FP8: Q + 1 K tile + 1 raw tile;
+    sparse: + the key rows' valid flags (2 x 64 ints)."""
+    return (2 * BLOCK_M * D * (2 if fp8 else 3) + (BLOCK_M * FP8_BYTES if fp8 else 0) + XCHG_BYTES
+            + (2 * BLOCK_M * 4 if sparse else 0))
+
+
+SPARSE_KERNELS = ("auto", "hopper", "portable")
+
+
+def sparse_ok(problem, dev: int) -> bool:
+    """Whether the wide kernel's sparse build (mla_decode_hopper_sparse) takes this sparse problem on device
+    ``dev``: compute capability 9.0, d = 576, d_v = 512, bf16 (or fp16 with a bf16/fp16 cache), and h_q / h_kv
+    a multiple of 64 (a CTA's 64 rows are heads of one query token). MLA_CUPY_SPARSE_KERNEL=portable keeps
+    the mma.sync sparse kernel."""
+    forced = os.environ.get("MLA_CUPY_SPARSE_KERNEL", "auto") or "auto"
+    if forced not in SPARSE_KERNELS:
+        raise ValueError(f"MLA_CUPY_SPARSE_KERNEL must be one of {SPARSE_KERNELS}, got {forced!r}")
+    if forced == "portable" or not problem.is_sparse or problem.d != D or problem.head_dim_v != DV:
+        return False
+    dt = np.dtype(problem.q.dtype)
+    if dt != _arrays.BFLOAT16 and (problem.is_fp8_kvcache or dt != np.dtype(np.float16)):
+        return False
+    if (problem.h_q // problem.h_kv) % BLOCK_M:
+        return False
+    return device_reason(dev) is None
 
 
 def fp8_variant(problem, dev: int) -> str | None:
@@ -194,8 +217,15 @@ def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlen
     from .cupy_backend import assemble_dense
 
     block_m, smem = (nq, smem) if narrow else (BLOCK_M, smem or SMEM_BYTES)
-    return assemble_dense(xp, decode_fn, combine_fn, problem, (q, k_cache, block_table, seqlens, sched, splits),
-                          host_splits, block_m, THREADS, smem, poison)
+    launches, out, lse = assemble_dense(xp, decode_fn, combine_fn, problem,
+                                        (q, k_cache, block_table, seqlens, sched, splits), host_splits, block_m,
+                                        THREADS, smem, poison)
+    if not narrow:  # the wide kernel takes the sparse kernel's parameter list (its sparse build shares it)
+        fn, grid, block, a, sm = launches[0]
+        null = np.uint64(0)
+        a = (*a[:5], null, np.int32(0), null, np.int32(0), a[17], *a[5:17])
+        launches[0] = (fn, grid, block, a, sm)
+    return launches, out, lse
 
 
 def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):

@@ -190,8 +190,14 @@ def prepare(problem, metadata, num_splits, dev):
     name = "mla_decode_sparse.cu" if sparse else "mla_decode_fp8.cu"
     defines = {"MLA_D": d, "MLA_DV": dv, "MLA_BLOCK_M": block_m, "MLA_BLOCK_N": block_n, "MLA_NWARPS": warps,
                "MLA_STAGES": stages, "MLA_FP16": int(fp16), "MLA_FP8": int(fp8)}
-    fn = _nvrtc.load_function(name, "mla_decode_sparse" if sparse else "mla_decode_fp8", defines)
-    smem = smem_bytes(d, dv, block_m, block_n, warps, stages, fp8, sparse)
+    if sparse and cupy_hopper.sparse_ok(problem, dev):  # the wide Hopper kernel's sparse build, same arguments
+        block_m, warps = cupy_hopper.BLOCK_M, cupy_hopper.THREADS // 32
+        hdefs = {**cupy_hopper.defines(fp16), "MLA_FP8": int(fp8), "MLA_SPARSE": 1}
+        fn = _nvrtc.load_function(cupy_hopper.SOURCE, "mla_decode_hopper_sparse", hdefs, arch=cupy_hopper.ARCH)
+        smem = cupy_hopper.wide_smem_bytes(fp8, sparse=True)
+    else:
+        fn = _nvrtc.load_function(name, "mla_decode_sparse" if sparse else "mla_decode_fp8", defines)
+        smem = smem_bytes(d, dv, block_m, block_n, warps, stages, fp8, sparse)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
