@@ -5,7 +5,10 @@ verified on an H100 on 2026-11-25: ``tests/test_cupy_fp8_sparse_gpu.py`` 95 pass
 compute-sanitizer tests (memcheck, racecheck) passed. ``backend="cupy"`` (and "auto" for device arrays)
 takes FP8 and sparse problems they compute; ``supports`` says why it declines the others.
 
-Kernels:
+Kernels (on an H100-class GPU the Hopper kernels of ``mla.backends.cupy_hopper`` take over where they
+were measured faster: dense FP8 -> their FP8 builds (``cupy_hopper.fp8_variant``), sparse with h_q / h_kv a
+multiple of 64 -> the wide kernel's sparse build ``mla_decode_hopper_sparse`` (``cupy_hopper.sparse_ok``),
+launched here with the same arguments; ``MLA_CUPY_FP8_KERNEL`` / ``MLA_CUPY_SPARSE_KERNEL`` force a choice):
 
 * ``kernels/mla_decode_fp8.cu`` (``mla_decode_fp8``): dense decode of the 656-byte FP8 cache
   (``mla.fp8``): raw tokens to shared memory with cp.async, dequantised there to bf16, then the
