@@ -129,6 +129,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import cupy as cp
+    from bench_prefill import environment
     from naive_cupy import naive_decode
 
     import mla
@@ -190,24 +191,16 @@ def main(argv=None):
         os.environ.pop("MLA_NUMBA_VERSION", None)
         os.environ.pop("MLA_NUMBA_BLOCK_N", None)
         for ck in (args.cupy_kernels.split(",") if have_cupy_backend else []):
-            env = {"auto": {}, "portable": {"MLA_CUPY_KERNEL": "portable"}, "hopper": {"MLA_CUPY_KERNEL": "hopper"},
-                   "hopper-wide": {"MLA_CUPY_KERNEL": "hopper", "MLA_HOPPER_VARIANT": "wide"},
-                   "hopper-narrow": {"MLA_CUPY_KERNEL": "hopper", "MLA_HOPPER_VARIANT": "narrow"}}[ck]
-            saved = {key: os.environ.get(key) for key in ("MLA_CUPY_KERNEL", "MLA_HOPPER_VARIANT")}
-            os.environ.update(env)
+            kernel, variant = {"auto": (None, None), "portable": ("portable", None), "hopper": ("hopper", None),
+                               "hopper-wide": ("hopper", "wide"), "hopper-narrow": ("hopper", "narrow")}[ck]
             name = "cupy backend" if ck == "auto" else f"cupy {ck}"
-            try:
-                fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits, backend="cupy",  # noqa: E731
-                                                        validate=False)
-                rows.append((name, *timed(fn, args.reps)))
-            except Exception as exc:
-                print(f"{name} failed: {exc!r}", flush=True)
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            with environment(MLA_CUPY_KERNEL=kernel, MLA_HOPPER_VARIANT=variant):
+                try:
+                    fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits,  # noqa: E731
+                                                            backend="cupy", validate=False)
+                    rows.append((name, *timed(fn, args.reps)))
+                except Exception as exc:
+                    print(f"{name} failed: {exc!r}", flush=True)
         for name, ms, reps, loop_ms in rows:
             gbs = nbytes / ms / 1e6
             loop = f"{loop_ms:.3f} | {100 * nbytes / loop_ms / 1e6 / copy_gbs:.0f}%" if loop_ms else "- | -"

@@ -98,7 +98,7 @@ def matmul_rate(dtype_name="float16", n=8192):
 
 
 @contextlib.contextmanager
-def _env(**values):
+def environment(**values):
     """Set environment variables for the block (None removes one), then restore them."""
     old = {k: os.environ.get(k) for k in values}
     try:
@@ -153,7 +153,7 @@ def bench_attention(b, s, h, d, d_v, reps, matmul_tflops=None, simt=True):
         if not simt and env["MLA_PREFILL_KERNEL"] == "simt":
             continue
         try:
-            with _env(**env):
+            with environment(**env):
                 out, lse = flash_attn_varlen_forward(q, k, v, cu, cu, s, s, **kw)
                 grads = flash_attn_varlen_backward(dout, q, k, v, out, lse, cu, cu, s, s, **kw)
                 results[name] = (out, lse) + tuple(grads)

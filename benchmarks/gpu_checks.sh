@@ -199,7 +199,17 @@ sparsewide)  # the wide kernel's sparse build (h_q / h_kv % 64 == 0 on an H100):
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   r 60 bench_sparse_portable env MLA_CUPY_SPARSE_KERNEL=portable python3 benchmarks/bench_fp8_sparse.py --reps 20
   ;;
+review)  # after the review refactor (shared plan-row helper in the decode kernels): their GPU tests again
+  t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
+  t 150 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 90 t_sparse_prefill tests/test_sparse_prefill_gpu.py
+  r 30 kernel_auto python3 -m mla.backends.cupy_backend bench
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1 --reps 20 \
+    --cupy-kernels auto,portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review" >&2
   exit 2 ;;
 esac

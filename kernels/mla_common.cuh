@@ -140,6 +140,25 @@ __device__ __forceinline__ float mla_row_lse(float m, float l) {
   return l > 0.f ? (m + log2f(l)) * MLA_LN2 : MLA_NEG_INF;
 }
 
+// ---- a worker's row of the scheduler plan (mla/scheduler.py: begin_b, begin_tok, end_b, end_tok, begin_split,
+// ...) and the piece of sequence i it owns: keys [start, stop) of a sequence of L keys (L = the index list's
+// length in sparse mode), its split index, the sequence's first partial row lo and its split count nsplit
+struct MlaWork {
+  int begin_b, begin_tok, end_b, end_tok, begin_split;
+};
+struct MlaPiece {
+  int start, stop, split, lo, nsplit;
+};
+__device__ __forceinline__ MlaWork mla_work(const int* __restrict__ sched, int worker) {
+  const int* r = sched + worker * 8;
+  return MlaWork{r[0], r[1], r[2], r[3], r[4]};
+}
+__device__ __forceinline__ MlaPiece mla_piece(const MlaWork& w, const int* __restrict__ num_splits, int i, int L) {
+  const int lo = num_splits[i];
+  return MlaPiece{i == w.begin_b ? w.begin_tok : 0, i == w.end_b ? w.end_tok : L, i == w.begin_b ? w.begin_split : 0,
+                  lo, num_splits[i + 1] - lo};
+}
+
 // ---- where a finished query row of a split-KV decode goes. Row m of KV head g is (r, h) =
 // (m / group, g group + m % group); a sequence with one split writes out / lse directly (direct),
 // otherwise partial p's o_part / lse_part row. Returns the element offset of the row's first channel

@@ -1,11 +1,9 @@
 // mla_decode_hopper.cu -- MLA decode over a paged KV cache on Hopper (sm_90a): wgmma + cp.async.
 //
-// STATUS: NOT YET RUN ON A GPU. NVRTC-compiled for sm_90a (ptxas -v: 232 registers, 0 spills, 0 stack,
-// 3 barriers; SASS: 36 HGMMA.64x32x16 + 8 HGMMA.64x256x16 .tnspB a tile, 4 without the P split) and run
-// on the CPU emulator with a wgmma model written from the PTX ISA (tests/test_hopper_compile.py: matches
-// the NumPy reference; that model is my reading of the ISA, which only the GPU can confirm).
-// mla/backends/cupy_hopper.py reaches it only with MLA_CUPY_UNVERIFIED=1; on the H100 run
-// tests/test_wgmma_probe_gpu.py first (the building blocks), then tests/test_cupy_gpu.py -k hopper.
+// STATUS: verified on an H100 (tests/test_cupy_gpu.py with every build forced, tests/test_cupy_fp8_sparse_gpu.py
+// for the FP8 / sparse builds, compute-sanitizer memcheck + racecheck; benchmarks/BENCHMARKS.md, 2026-11-26).
+// backend="cupy" takes it above 32 query rows a KV head on compute capability 9.0 (mla/backends/cupy_hopper.py),
+// its sparse build for sparse problems with h_q / h_kv % 64 == 0 (cupy_sparse_fp8.py).
 //
 // What it computes: exactly what kernels/mla_decode_portable.cu computes (mla/reference.py is the spec),
 // for d = 576, d_v = 512 (any page size, h_kv, s_q, h_q): for each piece (sequence i, keys [start, stop),
@@ -45,11 +43,12 @@
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16). MLA_D / MLA_DV are
 //   fixed at 576 / 512 (static_assert).
 //
-// Versions:
-//   v1 (this file) cp.async double buffer, S split over the warpgroups by keys + register exchange,
-//      P V from registers. Not measured yet. Expected limits (benchmarks/NOTES_cupy.md): the warpgroups
-//      run in lock step (no softmax / wgmma overlap as in FlashMLA's seesaw schedule), 64-row padding
-//      makes h_q = 16 four times the useful tensor work, the bf16 P split doubles P V.
+// Versions (benchmarks/NOTES_cupy.md):
+//   v1 cp.async double buffer, S split over the warpgroups by keys + register exchange, P V from registers,
+//      unswizzled tiles: 3.17 ms (184 TFLOP/s) at 128,2,128,8192 on the H100.
+//   v2 (this file) 128-byte swizzled K tiles, whole-line copies: 1.92-1.98 ms (295-304 TFLOP/s). Limits left:
+//      the warpgroups run in lock step (no softmax / wgmma overlap as in FlashMLA's seesaw schedule), the
+//      bf16 P split doubles P V (caps it near 670 TFLOP/s).
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
@@ -130,20 +129,17 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
   const int m0 = qt * BLOCK_M + wg_acc_row(t, 0), m1 = m0 + 8;
 
   if (sK_addr & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
-  const int* row = sched + blockIdx.x * 8;
-  const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
+  const MlaWork work = mla_work(sched, blockIdx.x);
 
-  for (int i = begin_b; i <= end_b; ++i) {
+  for (int i = work.begin_b; i <= work.end_b; ++i) {
 #if MLA_SPARSE
     const int L = topk;  // the plan splits the index list
     const int rq = (qt * BLOCK_M) / group;  // this CTA's query token (its 64 rows are heads of it)
 #else
     const int L = seqlens[i];
 #endif
-    const int start = (i == begin_b) ? begin_tok : 0;
-    const int stop = (i == end_b) ? end_tok : L;
-    const int split = (i == begin_b) ? begin_split : 0;
-    const int lo = num_splits[i], nsplit = num_splits[i + 1] - lo;
+    const MlaPiece pc = mla_piece(work, num_splits, i, L);
+    const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
     // causal: no row of this CTA sees keys past L - s_q + r_max, so later tiles are skipped
     int stop_eff = stop;
 #if MLA_SPARSE

@@ -190,15 +190,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   mla_elem_t* myP = sP + wg * P_EL;
 
   if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
-  const int* row = sched + blockIdx.x * 8;
-  const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
+  const MlaWork work = mla_work(sched, blockIdx.x);
 
-  for (int i = begin_b; i <= end_b; ++i) {
+  for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
-    const int start = (i == begin_b) ? begin_tok : 0;
-    const int stop = (i == end_b) ? end_tok : L;
-    const int split = (i == begin_b) ? begin_split : 0;
-    const int lo = num_splits[i], nsplit = num_splits[i + 1] - lo;
+    const MlaPiece pc = mla_piece(work, num_splits, i, L);
+    const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
     int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
     if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
     const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;

@@ -102,15 +102,12 @@ mla_decode_portable(const mla_elem_t* __restrict__ q, const mla_elem_t* __restri
     reinterpret_cast<uint4*>(sQ)[idx] = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
-  const int* row = sched + blockIdx.x * 8;
-  const int begin_b = row[0], begin_tok = row[1], end_b = row[2], end_tok = row[3], begin_split = row[4];
+  const MlaWork work = mla_work(sched, blockIdx.x);
 
-  for (int i = begin_b; i <= end_b; ++i) {
+  for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
-    const int start = (i == begin_b) ? begin_tok : 0;
-    const int stop = (i == end_b) ? end_tok : L;
-    const int split = (i == begin_b) ? begin_split : 0;
-    const int lo = num_splits[i], nsplit = num_splits[i + 1] - lo;
+    const MlaPiece pc = mla_piece(work, num_splits, i, L);
+    const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
     // causal: no row of this CTA sees keys past L - s_q + r_max, so later tiles are skipped
     int stop_eff = stop;
     if (causal) {

@@ -4,9 +4,10 @@
 // kernels/wgmma_probe.cu calls exactly these functions on small exact-integer matrices
 // (tests/test_wgmma_probe_gpu.py), so a wrong descriptor or fragment map shows up there in seconds.
 //
-// STATUS: NOT YET RUN ON A GPU. Compiled with NVRTC for sm_90a (ptxas -v clean); the decode kernel and the
-// probes built from these functions match NumPy on the CPU emulator's wgmma model (tests/test_hopper_compile.py),
-// which encodes the reading of the PTX ISA written below -- the GPU probes are what confirm it.
+// STATUS: verified on an H100 (tests/test_wgmma_probe_gpu.py, and the decode kernels built from these functions
+// in tests/test_cupy_gpu.py). The CPU emulator's wgmma model (tests/test_hopper_compile.py) encodes the reading
+// of the PTX ISA written below, which those GPU runs confirmed (the SW128 MN-major reading: run 4 of
+// benchmarks/runs/2026-11-26b-h100, MLA_WG_DIAG_SW_SWAP_MN).
 //
 // ---- Shared-memory tile layout (no swizzle, "interleaved" core matrices) ------------------------------
 // A tile is 64 rows (query rows, or keys) x D = 576 channels of 16-bit elements. wgmma without swizzle

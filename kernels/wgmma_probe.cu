@@ -17,7 +17,8 @@
 // Inputs are row-major: Q, K, V [64][576] (16-bit), P fp32 [64][64]. -DMLA_FP16=1 for fp16. The test
 // recompiles with -DMLA_WG_DIAG_SWAP_K=1 / -DMLA_WG_DIAG_SWAP_MN=1 to name a wrong descriptor field.
 //
-// STATUS: NVRTC-compiled for sm_90a, NOT YET RUN ON A GPU (sm_80 builds get trapping stubs).
+// STATUS: verified on an H100 (tests/test_wgmma_probe_gpu.py: 19 passed, 2026-11-25/26); sm_80 builds get
+// trapping stubs.
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 

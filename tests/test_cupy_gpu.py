@@ -301,7 +301,7 @@ def test_non_contiguous_cache_raises():
                                            (128, 1, "mla_decode_hopper"), (3, 1, "mla_decode_hopper_narrow")])
 def test_auto_kernel_choice(monkeypatch, h_q, s_q, want):
     """kernel="auto" (the default, no MLA_CUPY_KERNEL): on an H100 the narrow Hopper kernel up to 32 rows a KV
-    head, the wide one above (cupy_hopper.auto_variant); elsewhere the portable kernel.
+    head, the wide one above (cupy_hopper.variant); elsewhere the portable kernel.
     An unknown MLA_CUPY_KERNEL is a ValueError."""
     from mla.backends import cupy_hopper
 

@@ -91,20 +91,19 @@ def _sass_tools():
     return nvcc, cuobjdump
 
 
-@pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 8), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 4),
-                                          ({"MLA_FP16": 1}, 4)])
-def test_sass_holds_hgmma(tmp_path, defines, n_pv):
-    """The wgmma instructions survive to SASS as HGMMA, none serialised (nvcc + cuobjdump, when present;
-    the NVRTC cubin is the same code but this cuobjdump does not read it)."""
+def _sass(tmp_path, source, defines):
+    """(SASS text, ptxas -v log) of kernels/``source`` built by nvcc for sm_90a with ``defines`` (the NVRTC
+    cubin is the same code but this cuobjdump does not read it); skips without nvcc / cuobjdump."""
     nvcc, cuobjdump = _sass_tools()
     if nvcc is None or cuobjdump is None:
         pytest.skip("nvcc / cuobjdump not found (SASS check only)")
-    src = tmp_path / "hopper.cu"
-    src.write_text(_nvrtc.read_source("mla_decode_hopper.cu"))
-    cubin = tmp_path / "hopper.cubin"
-    cmd = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-o", str(cubin), str(src)]
+    src = tmp_path / "kernel.cu"
+    src.write_text(_nvrtc.read_source(source))
+    cubin = tmp_path / "kernel.cubin"
+    cmd = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-o", str(cubin), str(src),
+           "-Xptxas", "-v"]
     cmd += [f"-D{k}={v}" for k, v in defines.items()]
-    subprocess.run(cmd, check=True, capture_output=True)
+    log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     env = None
     nvdisasm = shutil.which("nvdisasm") or "/tmp/nvdis/nvidia/cu13/bin/nvdisasm"
     if shutil.which(nvdisasm):
@@ -113,10 +112,24 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
         env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
                           env=env).stdout
-    kinds = {}
-    for shape in re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass):  # .F32.BF16 for bf16, .F32 for fp16
-        kinds[shape] = kinds.get(shape, 0) + 1
-    assert kinds == {"64x32x16": 36, "64x256x16": n_pv}, kinds
+    return sass, log
+
+
+def _hgmma_counts(sass):
+    shapes = re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass)  # .F32.BF16 for bf16, .F32 for fp16
+    return {k: shapes.count(k) for k in set(shapes)}
+
+
+@pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 8), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 4),
+                                          ({"MLA_FP16": 1}, 4), ({"MLA_FP16": 0, "MLA_FP8": 1}, 8),
+                                          ({"MLA_FP16": 0, "MLA_SPARSE": 1}, 8),
+                                          ({"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1}, 8)])
+def test_sass_holds_hgmma(tmp_path, defines, n_pv):
+    """The wide kernel (every build): 36 HGMMA.64x32x16 (S) and n_pv HGMMA.64x256x16 (P V) a tile, none
+    serialised."""
+    sass, log = _sass(tmp_path, "mla_decode_hopper.cu", defines)
+    assert "serialized" not in log, log
+    assert _hgmma_counts(sass) == {"64x32x16": 36, "64x256x16": n_pv}
     pv = [line for line in sass.splitlines() if "HGMMA.64x256x16" in line]
     assert all(".tnspB" in line for line in pv), pv[:2]  # imm-trans-b = 1: B (= V) read N-major
     assert sass.count("WARPGROUP.DEPBAR") == 2  # one wait for S, one for P V: the batches are not serialised
@@ -127,33 +140,14 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
     ({"MLA_FP16": 1}, "64x16x16", "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x16x16", "64x32x16"),
     ({"MLA_FP16": 0, "MLA_NQ": 32}, "64x32x16", "64x64x16"), ({"MLA_FP16": 1, "MLA_NQ": 32}, "64x32x16", "64x32x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, st_shape, pv_shape):
-    """The narrow kernel: 18 HGMMA.64x16x16 (a warpgroup's half of S^T) and 16 P V HGMMA (its 4 channel
-    blocks) a tile,
-    and exactly two waits: ptxas did not serialise the wgmma (it does when the warpgroup index looks
+    """The narrow kernel: 18 HGMMA for a warpgroup's half of S^T and 16 for its 4 channel blocks of P V a
+    tile, and exactly two waits: ptxas did not serialise the wgmma (it does when the warpgroup index looks
     divergent to it, and then NVRTC's log does not say so)."""
-    nvcc, cuobjdump = _sass_tools()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("nvcc / cuobjdump not found (SASS check only)")
-    src = tmp_path / "narrow.cu"
-    src.write_text(_nvrtc.read_source(cupy_hopper.NARROW_SOURCE))
-    cubin = tmp_path / "narrow.cubin"
-    cmd = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-o", str(cubin), str(src),
-           "-Xptxas", "-v"]
-    cmd += [f"-D{k}={v}" for k, v in defines.items()]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert "serialized" not in res.stderr, res.stderr
-    env = None
-    nvdisasm = shutil.which("nvdisasm") or "/tmp/nvdis/nvidia/cu13/bin/nvdisasm"
-    if shutil.which(nvdisasm):
-        import os
-
-        env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
-                          env=env).stdout
-    shapes = re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32", sass)
+    sass, log = _sass(tmp_path, cupy_hopper.NARROW_SOURCE, defines)
+    assert "serialized" not in log, log
     want = {st_shape: 18}
     want[pv_shape] = want.get(pv_shape, 0) + 16
-    assert {k: shapes.count(k) for k in set(shapes)} == want
+    assert _hgmma_counts(sass) == want
     assert sass.count("WARPGROUP.DEPBAR") == 2
 
 
@@ -192,22 +186,20 @@ def _rows_problem(s_q, h_q, h_kv=1):
     return types.SimpleNamespace(s_q=s_q, h_q=h_q, h_kv=h_kv)
 
 
-@pytest.mark.parametrize("s_q,h_q,h_kv,auto,forced", [(1, 16, 1, "narrow", "narrow"), (1, 1, 1, "narrow", "narrow"),
-                                                      (2, 64, 8, "narrow", "narrow"), (2, 16, 1, "narrow", "narrow"),
-                                                      (1, 33, 1, "wide", "wide"), (1, 64, 1, "wide", "wide"),
-                                                      (2, 128, 1, "wide", "wide")])
-def test_variants(monkeypatch, s_q, h_q, h_kv, auto, forced):
-    """Rows a KV head (s_q h_q / h_kv): "auto" and kernel="hopper" take narrow up to 32 (nq 16 up to 16 rows,
-    else 32), wide above (WIDE_MIN_ROWS = 33); MLA_HOPPER_VARIANT overrides both."""
+@pytest.mark.parametrize("s_q,h_q,h_kv,want", [(1, 16, 1, "narrow"), (1, 1, 1, "narrow"), (2, 64, 8, "narrow"),
+                                               (2, 16, 1, "narrow"), (1, 33, 1, "wide"), (1, 64, 1, "wide"),
+                                               (2, 128, 1, "wide")])
+def test_variants(monkeypatch, s_q, h_q, h_kv, want):
+    """Rows a KV head (s_q h_q / h_kv): the narrow kernel up to 32 (nq 16 up to 16 rows, else 32), the wide
+    one above (WIDE_MIN_ROWS = 33); MLA_HOPPER_VARIANT overrides."""
     monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
     p = _rows_problem(s_q, h_q, h_kv)
     assert cupy_hopper.WIDE_MIN_ROWS == 33
     assert cupy_hopper.narrow_nq(p) == (16 if s_q * h_q // h_kv <= 16 else 32)
-    assert cupy_hopper.auto_variant(p) == auto
-    assert cupy_hopper.variant(p) == forced
+    assert cupy_hopper.variant(p) == want
     for v in ("narrow", "wide"):
         monkeypatch.setenv("MLA_HOPPER_VARIANT", v)
-        assert cupy_hopper.auto_variant(p) == v and cupy_hopper.variant(p) == v
+        assert cupy_hopper.variant(p) == v
     monkeypatch.setenv("MLA_HOPPER_VARIANT", "bogus")
     with pytest.raises(ValueError, match="MLA_HOPPER_VARIANT"):
         cupy_hopper.variant(p)

@@ -258,9 +258,8 @@ def _prepare(cp, problem, metadata, num_splits, dev, kernel: str = "portable"):
     if kernel in ("hopper", "auto"):
         from . import cupy_hopper
 
-        which = cupy_hopper.variant(problem) if kernel == "hopper" else cupy_hopper.auto_variant(problem)
-        if which is not None and cupy_hopper.supports(problem, dev)[0]:
-            return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev, which)
+        if cupy_hopper.supports(problem, dev)[0]:
+            return cupy_hopper.prepare(cp, problem, metadata, num_splits, dev, cupy_hopper.variant(problem))
     return _prepare_portable(cp, problem, metadata, num_splits, dev)
 
 

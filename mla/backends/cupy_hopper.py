@@ -134,19 +134,13 @@ def _forced_variant() -> str:
 
 
 def variant(problem) -> str:
-    """The Hopper kernel for ``problem``: MLA_HOPPER_VARIANT if set, else "narrow" when a KV head has at most
-    NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else "wide"."""
+    """The Hopper kernel for ``problem`` (``kernel="auto"`` and ``kernel="hopper"`` alike: on an H100 a Hopper
+    kernel was measured faster than the portable one at every row count): MLA_HOPPER_VARIANT if set, else
+    "narrow" when a KV head has at most NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else "wide"."""
     forced = _forced_variant()
     if forced != "auto":
         return forced
     return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "wide"
-
-
-def auto_variant(problem) -> str | None:
-    """The Hopper kernel ``kernel="auto"`` runs ``problem`` with, or None for the portable kernel. Today the
-    same as ``variant`` (a Hopper kernel is the faster one at every row count measured); kept apart so that
-    a row range where the portable kernel wins can return None again."""
-    return variant(problem)
 
 
 def shape_reason(problem) -> str | None:
