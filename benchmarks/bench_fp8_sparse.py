@@ -62,11 +62,16 @@ def _numba_launches(q, cache, table, seqlens, fp8, indices, sched, splits):
     return [(call, None, None, None, 0)]
 
 
+RESIDENT = None  # --resident N: every block-table entry points into the first N blocks (L2-resident keys)
+
+
 def _cache(b, s_k):
     blocks = b * s_k // PAGE
     k = _random_bf16((blocks, PAGE, 1, D))
     k8 = mla.quantize_kv_fp8(k)  # on the device (CuPy path of mla.fp8)
-    table = cp.asarray(np.random.default_rng(0).permutation(blocks).astype(np.int32).reshape(b, s_k // PAGE))
+    rng = np.random.default_rng(0)
+    table = rng.permutation(blocks) if RESIDENT is None else rng.integers(0, RESIDENT, blocks)
+    table = cp.asarray(table.astype(np.int32).reshape(b, s_k // PAGE))
     return k, k8, table
 
 
@@ -226,13 +231,18 @@ def main():
                     help="only time the dense FP8 memory-bound row under these FP8 tilings")
     ap.add_argument("--dense-only", action="store_true", help="only the dense rows, at b=128, s_q=1, s_k=8192")
     ap.add_argument("--h-q", type=int, default=None, help="with --dense-only: this h_q (default 16)")
+    ap.add_argument("--resident", type=int, default=None, metavar="N",
+                    help="diagnostics: keys from the first N blocks only, no L2 flush (the kernels' time without "
+                         "DRAM: N = 64 is 4.7 MB of bf16 keys)")
     args = ap.parse_args()
+    global RESIDENT
+    RESIDENT = args.resident
     dev = cp.cuda.Device()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, CuPy {cp.__version__}",
           flush=True)
     if args.check and not check(args.backend):
         print("check FAILED: timings below are of wrong kernels", flush=True)
-    flush = cp.empty(256 << 20, dtype=cp.uint8)
+    flush = cp.empty(256 << 20 if args.resident is None else 1, dtype=cp.uint8)
     if args.sweep:
         sweep(args.sweep, args.reps, flush)
         return

@@ -37,8 +37,8 @@
 //   warpgroups done with the K buffer before the load at the top of the next tile refills it).
 //
 // Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py): Q tile 73728 B + 2 K tiles 147456 B
-//   + exchange 8192 B = 229376 B (H100 opt-in limit 232448). Layout of a tile: mla_wgmma.cuh (no swizzle,
-//   8 x 16 B core matrices, channel-group-major).
+//   + exchange 8192 B = 229376 B (H100 opt-in limit 232448), the FP8 build too; sparse: + valid flags (2 x 64
+//   ints; FP8: 4 x 64). Layouts: mla_wgmma.cuh (Q: no swizzle, 8 x 16 B core matrices; K: 128-byte swizzle).
 //
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16). MLA_D / MLA_DV are
 //   fixed at 576 / 512 (static_assert).
@@ -49,6 +49,8 @@
 //   v2 (this file) 128-byte swizzled K tiles, whole-line copies: 1.92-1.98 ms (295-304 TFLOP/s). Limits left:
 //      the warpgroups run in lock step (no softmax / wgmma overlap as in FlashMLA's seesaw schedule), the
 //      bf16 P split doubles P V (caps it near 670 TFLOP/s).
+//   FP8 v2 (2026-11-26): register stages, dequantisation under the wgmma batches (see FP8 below): dense FP8
+//      128,2,128,8192 3.19 -> 2.12-2.16 ms, sparse FP8 128,2,128, topk 2048 0.880 -> 0.617-0.621 ms.
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
@@ -64,6 +66,9 @@
 #ifndef MLA_FP8
 #define MLA_FP8 0
 #endif
+#ifndef MLA_ALPHA_SKIP  // skip O *= alpha when a warp's alphas are all 1 (exact either way). Timed on the H100
+#define MLA_ALPHA_SKIP MLA_FP8  // (2026-11-26): FP8 builds 4% faster, bf16 builds 3-4% slower
+#endif
 #ifndef MLA_SPARSE
 #define MLA_SPARSE 0
 #endif
@@ -78,22 +83,25 @@ constexpr int TILE_EL = BLOCK_N * D;     // elements of a Q or K tile
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 static_assert(D == 576 && DV == 512, "the Hopper kernel is specialised for d = 576, d_v = 512");
 static_assert(BLOCK_M == WG_TILE_ROWS && BLOCK_N == WG_TILE_ROWS, "tiles are 64 rows");
-// FP8 cache (-DMLA_FP8=1, FlashMLA's 656-byte tokens, kernels/mla_fp8.cuh): one bf16 K tile and one raw tile.
-// Per tile: wait for the raw tile (this warp's own rows), dequantise them into the bf16 tile
-// (sw128_dequant_warp_rows), CTA barrier, then the copies of the next raw tile start -- the raw buffer is
-// free -- and run under this tile's math. (Two bf16 tiles and a raw one would not fit beside the 72 KB Q.)
+// FP8 cache (-DMLA_FP8=1, FlashMLA's 656-byte tokens, kernels/mla_fp8.cuh): the two bf16 K tiles of the
+// bf16 build, and the raw rows of the next tile wait in registers, half a tile at a time (mla_wgmma.cuh,
+// "register stages"): while tile t's S wgmma runs, every warp dequantises half a of tile t + 1 into the other
+// buffer and loads half b; while its P V wgmma runs, half b is dequantised and half a of tile t + 2 loaded.
+// The RoPE channels are copied (cp.async) straight into the bf16 tile. (v1: one bf16 tile and a raw one,
+// dequantised at the top of each tile with the tensor cores idle.)
 constexpr bool FP8 = MLA_FP8;
-constexpr int K_TILES = FP8 ? 1 : 2;
-constexpr int RAW_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;
 // Sparse decode (-DMLA_SPARSE=1, DeepSeek-V3.2's DSA; kernel mla_decode_hopper_sparse with the signature of
 // kernels/mla_decode_sparse.cu, which the launcher swaps it for): the keys of query row r are the token rows
 // indices[i, r, p] for list positions p in [start, stop) of the plan (L = topk; p >= topk_length[i] and
 // indices outside [0, num_tokens) are invalid: zero-filled, never read, masked by a per-key flag); no causal
 // mask. Needs h_q / h_kv % 64 == 0, so that the 64 rows of a CTA are heads of one query token.
 constexpr bool SPARSE = MLA_SPARSE;
-constexpr int FLAG_BYTES = SPARSE ? 2 * BLOCK_N * 4 : 0;  // [2][BLOCK_N] valid flags of the key rows
-constexpr int SMEM_BYTES = 2 * (1 + K_TILES) * TILE_EL + RAW_BYTES + 4 * WG_XCHG_FLOATS + FLAG_BYTES;
-static_assert(SMEM_BYTES == (FP8 ? 197632 : 229376) + FLAG_BYTES, "mirrored in cupy_hopper.py (wide_smem_bytes)");
+// valid flags of the key rows, [FLAG_SLOTS][BLOCK_N]: tile t in slot t % FLAG_SLOTS (FP8: written two tiles
+// ahead, while another warp may still read the flags of the tile before)
+constexpr int FLAG_SLOTS = FP8 ? 4 : 2;
+constexpr int FLAG_BYTES = SPARSE ? FLAG_SLOTS * BLOCK_N * 4 : 0;
+constexpr int SMEM_BYTES = 2 * 3 * TILE_EL + 4 * WG_XCHG_FLOATS + FLAG_BYTES;
+static_assert(SMEM_BYTES == 229376 + FLAG_BYTES, "mirrored in cupy_hopper.py (wide_smem_bytes)");
 
 // One parameter list for both builds: kernels/mla_decode_sparse.cu's (the dense build ignores indices,
 // topk, topk_length, num_tokens; mla/backends/cupy_hopper.py `assemble` orders the dense arguments so).
@@ -112,10 +120,9 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #if MLA_HAS_WGMMA
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);   // [TILE_EL]
-  mla_elem_t* sK = sQ + TILE_EL;                               // [K_TILES][TILE_EL]
-  unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [RAW_BYTES]
-  float* sX = reinterpret_cast<float*>(sRaw + RAW_BYTES);      // [WG_XCHG_FLOATS]
-  int* sFlag = reinterpret_cast<int*>(sX + WG_XCHG_FLOATS);    // sparse: [2][BLOCK_N]
+  mla_elem_t* sK = sQ + TILE_EL;                               // [2][TILE_EL]: tile t in buffer t % 2
+  float* sX = reinterpret_cast<float*>(sK + 2 * TILE_EL);      // [WG_XCHG_FLOATS]
+  int* sFlag = reinterpret_cast<int*>(sX + WG_XCHG_FLOATS);    // sparse: [FLAG_SLOTS][BLOCK_N]
   const u32 sQ_addr = smem_u32(sQ), sK_addr = smem_u32(sK);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -183,22 +190,28 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         return block_table[(long long)i * bt_stride + pos / page] * page + pos % page;
 #endif
       };
-      // FP8: the raw rows 8 warp .. 8 warp + 7 of key tile `tile` into the raw buffer; the token row of row
-      // 8 warp + lane % 8 comes in blk (fetched a tile ahead)
-      auto fetch_blk = [&](int tile) { return token_of(start + tile * BLOCK_N + 8 * warp + (lane & 7)); };
-      auto load_raw = [&](int tile, int blk) {
-        const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const int row = 8 * warp + r;
-          const int tok = __shfl_sync(0xffffffff, blk, r);
-          const bool valid = tok >= 0;
-          const unsigned char* src = kc8;
-          if (valid) src = kc8 + ((long long)tok * h_kv + g) * (long long)FP8_BYTES;
-          fp8_copy_row(sRaw + row * FP8_BYTES, src, valid, lane);
-          if (SPARSE && lane == 0) sFlag[(tile & 1) * BLOCK_N + row] = valid;
-        }
+      // FP8: the block-table entry / index of row 8 warp + lane % 8 of key tile `tile` (-1 past the piece),
+      // fetched without waiting for it; tok_of turns it into that row's token row (-1: invalid) where it is
+      // used, and (sparse) records the row's valid flag
+      auto fetch_raw = [&](int tile) {
+        const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
+#if MLA_SPARSE
+        return ldg_nc_i32_or(indices + ((long long)i * s_q + rq) * topk + pos, pos < stop_eff, -1);
+#else
+        return ldg_nc_i32_or(block_table + (long long)i * bt_stride + pos / page, pos < stop_eff, -1);
+#endif
       };
+      auto tok_of = [&](int raw, int tile) {
+#if MLA_SPARSE
+        const int tok = raw >= 0 && raw < num_tokens ? raw : -1;
+        if (lane < 8) sFlag[(tile % FLAG_SLOTS) * BLOCK_N + 8 * warp + lane] = tok >= 0;
+        return tok;
+#else
+        return raw < 0 ? -1 : raw * page + (start + tile * BLOCK_N + 8 * warp + (lane & 7)) % page;
+#endif
+      };
+      const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
+      auto kbuf = [&](int tile) { return reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL); };
       // key tile `tile` of the piece -> K buffer `buf` (128-byte swizzled, mla_wgmma.cuh: a quarter-warp copies
       // one whole 128-byte line); this thread copies keys k_row and k_row + 32 of it
       auto load_k = [&](int tile, int buf) {
@@ -211,28 +224,45 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (valid) src = k_cache + ((long long)tok * h_kv + g) * (long long)D;
           sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + buf * TILE_EL), k_row + 32 * h, tid, src,
                                  valid);
-          if (SPARSE && (tid & 7) == 0) sFlag[(tile & 1) * BLOCK_N + k_row + 32 * h] = valid;
+          if (SPARSE && (tid & 7) == 0) sFlag[(tile % FLAG_SLOTS) * BLOCK_N + k_row + 32 * h] = valid;
         }
       };
-      int blk = 0;
+      // FP8: st holds half a of tile tt + 1 at the top of tile tt, tok the token rows of tile tt + 1, raw the
+      // entries of tile tt + 2 (used a whole tile after they were fetched: their latency never shows)
+      Fp8Half st;
+      int tok = 0, raw = -1;
       if constexpr (FP8) {
-        load_raw(0, fetch_blk(0));
-        if (n_tiles > 1) blk = fetch_blk(1);
+        tok = tok_of(fetch_raw(0), 0);
+        fp8_rope_copy(kbuf(0), kc8, tok, h_kv, g, warp, lane);
+        cp_async_commit();  // group: Q + tile 0's RoPE channels
+        // tile 0 straight through (its latency is exposed once a piece: both halves in flight together, the
+        // second in a stage of its own), then half a of tile 1
+        {
+          Fp8Half st_b;
+          fp8_half_load<0, false>(st, kc8, tok, h_kv, g, lane);
+          fp8_half_load<1, false>(st_b, kc8, tok, h_kv, g, lane);
+          fp8_half_store<0, false>(st, kbuf(0), warp, lane);
+          fp8_half_store<1, false>(st_b, kbuf(0), warp, lane);
+        }
+        if (n_tiles > 1) {
+          tok = tok_of(fetch_raw(1), 1);
+          fp8_half_load<0, false>(st, kc8, tok, h_kv, g, lane);
+        }
+        if (n_tiles > 2) raw = fetch_raw(2);
       } else {
         load_k(0, 0);
+        cp_async_commit();  // group: Q + tile 0
       }
-      cp_async_commit();  // group: Q + tile 0
 
       for (int tt = 0; tt < n_tiles; ++tt) {
         if constexpr (FP8) {
-          cp_async_wait<0>();  // this thread's copies of raw tile tt (and Q) have landed; the bf16 tile was
-          __syncwarp();        // last read by tile tt - 1 (barrier at its end); this warp's raw rows are in
-          sw128_dequant_warp_rows<D>(sRaw, reinterpret_cast<unsigned char*>(sK), warp, lane);
-          fence_proxy_async();  // the bf16 tile and Q are visible to the tensor cores' reads ...
-          __syncthreads();      // ... everyone's
-          if (tt + 1 < n_tiles) load_raw(tt + 1, blk);  // this warp's raw rows are free: in flight under the math
-          cp_async_commit();
-          if (tt + 2 < n_tiles) blk = fetch_blk(tt + 2);
+          // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (complete and fenced at the barrier
+          // that ends it), or before the loop:
+          if (tt == 0) {
+            cp_async_wait<0>();   // Q, tile 0's RoPE channels
+            fence_proxy_async();  // visible to the tensor cores' (async proxy) reads ...
+            __syncthreads();      // ... everyone's
+          }
         } else {
           // the other buffer was last read by tile tt - 1, finished by both warpgroups (barrier at its end)
           if (tt + 1 < n_tiles) load_k(tt + 1, (tt + 1) & 1);
@@ -241,12 +271,23 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
           __syncthreads();      // everyone's copies of tile tt are in
         }
-        const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
+        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
         const int pos0 = start + tt * BLOCK_N;
 
         // ---- S = Q K^T (both warpgroups end with the whole tile, s[i] = S[acc_row][acc_col])
         float s[32];
-        wg_scores<KSTEPS, true>(s, sQ_addr, kt, sX, wg, t);
+        wg_scores<KSTEPS, true>(s, sQ_addr, kt, sX, wg, t, [&] {
+          if constexpr (FP8) {
+            // while the S wgmma runs: half a of tile tt + 1 -> the other buffer (last read by tile tt - 1,
+            // finished by everyone: barrier at its end) with its RoPE channels, then half b into the registers
+            if (tt + 1 < n_tiles) {
+              fp8_half_store<0, false>(st, kbuf(tt + 1), warp, lane);
+              fp8_rope_copy(kbuf(tt + 1), kc8, tok, h_kv, g, warp, lane);
+              cp_async_commit();
+              fp8_half_load<1, false>(st, kc8, tok, h_kv, g, lane);
+            }
+          }
+        });
 
         // ---- scale to base 2, mask, running max:  m_new = max(m, max_k s_k),  alpha = 2^(m - m_new)
         float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
@@ -254,7 +295,7 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         for (int k = 0; k < 32; ++k) {
           const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);  // key of wg_acc_col(t, k)
           const bool second = (k >> 1) & 1;                    // row m1
-          const bool ok = SPARSE ? sFlag[(tt & 1) * BLOCK_N + pos - pos0] != 0 : pos <= (second ? lim1 : lim0);
+          const bool ok = SPARSE ? sFlag[(tt % FLAG_SLOTS) * BLOCK_N + pos - pos0] != 0 : pos <= (second ? lim1 : lim0);
           const float v = ok ? s[k] * scale_log2 : MLA_NEG_INF;
           s[k] = v;
           if (second) mx1 = fmaxf(mx1, v);
@@ -274,16 +315,34 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (second) l_run1 += s[k];
           else l_run0 += s[k];
         }
+        // skipped when no row max of the warp moved (exact either way; MLA_ALPHA_SKIP)
+        if (!MLA_ALPHA_SKIP || __any_sync(0xffffffff, alpha0 != 1.f || alpha1 != 1.f)) {
 #pragma unroll
-        for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
+        }
         u32 p_hi[16], p_lo[16];
         wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
 
         // ---- O[:, 256 wg ..] += P V (V = channels 256 wg .. 256 wg + 255 of this K tile)
         wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, kt + wg * 4 * SW128_BLOCK_BYTES);
+        if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, half a of tile tt + 2
+          if (tt + 1 < n_tiles) {
+            fp8_half_store<1, false>(st, kbuf(tt + 1), warp, lane);
+            if (tt + 2 < n_tiles) {
+              tok = tok_of(raw, tt + 2);
+              fp8_half_load<0, false>(st, kc8, tok, h_kv, g, lane);
+            }
+            if (tt + 3 < n_tiles) raw = fetch_raw(tt + 3);
+          }
+        }
         wg_wait<0>();
         wg_fence_operands(o);
-        __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer)
+        if constexpr (FP8) {
+          cp_async_wait<0>();   // the RoPE copies of tile tt + 1
+          fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
+        }
+        __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer); FP8: tile
+                          // tt + 1 is complete
       }
     }
 

@@ -36,7 +36,8 @@
 // (0.702 ms at 128,1,16,8192 on the H100, 59% of copy; benchmarks/NOTES_cupy.md).
 //
 // Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes): Q 18432 B
-//   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B (182784 B bf16).
+//   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B + last keys 64 B
+//   (182848 B bf16 and FP8).
 //   Layouts: the K tiles are 128-byte swizzled (mla_wgmma.cuh, "128-byte swizzled tiles": a quarter-warp
 //   copies a whole 128-byte line, conflict-free); Q and P^T are small, unswizzled 8 x 16 B core matrices:
 //   K tile  byte(key, ch)    = (ch / 64) * 8192 + key * 128 + (((ch % 64) / 8) ^ (key % 8)) * 16 + (ch % 8) * 2
@@ -47,13 +48,18 @@
 // O^T A = V^T MN-major SW128 (SBO 1024 B = next 8 keys, LBO 8192 B = next channel block), B = P^T MN-major
 // (LBO NPV * 16 B = next 8 keys, SBO 128 B = next 8 columns).
 //
-// FP8 cache (-DMLA_FP8=1; issue #5): k_cache holds FlashMLA's 656-byte tokens (kernels/mla_fp8.cuh). The
-// raw rows stream into two raw buffers (41 KB each: tile t + 1 is in flight while tile t is computed); at
-// the top of each tile every warp dequantises the raw rows it copied into the (single) SW128 bf16 tile
-// (dequant8_fast: hardware e4m3 -> f16 conversion, exact; dequant8 for unusual scales), then the same S^T /
-// softmax / O^T run. Barriers a tile: bf16 tile written, S^T swap, end of the tile; the dequantisation is not overlapped
-// with the tensor work (a second bf16 tile does not fit: Q + 2 raw + 2 bf16 = 248 KB). Shared memory:
-// Q 18432 + K 73728 + raw 83968 + P^T 8192 + swap 8192 + reductions 512 = 193024 B. q must be bf16.
+// FP8 cache (-DMLA_FP8=1; issue #5): k_cache holds FlashMLA's 656-byte tokens (kernels/mla_fp8.cuh). v2
+// (2026-11-26): the raw rows never touch shared memory. Each warp keeps the raw rows it will dequantise in
+// registers (mla_wgmma.cuh, "register stages": fp8_half_load, 21 registers a half), a tile ahead, and
+// dequantises them into the *other* of the two SW128 bf16 tiles (the bf16 build's) while this tile's wgmma
+// batches run: half a under S^T, half b under O^T (fp8_half_store: hardware e4m3 -> f16, a bit shift into
+// bf16, one bf16x2 multiply by the scale; exact, dequant8 for unusual scales). The barrier that ends a tile
+// also publishes the next one, so a tile has the bf16 build's barriers. At 32 rows (registers are short)
+// one half waits in registers at a time (loaded half a tile ahead) and the RoPE channels are copied
+// (cp.async) straight into the bf16 tile. Shared memory: as bf16. q must be bf16.
+// v1 (commit d243ffb: two raw shared-memory tiles, dequantised at the top of each tile, tensor cores idle):
+// 0.684 ms at 128,1,16,8192 on the H100; v2 0.402-0.407 ms (benchmarks/NOTES_cupy.md).
+// The columns' last keys (causal) live in shared memory (sLim): at 32 rows the registers are short.
 //
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16), MLA_FP8 (0).
 #include "mla_common.cuh"
@@ -91,14 +97,12 @@ constexpr int TILE_EL = BLOCK_N * D, Q_EL = NQ * D, P_EL = NPV * BLOCK_N;
 constexpr int X_FLOATS = 2 * SREG * 128;   // [wg][SREG registers][128 threads]: the S^T partial sums
 constexpr int RED_FLOATS = 2 * 4 * NQ;     // [wg][warp][col]: per-warp column max / sum
 constexpr bool FP8 = MLA_FP8;
-constexpr int K_TILES = FP8 ? 1 : 2;                        // bf16 K tiles in smem
-constexpr int RAW_TILE_BYTES = FP8 ? BLOCK_N * FP8_BYTES : 0;  // one raw FP8 tile (2 of them)
-constexpr int SMEM_BYTES =
-    2 * (Q_EL + K_TILES * TILE_EL + 2 * P_EL) + 2 * RAW_TILE_BYTES + 4 * (X_FLOATS + RED_FLOATS);
-static_assert(SMEM_BYTES == (NQ == 16 ? (FP8 ? 193024 : P_SPLIT ? 182784 : 178688)
-                                       : (FP8 ? 228352 : P_SPLIT ? 218112 : 209920)),
+// FP8: both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
+// would spill, one half at a time (loaded half a tile ahead)
+constexpr bool FP8_TWO_STAGES = NQ == 16;
+constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ);
+static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)),
               "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
-constexpr int DQ_ITEMS = FP8_NOPE / 8 + (D - FP8_NOPE) / 8;  // 16-byte bf16 chunks a token: 64 dequantised + 8 RoPE
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
@@ -171,11 +175,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   using namespace narrow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);  // [Q_EL]
-  mla_elem_t* sK = sQ + Q_EL;                                 // [K_TILES][TILE_EL]: tile t in buffer t % K_TILES
-  unsigned char* sRaw = reinterpret_cast<unsigned char*>(sK + K_TILES * TILE_EL);  // FP8: [2][RAW_TILE_BYTES]
-  mla_elem_t* sP = reinterpret_cast<mla_elem_t*>(sRaw + 2 * RAW_TILE_BYTES);  // [2][P_EL]: warpgroup w's P^T
+  mla_elem_t* sK = sQ + Q_EL;                                 // [2][TILE_EL]: tile t in buffer t % 2
+  mla_elem_t* sP = sK + 2 * TILE_EL;                          // [2][P_EL]: warpgroup w's P^T
   float* sX = reinterpret_cast<float*>(sP + 2 * P_EL);        // [2][SREG][128]: warpgroup w's S^T partial
   float* sRed = sX + X_FLOATS;                                // [2][4][NQ]: warpgroup w's per-warp column max / sum
+  int* sLim = reinterpret_cast<int*>(sRed + RED_FLOATS);      // [NQ]: the last key column c sees (in smem: registers
+                                                              // are short at 32 rows)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // warpgroup (read from lane 0, so that ptxas sees a warp-uniform value: control flow that depends on it
@@ -199,11 +204,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
     if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
     const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
-    int lim[NCOL];  // last key each of this thread's columns sees
-#pragma unroll
-    for (int j = 0; j < NCOL; ++j) {
-      const int m = qt * NQ + colof(c2, j);
-      lim[j] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
+    if (tid < NQ) {  // read after the first barrier of the piece's tile loop; free again after the piece's last
+      const int m = qt * NQ + tid;
+      sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
     }
 
     float o[MBLOCKS_WG][OREG];
@@ -216,52 +219,36 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     for (int j = 0; j < NCOL; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
     if (n_tiles > 0) {
-      // the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used);
-      // FP8: lane l % 8 of warp w holds the entry of row 8 w + l % 8 (the rows that warp copies)
+      // bf16: the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used)
       auto fetch_blk = [&](int tile, int (&blk)[2]) {
-        if constexpr (FP8) {
-          const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
-          blk[0] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
-        } else {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-            blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
-          }
+        for (int h = 0; h < 2; ++h) {
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+          blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
         }
       };
-      // copies of key tile `tile`: bf16 rows into K buffer tile % 2 (SW128); FP8: warp w copies the raw
-      // 656-byte rows 8 w .. 8 w + 7 into raw buffer tile % 2, lanes on consecutive 16-byte chunks
+      // bf16: copies of key tile `tile` into K buffer tile % 2 (SW128)
       auto load_k = [&](int tile, const int (&blk)[2]) {
-        if constexpr (FP8) {
-          unsigned char* raw = sRaw + (tile & 1) * RAW_TILE_BYTES;
-          const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
+        const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
 #pragma unroll
-          for (int r = 0; r < 8; ++r) {
-            const int row = 8 * warp + r, pos = start + tile * BLOCK_N + row;
-            const int b = __shfl_sync(0xffffffff, blk[0], r);
-            const bool valid = pos < stop_eff;
-            const unsigned char* src = kc8;
-            if (valid) src = kc8 + (((long long)b * page + pos % page) * h_kv + g) * (long long)FP8_BYTES;
-            fp8_copy_row(raw + row * FP8_BYTES, src, valid, lane);
-          }
-        } else {
-          const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-            const bool valid = pos < stop_eff;
-            const mla_elem_t* src = k_cache;
-            if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
-            sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL), ld_row + 32 * h,
-                                   tid, src, valid);
-          }
+        for (int h = 0; h < 2; ++h) {
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
+          const bool valid = pos < stop_eff;
+          const mla_elem_t* src = k_cache;
+          if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
+          sw128_tile_load_row<D>(reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL), ld_row + 32 * h, tid,
+                                 src, valid);
         }
       };
-      // FP8: raw tile in buffer `buf` -> the bf16 K tile (SW128): warp w the rows it copied (mla_wgmma.cuh)
-      auto dequant = [&](int buf) {
-        sw128_dequant_warp_rows<D>(sRaw + buf * RAW_TILE_BYTES, reinterpret_cast<unsigned char*>(sK), warp, lane);
+      // FP8: the token row of row 8 warp + lane % 8 of key tile `tile` (-1 past the piece), for fp8_half_load.
+      // (Fetching the entries a tile earlier and turning them into token rows only where used, as the wide
+      // kernel does, measured 15% slower here: 0.405 -> 0.467 ms at 128,1,16,8192, H100, not understood.)
+      auto fetch_tok = [&](int tile) {
+        const int pos = start + tile * BLOCK_N + 8 * warp + (lane & 7);
+        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] * page + pos % page : -1;
       };
+      const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
+      auto kbuf = [&](int tile) { return reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL); };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {
         const int r = c % NQ, ch = 8 * (c / NQ), m = qt * NQ + r;
@@ -271,33 +258,76 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         cp_async16(sQ + q_offset(r, ch), src, valid);
       }
       int blk_next[2];
-      fetch_blk(0, blk_next);
-      load_k(0, blk_next);
-      cp_async_commit();  // group: Q + tile 0
-      if (n_tiles > 1) fetch_blk(1, blk_next);
+      // FP8 register stages. Two: st_a / st_b hold halves a / b of tile tt + 1 at the top of tile tt, tok the
+      // token rows of tile tt + 2. One: st_a holds half a of tile tt + 1, tok the token rows of tile tt + 1.
+      Fp8Half st_a, st_b;
+      int tok = 0;
+      if constexpr (FP8) {
+        cp_async_commit();  // group: Q
+        // tile 0 straight through (its latency is exposed once a piece)
+        tok = fetch_tok(0);
+        if constexpr (!FP8_TWO_STAGES) fp8_rope_copy(kbuf(0), kc8, tok, h_kv, g, warp, lane);
+        cp_async_commit();
+        fp8_half_load<0, FP8_TWO_STAGES>(st_a, kc8, tok, h_kv, g, lane);  // (one stage: st_b is free here)
+        fp8_half_load<1, FP8_TWO_STAGES>(st_b, kc8, tok, h_kv, g, lane);
+        fp8_half_store<0, FP8_TWO_STAGES>(st_a, kbuf(0), warp, lane);
+        fp8_half_store<1, FP8_TWO_STAGES>(st_b, kbuf(0), warp, lane);
+        if (n_tiles > 1) {
+          tok = fetch_tok(1);
+          fp8_half_load<0, FP8_TWO_STAGES>(st_a, kc8, tok, h_kv, g, lane);
+          if constexpr (FP8_TWO_STAGES) {
+            fp8_half_load<1, FP8_TWO_STAGES>(st_b, kc8, tok, h_kv, g, lane);
+            if (n_tiles > 2) tok = fetch_tok(2);
+          }
+        }
+      } else {
+        fetch_blk(0, blk_next);
+        load_k(0, blk_next);
+        cp_async_commit();  // group: Q + tile 0
+        if (n_tiles > 1) fetch_blk(1, blk_next);
+      }
 
       for (int tt = 0; tt < n_tiles; ++tt) {
-        // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
-        if (tt + 1 < n_tiles) load_k(tt + 1, blk_next);
-        cp_async_commit();
-        if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
-        cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
         if constexpr (FP8) {
-          // ... this warp's raw rows are in (its own copies); the bf16 tile was last read by tile tt - 1,
-          // which everyone finished (barrier at its end)
-          __syncwarp();
-          dequant(tt & 1);
-          fence_proxy_async();  // the bf16 tile and Q are visible to the tensor cores' reads ...
-          __syncthreads();      // ... everyone's (the bf16 tile is complete, Q is in)
+          // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier
+          // that ends it), or before the loop:
+          if (tt == 0) {
+            cp_async_wait<0>();   // Q
+            fence_proxy_async();  // tile 0 and Q visible to the tensor cores' (async proxy) reads ...
+            __syncthreads();      // ... everyone's
+          }
         } else {
+          // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
+          if (tt + 1 < n_tiles) load_k(tt + 1, blk_next);
+          cp_async_commit();
+          if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
+          cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
           __syncthreads();      // everyone's copies of tile tt are in
         }
-        const u32 kt = sK_addr + (FP8 ? 0 : (tt & 1) * TILE_EL * 2);
+        const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
         float s[SREG];
         st_issue(s, kt, sQ_addr, wg);
+        if constexpr (FP8) {
+          // while it runs: half a of tile tt + 1 -> the other buffer (last read by tile tt - 1, finished by
+          // everyone: barrier at its end), then into the registers: half a of tile tt + 2 (two stages) or
+          // half b of tile tt + 1 (one)
+          if (tt + 1 < n_tiles) {
+            fp8_half_store<0, FP8_TWO_STAGES>(st_a, kbuf(tt + 1), warp, lane);
+            if constexpr (!FP8_TWO_STAGES) {  // the RoPE channels of tile tt + 1, waited for at the end of tile tt
+              fp8_rope_copy(kbuf(tt + 1), kc8, tok, h_kv, g, warp, lane);
+              cp_async_commit();
+            }
+            if constexpr (FP8_TWO_STAGES) {
+              if (tt + 2 < n_tiles) fp8_half_load<0, FP8_TWO_STAGES>(st_a, kc8, tok, h_kv, g, lane);
+            } else {
+              fp8_half_load<1, FP8_TWO_STAGES>(st_a, kc8, tok, h_kv, g, lane);
+              if (tt + 2 < n_tiles) tok = fetch_tok(tt + 2);
+            }
+          }
+        }
         wg_wait<0>();
         wg_fence_operands(s);
 #pragma unroll
@@ -309,8 +339,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         // ---- scale to base 2, mask, column max over the tile's 64 keys
         const int pos0 = start + tt * BLOCK_N + key0;
         float mx[NCOL];
+        int lim[NCOL];  // last key each of this thread's columns sees
 #pragma unroll
-        for (int j = 0; j < NCOL; ++j) mx[j] = MLA_NEG_INF;
+        for (int j = 0; j < NCOL; ++j) mx[j] = MLA_NEG_INF, lim[j] = sLim[colof(c2, j)];
 #pragma unroll
         for (int k = 0; k < SREG; ++k) {
           const int j = jof(k);
@@ -366,10 +397,26 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
+        if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
+          // stages) or half a (one) of tile tt + 2 into the registers
+          if (tt + 1 < n_tiles) {
+            fp8_half_store<1, FP8_TWO_STAGES>(FP8_TWO_STAGES ? st_b : st_a, kbuf(tt + 1), warp, lane);
+            if (tt + 2 < n_tiles) {
+              if constexpr (FP8_TWO_STAGES) fp8_half_load<1, FP8_TWO_STAGES>(st_b, kc8, tok, h_kv, g, lane);
+              else fp8_half_load<0, FP8_TWO_STAGES>(st_a, kc8, tok, h_kv, g, lane);
+            }
+          }
+          if (FP8_TWO_STAGES && tt + 3 < n_tiles) tok = fetch_tok(tt + 3);
+        }
         wg_wait<0>();
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
-        __syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T
+        if constexpr (FP8) {
+          if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
+          fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
+        }
+        __syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T (FP8: and
+                          // tile tt + 1 is complete)
       }
     }
 

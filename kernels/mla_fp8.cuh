@@ -53,30 +53,49 @@ __device__ __forceinline__ uint4 dequant8(uint2 codes, float scale) {
   return r;
 }
 
-// two e4m3 codes (the low 16 bits of pair, code 0 in the low byte) -> their exact fp32 values, with the
-// sm_89+ conversion cvt.rn.f16x2.e4m3x2 (exact: every e4m3 value, subnormals included, is an f16 normal
-// or zero) and cvt.f32.f16 (exact). The narrow Hopper kernel only (sm_90a).
-__device__ __forceinline__ void e4m3x2_to_f32x2(u32 pair, float& lo, float& hi) {
-  u32 h2;
-  asm("{ .reg .b16 c; cvt.u16.u32 c, %1; cvt.rn.f16x2.e4m3x2 %0, c; }" : "=r"(h2) : "r"(pair));
-  asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }" : "=f"(lo), "=f"(hi) : "r"(h2));
-}
+// ---- the fast exact path (Hopper kernels, sm_90a): e4m3 -> f16 in hardware, f16 bits -> bf16 bits, one
+// bf16x2 multiply by the scale. Exact for a scale 2^k, -100 <= k <= 15 (mla.fp8 writes powers of two):
+//   1. cvt.rn.f16x2.e4m3x2: every e4m3 value (subnormals included) is an f16 normal or zero, exactly;
+//   2. f16 bits >> 3 put E (5 bits) and M (3 bits, f16 mantissa bits 7..9) into bf16's exponent and mantissa
+//      fields: the bf16 value is the f16 value * 2^-112 (normal: 2^-9 * 2^-112 >= 2^-126); the sign lands 3
+//      bits too low and is moved back (x + 7 t with t the stray sign bits: x - t + 8 t, no carries);
+//   3. times bf16 (scale * 2^112) (finite for k <= 15): the product code * 2^k is a bf16 normal (>= 2^-109),
+//      so the one rounding of mul.rn.bf16x2 is exact, and it equals dequant8's result bit for bit.
+// Any other scale takes dequant8 (the caller's choice, warp-uniform: fp8_pow2_ok).
 
-// dequant8 with fewer instructions where that is exact: a scale that is a power of two in [2^-100, 2^100]
-// (mla.fp8's scales are) multiplies the exact code values with no rounding, underflow or overflow, so
-// code * scale packed to bf16 equals dequant8's result bit for bit; any other scale takes dequant8.
-__device__ __forceinline__ uint4 dequant8_fast(uint2 codes, float scale) {
-  const u32 sb = __float_as_uint(scale), e = (sb >> 23) & 0xFF;
-  if ((sb & 0x807FFFFFu) != 0 || e < 27 || e > 227) return dequant8(codes, scale);
-  float f[8];
-  e4m3x2_to_f32x2(codes.x & 0xFFFF, f[0], f[1]);
-  e4m3x2_to_f32x2(codes.x >> 16, f[2], f[3]);
-  e4m3x2_to_f32x2(codes.y & 0xFFFF, f[4], f[5]);
-  e4m3x2_to_f32x2(codes.y >> 16, f[6], f[7]);
+// four e4m3 codes (a little-endian word) -> f16x2 of codes 0, 1 (lo) and 2, 3 (hi), exact (sm_89+)
+__device__ __forceinline__ void e4m3x4_to_f16x4(u32 w, u32& lo, u32& hi) {
+  asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+}
+// bf16x2 product, round to nearest even (sm_90)
+__device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
+  u32 r;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+// f16x2 of two e4m3 values -> bf16x2 of the same values * 2^-112 (step 2 above)
+__device__ __forceinline__ u32 f16x2_to_bf16x2_2m112(u32 h) {
+  const u32 x = h >> 3;                 // signs now at bits 12 and 28 (f16 mantissa bits 0..6 are zero)
+  return x + 7u * (x & 0x10001000u);    // ... moved to 15 and 31
+}
+// is scale a power of two 2^k with -100 <= k <= 15 (the fast path's domain)?
+__device__ __forceinline__ bool fp8_pow2_ok(float scale) {
+  const u32 sb = __float_as_uint(scale), e = sb >> 23;
+  return (sb & 0x007FFFFFu) == 0 && e >= 27 && e <= 142;  // e < 256: the sign is 0
+}
+// bf16x2 (scale * 2^112, twice) of a scale with fp8_pow2_ok
+__device__ __forceinline__ u32 fp8_pow2_mult(float scale) { return (((__float_as_uint(scale) >> 23) + 112u) << 7) * 0x10001u; }
+// 8 e4m3 codes -> 8 bf16 = dequant8(codes, scale) when fp8_pow2_ok(scale); mult = fp8_pow2_mult(scale)
+__device__ __forceinline__ uint4 dequant8_pow2(uint2 codes, u32 mult) {
+  u32 h0, h1, h2, h3;
+  e4m3x4_to_f16x4(codes.x, h0, h1);
+  e4m3x4_to_f16x4(codes.y, h2, h3);
   uint4 r;
-  r.x = pack2(f[0] * scale, f[1] * scale);
-  r.y = pack2(f[2] * scale, f[3] * scale);
-  r.z = pack2(f[4] * scale, f[5] * scale);
-  r.w = pack2(f[6] * scale, f[7] * scale);
+  r.x = bf16x2_mul(f16x2_to_bf16x2_2m112(h0), mult);
+  r.y = bf16x2_mul(f16x2_to_bf16x2_2m112(h1), mult);
+  r.z = bf16x2_mul(f16x2_to_bf16x2_2m112(h2), mult);
+  r.w = bf16x2_mul(f16x2_to_bf16x2_2m112(h3), mult);
   return r;
 }

@@ -287,32 +287,122 @@ __device__ __forceinline__ void sw128_tile_load_row(unsigned char* tile, int row
     cp_async16(tile + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
 }
 
-// FP8 caches (kernels/mla_fp8.cuh) in the Hopper kernels: warp w copies and dequantises the raw 656-byte
-// rows 8 w .. 8 w + 7 of a 64-row tile, so a warp only ever waits for its own copies (__syncwarp).
-// fp8_copy_row: one raw row, lanes on consecutive 16-byte chunks (zero-filled when !valid).
-__device__ __forceinline__ void fp8_copy_row(unsigned char* dst, const unsigned char* src, bool valid, int lane) {
-  for (int c = lane; c < FP8_BYTES / 16; c += 32) cp_async16(dst + c * 16, src + c * 16, valid);
+// ---- FP8 caches (kernels/mla_fp8.cuh) in the Hopper kernels: register stages ---------------------------------
+// Warp w of the 256 threads handles the raw 656-byte rows 8 w .. 8 w + 7 of a 64-row key tile, in two halves
+// (rows 8 w + 4 HALF + k, k < 4). fp8_half_load brings a half from global memory into registers (Fp8Half,
+// 21 registers a thread; nothing waits for the loads there), fp8_half_store later dequantises it into a
+// 128-byte swizzled bf16 tile. The kernels load a tile ahead and dequantise while their wgmma batches run, so
+// neither the loads' latency nor the dequantisation sits between two barriers with the tensor cores idle
+// (v1 went through raw shared-memory tiles and dequantised at the top of each tile: 0.68 ms at
+// 128,1,16,8192 on the H100, issue-bound; benchmarks/NOTES_cupy.md).
+// Global loads: ld.global.nc (the cache is read-only during a call), zero-filled (scale 1) when !valid, in
+// which case nothing is read; a warp instruction reads 256 contiguous bytes of a row (codes), 4 x 128 (RoPE)
+// or 4 x 16 (scales). Shared stores: 16 bytes a lane, 8 lanes a 128-byte line (conflict-free).
+__device__ __forceinline__ uint2 ldg_nc_v2(const void* p, bool valid) {
+  uint2 r;
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %3, 0; mov.b32 %0, 0; mov.b32 %1, 0;\n"
+      "  @q ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2]; }"
+      : "=&r"(r.x), "=&r"(r.y)
+      : "l"(p), "r"((int)valid));
+  return r;
 }
-// sw128_dequant_warp_rows: this warp's 8 raw rows -> the SW128 bf16 tile kb, in 16-byte chunks (8 channels),
-// lanes on consecutive chunks: conflict-free stores, whole raw rows read. Unrolled, no divisions.
-template <int D_>
-__device__ __forceinline__ void sw128_dequant_warp_rows(const unsigned char* raw, unsigned char* kb, int warp,
-                                                        int lane) {
-  static_assert(D_ == FP8_NOPE + 64, "the FP8 token: 512 e4m3 channels + 64 bf16 RoPE channels");
+__device__ __forceinline__ uint4 ldg_nc_v4(const void* p, bool valid) {
+  uint4 r;
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %5, 0; mov.b32 %0, 0; mov.b32 %1, 0; mov.b32 %2, 0; mov.b32 %3, 0;\n"
+      "  @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+      : "=&r"(r.x), "=&r"(r.y), "=&r"(r.z), "=&r"(r.w)
+      : "l"(p), "r"((int)valid));
+  return r;
+}
+__device__ __forceinline__ float ldg_nc_f32_or1(const void* p, bool valid) {  // 1.0 when !valid
+  float r;
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %2, 0; mov.b32 %0, 0f3F800000;\n"
+      "  @q ld.global.nc.L1::no_allocate.f32 %0, [%1]; }"
+      : "=&f"(r)
+      : "l"(p), "r"((int)valid));
+  return r;
+}
+// ROPE: the RoPE channels travel in the stage too (4 more registers); without, fp8_rope_copy copies them
+// (cp.async, all 8 rows of the warp) straight into the bf16 tile.
+// an int (block-table entry, index) or dflt when !valid; nothing waits for it here (the consumer does). (A
+// plain load timed the same, H100 2026-11-26; the asm keeps the load where it is written.)
+__device__ __forceinline__ int ldg_nc_i32_or(const int* p, bool valid, int dflt) {
+  int r;
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %2, 0; mov.b32 %0, %3;\n"
+      "  @q ld.global.nc.b32 %0, [%1]; }"
+      : "=&r"(r)
+      : "l"(p), "r"((int)valid), "r"(dflt));
+  return r;
+}
+struct Fp8Half {
+  uint2 codes[4][2];  // row k: the 8 e4m3 codes of chunk c = lane + 32 j (channels 8 c .. 8 c + 7)
+  uint4 rope;         // ROPE: row 4 HALF + lane / 8, RoPE chunk lane % 8 (bf16 channels 512 + 8 (lane % 8) ..)
+  float scale;        // row 4 HALF + lane % 4: scale (lane / 4) % 4 (of channels 128 ((lane / 4) % 4) ..)
+};
+// tok: lane l holds the token row of tile row 8 w + l % 8 (-1: invalid); that row's token is at
+// kc8 + (tok * h_kv + g) * 656.
+__device__ __forceinline__ const unsigned char* fp8_row(const unsigned char* kc8, int tok, int h_kv, int g) {
+  return kc8 + ((long long)(tok < 0 ? 0 : tok) * h_kv + g) * FP8_BYTES;
+}
+template <int HALF, bool ROPE>
+__device__ __forceinline__ void fp8_half_load(Fp8Half& st, const unsigned char* kc8, int tok, int h_kv, int g,
+                                              int lane) {
 #pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    const int n = 8 * warp + r;
-    const unsigned char* rrow = raw + n * FP8_BYTES;
+  for (int k = 0; k < 4; ++k) {
+    const int tk = __shfl_sync(0xffffffff, tok, 4 * HALF + k);
+    const unsigned char* src = fp8_row(kc8, tk, h_kv, g) + lane * 8;
+    st.codes[k][0] = ldg_nc_v2(src, tk >= 0);
+    st.codes[k][1] = ldg_nc_v2(src + 256, tk >= 0);
+  }
+  if constexpr (ROPE) {
+    const int tr = __shfl_sync(0xffffffff, tok, 4 * HALF + (lane >> 3));
+    st.rope = ldg_nc_v4(fp8_row(kc8, tr, h_kv, g) + FP8_ROPE_AT + (lane & 7) * 16, tr >= 0);
+  }
+  const int ts = __shfl_sync(0xffffffff, tok, 4 * HALF + (lane & 3));
+  st.scale = ldg_nc_f32_or1(fp8_row(kc8, ts, h_kv, g) + FP8_SCALES_AT + ((lane >> 2) & 3) * 4, ts >= 0);
+}
+// the half -> its rows of the SW128 bf16 tile kb (exactly dequant8's values: dequant8_pow2 when every scale
+// of the half is a moderate power of two, a warp-uniform choice, else dequant8)
+template <int HALF, bool ROPE>
+__device__ __forceinline__ void fp8_half_store(const Fp8Half& st, unsigned char* kb, int warp, int lane) {
+  if (__all_sync(0xffffffff, fp8_pow2_ok(st.scale))) {
+    const u32 mult = fp8_pow2_mult(st.scale);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {  // the 64 e4m3 chunks (channels 0..511)
-      const int c = lane + 32 * j;
-      const uint2 codes = *reinterpret_cast<const uint2*>(rrow + c * 8);
-      const float scale = *reinterpret_cast<const float*>(rrow + FP8_SCALES_AT + (c >> 4) * 4);
-      *reinterpret_cast<uint4*>(kb + sw128_offset(n, 8 * c)) = dequant8_fast(codes, scale);
-    }
-    if (lane < (D_ - FP8_NOPE) / 8)  // the 8 bf16 RoPE chunks (channels 512..575), copied
-      *reinterpret_cast<uint4*>(kb + sw128_offset(n, FP8_NOPE + 8 * lane)) =
-          *reinterpret_cast<const uint4*>(rrow + FP8_ROPE_AT + lane * 16);
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const u32 m = __shfl_sync(0xffffffff, mult, 4 * ((lane >> 4) + 2 * j) + k);
+        *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + k, 8 * (lane + 32 * j))) =
+            dequant8_pow2(st.codes[k][j], m);
+      }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float scale = __shfl_sync(0xffffffff, st.scale, 4 * ((lane >> 4) + 2 * j) + k);
+        *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + k, 8 * (lane + 32 * j))) =
+            dequant8(st.codes[k][j], scale);
+      }
+  }
+  if constexpr (ROPE)
+    *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + (lane >> 3), FP8_NOPE + 8 * (lane & 7))) =
+        st.rope;
+}
+// the RoPE channels of the warp's 8 rows (tok as for fp8_half_load) -> the bf16 tile kb, cp.async (the
+// caller commits and waits); lane l: row l / 4, chunks 2 (l % 4), + 1
+__device__ __forceinline__ void fp8_rope_copy(unsigned char* kb, const unsigned char* kc8, int tok, int h_kv, int g,
+                                              int warp, int lane) {
+  const int tr = __shfl_sync(0xffffffff, tok, lane >> 2);
+  const unsigned char* src = fp8_row(kc8, tr, h_kv, g) + FP8_ROPE_AT;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = 2 * (lane & 3) + h;
+    cp_async16(kb + sw128_offset(8 * warp + (lane >> 2), FP8_NOPE + 8 * c), src + 16 * c, tr >= 0);
   }
 }
 
@@ -361,12 +451,15 @@ __device__ __forceinline__ void wg_qk_n32_issue(float (&acc)[16], u32 q_tile, u3
 // Thread t of warpgroup 0 needs exactly the keys 32..63 values that thread t of warpgroup 1 holds (same rows,
 // same column pattern), so the exchange is a pure thread-pair swap. Both warpgroups end with the same s[32],
 // bit for bit: s[i] = S[wg_acc_row(t, i)][wg_acc_col(t, i)], i = 0..31 over the 64 keys (wg_acc_col < 64).
-template <int KSTEPS, bool SW = false>
-__device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile, float* sx, int wg, int t) {
+// during(): work of the caller's that runs while the wgmma batch does (between issue and wait).
+template <int KSTEPS, bool SW = false, class During>
+__device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile, float* sx, int wg, int t,
+                                          During&& during) {
   float acc[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc[i] = 0.f;
   wg_qk_n32_issue<KSTEPS, SW>(acc, q_tile, k_tile + wg * (SW ? 32 * 128 : 4 * WG_RG_BYTES));
+  during();
   wg_wait<0>();
   wg_fence_operands(acc);
   float other[16];
@@ -389,6 +482,11 @@ __device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile
     s[i] = wg ? other[i] : acc[i];
     s[16 + i] = wg ? acc[i] : other[i];
   }
+}
+
+template <int KSTEPS, bool SW = false>
+__device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile, float* sx, int wg, int t) {
+  wg_scores<KSTEPS, SW>(s, q_tile, k_tile, sx, wg, t, [] {});
 }
 
 // P (fp32, the S accumulator layout over 64 keys) -> the A fragments of the 4 k-steps of P V:

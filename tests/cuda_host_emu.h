@@ -312,6 +312,28 @@ inline float __shfl_sync(unsigned mask, float v, int src) {
   return r;
 }
 
+inline unsigned __shfl_sync(unsigned mask, unsigned v, int src) { return (unsigned)__shfl_sync(mask, (int)v, src); }
+
+inline bool emu_vote(bool pred, bool all) {  // __all_sync / __any_sync over the 32 lanes
+  emu::my_lane().f[0] = pred ? 1.f : 0.f;
+  emu::warp_sync(emu::OP_SHFL);
+  bool r = all;
+  for (int l = 0; l < 32; ++l) {
+    const bool p = emu::lane_of(l).f[0] != 0.f;
+    r = all ? (r && p) : (r || p);
+  }
+  emu::warp_sync(emu::OP_SHFL);
+  return r;
+}
+inline int __all_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) emu::fail("__all_sync with a partial mask");
+  return emu_vote(pred != 0, true);
+}
+inline int __any_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) emu::fail("__any_sync with a partial mask");
+  return emu_vote(pred != 0, false);
+}
+
 // ---- replacements of the inline-PTX helpers (mla_common.cuh and kernel files)
 
 inline u32 smem_u32(const void* p) {
@@ -330,9 +352,57 @@ inline float emu_e4m3(unsigned b) {  // e4m3fn: bias 7, no infinities, S.1111.11
   float v = (e == 15 && m == 7) ? NAN : e == 0 ? std::ldexp((float)m, -9) : std::ldexp(1.f + m / 8.f, (int)e - 7);
   return (b & 0x80) ? -v : v;
 }
-inline void e4m3x2_to_f32x2(u32 pair, float& lo, float& hi) {  // cvt.rn.f16x2.e4m3x2 + cvt.f32.f16: exact
-  lo = emu_e4m3(pair & 0xFF);
-  hi = emu_e4m3((pair >> 8) & 0xFF);
+inline unsigned short emu_f16_bits(float v) {  // exact for the e4m3 values (f16 normals or zero); NaN -> 0x7fff
+  if (std::isnan(v)) return 0x7fff;
+  const unsigned short sign = std::signbit(v) ? 0x8000 : 0;
+  if (v == 0.f) return sign;
+  int e;
+  const float m = std::frexp(std::fabs(v), &e);  // v = m 2^e, m in [0.5, 1)
+  const unsigned mant = (unsigned)std::lround((m * 2.f - 1.f) * 1024.f);
+  return (unsigned short)(sign | ((unsigned)(e - 1 + 15) << 10) | mant);
+}
+inline void e4m3x4_to_f16x4(u32 w, u32& lo, u32& hi) {  // cvt.rn.f16x2.e4m3x2 twice
+  lo = emu_f16_bits(emu_e4m3(w & 0xFF)) | ((u32)emu_f16_bits(emu_e4m3((w >> 8) & 0xFF)) << 16);
+  hi = emu_f16_bits(emu_e4m3((w >> 16) & 0xFF)) | ((u32)emu_f16_bits(emu_e4m3(w >> 24)) << 16);
+}
+inline float emu_bf16_to_f(unsigned short b) {
+  const u32 u = (u32)b << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned short emu_f_to_bf16(float f) {  // round to nearest even
+  u32 u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return 0x7fff;
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline u32 bf16x2_mul(u32 a, u32 b) {  // mul.rn.bf16x2: the product of two bf16 is exact in fp32, then rounded
+  const float lo = emu_bf16_to_f(a & 0xffff) * emu_bf16_to_f(b & 0xffff);
+  const float hi = emu_bf16_to_f(a >> 16) * emu_bf16_to_f(b >> 16);
+  return emu_f_to_bf16(lo) | ((u32)emu_f_to_bf16(hi) << 16);
+}
+inline uint2 ldg_nc_v2(const void* p, bool valid) {
+  uint2 r{0u, 0u};
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(p) % 8) emu::fail("misaligned ld.global.v2");
+    std::memcpy(&r, p, 8);
+  }
+  return r;
+}
+inline uint4 ldg_nc_v4(const void* p, bool valid) {
+  uint4 r{0u, 0u, 0u, 0u};
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(p) % 16) emu::fail("misaligned ld.global.v4");
+    std::memcpy(&r, p, 16);
+  }
+  return r;
+}
+inline int ldg_nc_i32_or(const int* p, bool valid, int dflt) { return valid ? *p : dflt; }
+inline float ldg_nc_f32_or1(const void* p, bool valid) {
+  float r = 1.f;
+  if (valid) std::memcpy(&r, p, 4);
+  return r;
 }
 inline float mul_rn(float a, float b) {  // one IEEE rounding, subnormals kept (no FTZ on the host)
   volatile float r = a * b;

@@ -135,6 +135,47 @@ def test_dequant8_zero_filled_row_is_zero():
     assert not np.isnan(got.astype(np.float32)).any() and (got.astype(np.float32) == 0).all()
 
 
+def pow2_ok(scale: np.float32) -> bool:
+    """kernels/mla_fp8.cuh ``fp8_pow2_ok``: scale = 2^k with -100 <= k <= 15."""
+    bits = int(np.array([scale], np.float32).view(np.uint32)[0])
+    e = bits >> 23
+    return (bits & 0x007FFFFF) == 0 and 27 <= e <= 142
+
+
+def emulate_dequant8_pow2(codes: np.ndarray, scale: np.float32) -> np.ndarray:
+    """kernels/mla_fp8.cuh ``dequant8_pow2`` step by step: e4m3 -> f16 (exact, the hardware conversion), the f16
+    bits shifted into bf16's fields (value * 2^-112) with the signs moved back, one bf16 product by
+    bf16(scale * 2^112) (mul.rn.bf16x2: the exact fp32 product of two bf16, rounded once)."""
+    h = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float16).view(np.uint16).astype(np.uint32)
+    words = h[0::2] | (h[1::2] << 16)  # f16x2 of codes 2 i, 2 i + 1
+    x = words >> 3
+    x = (x + np.uint32(7) * (x & np.uint32(0x10001000))) & np.uint32(0xFFFFFFFF)
+    halves = np.stack([x & 0xFFFF, x >> 16], axis=1).reshape(-1).astype(np.uint16).view(ml_dtypes.bfloat16)
+    e = int(np.array([scale], np.float32).view(np.uint32)[0]) >> 23
+    mult = np.array([(e + 112) << 7], np.uint16).view(ml_dtypes.bfloat16)[0]
+    assert np.float32(mult) == np.float32(scale) * np.float32(2.0**112)
+    return (halves.astype(np.float32) * np.float32(mult)).astype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("k", [-100, -99, -60, -20, -9, -6, -1, 0, 1, 7, 8, 14, 15])
+def test_dequant8_pow2_every_code(k):
+    """The Hopper kernels' fast path equals the reference dequantisation on every non-NaN code (negative zero
+    and subnormals included) for every scale in its domain."""
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    scale = np.float32(2.0**k)
+    assert pow2_ok(scale)
+    expect = (codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
+    got = emulate_dequant8_pow2(codes, scale)
+    np.testing.assert_array_equal(got.view(np.uint16), expect.view(np.uint16), err_msg=f"scale 2^{k}")
+
+
+@pytest.mark.parametrize("scale", [2.0**-101, 2.0**16, 0.0, -1.0, 3.0, 1.5 * 2.0**-8, float("inf"), float("nan"),
+                                   2.0**-127])
+def test_dequant8_pow2_domain_excludes(scale):
+    """Scales outside 2^-100 .. 2^15, or not powers of two, take the general dequant8."""
+    assert not pow2_ok(np.float32(scale))
+
+
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0, 1e30])
 def test_token_emulation_matches_dequantize(magnitude):
     rng = np.random.default_rng(int(math.log10(magnitude) + 40))

@@ -696,6 +696,9 @@ FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager c
     (1, 1, 24, 1, [100], False, 1, "skewed", True, True, 32),             # 24 of 32 rows, direct write
     (2, 2, 64, 1, [150, 66], True, 4, "lockstep", False, False, 0),       # the wide kernel's FP8 build (nq 0)
     (3, 1, 128, 2, [0, 300, 64], False, 3, "reverse", True, True, 0),     # wide, h_kv 2, odd scales, empty seq
+    (1, 1, 16, 1, [600], False, 1, "skewed", False, False, 16),           # 10 tiles a piece: the register stages
+    (1, 1, 32, 1, [330], True, 1, "reverse", False, True, 32),            # ... rotate (two a tile, and one)
+    (1, 1, 64, 1, [400], False, 1, "skewed", False, False, 0),            # ... the wide kernel's one stage
 ]
 
 

@@ -74,12 +74,14 @@ def read_source(name: str) -> str:
 
 def options(arch: str | None, defines: dict | None = None, ptxas_verbose: bool = False) -> tuple[str, ...]:
     """NVRTC options: C++17, the target (e.g. "sm_90a"), -D defines, and -Xptxas -v when asked.
-    MLA_NVRTC_LINEINFO=1 adds -lineinfo (compute-sanitizer and Nsight Compute then name source lines)."""
+    MLA_NVRTC_LINEINFO=1 adds -lineinfo (compute-sanitizer and Nsight Compute then name source lines);
+    MLA_NVRTC_DEFINES="NAME=VALUE ..." adds -D options to every build (diagnostics and A/B timings only)."""
     import os
 
     opts = ["-std=c++17"]
     if os.environ.get("MLA_NVRTC_LINEINFO") == "1":
         opts.append("-lineinfo")
+    opts += [f"-D{d}" for d in os.environ.get("MLA_NVRTC_DEFINES", "").split()]
     if arch is not None:
         opts.append(f"--gpu-architecture={arch}")
     for key, value in sorted((defines or {}).items()):

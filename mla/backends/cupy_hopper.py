@@ -54,11 +54,12 @@ FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
 def narrow_smem_bytes(p_split: bool, fp8: bool = False, nq: int = NARROW_ROWS) -> int:
-    """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles (FP8: 1
-    bf16 tile + 2 raw tiles) + 2 P^T tiles + the S^T swap area + reductions."""
+    """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles + 2 P^T
+    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build is the same (its raw rows
+    wait in registers, kernels/mla_wgmma.cuh "register stages")."""
+    del fp8  # same layout
     npv = 2 * nq if p_split else nq
-    k_tiles, raw = (1, 2 * BLOCK_M * FP8_BYTES) if fp8 else (2, 0)
-    return 2 * (nq * D + k_tiles * BLOCK_M * D + 2 * npv * 64) + raw + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq)
+    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
 
 
 def narrow_nq(problem) -> int:
@@ -71,10 +72,9 @@ FP8_KERNELS = ("auto", "narrow", "wide", "portable")
 
 
 def wide_smem_bytes(fp8: bool = False, sparse: bool = False) -> int:
-    """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange; FP8: Q + 1 K tile + 1 raw tile;
-    sparse: + the key rows' valid flags (2 x 64 ints)."""
-    return (2 * BLOCK_M * D * (2 if fp8 else 3) + (BLOCK_M * FP8_BYTES if fp8 else 0) + XCHG_BYTES
-            + (2 * BLOCK_M * 4 if sparse else 0))
+    """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange (the FP8 build too: its raw rows wait
+    in registers); sparse: + the key rows' valid flags (2 x 64 ints; FP8: 4 x 64)."""
+    return 2 * BLOCK_M * D * 3 + XCHG_BYTES + ((4 if fp8 else 2) * BLOCK_M * 4 if sparse else 0)
 
 
 SPARSE_KERNELS = ("auto", "hopper", "portable")
