@@ -1,5 +1,6 @@
 // mla_fp8.cuh -- FlashMLA's 656-byte FP8 token (mla/fp8.py, DESIGN.md 4.5) and its exact dequantisation,
-// shared by kernels/mla_decode_fp8.cu (mma.sync, sm_80+) and mla_decode_hopper_narrow.cu (wgmma, MLA_FP8=1).
+// shared by kernels/mla_decode_fp8.cu (mma.sync, sm_80+) and the Hopper kernels' FP8 builds (wgmma, MLA_FP8=1:
+// mla_decode_hopper.cu, mla_decode_hopper_narrow.cu, through mla_wgmma.cuh's register stages).
 //
 // Token: bytes [0, 512) e4m3 codes of channels 0..511, [512, 528) 4 fp32 scales (one per 128 channels,
 // powers of two), [528, 656) the 64 bf16 RoPE channels. dequant8: code byte b -> fp32 bits
