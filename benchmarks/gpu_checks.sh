@@ -274,7 +274,19 @@ fp8final)  # the FP8 v2 commit's GPU check: every CuPy decode test file, FP8 bui
   r 90 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,7,5 --reps 20 \
     --cupy-kernels auto --out "$OUT/bench_decode.md"
   ;;
+maskfast)  # the wide kernel skips the per-key mask on tiles where every key is valid for every row of a warp
+  t 150 t_cupy tests/test_cupy_gpu.py
+  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 60 s_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=wide t 120 s_cupy_wide tests/test_cupy_gpu.py \
+    -k sanitizer
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 40 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6 --reps 20 --cupy-kernels auto \
+    --out "$OUT/bench_decode.md"
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8v2|fp8exp|fp8exp2|fp8v3|fp8final" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8v2|fp8exp|fp8exp2|fp8v3|fp8final|maskfast" >&2
   exit 2 ;;
 esac

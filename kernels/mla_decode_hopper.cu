@@ -290,17 +290,27 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         });
 
         // ---- scale to base 2, mask, running max:  m_new = max(m, max_k s_k),  alpha = 2^(m - m_new)
+        // Most tiles need no mask (every key valid for every row of the warp: a warp-uniform test, 2 loads of
+        // the flags instead of 32): the same values without the per-key tests.
+        const int* flags = sFlag + (tt % FLAG_SLOTS) * BLOCK_N;
+        const bool full = SPARSE ? __all_sync(0xffffffff, flags[lane] != 0 && flags[lane + 32] != 0)
+                                 : __all_sync(0xffffffff, pos0 + BLOCK_N - 1 <= min(lim0, lim1));
         float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+        auto scale_mask = [&](auto masked) {
 #pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);  // key of wg_acc_col(t, k)
-          const bool second = (k >> 1) & 1;                    // row m1
-          const bool ok = SPARSE ? sFlag[(tt % FLAG_SLOTS) * BLOCK_N + pos - pos0] != 0 : pos <= (second ? lim1 : lim0);
-          const float v = ok ? s[k] * scale_log2 : MLA_NEG_INF;
-          s[k] = v;
-          if (second) mx1 = fmaxf(mx1, v);
-          else mx0 = fmaxf(mx0, v);
-        }
+          for (int k = 0; k < 32; ++k) {
+            const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);  // key of wg_acc_col(t, k)
+            const bool second = (k >> 1) & 1;                    // row m1
+            bool ok = true;
+            if constexpr (decltype(masked)::value) ok = SPARSE ? flags[pos - pos0] != 0 : pos <= (second ? lim1 : lim0);
+            const float v = ok ? s[k] * scale_log2 : MLA_NEG_INF;
+            s[k] = v;
+            if (second) mx1 = fmaxf(mx1, v);
+            else mx0 = fmaxf(mx0, v);
+          }
+        };
+        if (full) scale_mask(MlaBool<false>{});
+        else scale_mask(MlaBool<true>{});
         // the 4 lanes of a quad hold the same two rows
         float mu0, mu1, alpha0, alpha1;  // quad max, running max, rescale factors
         mla_online_max(mx0, mx1, m_run0, m_run1, mu0, mu1, alpha0, alpha1);

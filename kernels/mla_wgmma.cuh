@@ -225,6 +225,12 @@ __device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_
 #undef WG_D8
 #endif  // MLA_HAS_WGMMA
 
+// a compile-time bool as a value (generic lambdas taking it choose a code path with if constexpr)
+template <bool B>
+struct MlaBool {
+  static constexpr bool value = B;
+};
+
 // ---- per-tile steps (256 threads = 2 warpgroups a CTA) ---------------------------------------------------
 
 // Copying a 64-row tile of D_ channels with 256 threads (16-byte cp.async, zero-filled when !valid, in
