@@ -176,31 +176,23 @@ def main(argv=None):
         cp.get_default_memory_pool().free_all_blocks()
         naive_ms = rows[0][1] if rows else None
 
+        def add_row(name, backend):  # one backend's row: the whole API call, timed
+            try:
+                fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits,  # noqa: E731
+                                                        backend=backend, validate=False)
+                rows.append((name, *timed(fn, args.reps)))
+            except Exception as exc:
+                print(f"{name} failed on {(b, s_q, h_q, s_k)}: {exc!r}", flush=True)
+
         for version in versions:
             for bn in (block_ns if version in (2, 3) else [None]):
-                os.environ["MLA_NUMBA_VERSION"] = str(version)
-                if bn:
-                    os.environ["MLA_NUMBA_BLOCK_N"] = str(bn)
-                name = f"numba v{version}" + (f" (BLOCK_N={bn})" if bn else "")
-                try:
-                    fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits,  # noqa: E731
-                                                            backend="numba", validate=False)
-                    rows.append((name, *timed(fn, args.reps)))
-                except Exception as exc:
-                    print(f"{name} failed on {(b, s_q, h_q, s_k)}: {exc!r}", flush=True)
-        os.environ.pop("MLA_NUMBA_VERSION", None)
-        os.environ.pop("MLA_NUMBA_BLOCK_N", None)
+                with environment(MLA_NUMBA_VERSION=version, MLA_NUMBA_BLOCK_N=bn):
+                    add_row(f"numba v{version}" + (f" (BLOCK_N={bn})" if bn else ""), "numba")
         for ck in (args.cupy_kernels.split(",") if have_cupy_backend else []):
             kernel, variant = {"auto": (None, None), "portable": ("portable", None), "hopper": ("hopper", None),
                                "hopper-wide": ("hopper", "wide"), "hopper-narrow": ("hopper", "narrow")}[ck]
-            name = "cupy backend" if ck == "auto" else f"cupy {ck}"
             with environment(MLA_CUPY_KERNEL=kernel, MLA_HOPPER_VARIANT=variant):
-                try:
-                    fn = lambda: mla.flash_mla_with_kvcache(q, k, table, seqlens, DV, sched, splits,  # noqa: E731
-                                                            backend="cupy", validate=False)
-                    rows.append((name, *timed(fn, args.reps)))
-                except Exception as exc:
-                    print(f"{name} failed: {exc!r}", flush=True)
+                add_row("cupy backend" if ck == "auto" else f"cupy {ck}", "cupy")
         for name, ms, reps, loop_ms in rows:
             gbs = nbytes / ms / 1e6
             loop = f"{loop_ms:.3f} | {100 * nbytes / loop_ms / 1e6 / copy_gbs:.0f}%" if loop_ms else "- | -"

@@ -209,25 +209,8 @@ review)  # after the review refactor (shared plan-row helper in the decode kerne
     --cupy-kernels auto,portable,hopper-wide,hopper-narrow --out "$OUT/bench_decode.md"
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   ;;
-fp8v2)  # issue #5: FP8 register stages (dequantisation under the wgmma batches) in both Hopper kernels; the
-  # bf16 builds' alpha = 1 skip; timings against the previous commit's tree in the same call
-  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  MLA_CUPY_FP8_KERNEL=narrow t 60 t_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=narrow t 60 s_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 60 s_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  t 120 t_cupy_hopper tests/test_cupy_gpu.py -k "hopper or auto"
-  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 40 bench_fp8_32 env MLA_CUPY_FP8_KERNEL=narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
-  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6 --reps 20 --cupy-kernels auto \
-    --out "$OUT/bench_decode.md"
-  # last: the same table on commit BASE's kernels and package (checked out over this copy of the tree)
-  if [ -n "${BASE:-}" ] && git checkout -q "$BASE" -- kernels mla benchmarks; then
-    r 60 bench_fp8_base python3 benchmarks/bench_fp8_sparse.py --reps 20
-  fi
-  ;;
-fp8exp)  # A/B timings after fp8v2: O *= alpha skipped or not (MLA_ALPHA_SKIP), the kernels with L2-resident keys
-  # (their time without DRAM), and where the FP8 narrow build stalls (ncu)
+fp8exp)  # A/B timings: O *= alpha skipped or not (MLA_ALPHA_SKIP, the wide kernel), the kernels with L2-resident
+  # keys (their time without DRAM), and where the FP8 narrow build stalls (ncu)
   r 40 bench_default python3 benchmarks/bench_fp8_sparse.py --reps 20
   r 40 bench_skip1 env MLA_NVRTC_DEFINES="MLA_ALPHA_SKIP=1" python3 benchmarks/bench_fp8_sparse.py --reps 20
   r 40 bench_skip0 env MLA_NVRTC_DEFINES="MLA_ALPHA_SKIP=0" python3 benchmarks/bench_fp8_sparse.py --reps 20
@@ -236,30 +219,9 @@ fp8exp)  # A/B timings after fp8v2: O *= alpha skipped or not (MLA_ALPHA_SKIP), 
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section SourceCounters python3 benchmarks/profile_kernel.py --kernel fp8
   ;;
-fp8exp2)  # after fp8exp: MLA_ALPHA_SKIP per build, both halves of a piece's first tile in flight together;
-  # tests again, the table, and ncu of the wide kernel's sparse builds (bf16, then FP8) side by side
-  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  for skip in 3 26; do  # launches of mla_decode_hopper_sparse: 3 warm-up + 20 of bf16 first, then FP8
-    r 150 "ncu_sparse_$skip" env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode_hopper_sparse \
-      --launch-skip $skip --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis --section InstructionStats --page raw \
-      python3 benchmarks/bench_fp8_sparse.py --reps 20
-  done
-  ;;
-fp8v3)  # after fp8exp2: block-table entries / indices fetched without waiting (turned into token rows where used)
-  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  MLA_CUPY_FP8_KERNEL=narrow t 60 t_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=narrow t 60 s_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 60 s_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 40 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
-  r 40 bench_resident python3 benchmarks/bench_fp8_sparse.py --reps 20 --resident 64
-  r 40 bench_fp8_32 env MLA_CUPY_FP8_KERNEL=narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
-  ;;
-fp8final)  # the FP8 v2 commit's GPU check: every CuPy decode test file, FP8 builds forced each way and under
-  # compute-sanitizer, the FP8 / sparse table, dense FP8 at 32 rows on each kernel, the bf16 decode rows
+fp8final)  # the FP8 v2 check (2026-11-26, third session; its one-off steps, runs 1-6 and 8, are in git history):
+  # every CuPy decode test file, FP8 builds and the wide kernel forced and under compute-sanitizer, the FP8 /
+  # sparse table, dense FP8 at 32 rows on each kernel, the bf16 decode rows (the Numba v6 row too)
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
   t 150 t_cupy tests/test_cupy_gpu.py
   t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
@@ -267,26 +229,16 @@ fp8final)  # the FP8 v2 commit's GPU check: every CuPy decode test file, FP8 bui
   MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
   MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=narrow t 60 s_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
   MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 60 s_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
+  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=wide t 120 s_cupy_wide tests/test_cupy_gpu.py \
+    -k sanitizer
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   for k in narrow wide; do
     r 40 "bench_fp8_32_$k" env MLA_CUPY_FP8_KERNEL=$k python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
   done
-  r 90 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,7,5 --reps 20 \
+  r 90 bench_decode python3 benchmarks/bench_decode.py --versions 6 --shapes 1,6,7,5 --reps 20 \
     --cupy-kernels auto --out "$OUT/bench_decode.md"
   ;;
-maskfast)  # the wide kernel skips the per-key mask on tiles where every key is valid for every row of a warp
-  t 150 t_cupy tests/test_cupy_gpu.py
-  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=wide t 60 s_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_KERNEL=hopper MLA_HOPPER_VARIANT=wide t 120 s_cupy_wide tests/test_cupy_gpu.py \
-    -k sanitizer
-  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 40 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
-  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6 --reps 20 --cupy-kernels auto \
-    --out "$OUT/bench_decode.md"
-  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8v2|fp8exp|fp8exp2|fp8v3|fp8final|maskfast" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final" >&2
   exit 2 ;;
 esac

@@ -626,7 +626,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
-    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), fp8, nq) if narrow
+    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq) if narrow
             else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)

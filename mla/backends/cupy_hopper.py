@@ -53,11 +53,10 @@ VARIANTS = ("auto", "narrow", "wide")
 FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
-def narrow_smem_bytes(p_split: bool, fp8: bool = False, nq: int = NARROW_ROWS) -> int:
+def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
     """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles + 2 P^T
-    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build is the same (its raw rows
-    wait in registers, kernels/mla_wgmma.cuh "register stages")."""
-    del fp8  # same layout
+    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build has the same layout (its raw
+    rows wait in registers, kernels/mla_wgmma.cuh "register stages")."""
     npv = 2 * nq if p_split else nq
     return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
 
@@ -239,7 +238,7 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    smem = narrow_smem_bytes(p_split(d), fp8, nq) if narrow else wide_smem_bytes(fp8)
+    smem = narrow_smem_bytes(p_split(d), nq) if narrow else wide_smem_bytes(fp8)
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
                               arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
