@@ -238,33 +238,7 @@ fp8final)  # the FP8 v2 check (2026-11-26, third session; its one-off steps, run
   r 90 bench_decode python3 benchmarks/bench_decode.py --versions 6 --shapes 1,6,7,5 --reps 20 \
     --cupy-kernels auto --out "$OUT/bench_decode.md"
   ;;
-fp8ws)  # the narrow kernel's FP8 producer warpgroup (MLA_FP8_WS, 2026-11-26 fourth session): tests, A/B, resident
-  [ -z "$WS_NOTEST" ] && MLA_CUPY_FP8_KERNEL=narrow t 90 t_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py \
-    -k "fp8_dense or auto_picks"
-  r 40 bench_ws python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only
-  r 40 bench_v2 env MLA_CUPY_FP8_WS=0 python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only
-  r 40 bench_ws_res python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --resident 64
-  for d in MLA_DIAG_WS_CONSUMER_ONLY MLA_DIAG_WS_PRODUCER_ONLY; do
-    r 40 "bench_$d" env MLA_NVRTC_DEFINES="$d=1" python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only
-  done
-  r 40 bench_prod_res env MLA_NVRTC_DEFINES="MLA_DIAG_WS_PRODUCER_ONLY=1" python3 benchmarks/bench_fp8_sparse.py --reps 20 \
-    --dense-only --resident 64
-  r 40 bench_prod_norope env MLA_NVRTC_DEFINES="MLA_DIAG_WS_PRODUCER_ONLY=1 MLA_DIAG_WS_NO_ROPE=1" \
-    python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only
-  r 40 bench_ws_norope env MLA_NVRTC_DEFINES="MLA_DIAG_WS_NO_ROPE=1" python3 benchmarks/bench_fp8_sparse.py --reps 20 \
-    --dense-only
-  [ -n "$WS_QUICK" ] && exit 0
-  MLA_NVRTC_LINEINFO=1 MLA_CUPY_FP8_KERNEL=narrow t 90 s_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  r 150 ncu_fp8_ws env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-    --section MemoryWorkloadAnalysis --section SourceCounters python3 benchmarks/profile_kernel.py --kernel fp8
-  ;;
-fp8wsncu)  # where the FP8 producer / computing warps stall: per-SASS-instruction stall samples (csv)
-  r 200 ncu_src env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 \
-    --section WarpStateStats --section SourceCounters --page source --csv --print-source sass \
-    python3 benchmarks/profile_kernel.py --kernel fp8
-  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|fp8ws|fp8wsncu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final" >&2
   exit 2 ;;
 esac

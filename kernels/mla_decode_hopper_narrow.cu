@@ -75,22 +75,10 @@
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
 #endif
 
-#ifndef MLA_FP8_WS  // FP8 at 16 rows: a third warpgroup loads and dequantises (see "FP8 cache" above)
-#define MLA_FP8_WS 0
-#endif
-// diagnostics (A/B timing only, wrong results): bf16 tiles after the first not loaded; FP8_WS: the producer
-// warpgroup only dequantises tile 0 / the computing warpgroups compute nothing
+// diagnostics (A/B timing only, wrong results): the bf16 build loads no key tile after the first, which times its
+// chain without memory (H100, 128,1,16,8192: 0.204 ms against 0.420 with the loads; benchmarks/NOTES_cupy.md)
 #ifndef MLA_DIAG_NO_KLOAD
 #define MLA_DIAG_NO_KLOAD 0
-#endif
-#ifndef MLA_DIAG_WS_CONSUMER_ONLY
-#define MLA_DIAG_WS_CONSUMER_ONLY 0
-#endif
-#ifndef MLA_DIAG_WS_NO_ROPE
-#define MLA_DIAG_WS_NO_ROPE 0
-#endif
-#ifndef MLA_DIAG_WS_PRODUCER_ONLY
-#define MLA_DIAG_WS_PRODUCER_ONLY 0
 #endif
 
 #ifndef MLA_P_SPLIT
@@ -104,33 +92,20 @@ static_assert(NQ == 16 || NQ == 32, "the narrow kernel takes 16 or 32 query rows
 constexpr int SREG = NQ / 2;               // S^T accumulator registers a thread (m64nNQ)
 constexpr int NCOL = NQ / 4;               // query columns a thread holds
 constexpr int BLOCK_N = 64;                // keys a tile (wgmma M of S^T)
-constexpr bool FP8 = MLA_FP8;
-constexpr bool FP8_WS = FP8 && MLA_FP8_WS;  // warpgroups 2, 3 (threads 256..511) dequantise, 0 and 1 compute
-static_assert(!FP8_WS || NQ == 16, "the FP8 producer warpgroups are built for 16 rows (registers)");
-constexpr int NCONS = 256;                  // the computing threads: warpgroups 0 and 1
-constexpr int NTHREADS = FP8_WS ? 512 : NCONS;
-// FP8_WS register budgets (setmaxnreg; 128 a thread at entry, 65536 in all)
-#ifndef MLA_WS_PRODUCER_REGS
-#define MLA_WS_PRODUCER_REGS 112
-#endif
-constexpr int WS_PRODUCER_REGS = MLA_WS_PRODUCER_REGS, WS_CONSUMER_REGS = 256 - WS_PRODUCER_REGS;
+constexpr int NTHREADS = 256;
 constexpr int KSTEPS = D / 16;             // k-steps of S^T
 constexpr int KSTEPS_WG = KSTEPS / 2;      // ... of one warpgroup
 constexpr int MBLOCKS_WG = DV / 64 / 2;    // channel blocks of O^T a warpgroup
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 constexpr int NPV = P_SPLIT ? 2 * NQ : NQ;  // columns of the P^T operand: [P_hi | P_lo] or P
-// FP8_WS (registers for the producers): P_hi and P_lo accumulate into one m64nNQ block, two wgmma a k-step and
-// block instead of one m64nNPV (the same products, summed in another order); else into NPV columns
-constexpr bool PV_ONE_ACC = FP8_WS && P_SPLIT;
-constexpr int OREG = PV_ONE_ACC ? NQ / 2 : NPV / 2;  // accumulator registers of one O^T block
+constexpr int OREG = NPV / 2;              // accumulator registers of one m64nNPV block
 constexpr int TILE_EL = BLOCK_N * D, Q_EL = NQ * D, P_EL = NPV * BLOCK_N;
 constexpr int X_FLOATS = 2 * SREG * 128;   // [wg][SREG registers][128 threads]: the S^T partial sums
 constexpr int RED_FLOATS = 2 * 4 * NQ;     // [wg][warp][col]: per-warp column max / sum
-// FP8 without the producer warpgroup (FP8_REG): the computing warps dequantise while their wgmma batches run,
-// both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
+constexpr bool FP8 = MLA_FP8;
+// FP8: both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
 // would spill, one half at a time (loaded half a tile ahead)
 constexpr bool FP8_TWO_STAGES = NQ == 16;
-constexpr bool FP8_REG = FP8 && !FP8_WS;
 constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ);
 static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)),
               "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
@@ -139,7 +114,6 @@ constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
 constexpr u64 Q_KSTEP = (2 * Q_LBO) >> 4;                   // descriptor step of 16 channels in Q
 constexpr u64 P_KSTEP = (2 * P_LBO) >> 4;                   // ... of 16 keys in P^T
-constexpr u64 P_LO_STEP = (2 * 64 * (NQ / 8)) >> 4;         // ... from P_hi to P_lo (NQ / 8 core matrices)
 
 __device__ __forceinline__ int q_offset(int row, int ch) { return (ch >> 3) * (NQ * 8) + (row >> 3) * 64 + (row & 7) * 8 + (ch & 7); }
 __device__ __forceinline__ int p_offset(int col, int key) {
@@ -190,85 +164,8 @@ __device__ __forceinline__ void ot_issue(float (&o)[MBLOCKS_WG][OREG], u32 v_til
   for (int kk = 0; kk < BLOCK_N / 16; ++kk)
 #pragma unroll
     for (int mb = 0; mb < MBLOCKS_WG; ++mb)
-      if constexpr (PV_ONE_ACC) {
-        pv_mma(o[mb], dv + ((mb * SW128_BLOCK_BYTES + kk * 2048) >> 4), dp + kk * P_KSTEP);
-        pv_mma(o[mb], dv + ((mb * SW128_BLOCK_BYTES + kk * 2048) >> 4), dp + kk * P_KSTEP + P_LO_STEP);
-      } else {
-        pv_mma(o[mb], dv + ((mb * SW128_BLOCK_BYTES + kk * 2048) >> 4), dp + kk * P_KSTEP);
-      }
+      pv_mma(o[mb], dv + ((mb * SW128_BLOCK_BYTES + kk * 2048) >> 4), dp + kk * P_KSTEP);
   wg_commit();
-}
-
-// the keys [pc.start, stop) of piece pc that row tile qt sees (causal: no row sees keys past L - s_q + r_max), and
-// their 64-key tiles
-__device__ __forceinline__ int piece_stop(const MlaPiece& pc, int L, int causal, int s_q, int qt, int group) {
-  return causal ? min(pc.stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1) : pc.stop;
-}
-__device__ __forceinline__ int piece_tiles(const MlaPiece& pc, int stop) {
-  return stop > pc.start ? (stop - pc.start + BLOCK_N - 1) / BLOCK_N : 0;
-}
-
-// FP8_WS: the producer warpgroups' part of one piece (n_tiles > 0 key tiles from start; bt: the sequence's
-// block-table row). Producer warp w (0..7) handles rows 8 w .. 8 w + 7 of every key tile, as warp w does in the
-// FP8_REG build: the raw rows of two tiles wait in registers (fp8_half_load, 68 registers: tile n in set n % 2),
-// so a row's loads are issued two rounds before it is dequantised. Round tt, while the computing warpgroups
-// compute tile tt: the RoPE channels of tile tt + 1 -> buffer (tt + 1) % 2 (cp.async; the buffer was last read by
-// tile tt - 1), its raw rows dequantised into it (fp8_half_store), then tile tt + 3's rows -> the freed set. A
-// round ends at the CTA barrier that ends tile tt for the computing warpgroups too: no arrive / sync pairs
-// (compute-sanitizer's racecheck models full barriers; mla_wgmma.cuh wg_scores), and the two sides take turns on
-// the buffers.
-__device__ __forceinline__ void fp8_produce(const unsigned char* kc8, const int* __restrict__ bt, int start,
-                                            int stop_eff, int page, int h_kv, int g, int n_tiles,
-                                            unsigned char* sKb, int w, int lane) {
-  auto kbuf = [&](int tile) { return sKb + (tile & 1) * TILE_EL * 2; };
-  // the token row of row 8 w + lane % 8 of key tile `tile` (-1 past the piece)
-  auto tok_of = [&](int tile) {
-    const int pos = start + tile * BLOCK_N + 8 * w + (lane & 7);
-    return pos < stop_eff ? bt[pos / page] * page + pos % page : -1;
-  };
-  Fp8Half st[2][2];  // [set][half]
-  auto load = [&](auto set, int tok) {
-    fp8_half_load<0, false>(st[decltype(set)::value][0], kc8, tok, h_kv, g, lane);
-    fp8_half_load<1, false>(st[decltype(set)::value][1], kc8, tok, h_kv, g, lane);
-  };
-  auto store = [&](auto set, unsigned char* kb) {
-    fp8_half_store<0, false>(st[decltype(set)::value][0], kb, w, lane);
-    fp8_half_store<1, false>(st[decltype(set)::value][1], kb, w, lane);
-  };
-  // tile 0 straight through (its latency is exposed once a piece), tiles 1 and 2 into the registers
-  int tok_a = tok_of(0);                           // tile tt + 1 at the top of round tt (RoPE copy)
-  int tok_b = n_tiles > 1 ? tok_of(1) : -1;        // tile tt + 2
-  int tok_c = n_tiles > 2 ? tok_of(2) : -1;        // tile tt + 3 (raw rows loaded in round tt)
-  load(MlaBool<false>{}, tok_a);
-  fp8_rope_copy(kbuf(0), kc8, tok_a, h_kv, g, w, lane);
-  cp_async_commit();
-  if (n_tiles > 1) load(MlaBool<true>{}, tok_b);
-  store(MlaBool<false>{}, kbuf(0));
-  if (n_tiles > 2) load(MlaBool<false>{}, tok_c);
-  tok_a = tok_b;
-  tok_b = tok_c;
-  tok_c = n_tiles > 3 ? tok_of(3) : -1;
-  cp_async_wait<0>();
-  fence_proxy_async();  // tile 0 -> visible to the tensor cores' (async proxy) reads ...
-  __syncthreads();      // ... after the barrier the computing warpgroups wait at (with Q)
-  auto round = [&](int tt, auto set) {  // set: (tt + 1) % 2, tile tt + 1's
-    if (!MLA_DIAG_WS_CONSUMER_ONLY && tt + 1 < n_tiles) {
-      if (!MLA_DIAG_WS_NO_ROPE) fp8_rope_copy(kbuf(tt + 1), kc8, tok_a, h_kv, g, w, lane);
-      cp_async_commit();
-      store(set, kbuf(tt + 1));
-      if (tt + 3 < n_tiles) load(set, tok_c);
-      tok_a = tok_b;
-      tok_b = tok_c;
-      tok_c = tt + 4 < n_tiles ? tok_of(tt + 4) : -1;
-      cp_async_wait<0>();
-      fence_proxy_async();
-    }
-    __syncthreads();  // the end of tile tt: its buffer is free, tile tt + 1 is complete
-  };
-  for (int tt = 0; tt < n_tiles; tt += 2) {  // by twos: the register sets are chosen at compile time
-    round(tt, MlaBool<true>{});
-    if (tt + 1 < n_tiles) round(tt + 1, MlaBool<false>{});
-  }
 }
 #endif
 }  // namespace narrow
@@ -293,26 +190,8 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // warpgroup (read from lane 0, so that ptxas sees a warp-uniform value: control flow that depends on it
-  // is then not "divergent", which would make ptxas serialise the wgmma)
-  const int wg = __shfl_sync(0xffffffff, tid >> 7, 0);
-  if (blockDim.x != NTHREADS) __trap();  // the host launches NTHREADS (mla/backends/cupy_hopper.py narrow_threads)
-
-  if (FP8_WS && wg >= 2) {  // the producer warpgroups (their role is one branch, for setmaxnreg)
-    wg_setmaxnreg_dec<WS_PRODUCER_REGS>();
-    const int qt = blockIdx.z, group = h_q / h_kv;
-    const MlaWork work = mla_work(sched, blockIdx.x);
-    for (int i = work.begin_b; i <= work.end_b; ++i) {  // the computing warpgroups' pieces and CTA barriers
-      const int L = seqlens[i];
-      const MlaPiece pc = mla_piece(work, num_splits, i, L);
-      const int stop_eff = piece_stop(pc, L, causal, s_q, qt, group), n_tiles = piece_tiles(pc, stop_eff);
-      if (n_tiles > 0)
-        fp8_produce(static_cast<const unsigned char*>(k_cache_v), block_table + (long long)i * bt_stride, pc.start,
-                    stop_eff, page, h_kv, blockIdx.y, n_tiles, reinterpret_cast<unsigned char*>(sK), warp - 8, lane);
-      __syncthreads();  // the end of the piece (the computing warpgroups' epilogue)
-    }
-  } else {  // the computing warpgroups
-  if constexpr (FP8_WS) wg_setmaxnreg_inc<WS_CONSUMER_REGS>();
-  const int t = tid & 127, wq = warp & 3;
+  // is then not "divergent", which would make ptxas serialise the wgmma), thread and warp in it
+  const int wg = __shfl_sync(0xffffffff, tid >> 7, 0), t = tid & 127, wq = warp & 3;
   const int g = blockIdx.y, qt = blockIdx.z;
   const int group = h_q / h_kv, M = s_q * group;
   const int c2 = 2 * (lane & 3);
@@ -323,11 +202,14 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
   if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
   const MlaWork work = mla_work(sched, blockIdx.x);
+
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
     const MlaPiece pc = mla_piece(work, num_splits, i, L);
     const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
-    const int stop_eff = piece_stop(pc, L, causal, s_q, qt, group), n_tiles = piece_tiles(pc, stop_eff);
+    int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
+    if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
+    const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
     if (tid < NQ) {  // read after the first barrier of the piece's tile loop; free again after the piece's last
       const int m = qt * NQ + tid;
       sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
@@ -374,8 +256,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
       auto kbuf = [&](int tile) { return reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL); };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
-#pragma unroll 1  // (unrolled, ptxas keeps its addresses live through the piece: registers)
-      for (int c = tid; c < NQ * D / 8; c += NCONS) {
+      for (int c = tid; c < NQ * D / 8; c += NTHREADS) {
         const int r = c % NQ, ch = 8 * (c / NQ), m = qt * NQ + r;
         const bool valid = m < M;
         const mla_elem_t* src = q;
@@ -387,9 +268,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       // token rows of tile tt + 2. One: st_a holds half a of tile tt + 1, tok the token rows of tile tt + 1.
       Fp8Half st_a, st_b;
       int tok = 0;
-      if constexpr (FP8_WS) {
-        cp_async_commit();  // group: Q (tile 0: the producer warpgroup)
-      } else if constexpr (FP8) {
+      if constexpr (FP8) {
         cp_async_commit();  // group: Q
         // tile 0 straight through (its latency is exposed once a piece)
         tok = fetch_tok(0);
@@ -417,7 +296,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       for (int tt = 0; tt < n_tiles; ++tt) {
         if constexpr (FP8) {
           // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier
-          // that ends it), or before the loop (FP8_WS: by the producer warpgroup, before the same barriers):
+          // that ends it), or before the loop:
           if (tt == 0) {
             cp_async_wait<0>();   // Q
             fence_proxy_async();  // tile 0 and Q visible to the tensor cores' (async proxy) reads ...
@@ -433,15 +312,11 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           __syncthreads();      // everyone's copies of tile tt are in
         }
         const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
-        if constexpr (MLA_DIAG_WS_PRODUCER_ONLY) {
-          __syncthreads();
-          continue;
-        }
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
         float s[SREG];
         st_issue(s, kt, sQ_addr, wg);
-        if constexpr (FP8_REG) {
+        if constexpr (FP8) {
           // while it runs: half a of tile tt + 1 -> the other buffer (last read by tile tt - 1, finished by
           // everyone: barrier at its end), then into the registers: half a of tile tt + 2 (two stages) or
           // half b of tile tt + 1 (one)
@@ -463,8 +338,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         wg_fence_operands(s);
 #pragma unroll
         for (int k = 0; k < SREG; ++k) sX[(wg * SREG + k) * 128 + t] = s[k];
-        if constexpr (FP8_WS) named_bar_sync(3, NCONS);  // the computing warpgroups only
-        else __syncthreads();
+        __syncthreads();
 #pragma unroll
         for (int k = 0; k < SREG; ++k) s[k] += sX[((1 - wg) * SREG + k) * 128 + t];  // a + b == b + a: same bits in both
 
@@ -529,7 +403,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
-        if constexpr (FP8_REG) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
+        if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
           // stages) or half a (one) of tile tt + 2 into the registers
           if (tt + 1 < n_tiles) {
             fp8_half_store<1, FP8_TWO_STAGES>(FP8_TWO_STAGES ? st_b : st_a, kbuf(tt + 1), warp, lane);
@@ -543,7 +417,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         wg_wait<0>();
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
-        if constexpr (FP8_REG) {
+        if constexpr (FP8) {
           if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
           fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
         }
@@ -588,14 +462,13 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         if (orow[j] < 0) continue;
         const int ch = 256 * wg + 64 * mb + key0 + 8 * ((k >> 1) & 1);
         float v = o[mb][k];
-        if constexpr (P_SPLIT && !PV_ONE_ACC) v += o[mb][k + SREG];
+        if constexpr (P_SPLIT) v += o[mb][k + SREG];
         v *= inv[j];
         if (direct) out[orow[j] + ch] = to_elem(v);
         else o_part[orow[j] + ch] = v;
       }
     __syncthreads();  // sRed is free for the next piece
   }
-  }  // the computing warpgroups
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there
 #endif

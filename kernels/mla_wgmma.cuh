@@ -132,16 +132,6 @@ __device__ __forceinline__ void named_bar_sync(int id, int nthreads) {
 }
 
 #if MLA_HAS_WGMMA
-// a warpgroup's register budget from here on (sm_90a; the kernel needs a register cap at entry: launch bounds
-// with the 1, and each warpgroup role one branch of an if / else, or ptxas ignores it with warning C7508)
-template <int N>
-__device__ __forceinline__ void wg_setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void wg_setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

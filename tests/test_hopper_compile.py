@@ -42,7 +42,6 @@ COMPILE_CASES = (
     [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
      for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
-    + [(cupy_hopper.NARROW_SOURCE, {**_FP8_BUILD, "MLA_FP8_WS": 1})]  # the FP8 producer warpgroup, 384 threads
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
@@ -67,8 +66,6 @@ def test_sm90a_compiles_without_spills(name, defines):
     assert len(cubin) > 0
     reports = _ptxas_check(log)
     assert "serialized" not in log, f"ptxas serialises the wgmma pipeline:\n{log}"
-    if defines.get("MLA_FP8_WS"):  # 384 threads a CTA: 65536 / 384 registers at most (launch bounds)
-        assert reports[0]["registers"] <= 168, reports
     if name == "mla_decode_hopper.cu":
         want = "mla_decode_hopper_sparse" if defines.get("MLA_SPARSE") else "mla_decode_hopper"
         assert [r["function"] for r in reports] == [want]
@@ -141,7 +138,6 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
 @pytest.mark.parametrize("defines,st_shape,pv_shape", [
     ({"MLA_FP16": 0}, "64x16x16", "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16", "64x16x16"),
     ({"MLA_FP16": 1}, "64x16x16", "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x16x16", "64x32x16"),
-    ({"MLA_FP16": 0, "MLA_FP8": 1, "MLA_FP8_WS": 1}, "64x16x16", "64x32x16"),
     ({"MLA_FP16": 0, "MLA_NQ": 32}, "64x32x16", "64x64x16"), ({"MLA_FP16": 1, "MLA_NQ": 32}, "64x32x16", "64x32x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, st_shape, pv_shape):
     """The narrow kernel: 18 HGMMA for a warpgroup's half of S^T and 16 for its 4 channel blocks of P V a
@@ -359,14 +355,14 @@ struct WG {
 };
 // static, not inline: g++ makes inline variables GNU-unique symbols that the dynamic linker shares between
 // all loaded emulator libraries; this state must belong to one library.
-static WG wgs[4];  // the computing warpgroups 0, 1 (and the narrow FP8 build's producers 2, 3, which issue none)
+static WG wgs[2];
 static emu::Barrier named[16];
 static bool eager = false;  // carry a wgmma out at its issue (earliest) instead of at wgmma.wait_group (latest)
 static bool swap_k = false, swap_mn = false;  // read LBO / SBO the other way round (a "wrong hardware" model)
 static long executed = 0;
 
 inline int wg_index() {
-  if (emu::bdim.x != 256 && emu::bdim.x != 512) emu::fail("the wgmma model expects 256- or 512-thread CTAs");
+  if (emu::bdim.x != 256) emu::fail("the wgmma model expects 256-thread CTAs");
   return (int)(emu::tid.x >> 7);
 }
 inline int wg_thread() { return (int)(emu::tid.x & 127); }
@@ -522,10 +518,6 @@ inline void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_a, u64 desc_b) {
 inline void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_a, u64 desc_b) {
   wgemu::issue(5, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
-template <int N>
-inline void wg_setmaxnreg_inc() {}  // register budgets: nothing to model
-template <int N>
-inline void wg_setmaxnreg_dec() {}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -565,7 +557,7 @@ extern "C" void wgemu_reset() {
 }
 """
 
-MODELLED = {"fence_proxy_async", "named_bar_sync", "wg_setmaxnreg_inc", "wg_setmaxnreg_dec", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
+MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt"}
 
@@ -625,8 +617,6 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
         defines["MLA_FP8"] = 1
     if nq != 16:
         defines["MLA_NQ"] = nq
-    if fp8 and narrow and cupy_hopper.narrow_fp8_ws(nq):
-        defines["MLA_FP8_WS"] = 1
     defines.update(extra_defines or {})
     mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow)
     mod.configure(eager_copies, schedule)
@@ -648,8 +638,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
     launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
                                               host_splits=None if device_plan else arrays[-1], poison=True,
-                                              narrow=narrow, smem=smem, nq=nq,
-                                              threads=cupy_hopper.narrow_threads(defines))
+                                              narrow=narrow, smem=smem, nq=nq)
     before = lib.wgemu_executed()
     for f, grid, block, args, smem in launches:
         f(grid, block, args, shared_mem=smem)

@@ -61,18 +61,6 @@ def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
     return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
 
 
-def narrow_fp8_ws(nq: int) -> bool:
-    """Whether the narrow kernel's FP8 build with nq rows a CTA gets the producer warpgroup (-DMLA_FP8_WS=1: a
-    third warpgroup loads and dequantises, 384 threads): at 16 rows, unless MLA_CUPY_FP8_WS=0 (A/B timing). At
-    32 rows the computing warps' registers leave no room for it (they dequantise themselves: FP8 v2)."""
-    return nq == NARROW_ROWS and os.environ.get("MLA_CUPY_FP8_WS", "1") != "0"
-
-
-def narrow_threads(d: dict) -> int:
-    """Threads a CTA of the narrow kernel built with the -D set ``d``: 512 with the FP8 producer warpgroups."""
-    return 512 if d.get("MLA_FP8_WS") else THREADS
-
-
 def narrow_nq(problem) -> int:
     """Query rows a CTA of the narrow kernel: 16 when a KV head has at most 16 (s_q h_q / h_kv), else 32
     (-DMLA_NQ=32; more rows than 32 run as several row tiles, each reading the keys again)."""
@@ -214,19 +202,17 @@ def p_split(d: dict) -> bool:
 
 
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
-             poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS,
-             threads: int = THREADS):
+             poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
     module ``xp`` (CuPy; NumPy for the CPU emulator in the tests): the portable kernel's
     ``cupy_backend.assemble_dense`` with the 64-row kernel's tile, 256 threads and shared memory, or
-    (narrow) the narrow kernel's 16-row tile, ``threads`` (``narrow_threads``) and ``smem`` bytes
-    (``narrow_smem_bytes``)."""
+    (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``)."""
     from .cupy_backend import assemble_dense
 
     block_m, smem = (nq, smem) if narrow else (BLOCK_M, smem or SMEM_BYTES)
     launches, out, lse = assemble_dense(xp, decode_fn, combine_fn, problem,
                                         (q, k_cache, block_table, seqlens, sched, splits), host_splits, block_m,
-                                        threads if narrow else THREADS, smem, poison)
+                                        THREADS, smem, poison)
     if not narrow:  # the wide kernel takes the sparse kernel's parameter list (its sparse build shares it)
         fn, grid, block, a, sm = launches[0]
         null = np.uint64(0)
@@ -252,8 +238,6 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    if narrow and fp8 and narrow_fp8_ws(nq):
-        d["MLA_FP8_WS"] = 1
     smem = narrow_smem_bytes(p_split(d), nq) if narrow else wide_smem_bytes(fp8)
     fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
                               arch=ARCH)
@@ -265,4 +249,4 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
     return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS,
-                    narrow=narrow, smem=smem, nq=nq, threads=narrow_threads(d))
+                    narrow=narrow, smem=smem, nq=nq)
