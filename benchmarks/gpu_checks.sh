@@ -238,7 +238,16 @@ fp8final)  # the FP8 v2 check (2026-11-26, third session; its one-off steps, run
   r 90 bench_decode python3 benchmarks/bench_decode.py --versions 6 --shapes 1,6,7,5 --reps 20 \
     --cupy-kernels auto --out "$OUT/bench_decode.md"
   ;;
+dequant)  # the prmt dequantisation + one scale a lane and row (2026-11-26, fourth session): FP8 / sparse tests (every
+  # code exact), each FP8 kernel forced, the FP8 / sparse table, dense FP8 at 32 rows on the narrow kernel
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  MLA_CUPY_FP8_KERNEL=narrow t 60 t_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
+  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
+  r 40 bench_fp8_32_narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant" >&2
   exit 2 ;;
 esac

@@ -54,21 +54,25 @@ __device__ __forceinline__ uint4 dequant8(uint2 codes, float scale) {
   return r;
 }
 
-// ---- the fast exact path (Hopper kernels, sm_90a): e4m3 -> f16 in hardware, f16 bits -> bf16 bits, one
-// bf16x2 multiply by the scale. Exact for a scale 2^k, -100 <= k <= 15 (mla.fp8 writes powers of two):
-//   1. cvt.rn.f16x2.e4m3x2: every e4m3 value (subnormals included) is an f16 normal or zero, exactly;
-//   2. f16 bits >> 3 put E (5 bits) and M (3 bits, f16 mantissa bits 7..9) into bf16's exponent and mantissa
-//      fields: the bf16 value is the f16 value * 2^-112 (normal: 2^-9 * 2^-112 >= 2^-126); the sign lands 3
-//      bits too low and is moved back (x + 7 t with t the stray sign bits: x - t + 8 t, no carries);
-//   3. times bf16 (scale * 2^112) (finite for k <= 15): the product code * 2^k is a bf16 normal (>= 2^-109),
-//      so the one rounding of mul.rn.bf16x2 is exact, and it equals dequant8's result bit for bit.
-// Any other scale takes dequant8 (the caller's choice, warp-uniform: fp8_pow2_ok).
+// ---- the fast exact path (Hopper kernels, sm_90a): the code bits moved into bf16's fields, one bf16x2 multiply
+// by the scale. Exact for a scale 2^k, -100 <= k <= 7 (mla.fp8 writes powers of two):
+//   1. prmt puts each code in the low byte of a 16-bit lane and its sign bit in all of the high byte
+//      ([sign(c1) c1 sign(c0) c0]); << 4 and & 0x87F087F0 leave the sign at bit 15 and E M (7 bits) at bits
+//      10..4, i.e. bf16 bits whose value is the code's * 2^-120 (E = 0 codes: bf16 subnormals, exactly);
+//   2. times bf16 (scale * 2^120) (finite for k <= 7): the product code * 2^k is a bf16 normal (>= 2^-109) and
+//      mul.rn.bf16x2 (no flush-to-zero: subnormal inputs are supported) rounds it once, exactly: it equals
+//      dequant8's result bit for bit.
+// 3 instructions + the multiply per 2 codes (v2, until 2026-11-26: cvt.rn.f16x2.e4m3x2, then the f16 bits
+// shifted into bf16's fields with the sign moved back, 4 + the multiply). Any other scale takes dequant8 (the
+// caller's choice, warp-uniform: fp8_pow2_ok).
 
-// four e4m3 codes (a little-endian word) -> f16x2 of codes 0, 1 (lo) and 2, 3 (hi), exact (sm_89+)
-__device__ __forceinline__ void e4m3x4_to_f16x4(u32 w, u32& lo, u32& hi) {
-  asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
-      : "=r"(lo), "=r"(hi)
-      : "r"(w));
+// four e4m3 codes (a little-endian word) -> bf16x2 of codes 0, 1 (lo) and 2, 3 (hi), each value * 2^-120, exactly
+__device__ __forceinline__ void e4m3x4_to_bf16x4_2m120(u32 w, u32& lo, u32& hi) {
+  u32 a, b;
+  asm("prmt.b32 %0, %1, 0, 0x9180;" : "=r"(a) : "r"(w));  // [sign(c1) c1 sign(c0) c0]
+  asm("prmt.b32 %0, %1, 0, 0xB3A2;" : "=r"(b) : "r"(w));  // [sign(c3) c3 sign(c2) c2]
+  lo = (a << 4) & 0x87F087F0u;
+  hi = (b << 4) & 0x87F087F0u;
 }
 // bf16x2 product, round to nearest even (sm_90)
 __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
@@ -76,27 +80,22 @@ __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
   return r;
 }
-// f16x2 of two e4m3 values -> bf16x2 of the same values * 2^-112 (step 2 above)
-__device__ __forceinline__ u32 f16x2_to_bf16x2_2m112(u32 h) {
-  const u32 x = h >> 3;                 // signs now at bits 12 and 28 (f16 mantissa bits 0..6 are zero)
-  return x + 7u * (x & 0x10001000u);    // ... moved to 15 and 31
-}
-// is scale a power of two 2^k with -100 <= k <= 15 (the fast path's domain)?
+// is scale a power of two 2^k with -100 <= k <= 7 (the fast path's domain)?
 __device__ __forceinline__ bool fp8_pow2_ok(float scale) {
   const u32 sb = __float_as_uint(scale), e = sb >> 23;
-  return (sb & 0x007FFFFFu) == 0 && e >= 27 && e <= 142;  // e < 256: the sign is 0
+  return (sb & 0x007FFFFFu) == 0 && e >= 27 && e <= 134;  // e < 256: the sign is 0
 }
-// bf16x2 (scale * 2^112, twice) of a scale with fp8_pow2_ok
-__device__ __forceinline__ u32 fp8_pow2_mult(float scale) { return (((__float_as_uint(scale) >> 23) + 112u) << 7) * 0x10001u; }
+// bf16x2 (scale * 2^120, twice) of a scale with fp8_pow2_ok
+__device__ __forceinline__ u32 fp8_pow2_mult(float scale) { return (((__float_as_uint(scale) >> 23) + 120u) << 7) * 0x10001u; }
 // 8 e4m3 codes -> 8 bf16 = dequant8(codes, scale) when fp8_pow2_ok(scale); mult = fp8_pow2_mult(scale)
 __device__ __forceinline__ uint4 dequant8_pow2(uint2 codes, u32 mult) {
   u32 h0, h1, h2, h3;
-  e4m3x4_to_f16x4(codes.x, h0, h1);
-  e4m3x4_to_f16x4(codes.y, h2, h3);
+  e4m3x4_to_bf16x4_2m120(codes.x, h0, h1);
+  e4m3x4_to_bf16x4_2m120(codes.y, h2, h3);
   uint4 r;
-  r.x = bf16x2_mul(f16x2_to_bf16x2_2m112(h0), mult);
-  r.y = bf16x2_mul(f16x2_to_bf16x2_2m112(h1), mult);
-  r.z = bf16x2_mul(f16x2_to_bf16x2_2m112(h2), mult);
-  r.w = bf16x2_mul(f16x2_to_bf16x2_2m112(h3), mult);
+  r.x = bf16x2_mul(h0, mult);
+  r.y = bf16x2_mul(h1, mult);
+  r.z = bf16x2_mul(h2, mult);
+  r.w = bf16x2_mul(h3, mult);
   return r;
 }

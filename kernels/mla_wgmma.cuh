@@ -344,6 +344,9 @@ __device__ __forceinline__ int ldg_nc_i32_or(const int* p, bool valid, int dflt)
       : "l"(p), "r"((int)valid), "r"(dflt));
   return r;
 }
+// (A mapping with both of a lane's chunks under one scale -- chunks 16 (lane / 8) + 8 j + lane % 8, one shuffle a
+// row instead of two -- measured slower on the H100, 2026-11-26: its warp loads are 4 x 64 bytes, each line read
+// by two instructions; sparse FP8 0.595 -> 0.634 ms, wide dense FP8 2.11 -> 2.22 ms. benchmarks/NOTES_cupy.md)
 struct Fp8Half {
   uint2 codes[4][2];  // row k: the 8 e4m3 codes of chunk c = lane + 32 j (channels 8 c .. 8 c + 7)
   uint4 rope;         // ROPE: row 4 HALF + lane / 8, RoPE chunk lane % 8 (bf16 channels 512 + 8 (lane % 8) ..)

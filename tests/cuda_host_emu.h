@@ -352,18 +352,10 @@ inline float emu_e4m3(unsigned b) {  // e4m3fn: bias 7, no infinities, S.1111.11
   float v = (e == 15 && m == 7) ? NAN : e == 0 ? std::ldexp((float)m, -9) : std::ldexp(1.f + m / 8.f, (int)e - 7);
   return (b & 0x80) ? -v : v;
 }
-inline unsigned short emu_f16_bits(float v) {  // exact for the e4m3 values (f16 normals or zero); NaN -> 0x7fff
-  if (std::isnan(v)) return 0x7fff;
-  const unsigned short sign = std::signbit(v) ? 0x8000 : 0;
-  if (v == 0.f) return sign;
-  int e;
-  const float m = std::frexp(std::fabs(v), &e);  // v = m 2^e, m in [0.5, 1)
-  const unsigned mant = (unsigned)std::lround((m * 2.f - 1.f) * 1024.f);
-  return (unsigned short)(sign | ((unsigned)(e - 1 + 15) << 10) | mant);
-}
-inline void e4m3x4_to_f16x4(u32 w, u32& lo, u32& hi) {  // cvt.rn.f16x2.e4m3x2 twice
-  lo = emu_f16_bits(emu_e4m3(w & 0xFF)) | ((u32)emu_f16_bits(emu_e4m3((w >> 8) & 0xFF)) << 16);
-  hi = emu_f16_bits(emu_e4m3((w >> 16) & 0xFF)) | ((u32)emu_f16_bits(emu_e4m3(w >> 24)) << 16);
+inline void e4m3x4_to_bf16x4_2m120(u32 w, u32& lo, u32& hi) {  // prmt (sign fill), << 4, & 0x87F087F0, twice
+  auto bf = [](u32 c) { return ((c & 0x7Fu) << 4) | ((c & 0x80u) << 8); };  // value * 2^-120 as bf16 bits
+  lo = bf(w & 0xFF) | (bf((w >> 8) & 0xFF) << 16);
+  hi = bf((w >> 16) & 0xFF) | (bf(w >> 24) << 16);
 }
 inline float emu_bf16_to_f(unsigned short b) {
   const u32 u = (u32)b << 16;

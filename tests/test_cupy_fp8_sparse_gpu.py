@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cupy_fp8_sparse_cpu import fast_reference
+from test_cupy_fp8_sparse_cpu import dequantize_kv_fp8, fast_reference
 
 import mla
 from mla import _arrays, testing
@@ -99,6 +99,47 @@ def test_auto_picks_cupy_without_gate():
         out, lse = mla.flash_mla_with_kvcache(*c.args(), is_fp8_kvcache=True, backend=backend)
         assert _arrays.is_device_array(out)
         testing.assert_close(out, lse, *want)
+
+
+# ---- the dequantisation, bit for bit: one key holding every non-NaN e4m3 code
+
+
+def _every_code_token_case(scales, h_q, seed=3):
+    """One sequence of one key whose 512 codes run through every non-NaN e4m3 code (twice, and a bit more), with
+    the four 128-channel scales ``scales``; the rest of the cache is poisoned as usual."""
+    rng = np.random.default_rng(seed)
+    case = testing.make_decode_case(rng, b=1, s_q=1, h_q=h_q, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[1], dtype=BF16, fp8=True)
+    codes = [c for c in range(256) if c & 0x7F != 0x7F]
+    token = case.k_cache[int(case.block_table[0, 0]), 0, 0]  # a view: the sequence's only key
+    token[:512] = np.array((codes * 3)[:512], np.uint8)
+    token[512:528] = np.array(scales, np.float32).view(np.uint8)
+    return case, dequantize_kv_fp8(token[None].copy(), dtype=BF16)[0, :512]
+
+
+EVERY_CODE_SCALES = {"pow2": (2.0**-100, 2.0**-9, 1.0, 2.0**7),            # the fast path's domain, both ends
+                     "other": (2.0**8, 1.5, 2.0**-101, 3 * 2.0**-20)}      # dequant8 (any scale)
+
+
+@pytest.mark.parametrize("scales", list(EVERY_CODE_SCALES), ids=list(EVERY_CODE_SCALES))
+@pytest.mark.parametrize("kernel,h_q", [("narrow", 16), ("wide", 64), ("sparse", 64)])
+def test_fp8_every_code_is_exact(monkeypatch, kernel, h_q, scales):
+    """With a single key P = 1 and l = 1, so every head's out is that key's dequantised value channels: the
+    kernels' dequantisation (the fast path's prmt / shift / mask and bf16x2 multiply, E = 0 codes arriving as
+    bf16 subnormals; dequant8 for other scales) must equal mla.fp8's bit for bit."""
+    case, want = _every_code_token_case(EVERY_CODE_SCALES[scales], h_q)
+    c = testing.to_device(case)
+    if kernel == "sparse":
+        idx = np.full((1, 1, 64), -1, np.int32)
+        idx[0, 0, 5] = int(case.block_table[0, 0]) * 64  # the key, among invalid entries
+        out, _ = mla.flash_mla_with_kvcache(c.q, c.k_cache, None, None, 512, is_fp8_kvcache=True,
+                                           indices=_arrays.cupy_module().asarray(idx), backend="cupy")
+    else:
+        monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", kernel)
+        out, _ = mla.flash_mla_with_kvcache(*c.args(), is_fp8_kvcache=True, backend="cupy")
+    got = _arrays.asnumpy(out).reshape(h_q, 512).astype(np.float32)
+    for h in range(h_q):  # values (out = 1 * V + 0 * ..., so -0 codes come out +0)
+        np.testing.assert_array_equal(got[h], want.astype(np.float32), err_msg=f"head {h}")
 
 
 # ---- sparse: b x s_q x h_q x topk x invalid ratio x cache kind
