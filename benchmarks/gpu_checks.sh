@@ -247,7 +247,14 @@ dequant)  # the prmt dequantisation + one scale a lane and row (2026-11-26, four
   r 60 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
   r 40 bench_fp8_32_narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
   ;;
+sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruction stall samples of both (csv)
+  for k in hopper fp8; do
+    r 150 "ncu_sparse_$k" env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+      --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters --page source --csv \
+      --print-source sass python3 benchmarks/profile_kernel.py --kernel $k --b 128 --s-q 2 --h-q 128 --topk 2048
+  done
+  ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|sparsencu" >&2
   exit 2 ;;
 esac

@@ -3,6 +3,7 @@
     ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \\
         python3 benchmarks/profile_kernel.py --kernel hopper|portable|fp8 [--b 128 --s-q 1 --h-q 16 --s-k 8192]
+        [--topk 2048]   # sparse decode (DSA indices into the same cache): --kernel hopper (bf16) or fp8
 
 Runs the decode three times (two warm-up launches, then the profiled one); prints the time of one
 more call with CUDA events so the run under ncu can be compared with an unprofiled one.
@@ -34,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--s-q", type=int, default=1)
     ap.add_argument("--h-q", type=int, default=16)
     ap.add_argument("--s-k", type=int, default=8192)
+    ap.add_argument("--topk", type=int, default=None, help="sparse decode with this many random indices a row")
     args = ap.parse_args(argv)
     os.environ["MLA_CUPY_KERNEL"] = "portable" if args.kernel == "fp8" else args.kernel
     b, s_q, h_q, s_k = args.b, args.s_q, args.h_q, args.s_k
@@ -47,8 +49,16 @@ def main(argv=None):
     table = cp.asarray(np.random.default_rng(0).permutation(blocks).astype(np.int32).reshape(b, -1))
     seqlens = cp.full((b,), s_k, dtype=cp.int32)
     sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)  # device lengths: a device plan
+    indices = None
+    if args.topk:  # logical positions -> token rows through the block table (as bench_fp8_sparse.py)
+        pos = cp.random.randint(0, s_k, size=(b, s_q, args.topk)).astype(cp.int32)
+        indices = (table[cp.arange(b)[:, None, None], pos // PAGE] * PAGE + pos % PAGE).astype(cp.int32)
+        sched, splits = mla.get_mla_metadata(cp.zeros(b, cp.int32), s_q * h_q, 1, topk=args.topk)  # device plan
 
     def call():
+        if indices is not None:
+            return mla.flash_mla_with_kvcache(q, cache, None, None, DV, sched, splits, indices=indices,
+                                              is_fp8_kvcache=args.kernel == "fp8", backend="cupy", validate=False)
         return mla.flash_mla_with_kvcache(q, cache, table, seqlens, DV, sched, splits, causal=s_q > 1,
                                           is_fp8_kvcache=args.kernel == "fp8", backend="cupy", validate=False)
 
