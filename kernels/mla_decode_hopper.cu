@@ -50,7 +50,8 @@
 //      the warpgroups run in lock step (no softmax / wgmma overlap as in FlashMLA's seesaw schedule), the
 //      bf16 P split doubles P V (caps it near 670 TFLOP/s).
 //   FP8 v2 (2026-11-26): register stages, dequantisation under the wgmma batches (see FP8 below): dense FP8
-//      128,2,128,8192 3.19 -> 2.12-2.16 ms, sparse FP8 128,2,128, topk 2048 0.880 -> 0.617-0.621 ms.
+//      128,2,128,8192 3.19 -> 2.12-2.16 ms, sparse FP8 128,2,128, topk 2048 0.880 -> 0.617-0.621 ms;
+//      with the prmt dequantisation (mla_fp8.cuh, fourth session) 2.05-2.11 ms and 0.587-0.604 ms.
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 

@@ -58,7 +58,9 @@
 // one half waits in registers at a time (loaded half a tile ahead) and the RoPE channels are copied
 // (cp.async) straight into the bf16 tile. Shared memory: as bf16. q must be bf16.
 // v1 (commit d243ffb: two raw shared-memory tiles, dequantised at the top of each tile, tensor cores idle):
-// 0.684 ms at 128,1,16,8192 on the H100; v2 0.399-0.407 ms (benchmarks/NOTES_cupy.md).
+// 0.684 ms at 128,1,16,8192 on the H100; v2 0.399-0.407 ms; with the prmt dequantisation (mla_fp8.cuh)
+// 0.374-0.377 ms (benchmarks/NOTES_cupy.md). Dequantising warpgroups of their own were tried and were slower
+// (0.445 ms: commit d8ebd65, NOTES_cupy.md).
 // The columns' last keys (causal) live in shared memory (sLim): at 32 rows the registers are short.
 //
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16), MLA_FP8 (0).
