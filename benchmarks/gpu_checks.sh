@@ -238,8 +238,8 @@ fp8final)  # the FP8 v2 check (2026-11-26, third session; its one-off steps, run
   r 90 bench_decode python3 benchmarks/bench_decode.py --versions 6 --shapes 1,6,7,5 --reps 20 \
     --cupy-kernels auto --out "$OUT/bench_decode.md"
   ;;
-dequant)  # the prmt dequantisation + one scale a lane and row (2026-11-26, fourth session): FP8 / sparse tests (every
-  # code exact), each FP8 kernel forced, the FP8 / sparse table, dense FP8 at 32 rows on the narrow kernel
+dequant)  # the FP8 builds after a dequantisation change (2026-11-26, fourth session: prmt): FP8 / sparse tests
+  # (every code exact), each FP8 kernel forced, the FP8 / sparse table, dense FP8 at 32 rows on the narrow kernel
   t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   MLA_CUPY_FP8_KERNEL=narrow t 60 t_fp8_narrow tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
   MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"

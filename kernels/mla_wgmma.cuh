@@ -331,8 +331,6 @@ __device__ __forceinline__ float ldg_nc_f32_or1(const void* p, bool valid) {  //
       : "l"(p), "r"((int)valid));
   return r;
 }
-// ROPE: the RoPE channels travel in the stage too (4 more registers); without, fp8_rope_copy copies them
-// (cp.async, all 8 rows of the warp) straight into the bf16 tile.
 // an int (block-table entry, index) or dflt when !valid; nothing waits for it here (the consumer does). (A
 // plain load timed the same, H100 2026-11-26; the asm keeps the load where it is written.)
 __device__ __forceinline__ int ldg_nc_i32_or(const int* p, bool valid, int dflt) {
@@ -357,6 +355,8 @@ struct Fp8Half {
 __device__ __forceinline__ const unsigned char* fp8_row(const unsigned char* kc8, int tok, int h_kv, int g) {
   return kc8 + ((long long)(tok < 0 ? 0 : tok) * h_kv + g) * FP8_BYTES;
 }
+// ROPE: the RoPE channels travel in the stage too (4 more registers); without, fp8_rope_copy copies them
+// (cp.async, all 8 rows of the warp) straight into the bf16 tile.
 template <int HALF, bool ROPE>
 __device__ __forceinline__ void fp8_half_load(Fp8Half& st, const unsigned char* kc8, int tok, int h_kv, int g,
                                               int lane) {

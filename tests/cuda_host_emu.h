@@ -347,11 +347,6 @@ inline float lo_f(u32 x) { return emu::e2f((unsigned short)(x & 0xffff)); }
 inline float hi_f(u32 x) { return emu::e2f((unsigned short)(x >> 16)); }
 inline mla_elem_t to_elem(float x) { return emu::f2e(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }
-inline float emu_e4m3(unsigned b) {  // e4m3fn: bias 7, no infinities, S.1111.111 = NaN
-  const unsigned e = (b >> 3) & 15, m = b & 7;
-  float v = (e == 15 && m == 7) ? NAN : e == 0 ? std::ldexp((float)m, -9) : std::ldexp(1.f + m / 8.f, (int)e - 7);
-  return (b & 0x80) ? -v : v;
-}
 inline void e4m3x4_to_bf16x4_2m120(u32 w, u32& lo, u32& hi) {  // prmt (sign fill), << 4, & 0x87F087F0, twice
   auto bf = [](u32 c) { return ((c & 0x7Fu) << 4) | ((c & 0x80u) << 8); };  // value * 2^-120 as bf16 bits
   lo = bf(w & 0xFF) | (bf((w >> 8) & 0xFF) << 16);

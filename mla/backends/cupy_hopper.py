@@ -101,8 +101,8 @@ def fp8_variant(problem, dev: int) -> str | None:
     """The Hopper kernel whose FP8 build takes this dense FP8-cache problem on device ``dev`` (compute
     capability 9.0, bf16 q): "narrow" up to NARROW_MAX_ROWS (32) query rows a KV head, "wide" above; None
     (the mma.sync FP8 kernel of cupy_sparse_fp8) elsewhere. H100 (FP8 v2, register stages, prmt dequantisation;
-    the mma.sync times are the third session's): 128,1,16: narrow
-    0.377 ms vs mma.sync 0.796; 128,1,32: narrow 0.514 (wide 0.556, mma.sync 0.888); 128,2,128: wide 2.09 vs 4.82.
+    the mma.sync times are the third session's): 128,1,16: narrow 0.377 ms vs mma.sync 0.796; 128,1,32: narrow
+    0.514 (wide 0.556, mma.sync 0.888); 128,2,128: wide 2.09 vs 4.82.
     MLA_CUPY_FP8_KERNEL=portable|narrow|wide forces one (narrow / wide: any row count)."""
     forced = os.environ.get("MLA_CUPY_FP8_KERNEL", "auto") or "auto"
     if forced not in FP8_KERNELS:
