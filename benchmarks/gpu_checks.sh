@@ -247,28 +247,6 @@ dequant)  # the FP8 builds after a dequantisation change (2026-11-26, fourth ses
   r 60 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
   r 40 bench_fp8_32_narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
   ;;
-pair)  # issue #5 (2026-11-26, fifth session): the wide kernel's FP8 build as CTA pairs (MLA_PAIR, clusters of 2;
-  # auto at h_q / h_kv % 128 == 0): FP8 / sparse tests (every code exact through a pair too), the h_q = 128 cases
-  # with pairs off, the wide FP8 build forced, sanitizers (a pair launch dense and sparse), A/B timings
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  MLA_CUPY_FP8_PAIR=off t 60 t_fp8_nopair tests/test_cupy_fp8_sparse_gpu.py -k "128 and not sanitizer"
-  MLA_CUPY_FP8_KERNEL=wide t 60 t_fp8_wide tests/test_cupy_fp8_sparse_gpu.py -k "fp8_dense or auto_picks"
-  MLA_NVRTC_LINEINFO=1 t 90 s_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py -k sanitizer
-  r 50 bench_pair python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 50 bench_nopair env MLA_CUPY_FP8_PAIR=off python3 benchmarks/bench_fp8_sparse.py --reps 20
-  r 50 bench_pair_pv env MLA_NVRTC_DEFINES=MLA_PAIR_IN_PV=1 python3 benchmarks/bench_fp8_sparse.py --reps 20
-  r 50 bench_pair2 python3 benchmarks/bench_fp8_sparse.py --reps 20
-  ;;
-pairdiag)  # why the CTA pairs are slower (run 1): remote stores off / CTA barrier instead / CTA-scope fence
-  # (diagnostic builds, wrong results, timings only), each beside the pair build and pairs off
-  B="python3 benchmarks/bench_fp8_sparse.py --reps 20"
-  r 50 bench_pair env $B
-  r 50 bench_noremote env MLA_NVRTC_DEFINES=MLA_DIAG_PAIR_NO_REMOTE=1 $B
-  r 50 bench_ctasync env MLA_NVRTC_DEFINES=MLA_DIAG_PAIR_SYNC=1 $B
-  r 50 bench_ctafence env MLA_NVRTC_DEFINES=MLA_DIAG_PAIR_SYNC=2 $B
-  r 50 bench_noremote_ctasync env MLA_NVRTC_DEFINES="MLA_DIAG_PAIR_NO_REMOTE=1 MLA_DIAG_PAIR_SYNC=1" $B
-  r 50 bench_nopair env MLA_CUPY_FP8_PAIR=off $B
-  ;;
 sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruction stall samples of both (csv)
   for k in hopper fp8; do
     r 150 "ncu_sparse_$k" env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
@@ -277,6 +255,6 @@ sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruc
   done
   ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|pair|pairdiag|sparsencu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|sparsencu" >&2
   exit 2 ;;
 esac

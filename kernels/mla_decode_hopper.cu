@@ -73,14 +73,8 @@
 #ifndef MLA_SPARSE
 #define MLA_SPARSE 0
 #endif
-#ifndef MLA_PAIR
-#define MLA_PAIR 0
-#endif
 #if MLA_FP8 && MLA_FP16
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
-#endif
-#if MLA_PAIR && !MLA_FP8
-#error "MLA_PAIR shares the FP8 dequantisation of a CTA pair: it needs MLA_FP8=1"
 #endif
 
 constexpr int D = MLA_D, DV = MLA_DV;
@@ -103,26 +97,6 @@ constexpr bool FP8 = MLA_FP8;
 // indices outside [0, num_tokens) are invalid: zero-filled, never read, masked by a per-key flag); no causal
 // mask. Needs h_q / h_kv % 64 == 0, so that the 64 rows of a CTA are heads of one query token.
 constexpr bool SPARSE = MLA_SPARSE;
-// CTA pairs (-DMLA_PAIR=1, FP8 only; 2026-11-26, fifth session): clusters of 2 CTAs along grid z, CTAs 2c and
-// 2c + 1 (rows 128 c .. 128 c + 127). With h_q / h_kv % 128 == 0 (the launcher's rule; checked below) both hold
-// heads of one query token, so they walk the same keys, tile for tile. CTA rank r of the pair loads and
-// dequantises only half r of each FP8 tile and stores it into both CTAs' bf16 tiles (mla_wgmma.cuh, "CTA pairs"):
-// half the loads, conversions and shuffles a CTA. A cluster barrier ends each tile instead of __syncthreads. The
-// half is dequantised under the S wgmma batch (MLA_PAIR_IN_PV=1: under the P V batch) and the next one loaded
-// right after it, a whole tile ahead of its use.
-constexpr bool PAIR = MLA_PAIR;
-#ifndef MLA_PAIR_IN_PV
-#define MLA_PAIR_IN_PV 0
-#endif
-#ifndef MLA_DIAG_PAIR_SYNC  // timing diagnostics: 1 = fence.proxy.async.shared::cta + __syncthreads a tile (racy,
-#define MLA_DIAG_PAIR_SYNC 0  // wrong), 2 = that fence + the cluster barrier
-#endif
-#if MLA_PAIR
-#define MLA_CLUSTER_Z 2
-#define MLA_CLUSTER __cluster_dims__(1, 1, 2)
-#else
-#define MLA_CLUSTER
-#endif
 // valid flags of the key rows, [FLAG_SLOTS][BLOCK_N]: tile t in slot t % FLAG_SLOTS (FP8: written two tiles
 // ahead, while another warp may still read the flags of the tile before)
 constexpr int FLAG_SLOTS = FP8 ? 4 : 2;
@@ -137,7 +111,7 @@ static_assert(SMEM_BYTES == 229376 + FLAG_BYTES, "mirrored in cupy_hopper.py (wi
 #else
 #define MLA_HOPPER_KERNEL mla_decode_hopper
 #endif
-extern "C" __global__ void MLA_CLUSTER __launch_bounds__(NTHREADS, 1)
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
                   const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
                   const int* __restrict__ indices, int topk, const int* __restrict__ topk_length, int num_tokens,
@@ -163,16 +137,6 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
   const int m0 = qt * BLOCK_M + wg_acc_row(t, 0), m1 = m0 + 8;
 
   if (sK_addr & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
-  // PAIR: this CTA's rank in the pair (the half of each FP8 tile it dequantises) and the peer's K buffers in the
-  // cluster's shared window; the first cluster barrier makes sure the peer runs before its memory is written
-  int rank = 0;
-  u32 peer_sK = 0;
-  if constexpr (PAIR) {
-    if (group % 128) __trap();  // the pair would walk different keys (the launcher never builds it so)
-    rank = cluster_ctarank();
-    peer_sK = cluster_map(sK_addr, rank ^ 1);
-    cluster_sync();
-  }
   const MlaWork work = mla_work(sched, blockIdx.x);
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
@@ -268,42 +232,7 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       // entries of tile tt + 2 (used a whole tile after they were fetched: their latency never shows)
       Fp8Half st;
       int tok = 0, raw = -1;
-      // PAIR: this CTA's half of a tile (rows 8 warp + 4 rank + k) into st / into both CTAs' buffer tile % 2
-      auto pair_load = [&] {
-        if (rank == 0) fp8_half_load<0, false>(st, kc8, tok, h_kv, g, lane);
-        else fp8_half_load<1, false>(st, kc8, tok, h_kv, g, lane);
-      };
-      auto pair_store = [&](int tile) {
-        const u32 remote = peer_sK + (tile & 1) * TILE_EL * 2;
-        if (rank == 0) fp8_half_store<0, false, true>(st, kbuf(tile), warp, lane, remote);
-        else fp8_half_store<1, false, true>(st, kbuf(tile), warp, lane, remote);
-      };
-      // PAIR, during tile tt: this CTA's half of tile tt + 1 -> both CTAs, its RoPE channels (each CTA its own),
-      // then the half of tile tt + 2 into the registers
-      auto pair_step = [&](int tt) {
-        if (tt + 1 < n_tiles) {
-          pair_store(tt + 1);
-          fp8_rope_copy(kbuf(tt + 1), kc8, tok, h_kv, g, warp, lane);
-          cp_async_commit();
-          if (tt + 2 < n_tiles) {
-            tok = tok_of(raw, tt + 2);
-            pair_load();
-          }
-          if (tt + 3 < n_tiles) raw = fetch_raw(tt + 3);
-        }
-      };
-      if constexpr (PAIR) {
-        tok = tok_of(fetch_raw(0), 0);
-        fp8_rope_copy(kbuf(0), kc8, tok, h_kv, g, warp, lane);
-        cp_async_commit();  // group: Q + tile 0's RoPE channels
-        pair_load();        // tile 0 straight through (its latency is exposed once a piece)
-        pair_store(0);
-        if (n_tiles > 1) {
-          tok = tok_of(fetch_raw(1), 1);
-          pair_load();
-        }
-        if (n_tiles > 2) raw = fetch_raw(2);
-      } else if constexpr (FP8) {
+      if constexpr (FP8) {
         tok = tok_of(fetch_raw(0), 0);
         fp8_rope_copy(kbuf(0), kc8, tok, h_kv, g, warp, lane);
         cp_async_commit();  // group: Q + tile 0's RoPE channels
@@ -331,14 +260,9 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (complete and fenced at the barrier
           // that ends it), or before the loop:
           if (tt == 0) {
-            cp_async_wait<0>();  // Q, tile 0's RoPE channels
-            if constexpr (PAIR) {
-              fence_proxy_async_all();  // local and remote stores visible to the tensor cores' reads ...
-              cluster_sync();           // ... both CTAs' (tile 0 is complete in both)
-            } else {
-              fence_proxy_async();  // visible to the tensor cores' (async proxy) reads ...
-              __syncthreads();      // ... everyone's
-            }
+            cp_async_wait<0>();   // Q, tile 0's RoPE channels
+            fence_proxy_async();  // visible to the tensor cores' (async proxy) reads ...
+            __syncthreads();      // ... everyone's
           }
         } else {
           // the other buffer was last read by tile tt - 1, finished by both warpgroups (barrier at its end)
@@ -354,9 +278,7 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         // ---- S = Q K^T (both warpgroups end with the whole tile, s[i] = S[acc_row][acc_col])
         float s[32];
         wg_scores<KSTEPS, true>(s, sQ_addr, kt, sX, wg, t, [&] {
-          if constexpr (PAIR) {
-            if (!MLA_PAIR_IN_PV) pair_step(tt);
-          } else if constexpr (FP8) {
+          if constexpr (FP8) {
             // while the S wgmma runs: half a of tile tt + 1 -> the other buffer (last read by tile tt - 1,
             // finished by everyone: barrier at its end) with its RoPE channels, then half b into the registers
             if (tt + 1 < n_tiles) {
@@ -414,9 +336,7 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 
         // ---- O[:, 256 wg ..] += P V (V = channels 256 wg .. 256 wg + 255 of this K tile)
         wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, kt + wg * 4 * SW128_BLOCK_BYTES);
-        if constexpr (PAIR) {
-          if (MLA_PAIR_IN_PV) pair_step(tt);
-        } else if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, half a of tt + 2
+        if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, half a of tile tt + 2
           if (tt + 1 < n_tiles) {
             fp8_half_store<1, false>(st, kbuf(tt + 1), warp, lane);
             if (tt + 2 < n_tiles) {
@@ -428,26 +348,12 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         }
         wg_wait<0>();
         wg_fence_operands(o);
-        if constexpr (PAIR) {
-          cp_async_wait<0>();  // the RoPE copies of tile tt + 1
-#if MLA_DIAG_PAIR_SYNC == 0
-          fence_proxy_async_all();  // this thread's part of tile tt + 1, in both CTAs -> visible to the tensor cores
-          cluster_sync();           // both CTAs are done with this K buffer, and tile tt + 1 is complete in both
-#elif MLA_DIAG_PAIR_SYNC == 1  // timing diagnostics only (racy): the CTA's fence and barrier instead
-          fence_proxy_async();
-          __syncthreads();
-#else  // the CTA's fence, the cluster barrier
-          fence_proxy_async();
-          cluster_sync();
-#endif
-        } else {
-          if constexpr (FP8) {
-            cp_async_wait<0>();   // the RoPE copies of tile tt + 1
-            fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
-          }
-          __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer); FP8: tile
-                            // tt + 1 is complete
+        if constexpr (FP8) {
+          cp_async_wait<0>();   // the RoPE copies of tile tt + 1
+          fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
         }
+        __syncthreads();  // both warpgroups are done with this K buffer (and the exchange buffer); FP8: tile
+                          // tt + 1 is complete
       }
     }
 

@@ -131,33 +131,6 @@ __device__ __forceinline__ void named_bar_sync(int id, int nthreads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
 }
 
-// ---- CTA pairs (clusters of 2 CTAs along grid z; the wide kernel's MLA_PAIR build) ------------------------------
-// The two CTAs of a pair read the same keys; each dequantises half of every FP8 tile and writes it into both CTAs'
-// bf16 tiles: its own with st.shared, the peer's through the cluster's shared window (mapa + st.shared::cluster).
-// barrier.cluster (arrive.release + wait.acquire, every thread of both CTAs) takes the place of __syncthreads
-// where a tile changes hands; the writers' fence.proxy.async (all state spaces) makes the generic stores, local
-// and remote, visible to the tensor cores' async-proxy reads.
-__device__ __forceinline__ int cluster_ctarank() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return (int)r;
-}
-// the address of shared-memory address `addr` (shared::cta window) in CTA `rank` of the cluster
-__device__ __forceinline__ u32 cluster_map(u32 addr, int rank) {
-  u32 r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void st_cluster_v4(u32 addr, uint4 v) {
-  asm volatile("st.shared::cluster.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void fence_proxy_async_all() { asm volatile("fence.proxy.async;\n" ::: "memory"); }
-
 #if MLA_HAS_WGMMA
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -403,33 +376,27 @@ __device__ __forceinline__ void fp8_half_load(Fp8Half& st, const unsigned char* 
 }
 // the half -> its rows of the SW128 bf16 tile kb (exactly dequant8's values: dequant8_pow2 when every scale
 // of the half is a moderate power of two, a warp-uniform choice, else dequant8)
-// PAIR (MLA_PAIR builds): every 16 bytes also go to the peer CTA's copy of the tile, at cluster address
-// remote_kb + the same offset. (MLA_DIAG_PAIR_NO_REMOTE=1: not; timing diagnostics only, wrong results.)
-#ifndef MLA_DIAG_PAIR_NO_REMOTE
-#define MLA_DIAG_PAIR_NO_REMOTE 0
-#endif
-template <int HALF, bool ROPE, bool PAIR = false>
-__device__ __forceinline__ void fp8_half_store(const Fp8Half& st, unsigned char* kb, int warp, int lane,
-                                               u32 remote_kb = 0) {
-  static_assert(!(ROPE && PAIR), "PAIR builds copy the RoPE channels with cp.async (fp8_rope_copy), in each CTA");
-  auto put = [&](int k, int j, uint4 v) {
-    const u32 off = sw128_offset(8 * warp + 4 * HALF + k, 8 * (lane + 32 * j));
-    *reinterpret_cast<uint4*>(kb + off) = v;
-    if constexpr (PAIR && !MLA_DIAG_PAIR_NO_REMOTE) st_cluster_v4(remote_kb + off, v);
-  };
+template <int HALF, bool ROPE>
+__device__ __forceinline__ void fp8_half_store(const Fp8Half& st, unsigned char* kb, int warp, int lane) {
   if (__all_sync(0xffffffff, fp8_pow2_ok(st.scale))) {
     const u32 mult = fp8_pow2_mult(st.scale);
 #pragma unroll
     for (int k = 0; k < 4; ++k)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        put(k, j, dequant8_pow2(st.codes[k][j], __shfl_sync(0xffffffff, mult, 4 * ((lane >> 4) + 2 * j) + k)));
+      for (int j = 0; j < 2; ++j) {
+        const u32 m = __shfl_sync(0xffffffff, mult, 4 * ((lane >> 4) + 2 * j) + k);
+        *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + k, 8 * (lane + 32 * j))) =
+            dequant8_pow2(st.codes[k][j], m);
+      }
   } else {
 #pragma unroll
     for (int k = 0; k < 4; ++k)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        put(k, j, dequant8(st.codes[k][j], __shfl_sync(0xffffffff, st.scale, 4 * ((lane >> 4) + 2 * j) + k)));
+      for (int j = 0; j < 2; ++j) {
+        const float scale = __shfl_sync(0xffffffff, st.scale, 4 * ((lane >> 4) + 2 * j) + k);
+        *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + k, 8 * (lane + 32 * j))) =
+            dequant8(st.codes[k][j], scale);
+      }
   }
   if constexpr (ROPE)
     *reinterpret_cast<uint4*>(kb + sw128_offset(8 * warp + 4 * HALF + (lane >> 3), FP8_NOPE + 8 * (lane & 7))) =

@@ -26,15 +26,13 @@ from mla.backends import _nvrtc
 HERE = Path(__file__).resolve().parent
 EMULATED = {"smem_u32", "pack2", "lo_f", "hi_f", "to_elem", "fast_exp2", "mul_rn", "cp_async16", "cp_async4",
             "cp_async_commit", "cp_async_wait", "red_add2", "ldsm_x4", "ldsm_x2", "ldsm_x4_t", "mma16816",
-            "e4m3x4_to_bf16x4_2m120", "bf16x2_mul", "ldg_nc_v2", "ldg_nc_v4", "ldg_nc_f32_or1", "ldg_nc_i32_or",
-            "cluster_ctarank", "cluster_map", "st_cluster_v4", "cluster_sync", "fence_proxy_async_all"}
+            "e4m3x4_to_bf16x4_2m120", "bf16x2_mul", "ldg_nc_v2", "ldg_nc_v4", "ldg_nc_f32_or1", "ldg_nc_i32_or"}
 
 SCHEDULES = ("lockstep", "skewed", "reverse")
 
 _FUNC_START = re.compile(r"^(template\s*<[^\n]*>\s*\n)?__device__\s+__forceinline__\s+[^\n(]*?(\w+)\s*\(",
                          re.MULTILINE)
-_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:MLA_CLUSTER\s+)?(?:__launch_bounds__\([^)]*\)\s*)?'
-                     r'(\w+)\s*\(([^)]*)\)',
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)',
                      re.MULTILINE)
 _SHARED = re.compile(r"extern\s+__shared__[^;]*\b(\w+)\s*\[\s*\]\s*;")
 
@@ -129,15 +127,12 @@ class EmuModule:
             wrappers.append(
                 f'extern "C" void emu_{fname}(unsigned gx, unsigned gy, unsigned gz, int threads, size_t smem, '
                 f'{", ".join(params)}) {{\n'
-                f"  emu::launch(emu_dim3{{gx, gy, gz}}, threads, smem, [&] {{ {fname}({', '.join(names)}); }}, "
-                f"EMU_CLUSTER_Z);\n}}\n")
+                f"  emu::launch(emu_dim3{{gx, gy, gz}}, threads, smem, [&] {{ {fname}({', '.join(names)}); }});\n}}\n")
         # a kernel named by a macro (``MLA_KERNEL_NAME(...)``): the library reports the expanded name
         macros = [fname for fname, _ in kernels if fname.isupper()]
         wrappers += [f'extern "C" const char* emu_name_{m}() {{ return EMU_STR({m}); }}\n' for m in macros]
         head = "".join(f"#define {k} {v}\n" for k, v in sorted((defines or {}).items()))
         head += "#define EMU_XSTR(x) #x\n#define EMU_STR(x) EMU_XSTR(x)\n"
-        # a source built as clusters along z (``__cluster_dims__(1, 1, MLA_CLUSTER_Z)``, as MLA_CLUSTER) runs so
-        src += "\n#ifdef MLA_CLUSTER_Z\n#define EMU_CLUSTER_Z MLA_CLUSTER_Z\n#else\n#define EMU_CLUSTER_Z 1\n#endif\n"
         text = head + '#include "cuda_host_emu.h"\n' + src + "\n" + "\n".join(wrappers)
         key = hashlib.sha256((text + (HERE / "cuda_host_emu.h").read_text()).encode()).hexdigest()[:20]
         cache = Path(tempfile.gettempdir()) / "mla_cuda_emu"

@@ -51,7 +51,6 @@ typedef unsigned long long u64;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __cluster_dims__(...)
 #define __align__(n) alignas(n)
 
 struct emu_dim3 {
@@ -124,7 +123,7 @@ struct Barrier {
   int op = -1;
 };
 
-enum Op { OP_SYNC = 1, OP_SHFL, OP_LDSM4, OP_LDSM2, OP_LDSM4T, OP_MMA, OP_SYNCWARP, OP_CLUSTER };
+enum Op { OP_SYNC = 1, OP_SHFL, OP_LDSM4, OP_LDSM2, OP_LDSM4T, OP_MMA, OP_SYNCWARP };
 
 struct Lane {
   int op;
@@ -132,26 +131,17 @@ struct Lane {
   float f[4];
 };
 
-// one CTA of the cluster being run (a cluster of 1 without __cluster_dims__)
-struct Cta {
-  emu_dim3 bid;
-  std::vector<unsigned char> arena;
-  unsigned char* base = nullptr;
-  Barrier bar;                    // __syncthreads
-  std::vector<Barrier> warp_bar;  // warp-wide rendezvous
-  std::vector<Lane> lanes;
-};
-
 inline emu_dim3 tid, bid, gdim, bdim;
 inline ucontext_t main_ctx;
-inline std::vector<Fiber> fibers;  // every thread of the cluster: CTA c's thread t is fiber c * bdim.x + t
+inline std::vector<Fiber> fibers;
 inline int cur = -1;
-inline int cur_cta = 0;  // the running fiber's CTA (its rank in the cluster)
 inline long progress = 0;
-inline std::vector<Cta> ctas;
-inline Barrier cluster_bar;  // barrier.cluster (every thread of the cluster)
-inline unsigned char* smem_base = nullptr;  // the running fiber's CTA's shared memory
+inline std::vector<unsigned char> smem_arena;
+inline unsigned char* smem_base = nullptr;
 inline size_t smem_size = 0;
+inline Barrier cta_bar;
+inline std::vector<Barrier> warp_bar;
+inline std::vector<Lane> lanes;
 inline std::function<void()> body;
 inline bool eager_copies = false;
 inline int schedule = 0;  // 0 lockstep, 1 skewed (warp 0 fastest), 2 reverse (last warp fastest)
@@ -174,9 +164,9 @@ inline void barrier_wait(Barrier& b, int n, int op) {
 
 inline int lane_id() { return (int)(tid.x & 31); }
 inline int warp_id() { return (int)(tid.x >> 5); }
-inline void warp_sync(int op) { barrier_wait(ctas[cur_cta].warp_bar[warp_id()], 32, op); }
-inline Lane& my_lane() { return ctas[cur_cta].lanes[tid.x]; }
-inline Lane& lane_of(int l) { return ctas[cur_cta].lanes[(tid.x & ~31u) + l]; }
+inline void warp_sync(int op) { barrier_wait(warp_bar[warp_id()], 32, op); }
+inline Lane& my_lane() { return lanes[tid.x]; }
+inline Lane& lane_of(int l) { return lanes[(tid.x & ~31u) + l]; }
 
 inline void entry() {
   body();
@@ -193,26 +183,20 @@ inline void entry() {
   swapcontext(&fibers[cur].ctx, &main_ctx);
 }
 
-// run `fn` as every thread of the CTAs of one cluster (blocks first.z .. first.z + cluster_z - 1; the kernels'
-// clusters are along z), each with its own shared memory and barriers; the threads of all of them interleave
-inline void run_cluster(emu_dim3 first, int cluster_z, int nthreads, size_t smem_bytes, std::function<void()> fn) {
+// run `fn` as every thread of one CTA
+inline void run_cta(emu_dim3 block_idx, int nthreads, size_t smem_bytes, std::function<void()> fn) {
+  bid = block_idx;
   bdim = emu_dim3{(unsigned)nthreads, 1, 1};
+  smem_arena.assign(smem_bytes + 256, 0xFF);
+  smem_base = smem_arena.data() + (128 - (reinterpret_cast<uintptr_t>(smem_arena.data()) & 127));
   smem_size = smem_bytes;
-  ctas.assign(cluster_z, Cta());
-  for (int c = 0; c < cluster_z; ++c) {
-    Cta& cta = ctas[c];
-    cta.bid = emu_dim3{first.x, first.y, first.z + c};
-    cta.arena.assign(smem_bytes + 256, 0xFF);
-    cta.base = cta.arena.data() + (128 - (reinterpret_cast<uintptr_t>(cta.arena.data()) & 127));
-    cta.warp_bar.assign((nthreads + 31) / 32, Barrier());
-    cta.lanes.assign(nthreads, Lane());
-  }
-  cluster_bar = Barrier();
+  cta_bar = Barrier();
+  warp_bar.assign((nthreads + 31) / 32, Barrier());
+  lanes.assign(nthreads, Lane());
   body = std::move(fn);
-  const int total = nthreads * cluster_z;
   fibers.clear();
-  fibers.resize(total);
-  for (int i = 0; i < total; ++i) {
+  fibers.resize(nthreads);
+  for (int i = 0; i < nthreads; ++i) {
     Fiber& f = fibers[i];
     f.stack.resize(256 * 1024);
     getcontext(&f.ctx);
@@ -221,22 +205,19 @@ inline void run_cluster(emu_dim3 first, int cluster_z, int nthreads, size_t smem
     f.ctx.uc_link = &main_ctx;
     makecontext(&f.ctx, entry, 0);
   }
-  const int nwarps = (total + 31) / 32;
+  const int nwarps = (nthreads + 31) / 32;
   long idle_rounds = 0;
   for (long round = 0;; ++round) {
     bool all_done = true;
     const long before = progress;
-    for (int i = 0; i < total; ++i) {
+    for (int i = 0; i < nthreads; ++i) {
       if (fibers[i].done) continue;
       all_done = false;
       const int w = i / 32;
       const int period = schedule == 1 ? w + 1 : schedule == 2 ? nwarps - w : 1;
       if (round % period) continue;
       cur = i;
-      cur_cta = i / nthreads;
-      tid = emu_dim3{(unsigned)(i % nthreads), 0, 0};
-      bid = ctas[cur_cta].bid;
-      smem_base = ctas[cur_cta].base;
+      tid = emu_dim3{(unsigned)i, 0, 0};
       swapcontext(&main_ctx, &fibers[i].ctx);
     }
     if (all_done) break;
@@ -246,13 +227,11 @@ inline void run_cluster(emu_dim3 first, int cluster_z, int nthreads, size_t smem
   cur = -1;
 }
 
-inline void launch(emu_dim3 grid, int nthreads, size_t smem_bytes, const std::function<void()>& kernel,
-                   int cluster_z = 1) {
-  if (cluster_z < 1 || grid.z % cluster_z) fail("grid z is not a multiple of the cluster size");
+inline void launch(emu_dim3 grid, int nthreads, size_t smem_bytes, const std::function<void()>& kernel) {
   gdim = grid;
-  for (unsigned z = 0; z < grid.z; z += cluster_z)
+  for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) run_cluster(emu_dim3{x, y, z}, cluster_z, nthreads, smem_bytes, kernel);
+      for (unsigned x = 0; x < grid.x; ++x) run_cta(emu_dim3{x, y, z}, nthreads, smem_bytes, kernel);
 }
 
 inline unsigned char* smem_at(u32 addr, int bytes, int align) {
@@ -295,7 +274,7 @@ inline unsigned short f2e(float x) { return MLA_FP16 ? f2h(x) : f2bf(x); }
 #define MLA_LN2 0.69314718055994530942f
 #define MLA_LOG2E 1.44269504088896340736f
 
-inline void __syncthreads() { emu::barrier_wait(emu::ctas[emu::cur_cta].bar, (int)emu::bdim.x, emu::OP_SYNC); }
+inline void __syncthreads() { emu::barrier_wait(emu::cta_bar, (int)emu::bdim.x, emu::OP_SYNC); }
 inline void __trap() { emu::fail("__trap() reached"); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) emu::fail("__syncwarp with a partial mask");
@@ -534,28 +513,6 @@ inline void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   emu::warp_sync(emu::OP_MMA);
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
-
-// ---- clusters (mla_wgmma.cuh "CTA pairs"): %cluster_ctarank, mapa, st.shared::cluster, barrier.cluster.
-// A cluster address is (rank + 1) << 24 | the shared::cta address in CTA `rank`; a plain shared::cta address
-// (what smem_u32 gives) is the running CTA's own, as in PTX's shared::cluster window.
-inline int cluster_ctarank() { return emu::cur_cta; }
-inline u32 cluster_map(u32 addr, int rank) {
-  if (addr >> 24) emu::fail("mapa of an address that is not a shared::cta address");
-  if (rank < 0 || rank >= (int)emu::ctas.size()) emu::fail("mapa to a rank outside the cluster");
-  return ((u32)(rank + 1) << 24) | addr;
-}
-inline void st_cluster_v4(u32 addr, uint4 v) {
-  const u32 rank = addr >> 24, off = addr & 0xFFFFFFu;
-  if (rank > emu::ctas.size()) emu::fail("st.shared::cluster to a rank outside the cluster");
-  if (off % 16) emu::fail("misaligned st.shared::cluster.v4");
-  if ((size_t)off + 16 > emu::smem_size) emu::fail("st.shared::cluster past the dynamic allocation");
-  unsigned char* base = rank ? emu::ctas[rank - 1].base : emu::smem_base;
-  std::memcpy(base + off, &v, 16);
-}
-inline void cluster_sync() {
-  emu::barrier_wait(emu::cluster_bar, (int)(emu::bdim.x * emu::ctas.size()), emu::OP_CLUSTER);
-}
-inline void fence_proxy_async_all() {}
 
 // tests/_cuda_emu.py: cp.async timing (0 lazy, 1 eager) and schedule (0 lockstep, 1 skewed, 2 reverse)
 extern "C" void emu_config(int eager, int sched) {

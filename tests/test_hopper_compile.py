@@ -44,7 +44,6 @@ COMPILE_CASES = (
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
-    + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": s, "MLA_FP8": 1, "MLA_PAIR": 1}) for s in (0, 1)]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
@@ -124,9 +123,7 @@ def _hgmma_counts(sass):
 @pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 8), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 4),
                                           ({"MLA_FP16": 1}, 4), ({"MLA_FP16": 0, "MLA_FP8": 1}, 8),
                                           ({"MLA_FP16": 0, "MLA_SPARSE": 1}, 8),
-                                          ({"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1}, 8),
-                                          ({"MLA_FP16": 0, "MLA_FP8": 1, "MLA_PAIR": 1}, 8),
-                                          ({"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1, "MLA_PAIR": 1}, 8)])
+                                          ({"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1}, 8)])
 def test_sass_holds_hgmma(tmp_path, defines, n_pv):
     """The wide kernel (every build): 36 HGMMA.64x32x16 (S) and n_pv HGMMA.64x256x16 (P V) a tile, none
     serialised."""
@@ -357,18 +354,16 @@ struct WG {
   std::vector<std::vector<Op>> groups;
 };
 // static, not inline: g++ makes inline variables GNU-unique symbols that the dynamic linker shares between
-// all loaded emulator libraries; this state must belong to one library. Per CTA of a cluster (up to 2 CTAs):
-// warpgroups 2 c, 2 c + 1 and named barriers named[c] belong to CTA c.
-static WG wgs[4];
-static emu::Barrier named[2][16];
+// all loaded emulator libraries; this state must belong to one library.
+static WG wgs[2];
+static emu::Barrier named[16];
 static bool eager = false;  // carry a wgmma out at its issue (earliest) instead of at wgmma.wait_group (latest)
 static bool swap_k = false, swap_mn = false;  // read LBO / SBO the other way round (a "wrong hardware" model)
 static long executed = 0;
 
 inline int wg_index() {
   if (emu::bdim.x != 256) emu::fail("the wgmma model expects 256-thread CTAs");
-  if (emu::cur_cta > 1) emu::fail("the wgmma model holds clusters of up to 2 CTAs");
-  return 2 * emu::cur_cta + (int)(emu::tid.x >> 7);
+  return (int)(emu::tid.x >> 7);
 }
 inline int wg_thread() { return (int)(emu::tid.x & 127); }
 inline void rendezvous(int op) { emu::barrier_wait(wgs[wg_index()].bar, 128, op); }
@@ -525,11 +520,11 @@ inline void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_a, u64 desc_b) {
 }
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
-  emu::barrier_wait(wgemu::named[emu::cur_cta][id], n, wgemu::OP_NAMED + id);
+  emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
 }
 inline void named_bar_arrive(int id, int n) {  // counts towards the barrier, does not wait
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
-  emu::Barrier& b = wgemu::named[emu::cur_cta][id];
+  emu::Barrier& b = wgemu::named[id];
   if (b.count == 0) b.op = wgemu::OP_NAMED + id;
   else if (b.op != wgemu::OP_NAMED + id) emu::fail("divergent named barrier");
   ++emu::progress;
@@ -549,8 +544,7 @@ extern "C" long wgemu_executed() { return wgemu::executed; }
 extern "C" int wgemu_pending() {
   int n = 0;
   for (auto& W : wgemu::wgs) n += (int)W.open.size() + (int)W.groups.size();
-  for (auto& c : wgemu::named)
-    for (auto& b : c) n += b.count;
+  for (auto& b : wgemu::named) n += b.count;
   return n;
 }
 extern "C" void wgemu_reset() {
@@ -559,8 +553,7 @@ extern "C" void wgemu_reset() {
     W.groups.clear();
     W.bar = emu::Barrier();
   }
-  for (auto& c : wgemu::named)
-    for (auto& b : c) b = emu::Barrier();
+  for (auto& b : wgemu::named) b = emu::Barrier();
 }
 """
 
@@ -735,71 +728,6 @@ def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
     assert n_wgmma > 0
-
-
-PAIR_CASES = [  # (b, s_q, h_q, seqlens, causal, num_sms, schedule, eager copies, odd scales)
-    (2, 2, 128, [300, 66], True, 4, "skewed", True, False),        # causal s_q 2: 2 pairs, splits + combine
-    (1, 1, 256, [400], False, 1, "reverse", False, True),          # 2 pairs, 7 tiles a piece, odd scales
-    (3, 1, 128, [0, 200, 64], False, 3, "lockstep", True, False),  # an empty sequence, 2 pieces on a worker
-]
-
-
-@needs_gxx
-@pytest.mark.parametrize("b,s_q,h_q,seqlens,causal,num_sms,schedule,eager,odd", PAIR_CASES,
-                         ids=[f"pair{i}" for i in range(len(PAIR_CASES))])
-def test_hopper_fp8_pair_emulated_matches_reference(monkeypatch, b, s_q, h_q, seqlens, causal, num_sms, schedule,
-                                                    eager, odd):
-    """The wide kernel's FP8 build as CTA pairs (MLA_PAIR=1: clusters of 2 along z; each CTA dequantises half of
-    every tile into both CTAs' shared memory, st.shared::cluster, a cluster barrier a tile), both CTAs' threads
-    interleaved by the emulator, against the NumPy backend on the same FP8 cache."""
-    import mla
-    from mla import testing
-
-    rng = np.random.default_rng(b * 10 + h_q + s_q + 5)
-    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=1, d=576, head_dim_v=512,
-                                    page_block_size=64, seqlens=seqlens, dtype=BF16, causal=causal, fp8=True)
-    if odd:
-        scales = case.k_cache[..., 512:528].view(np.float32)
-        scales[1::2] *= np.float32(1.5)
-        scales[::3, :4] *= np.float32(2.0 ** -110)
-    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, fp8=True,
-                                              extra_defines={"MLA_PAIR": 1})
-    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
-    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
-    assert n_wgmma > 0
-
-
-@needs_gxx
-def test_emulator_catches_a_missing_pair_half(monkeypatch):
-    """Planted bug: the pair's remote stores dropped (each CTA fills only its own half of the tile): the other
-    half stays NaN bytes and the result is wrong -- the pair emulation can fail."""
-    from mla import testing
-
-    rng = np.random.default_rng(3)
-    case = testing.make_decode_case(rng, b=1, s_q=1, h_q=128, h_kv=1, d=576, head_dim_v=512, page_block_size=64,
-                                    seqlens=[130], dtype=BF16, causal=False, fp8=True)
-    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, fp8=True, extra_defines={"MLA_PAIR": 1},
-                                   source_edit=("if constexpr (PAIR) st_cluster_v4(remote_kb + off, v);", ""))
-    assert not np.isfinite(out.astype(np.float32)).all()
-
-
-def test_fp8_pair_rule(monkeypatch):
-    """CTA pairs for FP8 caches with h_q / h_kv a multiple of 128 (the pair's rows are heads of one token); off
-    by MLA_CUPY_FP8_PAIR=off; other values raise."""
-    import types
-
-    def prob(h_q, h_kv=1, fp8=True):
-        return types.SimpleNamespace(h_q=h_q, h_kv=h_kv, is_fp8_kvcache=fp8)
-
-    monkeypatch.delenv("MLA_CUPY_FP8_PAIR", raising=False)
-    assert cupy_hopper.fp8_pair(prob(128)) and cupy_hopper.fp8_pair(prob(256, 2))
-    assert not cupy_hopper.fp8_pair(prob(64)) and not cupy_hopper.fp8_pair(prob(128, 2))
-    assert not cupy_hopper.fp8_pair(prob(128, fp8=False))
-    monkeypatch.setenv("MLA_CUPY_FP8_PAIR", "off")
-    assert not cupy_hopper.fp8_pair(prob(128))
-    monkeypatch.setenv("MLA_CUPY_FP8_PAIR", "on")
-    with pytest.raises(ValueError, match="MLA_CUPY_FP8_PAIR"):
-        cupy_hopper.fp8_pair(prob(128))
 
 
 @needs_gxx

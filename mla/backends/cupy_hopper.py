@@ -118,20 +118,6 @@ def fp8_variant(problem, dev: int) -> str | None:
     return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "wide"
 
 
-PAIR_MODES = ("auto", "off")
-
-
-def fp8_pair(problem) -> bool:
-    """Whether the wide kernel's FP8 build runs as CTA pairs (-DMLA_PAIR=1, clusters of 2 CTAs that walk the same
-    keys and each dequantise half of every tile for both): FP8 cache and h_q / h_kv a multiple of 128, so that the
-    two CTAs' 64 rows are heads of one query token (dense and sparse alike). MLA_CUPY_FP8_PAIR=off keeps one CTA
-    per 64 rows (benchmarks: A/B)."""
-    mode = os.environ.get("MLA_CUPY_FP8_PAIR", "auto") or "auto"
-    if mode not in PAIR_MODES:
-        raise ValueError(f"MLA_CUPY_FP8_PAIR must be one of {PAIR_MODES}, got {mode!r}")
-    return mode == "auto" and bool(problem.is_fp8_kvcache) and (problem.h_q // problem.h_kv) % (2 * BLOCK_M) == 0
-
-
 NARROW_MAX_ROWS = 2 * NARROW_ROWS
 """The narrow kernel takes up to this many query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32)."""
 WIDE_MIN_ROWS = NARROW_MAX_ROWS + 1
@@ -250,8 +236,6 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     d = defines(fp16)
     if fp8:
         d["MLA_FP8"] = 1
-        if not narrow and fp8_pair(problem):
-            d["MLA_PAIR"] = 1
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq

@@ -196,8 +196,6 @@ def prepare(problem, metadata, num_splits, dev):
     if sparse and cupy_hopper.sparse_ok(problem, dev):  # the wide Hopper kernel's sparse build, same arguments
         block_m, warps = cupy_hopper.BLOCK_M, cupy_hopper.THREADS // 32
         hdefs = {**cupy_hopper.defines(fp16), "MLA_FP8": int(fp8), "MLA_SPARSE": 1}
-        if cupy_hopper.fp8_pair(problem):
-            hdefs["MLA_PAIR"] = 1
         fn = _nvrtc.load_function(cupy_hopper.SOURCE, "mla_decode_hopper_sparse", hdefs, arch=cupy_hopper.ARCH)
         smem = cupy_hopper.wide_smem_bytes(fp8, sparse=True)
     else:
