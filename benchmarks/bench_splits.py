@@ -21,6 +21,8 @@ D, DV, PAGE = 576, 512, 64
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--parts", action="store_true",
+                    help="at the default SM basis only, also time the decode kernel and the combine alone")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -41,12 +43,17 @@ def main(argv=None):
         seqlens = cp.full((b,), s_k, dtype=cp.int32)
         problem = api._validate(q, k, table, seqlens, DV, None, False, False, None, None, None, False)
         nbytes = b * (s_q * h_q * D * 2 + s_k * D * 2 + s_q * h_q * DV * 2)
-        for sms in (132, 110, 88, 66, 44):
+        for sms in (132,) if args.parts else (132, 110, 88, 66, 44):
             sched, splits = mla.get_mla_metadata(seqlens.get(), s_q * h_q, 1, num_sms=sms)
             launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")
             t = cupy_backend.time_launches(cp, launches, flush, args.reps)
             print(f"| {b}, {s_q}, {h_q}, {s_k} | {sms} | {sched.shape[0]} | {int(splits[-1])} | {t * 1e3:.4f} | "
                   f"{nbytes / t / 1e9:.0f} |", flush=True)
+            if args.parts:  # the decode alone, the combine alone (on the decode's partials), each L2-flushed
+                for name, part in (("decode alone", launches[:1]), ("combine alone", launches[1:])):
+                    if part:
+                        tp = cupy_backend.time_launches(cp, part, flush, args.reps)
+                        print(f"| {b}, {s_q}, {h_q}, {s_k} | {name} | | | {tp * 1e3:.4f} | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,23 @@ dequant)  # the FP8 builds after a dequantisation change (2026-11-26, fourth ses
   r 60 bench_fp8_sparse2 python3 benchmarks/bench_fp8_sparse.py --reps 20
   r 40 bench_fp8_32_narrow python3 benchmarks/bench_fp8_sparse.py --reps 20 --dense-only --h-q 32
   ;;
+final5)  # the fifth session's last check (the tight plan is the default now): every CuPy and Numba decode test
+  # file (they all run on scheduler plans), then the decode + combine split of the few-long shapes
+  t 170 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 200 t_numba tests/test_numba_gpu.py
+  t 120 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
+  ;;
+plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
+  # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
+  t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
+  for tight in 0 1; do
+    r 60 "splits_$tight" env MLA_PLAN_TIGHT=$tight python3 benchmarks/bench_splits.py --reps 30
+    r 60 "decode_$tight" env MLA_PLAN_TIGHT=$tight python3 benchmarks/bench_decode.py --versions "" --shapes 5,1,4 \
+      --reps 30 --cupy-kernels auto
+  done
+  ;;
 sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruction stall samples of both (csv)
   for k in hopper fp8; do
     r 150 "ncu_sparse_$k" env MLA_NVRTC_LINEINFO=1 ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
@@ -255,6 +272,6 @@ sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruc
   done
   ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|sparsencu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|sparsencu" >&2
   exit 2 ;;
 esac

@@ -34,6 +34,8 @@ Every sequence has at least one split, also when ``L_i == 0`` (its partial is em
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 BLOCK_N = 64
@@ -41,6 +43,20 @@ BLOCK_N = 64
 
 FIXED_OVERHEAD_TILES = 5
 """Cost of one split (query load, partial write, combine), in tiles of ``BLOCK_N`` keys."""
+
+TIGHT_PAYLOAD = True
+"""Whether ``plan`` (and the device plan, kernels/mla_metadata.cu) deals with the smallest payload that covers every
+sequence (see ``plan``); MLA_PLAN_TIGHT=0/1 overrides it (``tight_payload``). On by default since 2026-11-26 (H100,
+benchmarks/BENCHMARKS.md): 8 sequences of 8192 keys, 16 heads: 9 tiles a piece on 116 workers -> 8 on 128, decode +
+combine 0.0548 -> 0.0535 ms; the other shapes timed there get the same plan either way."""
+
+
+def tight_payload() -> bool:
+    """TIGHT_PAYLOAD, or MLA_PLAN_TIGHT (0 / 1) when set."""
+    value = os.environ.get("MLA_PLAN_TIGHT", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"MLA_PLAN_TIGHT must be 0 or 1, got {value!r}")
+    return TIGHT_PAYLOAD if value == "" else value == "1"
 
 DEFAULT_NUM_SMS = 132
 """SM count used when no GPU is visible (an H100 SXM has 132)."""
@@ -63,10 +79,15 @@ def plan(
     num_workers: int,
     block_n: int = BLOCK_N,
     fixed_overhead: int = FIXED_OVERHEAD_TILES,
+    tight: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deal the key tiles of all sequences out to ``num_workers`` workers.
 
     seqlens: int [b], number of keys of each sequence (``cache_seqlens``, or ``topk`` in sparse mode).
+    tight: deal with the smallest payload (tiles + overheads a worker) with which the deal still covers every
+    sequence, instead of FlashMLA's ``ceil(total / num_workers) + fixed_overhead`` (which always covers them but
+    can leave workers idle: 8 sequences of 128 tiles on 132 workers get 9 tiles a piece on 116 workers instead
+    of 8 on 128). None: ``TIGHT_PAYLOAD``.
     Returns (tile_scheduler_metadata int32 [num_workers, 8], num_splits int32 [b + 1]).
     """
     seqlens = np.asarray(seqlens, dtype=np.int64).reshape(-1)
@@ -74,11 +95,24 @@ def plan(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if block_n < 1:
         raise ValueError(f"block_n must be >= 1, got {block_n}")
+    if tight is None:
+        tight = tight_payload()
     b = seqlens.shape[0]
     num_tiles = -(-seqlens // block_n)  # ceil
     total = int(num_tiles.sum()) + b * fixed_overhead
-    payload = -(-total // num_workers) + fixed_overhead  # every worker can always make progress
+    loose = -(-total // num_workers) + fixed_overhead  # every worker can always make progress: always covers
+    # below ceil(total / num_workers) the workers cannot hold the total; from there up the first payload that covers
+    for payload in range(-(-total // num_workers), loose + 1) if tight else (loose,):
+        result = _deal(seqlens, num_tiles, num_workers, block_n, fixed_overhead, payload)
+        if result is not None:
+            return result
+    raise AssertionError("scheduler left sequences unassigned")  # cannot happen: `loose` covers the total
 
+
+def _deal(seqlens, num_tiles, num_workers: int, block_n: int, fixed_overhead: int, payload: int):
+    """The plan dealing each worker ``payload`` (tiles + fixed_overhead a piece), in sequence order; None when
+    the workers run out before the sequences do."""
+    b = seqlens.shape[0]
     metadata = np.zeros((num_workers, METADATA_WIDTH), dtype=np.int32)
     num_splits = np.zeros(b + 1, dtype=np.int32)
     seq, tile, split = 0, 0, 0  # where the next worker starts: sequence, tile within it, its split
@@ -104,8 +138,8 @@ def plan(
             end_b = seq - 1
             end_token = int(seqlens[end_b]) if end_b >= 0 else 0
         metadata[w, :5] = (begin_b, begin_token, end_b, end_token, begin_split)
-    if seq < b:  # cannot happen: the payload covers the total; kept as a guard against edits
-        raise AssertionError("scheduler left sequences unassigned")
+    if seq < b:
+        return None
     return metadata, num_splits
 
 

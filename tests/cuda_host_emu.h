@@ -51,6 +51,7 @@ typedef unsigned long long u64;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __shared__ static  // a static __shared__ array: one per CTA (the CTAs run one at a time), shared by its threads
 #define __align__(n) alignas(n)
 
 struct emu_dim3 {

@@ -307,11 +307,12 @@ def _pieces(md, ns, lengths):
     return [p for row in md for p in scheduler.worker_pieces(row, ns, lengths)]
 
 
+@pytest.mark.parametrize("tight", [False, True], ids=["loose", "tight"])
 @pytest.mark.parametrize("lengths,workers", [([0], 1), ([0, 0, 0], 5), ([64 * 100], 132), ([1, 1, 1, 1], 2),
-                                             ([5000, 10, 0, 300], 16), ([128] * 64, 132)])
-def test_plan_covers_every_key_once(lengths, workers):
+                                             ([5000, 10, 0, 300], 16), ([128] * 64, 132), ([8192] * 8, 132)])
+def test_plan_covers_every_key_once(lengths, workers, tight):
     lengths = np.array(lengths)
-    md, ns = scheduler.plan(lengths, workers)
+    md, ns = scheduler.plan(lengths, workers, tight=tight)
     pieces = _pieces(md, ns, lengths)
     for i, L in enumerate(lengths):
         mine = sorted((s, e, p) for j, s, e, p in pieces if j == i)
@@ -323,19 +324,91 @@ def test_plan_covers_every_key_once(lengths, workers):
 
 
 def test_plan_balances_work():
-    # one long sequence over 100 workers: (1000 tiles + 5 overhead) / 100 -> a payload of 11 + 5,
-    # so every worker but the last takes exactly 11 tiles and 91 workers cover it
+    # one long sequence over 100 workers: (1000 tiles + 5 overhead) / 100 -> FlashMLA's (loose) payload of 11 + 5,
+    # so every worker but the last takes exactly 11 tiles and 91 workers cover it; the tight payload (15, the
+    # smallest that covers it) gives every one of the 100 workers 10 tiles
     lengths = np.array([64 * 1000])
-    md, ns = scheduler.plan(lengths, 100)
+    md, ns = scheduler.plan(lengths, 100, tight=False)
     sizes = [e - s for _, s, e, _ in _pieces(md, ns, lengths)]
     assert ns[-1] == 91 and sizes[:-1] == [64 * 11] * 90 and 0 < sizes[-1] <= 64 * 11
-    # many equal sequences: no worker gets more than its payload
+    md, ns = scheduler.plan(lengths, 100, tight=True)
+    assert ns[-1] == 100 and [e - s for _, s, e, _ in _pieces(md, ns, lengths)] == [64 * 10] * 100
+    # many equal sequences: no worker gets more than the loose payload
     lengths = np.full(64, 64 * 30)
     md, ns = scheduler.plan(lengths, 132)
     per_worker = [sum(-(-(e - s) // 64) + scheduler.FIXED_OVERHEAD_TILES
                       for _, s, e, _ in scheduler.worker_pieces(row, ns, lengths)) for row in md]
     payload = -(-(64 * 30 + 64 * 5) // 132) + 5
     assert max(per_worker) <= payload
+
+
+def _worker_costs(md, ns, lengths):
+    """Tiles + FIXED_OVERHEAD_TILES a piece, for every worker of a plan."""
+    return [sum(-(-(e - s) // 64) + scheduler.FIXED_OVERHEAD_TILES
+                for _, s, e, _ in scheduler.worker_pieces(row, ns, lengths)) for row in md]
+
+
+def test_tight_plan_fills_idle_workers():
+    """8 sequences of 128 tiles on 132 workers (issue #4's b=8 shape): the loose payload (ceil(1064 / 132) + 5 = 14)
+    gives 9 tiles a piece and leaves 16 workers idle; the tight one (13) 8 tiles a piece on 128 workers."""
+    lengths = np.full(8, 8192)
+    for tight, most, busy in ((False, 9, 116), (True, 8, 128)):
+        md, ns = scheduler.plan(lengths, 132, tight=tight)
+        tiles = [sum(-(-(e - s) // 64) for _, s, e, _ in scheduler.worker_pieces(row, ns, lengths)) for row in md]
+        assert (max(tiles), sum(t > 0 for t in tiles)) == (most, busy)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_tight_plan_is_never_worse(seed):
+    """Random batches: the tight plan covers every key (test above) with a largest worker cost (tiles + overheads)
+    no larger than the loose plan's, and never below what the workers must hold on average."""
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(1, 200))
+    lengths = rng.integers(0, int(rng.choice([100, 3000, 40000])), size=b)
+    workers = int(rng.integers(1, 140))
+    loose = max(_worker_costs(*scheduler.plan(lengths, workers, tight=False), lengths))
+    md, ns = scheduler.plan(lengths, workers, tight=True)
+    pieces = _pieces(md, ns, lengths)
+    assert sum(e - s for _, s, e, _ in pieces) == int(lengths.sum())
+    tight = max(_worker_costs(md, ns, lengths))
+    total = int((-(-lengths // 64)).sum()) + b * scheduler.FIXED_OVERHEAD_TILES
+    assert -(-total // workers) <= tight + scheduler.FIXED_OVERHEAD_TILES and tight <= loose
+
+
+def test_plan_tight_env(monkeypatch):
+    monkeypatch.setenv("MLA_PLAN_TIGHT", "1")
+    assert scheduler.tight_payload()
+    monkeypatch.setenv("MLA_PLAN_TIGHT", "0")
+    assert not scheduler.tight_payload()
+    monkeypatch.setenv("MLA_PLAN_TIGHT", "yes")
+    with pytest.raises(ValueError, match="MLA_PLAN_TIGHT"):
+        scheduler.tight_payload()
+
+
+@pytest.mark.parametrize("tight", [0, 1])
+@pytest.mark.parametrize("lengths,workers", [([8192] * 8, 132), ([0], 1), ([5000, 10, 0, 300], 16),
+                                             (list(range(0, 9000, 70)), 132), ([64 * 1000], 100)])
+def test_device_plan_kernel_emulated(lengths, workers, tight):
+    """kernels/mla_metadata.cu (the plan computed on the GPU) on the CPU emulator: the same plan as
+    ``scheduler.plan``, bit for bit, loose and tight."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _cuda_emu
+
+    if _cuda_emu.compiler() is None:
+        pytest.skip("the CPU emulator needs g++")
+    seqlens = np.array(lengths, np.int32)
+    b = len(lengths)
+    metadata = np.full((workers, scheduler.METADATA_WIDTH), -7, np.int32)
+    num_splits = np.full(b + 1, -7, np.int32)
+    fn = _cuda_emu.EmuModule("mla_metadata.cu").get_function("mla_plan")
+    fn((1,), (256,), (seqlens, np.int32(b), np.int32(workers), np.int32(scheduler.BLOCK_N),
+                      np.int32(scheduler.FIXED_OVERHEAD_TILES), np.int32(tight), metadata, num_splits))
+    md, ns = scheduler.plan(seqlens, workers, tight=bool(tight))
+    np.testing.assert_array_equal(metadata, md)
+    np.testing.assert_array_equal(num_splits, ns)
 
 
 def test_worker_counts_match_sm_parts():

@@ -156,15 +156,20 @@ def test_causal_rows_without_keys():
 
 
 @pytest.mark.parametrize("b,max_len,tokens,h_kv", [(1, 0, 16, 1), (1, 40000, 128, 1), (7, 3000, 16, 1),
-                                                  (128, 9000, 16, 1), (300, 200, 256, 2), (64, 5, 9, 3)])
-def test_device_plan_matches_scheduler(b, max_len, tokens, h_kv):
+                                                  (128, 9000, 16, 1), (300, 200, 256, 2), (64, 5, 9, 3),
+                                                  (8, 8192, 16, 1)])
+@pytest.mark.parametrize("tight", ["0", "1"], ids=["loose", "tight"])
+def test_device_plan_matches_scheduler(monkeypatch, b, max_len, tokens, h_kv, tight):
     from mla import scheduler
 
+    monkeypatch.setenv("MLA_PLAN_TIGHT", tight)
     cp = _arrays.cupy_module()
     rng = np.random.default_rng(b + max_len)
     seqlens = rng.integers(0, max_len + 1, size=b).astype(np.int32)
     if b > 2:
         seqlens[1] = 0
+    if max_len == 8192:  # equal lengths: where the tight payload changes the plan
+        seqlens[:] = max_len
     meta_d, splits_d = cupy_backend.device_plan(cp.asarray(seqlens), tokens, h_kv, num_sms=132)
     meta, splits = scheduler.plan(seqlens, scheduler.num_sm_parts(132, tokens, h_kv))
     np.testing.assert_array_equal(meta_d.get(), meta)

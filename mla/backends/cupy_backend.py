@@ -231,7 +231,7 @@ def device_plan(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, n
     num_splits = cp.empty((b + 1,), dtype=cp.int32)
     fn = _nvrtc.load_function("mla_metadata.cu", "mla_plan")
     args = (seqlens, np.int32(b), np.int32(workers), np.int32(scheduler.BLOCK_N),
-            np.int32(scheduler.FIXED_OVERHEAD_TILES), metadata, num_splits)
+            np.int32(scheduler.FIXED_OVERHEAD_TILES), np.int32(scheduler.tight_payload()), metadata, num_splits)
     run_launches(cp, [(fn, (1,), (256,), args, 0)])
     return metadata, num_splits
 
