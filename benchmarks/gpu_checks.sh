@@ -255,6 +255,18 @@ final5)  # the fifth session's last check (the tight plan is the default now): e
   t 120 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
   r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
   ;;
+combine32)  # (fifth session) the combine with 32 channels a warp and 16 splits in flight: every CuPy decode test file
+  # (their combines, sanitizers included), the Numba sparse / FP8 file (cut short in final5), the few-long shapes'
+  # decode / combine split, the FP8 / sparse table and the bf16 decode rows
+  t 170 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 170 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
+  r 40 splits python3 benchmarks/bench_splits.py --reps 30
+  r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,4,5 --reps 20 --cupy-kernels auto \
+    --out "$OUT/bench_decode.md"
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
@@ -272,6 +284,6 @@ sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruc
   done
   ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|sparsencu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|combine32|sparsencu" >&2
   exit 2 ;;
 esac

@@ -20,6 +20,9 @@ __device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
 // latency-bound). Lane s computes split s's weight exp(lse_s - lse) once; the split loop then reads it with a
 // shuffle and has no branch, so its loads overlap (an empty split, lse_s = -inf, has weight 0 and its partial
 // is not used: the select keeps a NaN there out). The sum runs over s in order, as before: same bits.
+// The loop loads BATCH splits' values before it adds any (BATCH x PER_LANE loads in flight a lane): with 32
+// channels a warp (mla_combine.cu since 2026-11-26, fifth session) 16 splits at a time; the old 4-split unroll
+// with 128 channels a warp left one long sequence's combine (b = 1, h_q = 128, 64 splits) at 42 us for 17 MB.
 template <int DV, bool SINK, typename OutT, int PARTS = 1>
 __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                                                 const int* __restrict__ num_splits,
@@ -29,6 +32,7 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
   static_assert(DV % PARTS == 0, "the channel slices must tile DV");
   constexpr int SLICE = DV / PARTS;
   constexpr int PER_LANE = (SLICE + 31) / 32;
+  constexpr int BATCH = PER_LANE >= 8 ? 4 : 16 / PER_LANE;  // splits loaded before they are added
   const int rows = s_q * h_q;
   const int lo = num_splits[i], n = num_splits[i + 1] - lo;
   if (n < 1 || (n == 1 && !all_rows)) return;  // single split: written by the decode kernel
@@ -63,17 +67,23 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
         }
       }
       const int cnt = min(32, n - s0);
-#pragma unroll 4
-      for (int j = 0; j < cnt; ++j) {
-        const float wj = __shfl_sync(0xffffffff, w, j);
-        const float* src = o_part + ((long long)(lo + s0 + j) * rows + row) * DV + part * SLICE;
+      for (int j0 = 0; j0 < cnt; j0 += BATCH) {
+        float v[BATCH][PER_LANE];
 #pragma unroll
-        for (int k = 0; k < PER_LANE; ++k) {
-          const int col = lane + 32 * k;
-          if (col < SLICE) {
-            const float v = src[col];
-            acc[k] += wj != 0.f ? wj * v : 0.f;
+        for (int u = 0; u < BATCH; ++u) {
+          const float* src = o_part + ((long long)(lo + s0 + j0 + u) * rows + row) * DV + part * SLICE;
+#pragma unroll
+          for (int k = 0; k < PER_LANE; ++k) {
+            const int col = lane + 32 * k;
+            v[u][k] = j0 + u < cnt && col < SLICE ? src[col] : 0.f;  // past cnt: not read, weight 0
           }
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const float wl = __shfl_sync(0xffffffff, w, (j0 + u) & 31);
+          const float wj = j0 + u < cnt ? wl : 0.f;  // (a warp-uniform test)
+#pragma unroll
+          for (int k = 0; k < PER_LANE; ++k) acc[k] += wj != 0.f ? wj * v[u][k] : 0.f;
         }
       }
     }

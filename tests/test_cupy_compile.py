@@ -39,6 +39,8 @@ def _portable_variants(arch):
 VARIANTS = {
     "mla_decode_portable.cu": {arch: _portable_variants(arch) for arch in ARCHS},
     "mla_combine.cu": {arch: [{"MLA_DV": 512, "MLA_FP16": 0}, {"MLA_DV": 512, "MLA_FP16": 0, "MLA_COMBINE_PARTS": 4},
+                              {"MLA_DV": 512, "MLA_FP16": 0, "MLA_COMBINE_PARTS": 16},
+                              {"MLA_DV": 512, "MLA_FP16": 1, "MLA_COMBINE_PARTS": 16, "MLA_OUT_F32": 1},
                               {"MLA_DV": 33, "MLA_FP16": 1},
                               {"MLA_DV": 512, "MLA_FP16": 0, "MLA_OUT_F32": 1}]
                        for arch in ARCHS},

@@ -592,7 +592,7 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
             src = src.replace(old, new)
         mod = emu.EmuModule(name, {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
         comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0),
-                                                "MLA_COMBINE_PARTS": 4,
+                                                "MLA_COMBINE_PARTS": 16,
                                                 "MLA_OUT_F32": int(out_float32)})
         _MODULES[key] = (mod, comb.get_function("mla_combine"))
     return _MODULES[key]

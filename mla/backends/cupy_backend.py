@@ -302,8 +302,10 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
 
 
 def combine_parts(dv: int) -> int:
-    """Warps a query row in kernels/mla_combine.cu (its grid's z): 4 (128 channels each) when d_v % 128 == 0."""
-    return 4 if dv % 128 == 0 else 1
+    """Warps a query row in kernels/mla_combine.cu (its grid's z): d_v / 32 (32 channels each, one a lane) when
+    d_v % 32 == 0, else 1. (4 warps of 128 channels until 2026-11-26: latency-bound with many splits, H100:
+    b = 1, h_q = 128, s_k = 32768 combine 42 us alone, L2 flushed; benchmarks/NOTES_cupy.md.)"""
+    return dv // 32 if dv % 32 == 0 else 1
 
 
 def combine_function(dv: int, fp16: bool, out_float32: bool = False):
