@@ -267,6 +267,15 @@ combine32)  # (fifth session) the combine with 32 channels a warp and 16 splits 
   r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,4,5 --reps 20 --cupy-kernels auto \
     --out "$OUT/bench_decode.md"
   ;;
+combine32b)  # combine32 again after its fix (4 warps a row from 512 query rows up, 32 channels a warp below): the
+  # CuPy decode test files, the few-long shapes, the FP8 / sparse table, the bf16 decode rows
+  t 170 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
+  r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,4,5 --reps 20 --cupy-kernels auto \
+    --out "$OUT/bench_decode.md"
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
@@ -284,6 +293,6 @@ sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruc
   done
   ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|combine32|sparsencu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|combine32|combine32b|sparsencu" >&2
   exit 2 ;;
 esac

@@ -34,8 +34,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
             const int* __restrict__ num_splits, mla_out_t* __restrict__ out, float* __restrict__ lse_out,
             int s_q, int h_q, int all_rows) {
+  if (gridDim.z != PARTS) __trap();  // the launcher's grid z and this build's slices must agree
   const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);  // r * h_q + h
-  if (row >= s_q * h_q || blockIdx.z >= PARTS) return;
+  if (row >= s_q * h_q) return;
   mla_combine_row<DV, false, mla_out_t, PARTS>(o_part, lse_part, num_splits, nullptr, out, lse_out, s_q, h_q,
                                                blockIdx.y, row, threadIdx.x & 31, all_rows, blockIdx.z);
 }

@@ -577,12 +577,12 @@ needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None
 _MODULES: dict = {}
 
 
-def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False):
+def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False, parts=4):
     """(decode module, combine function) for the emulator, compiled once per define set.
     narrow: kernels/mla_decode_hopper_narrow.cu instead of the 64-row mla_decode_hopper.cu."""
     emu = _emu()
     name = cupy_hopper.NARROW_SOURCE if narrow else cupy_hopper.SOURCE
-    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow)
+    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow, parts)
     if key not in _MODULES:
         monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
         src = _nvrtc.read_source(name)
@@ -592,7 +592,7 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
             src = src.replace(old, new)
         mod = emu.EmuModule(name, {"MLA_HAS_WGMMA": 1, **defines}, source=WGMMA_MODEL + src)
         comb = emu.EmuModule("mla_combine.cu", {"MLA_DV": 512, "MLA_FP16": defines.get("MLA_FP16", 0),
-                                                "MLA_COMBINE_PARTS": 16,
+                                                "MLA_COMBINE_PARTS": parts,
                                                 "MLA_OUT_F32": int(out_float32)})
         _MODULES[key] = (mod, comb.get_function("mla_combine"))
     return _MODULES[key]
@@ -618,7 +618,10 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     if nq != 16:
         defines["MLA_NQ"] = nq
     defines.update(extra_defines or {})
-    mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow)
+    from mla.backends import cupy_backend
+
+    mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow,
+                             cupy_backend.combine_parts(512, case.q.shape[0] * s_q * h_q))
     mod.configure(eager_copies, schedule)
     lib = mod._lib
     lib.wgemu_config(int(eager_wgmma))

@@ -293,7 +293,7 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
 
-    comb = combine_function(dv, fp16, problem.out_float32)
+    comb = combine_function(dv, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)
     arrays = (_to_device(cp, problem.q), _to_device(cp, problem.k_cache), _to_device(cp, problem.block_table, np.int32),
               _to_device(cp, problem.cache_seqlens, np.int32), _to_device(cp, metadata, np.int32),
               _to_device(cp, num_splits, np.int32))
@@ -301,17 +301,25 @@ def _prepare_portable(cp, problem, metadata, num_splits, dev):
     return assemble_dense(cp, fn, comb, problem, arrays, host_splits, block_m, warps * 32, smem, POISON_OUTPUTS)
 
 
-def combine_parts(dv: int) -> int:
-    """Warps a query row in kernels/mla_combine.cu (its grid's z): d_v / 32 (32 channels each, one a lane) when
-    d_v % 32 == 0, else 1. (4 warps of 128 channels until 2026-11-26: latency-bound with many splits, H100:
-    b = 1, h_q = 128, s_k = 32768 combine 42 us alone, L2 flushed; benchmarks/NOTES_cupy.md.)"""
-    return dv // 32 if dv % 32 == 0 else 1
+COMBINE_WIDE_ROWS = 512
+"""From this many query rows (b * s_q * h_q) on, the combine takes 128 channels a warp (enough warps already)."""
 
 
-def combine_function(dv: int, fp16: bool, out_float32: bool = False):
+def combine_parts(dv: int, rows: int) -> int:
+    """Warps a query row in kernels/mla_combine.cu (its grid's z) for ``rows`` = b * s_q * h_q query rows: few rows
+    (fewer than COMBINE_WIDE_ROWS): d_v / 32 (32 channels a warp, one a lane) when d_v % 32 == 0; more: 4 (128
+    channels a warp) when d_v % 128 == 0; else 1. H100 (benchmarks/NOTES_cupy.md, 2026-11-26): b = 1, h_q = 128,
+    s_k = 32768 (64 splits): 4 warps a row 42 us alone, L2 flushed, 16 warps 14 us; but b = 128, s_q = 2,
+    h_q = 128 with 16 warps a row launched 131k CTAs, most with nothing to do (single-split rows): 1.94 -> 2.03 ms."""
+    if rows < COMBINE_WIDE_ROWS and dv % 32 == 0:
+        return dv // 32
+    return 4 if dv % 128 == 0 else 1
+
+
+def combine_function(dv: int, fp16: bool, out_float32: bool, rows: int):
     """kernels/mla_combine.cu for d_v = dv: out in q's 16-bit type, or float32 (MLA_OUT_F32); launched
-    with grid z = combine_parts(dv)."""
-    defines = {"MLA_DV": dv, "MLA_FP16": int(fp16), "MLA_COMBINE_PARTS": combine_parts(dv)}
+    with grid z = combine_parts(dv, rows) (rows = b * s_q * h_q)."""
+    defines = {"MLA_DV": dv, "MLA_FP16": int(fp16), "MLA_COMBINE_PARTS": combine_parts(dv, rows)}
     if out_float32:
         defines["MLA_OUT_F32"] = 1
     return _nvrtc.load_function("mla_combine.cu", "mla_combine", defines)
@@ -363,7 +371,8 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
             scale_log2, np.int32(bool(problem.causal)), np.int32(force))
     launches = [(decode_fn, grid, (threads,), args, smem)]
     if needs_combine:
-        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b, combine_parts(problem.head_dim_v)), (128,),
+        launches.append((combine_fn, (-(-(s_q * h_q) // 4), b, combine_parts(problem.head_dim_v, b * s_q * h_q)),
+                         (128,),
                          (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q), np.int32(force)), 0))
     return launches, out, lse
 

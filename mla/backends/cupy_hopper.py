@@ -244,7 +244,7 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
                               arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    comb = _cb.combine_function(DV, fp16, problem.out_float32)
+    comb = _cb.combine_function(DV, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]

@@ -245,9 +245,9 @@ def prepare(problem, metadata, num_splits, dev):
             launches.append((comb, comb_grid, (128,), (o_part, lse_part, splits, _NULL if sink is None else sink,
                                                        out, lse, np.int32(s_q), np.int32(h_q),
                                                        np.int32(force_partials)), 0))
-        else:  # mla_combine.cu: combine_parts(dv) warps a row (grid z)
-            comb = _cb.combine_function(dv, fp16, out_f32)
-            launches.append((comb, comb_grid + (_cb.combine_parts(dv),), (128,),
+        else:  # mla_combine.cu: combine_parts(dv, rows) warps a row (grid z)
+            comb = _cb.combine_function(dv, fp16, out_f32, b * s_q * h_q)
+            launches.append((comb, comb_grid + (_cb.combine_parts(dv, b * s_q * h_q),), (128,),
                              (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q),
                               np.int32(force_partials)), 0))
     return launches, out, lse
