@@ -8,7 +8,9 @@ sequence by their lse (``mla.reference.combine_splits``).
 
 The idea is FlashMLA's tile scheduler: walk the sequences in order, give each worker a budget of
 ``payload`` tiles, and charge every piece a worker touches a fixed overhead (loading the query
-tile, writing a partial, the combine), so that splitting is not free.
+tile, writing a partial, the combine), so that splitting is not free. The payload is the smallest
+with which the workers still cover every sequence (``plan``'s ``tight``; FlashMLA's
+``ceil(total / workers) + overhead`` can leave workers idle).
 
 Plan format (shared by every backend; all int32)
 ------------------------------------------------
