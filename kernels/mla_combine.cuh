@@ -20,9 +20,10 @@ __device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
 // latency-bound). Lane s computes split s's weight exp(lse_s - lse) once; the split loop then reads it with a
 // shuffle and has no branch, so its loads overlap (an empty split, lse_s = -inf, has weight 0 and its partial
 // is not used: the select keeps a NaN there out). The sum runs over s in order, as before: same bits.
-// The loop loads BATCH splits' values before it adds any (BATCH x PER_LANE loads in flight a lane): with 32
-// channels a warp (mla_combine.cu since 2026-11-26, fifth session) 16 splits at a time; the old 4-split unroll
-// with 128 channels a warp left one long sequence's combine (b = 1, h_q = 128, 64 splits) at 42 us for 17 MB.
+// The loop loads BATCH splits' values before it adds any (BATCH x PER_LANE loads in flight a lane): 16 splits at a
+// time with 32 channels a warp (what mla_combine.cu gets below 512 query rows since 2026-11-26: one long
+// sequence's combine, b = 1, h_q = 128, 64 splits, 17 MB, took 42 us with 4 warps of 128 channels a row and a
+// 4-split unroll, 14 us so), 4 with 128 channels.
 template <int DV, bool SINK, typename OutT, int PARTS = 1>
 __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                                                 const int* __restrict__ num_splits,
