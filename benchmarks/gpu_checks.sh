@@ -276,6 +276,14 @@ combine32b)  # combine32 again after its fix (4 warps a row from 512 query rows 
   r 60 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 1,6,4,5 --reps 20 --cupy-kernels auto \
     --out "$OUT/bench_decode.md"
   ;;
+tensorpipe)  # how busy the wide kernel keeps the tensor cores (#4): Nsight Compute on 128,2,128,8192 (bf16), with
+  # the wgmma pipe metric where this ncu knows it
+  P="python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192"
+  r 80 ncu_wide_sections ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --print-details all $P
+  r 60 ncu_wide_gmma ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --metrics \
+    sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum $P
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
@@ -293,6 +301,6 @@ sparsencu)  # where the sparse FP8 build loses to the bf16 one: per-SASS-instruc
   done
   ;;
 *)
-  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|combine32|combine32b|sparsencu" >&2
+  echo "usage: $0 multi|h100a|h100b|h100c|h100d|fp8sweep|ncu|recheck|narrow|auto|combine|fp8narrow|wide|final|narrow32|fp8wide|sparsewide|review|fp8exp|fp8final|dequant|plans|final5|combine32|combine32b|tensorpipe|sparsencu" >&2
   exit 2 ;;
 esac
