@@ -8,9 +8,9 @@ sequence by their lse (``mla.reference.combine_splits``).
 
 The idea is FlashMLA's tile scheduler: walk the sequences in order, give each worker a budget of
 ``payload`` tiles, and charge every piece a worker touches a fixed overhead (loading the query
-tile, writing a partial, the combine), so that splitting is not free. The payload is the smallest
-with which the workers still cover every sequence (``plan``'s ``tight``; FlashMLA's
-``ceil(total / workers) + overhead`` can leave workers idle).
+tile, writing a partial, the combine), so that splitting is not free. Optionally (``plan``'s
+``tight``, MLA_PLAN_TIGHT=1) the payload is the smallest with which the workers still cover every
+sequence: FlashMLA's ``ceil(total / workers) + overhead`` can leave workers idle.
 
 Plan format (shared by every backend; all int32)
 ------------------------------------------------
@@ -46,11 +46,14 @@ BLOCK_N = 64
 FIXED_OVERHEAD_TILES = 5
 """Cost of one split (query load, partial write, combine), in tiles of ``BLOCK_N`` keys."""
 
-TIGHT_PAYLOAD = True
+TIGHT_PAYLOAD = False
 """Whether ``plan`` (and the device plan, kernels/mla_metadata.cu) deals with the smallest payload that covers every
-sequence (see ``plan``); MLA_PLAN_TIGHT=0/1 overrides it (``tight_payload``). On by default since 2026-11-26 (H100,
-benchmarks/BENCHMARKS.md): 8 sequences of 8192 keys, 16 heads: 9 tiles a piece on 116 workers -> 8 on 128, decode +
-combine 0.0548 -> 0.0535 ms; the other shapes timed there get the same plan either way."""
+sequence (see ``plan``); MLA_PLAN_TIGHT=0/1 overrides it (``tight_payload``). Off by default: on the H100
+(benchmarks/BENCHMARKS.md, 2026-11-26) it gained 2.4% at 8 sequences of 8192 keys, 16 heads (9 tiles a piece on 116
+workers -> 8 on 128; decode + combine 0.0548 -> 0.0535 ms) and changed no other timed shape's plan, but it tries up to
+fixed_overhead + 1 payloads, one whole deal each: the host plan of 128 sequences on 132 workers takes 0.66 ms instead
+of 0.095 ms (the device plan walks as often; not timed), which costs more than it gains when lengths change every
+step."""
 
 
 def tight_payload() -> bool:
