@@ -125,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
     parser.add_argument("--cupy-kernels", default="auto",
                         help="CuPy kernels to time, comma-separated: auto (what backend='cupy' picks), portable, "
-                             "hopper (as dispatched), hopper-wide, hopper-narrow (MLA_HOPPER_VARIANT forced)")
+                             "hopper (as dispatched), hopper-wide, hopper-narrow, hopper-seesaw (MLA_HOPPER_VARIANT forced)")
     args = parser.parse_args(argv)
 
     import cupy as cp
@@ -190,7 +190,8 @@ def main(argv=None):
                     add_row(f"numba v{version}" + (f" (BLOCK_N={bn})" if bn else ""), "numba")
         for ck in (args.cupy_kernels.split(",") if have_cupy_backend else []):
             kernel, variant = {"auto": (None, None), "portable": ("portable", None), "hopper": ("hopper", None),
-                               "hopper-wide": ("hopper", "wide"), "hopper-narrow": ("hopper", "narrow")}[ck]
+                               "hopper-wide": ("hopper", "wide"), "hopper-narrow": ("hopper", "narrow"),
+                               "hopper-seesaw": ("hopper", "seesaw")}[ck]
             with environment(MLA_CUPY_KERNEL=kernel, MLA_HOPPER_VARIANT=variant):
                 add_row("cupy backend" if ck == "auto" else f"cupy {ck}", "cupy")
         for name, ms, reps, loop_ms in rows:

@@ -284,6 +284,17 @@ tensorpipe)  # how busy the wide kernel keeps the tensor cores (#4): Nsight Comp
   r 60 ncu_wide_gmma ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --metrics \
     sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum $P
   ;;
+seesaw)  # issue #4 (2026-11-26, sixth session): the seesaw kernel (kernels/mla_decode_seesaw.cu) forced on the GPU
+  # tests that take a kernel (FlashMLA's matrix, splits, out_float32), the sanitizers (their script runs it on two
+  # 64-row problems), then the 64-row shapes timed wide against seesaw, and its tensor-pipe use (ncu)
+  t 170 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_LINEINFO=1 t 150 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
+  r 130 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 6,3,2,4,8 --reps 20 \
+    --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  r 60 ncu_seesaw_gmma env MLA_HOPPER_VARIANT=seesaw ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+    python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

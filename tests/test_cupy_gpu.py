@@ -30,9 +30,9 @@ BF16 = _arrays.BFLOAT16
 DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(np.float16, id="fp16")]
 # "hopper": the Hopper kernels as dispatched (the narrow kernel for <= 16 query rows a KV head, the 64-row
 # kernel above); "hopper-narrow": the narrow kernel forced on every shape (MLA_HOPPER_VARIANT=narrow, several
-# 16-row tiles where there are more rows)
+# 16-row tiles where there are more rows); "hopper-seesaw": the seesaw kernel forced (MLA_HOPPER_VARIANT=seesaw)
 KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper"),
-           pytest.param("hopper-narrow", id="hopper-narrow")]
+           pytest.param("hopper-narrow", id="hopper-narrow"), pytest.param("hopper-seesaw", id="hopper-seesaw")]
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +46,14 @@ def _hopper_cases(request, monkeypatch):
     capability 9.0; elsewhere their cases skip. No gate (MLA_CUPY_UNVERIFIED unset): they are ordinary paths."""
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow"):
+    if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow", "hopper-seesaw"):
         from mla.backends import cupy_hopper
 
         reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
         if reason:
             pytest.skip(reason)
-        monkeypatch.setenv("MLA_HOPPER_VARIANT", "narrow" if callspec.params["kernel"] == "hopper-narrow" else "auto")
+        monkeypatch.setenv("MLA_HOPPER_VARIANT", {"hopper-narrow": "narrow", "hopper-seesaw": "seesaw"}.get(
+            callspec.params["kernel"], "auto"))
 
 
 def _check(case, kernel="portable", on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL):
@@ -373,6 +374,14 @@ _SANITIZE = textwrap.dedent("""
                dict(d=576, head_dim_v=512, page_block_size=64, h_q=64, s_q=2, seqlens=[100, 1], causal=True),
                dict(d=40, head_dim_v=33, page_block_size=7, h_q=6, h_kv=3, s_q=2, seqlens=[0, 50])):
         case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, **kw)
+        c = testing.to_device(case)
+        out, lse = mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())
+        out.get()
+    import os
+    os.environ['MLA_HOPPER_VARIANT'] = 'seesaw'  # the seesaw kernel on the 64-row cases (odd / even block counts)
+    for kw in (dict(h_q=64, s_q=2, seqlens=[100, 1, 0], causal=True), dict(h_q=128, s_q=1, seqlens=[300, 64])):
+        case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, d=576,
+                                        head_dim_v=512, page_block_size=64, **kw)
         c = testing.to_device(case)
         out, lse = mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())
         out.get()

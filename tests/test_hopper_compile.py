@@ -44,6 +44,7 @@ COMPILE_CASES = (
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
+    + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
@@ -335,7 +336,8 @@ constexpr int OP_WG = 100, OP_NAMED = 200;
 struct Op {
   int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major;
              // 2: m64n16k16, A and B K-major; 3: m64n16k16, A and B MN-major (imm-trans 1, 1); 4: m64n32k16 likewise;
-             // 5: m64n64k16 likewise
+             // 5: m64n64k16 likewise; 6: m64n64k16, A and B K-major; 7: m64n256k16, A K-major from shared memory,
+             // B N-major
   u64 da, db;
   bool accumulate;
   u32 a[128][4];
@@ -414,11 +416,19 @@ inline int d_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
 
 inline void execute(const Op& op) {
   static float A[64][16], B[256][16];  // B[n][k]
-  const int n = op.kind == 1 ? 256 : (op.kind == 2 || op.kind == 3) ? 16 : op.kind == 5 ? 64 : 32;
+  const int n = (op.kind == 1 || op.kind == 7) ? 256 : (op.kind == 2 || op.kind == 3) ? 16
+                : (op.kind == 5 || op.kind == 6) ? 64 : 32;
+  const bool b_kmajor = op.kind == 0 || op.kind == 2 || op.kind == 6;
   Desc db = decode_desc(op.db);
-  if (((op.kind == 0 || op.kind == 2) && swap_k) || (op.kind != 0 && op.kind != 2 && swap_mn))
-    std::swap(db.lbo, db.sbo);
-  if (op.kind >= 2) {  // both operands from shared memory, K-major (2) or MN-major (3, 4)
+  if ((b_kmajor && swap_k) || (!b_kmajor && swap_mn)) std::swap(db.lbo, db.sbo);
+  if (op.kind == 6 || op.kind == 7) {  // A K-major from shared memory; B K-major (6) or N-major (7)
+    Desc da = decode_desc(op.da);
+    if (swap_k) std::swap(da.lbo, da.sbo);
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; ++k) A[m][k] = smem_elem(kmajor(da, m, k));
+    for (int c = 0; c < n; ++c)
+      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(b_kmajor ? kmajor(db, c, k) : mnmajor(db, c, k));
+  } else if (op.kind >= 2) {  // both operands from shared memory, K-major (2) or MN-major (3, 4, 5)
     Desc da = decode_desc(op.da);
     const bool mn = op.kind >= 3;
     if ((mn && swap_mn) || (!mn && swap_k)) std::swap(da.lbo, da.sbo);
@@ -518,6 +528,12 @@ inline void wg_mma_m64n32k16_ss_tt(float (&d)[16], u64 desc_a, u64 desc_b) {
 inline void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_a, u64 desc_b) {
   wgemu::issue(5, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
+inline void wg_mma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
+  wgemu::issue(6, d, desc_a, desc_b, accumulate, 0, 0, 0, 0);
+}
+inline void wg_mma_m64n256k16_ss_nmajor(float (&d)[128], u64 desc_a, u64 desc_b) {
+  wgemu::issue(7, d, desc_a, desc_b, 1, 0, 0, 0, 0);
+}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -559,7 +575,8 @@ extern "C" void wgemu_reset() {
 
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
-            "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt"}
+            "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
+            "wg_mma_m64n256k16_ss_nmajor"}
 
 
 try:
@@ -577,12 +594,12 @@ needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None
 _MODULES: dict = {}
 
 
-def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False, parts=4):
+def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False, parts=4, seesaw=False):
     """(decode module, combine function) for the emulator, compiled once per define set.
     narrow: kernels/mla_decode_hopper_narrow.cu instead of the 64-row mla_decode_hopper.cu."""
     emu = _emu()
-    name = cupy_hopper.NARROW_SOURCE if narrow else cupy_hopper.SOURCE
-    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow, parts)
+    name = cupy_hopper.NARROW_SOURCE if narrow else cupy_hopper.SEESAW_SOURCE if seesaw else cupy_hopper.SOURCE
+    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow, parts, seesaw)
     if key not in _MODULES:
         monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
         src = _nvrtc.read_source(name)
@@ -600,7 +617,7 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
                   psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
-                  narrow=False, fp8=False, nq=16):
+                  narrow=False, fp8=False, nq=16, seesaw=False):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
     narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
@@ -621,16 +638,17 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     from mla.backends import cupy_backend
 
     mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow,
-                             cupy_backend.combine_parts(512, case.q.shape[0] * s_q * h_q))
+                             cupy_backend.combine_parts(512, case.q.shape[0] * s_q * h_q), seesaw)
     mod.configure(eager_copies, schedule)
     lib = mod._lib
     lib.wgemu_config(int(eager_wgmma))
     lib.wgemu_model(0, 0)
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
-    fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.FUNCTION)
+    fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.SEESAW_FUNCTION if seesaw
+                          else cupy_hopper.FUNCTION)
     smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq) if narrow
-            else cupy_hopper.wide_smem_bytes(fp8))
+            else cupy_hopper.seesaw_smem_bytes() if seesaw else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
     problem = api._validate(*case.args(), None, case.causal, fp8, None, None, None, True)
@@ -667,18 +685,19 @@ EMU_CASES = [
 
 
 @needs_gxx
-@pytest.mark.parametrize("narrow,nq", [(False, 16), (True, 16), (True, 32)], ids=["wide", "narrow", "narrow32"])
+@pytest.mark.parametrize("narrow,nq,seesaw", [(False, 16, False), (True, 16, False), (True, 32, False),
+                                              (False, 16, True)], ids=["wide", "narrow", "narrow32", "seesaw"])
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,dtype,num_sms,eager,schedule,eager_wgmma,device_plan",
                          EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
 def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms,
-                                                  eager, schedule, eager_wgmma, device_plan, narrow, nq):
+                                                  eager, schedule, eager_wgmma, device_plan, narrow, nq, seesaw):
     from mla import reference, testing
 
     rng = np.random.default_rng(b * 100 + h_q + s_q)
     case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
                                     page_block_size=64, seqlens=seqlens, dtype=dtype, causal=causal)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, eager_wgmma,
-                                              device_plan=device_plan, narrow=narrow, nq=nq)
+                                              device_plan=device_plan, narrow=narrow, nq=nq, seesaw=seesaw)
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
                                                      512, causal=causal)
     testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)

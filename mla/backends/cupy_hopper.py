@@ -17,7 +17,12 @@ plan, partial buffers and combine kernel:
 Which one: ``backend="cupy"`` with ``kernel="auto"`` (the default) or ``kernel="hopper"`` takes the narrow
 kernel up to 32 query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32) and the wide one above
 (``variant``, ``WIDE_MIN_ROWS``); the portable kernel on every other GPU and for other dims / dtypes.
-``MLA_HOPPER_VARIANT=narrow|wide`` forces one of the two (tests, benchmarks; both compute any shape).
+``MLA_HOPPER_VARIANT=narrow|wide|seesaw`` forces one (tests, benchmarks; each computes any dense shape).
+
+* **seesaw** -- ``kernels/mla_decode_seesaw.cu``: the wide kernel's 64-row tile, plan and numerics, with
+  FlashMLA's alternating ("seesaw") schedule: each warpgroup scores its own 64-key block of a pair, the two
+  exchange row maxima and P through shared memory, so one's softmax runs under the other's wgmma. Dense
+  bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
@@ -47,7 +52,12 @@ SOURCE, FUNCTION = "mla_decode_hopper.cu", "mla_decode_hopper"
 # rows of a KV head on N, so h_q = 16 decode pays no 64-row padding. Same signature and plan.
 NARROW_SOURCE, NARROW_FUNCTION = "mla_decode_hopper_narrow.cu", "mla_decode_hopper_narrow"
 NARROW_ROWS = 16
-VARIANTS = ("auto", "narrow", "wide")
+# The seesaw kernel (kernels/mla_decode_seesaw.cu): the wide kernel's tile and numerics with FlashMLA's
+# alternating warpgroup schedule. Same signature (the wide kernel's), grid, plan and partials.
+SEESAW_SOURCE, SEESAW_FUNCTION = "mla_decode_seesaw.cu", "mla_decode_seesaw"
+SEESAW_SMEM_BYTES = 3 * TILE_BYTES + 64 * 128 + 4 * 64 * 4
+"""Dynamic shared memory of the seesaw kernel: Q + 2 K buffers + P_B lo + m_A, m_B, l (230400 B)."""
+VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
 
 FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
@@ -74,6 +84,11 @@ def wide_smem_bytes(fp8: bool = False, sparse: bool = False) -> int:
     """Dynamic shared memory of the wide kernel: Q + 2 K tiles + exchange (the FP8 build too: its raw rows wait
     in registers); sparse: + the key rows' valid flags (2 x 64 ints; FP8: 4 x 64)."""
     return 2 * BLOCK_M * D * 3 + XCHG_BYTES + ((4 if fp8 else 2) * BLOCK_M * 4 if sparse else 0)
+
+
+def seesaw_smem_bytes() -> int:
+    """Dynamic shared memory of the seesaw kernel (kernels/mla_decode_seesaw.cu, SMEM_BYTES there)."""
+    return SEESAW_SMEM_BYTES
 
 
 SPARSE_KERNELS = ("auto", "hopper", "portable")
@@ -232,16 +247,21 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     if reason:
         raise ValueError(f"backend='cupy': {reason}")
     fp16 = np.dtype(problem.q.dtype) == np.float16
-    narrow = (which or (fp8_variant(problem, dev) if fp8 else variant(problem))) == "narrow"
+    which = which or (fp8_variant(problem, dev) if fp8 else variant(problem))
+    if which == "seesaw" and fp8:
+        which = "wide"  # the seesaw kernel has no FP8 build
+    narrow = which == "narrow"
     d = defines(fp16)
     if fp8:
         d["MLA_FP8"] = 1
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    smem = narrow_smem_bytes(p_split(d), nq) if narrow else wide_smem_bytes(fp8)
-    fn = _nvrtc.load_function(NARROW_SOURCE if narrow else SOURCE, NARROW_FUNCTION if narrow else FUNCTION, d,
-                              arch=ARCH)
+    source, function = {"narrow": (NARROW_SOURCE, NARROW_FUNCTION),
+                        "seesaw": (SEESAW_SOURCE, SEESAW_FUNCTION)}.get(which, (SOURCE, FUNCTION))
+    smem = (narrow_smem_bytes(p_split(d), nq) if narrow else SEESAW_SMEM_BYTES if which == "seesaw"
+            else wide_smem_bytes(fp8))
+    fn = _nvrtc.load_function(source, function, d, arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     comb = _cb.combine_function(DV, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)

@@ -1,0 +1,364 @@
+// mla_decode_seesaw.cu -- MLA decode over a paged KV cache on Hopper (sm_90a): FlashMLA's "seesaw" schedule.
+//
+// STATUS: new (2026-11-26, sixth session); checked on the CPU emulator (tests/test_hopper_compile.py) and on an
+// H100 (tests/test_cupy_gpu.py, kernel "hopper-seesaw"); numbers in benchmarks/BENCHMARKS.md.
+//
+// What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
+// signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32
+// base 2, bf16 P = P_hi + P_lo); dense bf16 / fp16 caches, d = 576, d_v = 512, any page size, h_kv, s_q, h_q.
+//
+// Why another 64-row kernel: the wide kernel runs its two warpgroups in lock step. Both wait for the S halves to
+// be swapped, both run the same softmax, and the tensor cores idle meanwhile (Nsight Compute, H100: tensor pipe
+// active 45.7% of the cycles at 128,2,128,8192). Here the warpgroups take turns (FlashMLA's deep-dive note,
+// docs/20250422-new-kernel-deep-dive.md there, "seesaw"): keys come in pairs of 64-key blocks A (buffer 0) and B
+// (buffer 1); warpgroup 0 owns O[:, 0:256] and block A's scores, warpgroup 1 owns O[:, 256:512] and block B's:
+//
+//   WG0: S_A = Q K_A^T                            WG1: S_B = Q K_B^T        (36 wgmma m64n64k16 each)
+//   WG0: m_A = max(m, rowmax S_A)  -> smem  ==MA==>  WG1: m_B = max(m_A, rowmax S_B) -> smem ==MB==> WG0
+//   WG0: P_A = 2^(S_A - m_A), O_L = O_L 2^(m - m_A) + P_A V_AL                (P from registers)
+//                                                 WG1: P_B = 2^(S_B - m_B) -> smem ==PB==>
+//   WG0: (after MB) P_A' = P_A 2^(m_A - m_B) -> smem ==PA==>    O_L = O_L 2^(m_A - m_B)
+//   WG0: O_L += P_B V_BL  (P from smem)           WG1: O_R = O_R 2^(m - m_B) + P_A' V_AR (smem) + P_B V_BR (regs)
+//
+// so one warpgroup's softmax runs while the other's wgmma do (each block's softmax is computed once, no S is
+// swapped). l: each warpgroup sums its own blocks' P (in m_B's scale); the two sums are added at the end.
+//
+// Shared memory (dynamic, 230400 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes):
+//   Q tile 73728 B (no swizzle, mla_wgmma.cuh) | K buffer 0 | K buffer 1 (each 73728 B, 128-byte swizzled:
+//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats.
+// A P block (64 rows x 64 keys, 16-bit) is one SW128 channel block, read K-major as wgmma's A operand. There is
+// no room for two more 16 KB P blocks (hi + lo), so they go where the K buffers are done with:
+//   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
+//   own P V is finished first); P_B hi -> buffer 1's RoPE block, P_B lo -> the 8 KB of its own.
+//
+// Loads (cp.async, zero-filled past the piece): each warpgroup refills the buffer whose scores it computes,
+// with its own 128 threads (a quarter-warp copies one 128-byte line), and waits for its own copies before
+// its S wgmma (a 128-thread named barrier). Buffer 0 is refilled as soon as warpgroup 1's P_A' V_AR is done
+// (signal AFREE; WG1 issues that product before its own P_B V_BR so that the copy runs under it); buffer 1 once
+// warpgroup 0's P_B V_BL is done (BFREE) and WG1's own products are.
+//
+// Signals: named barriers of 256 threads, one warpgroup arrives (bar.arrive) and the other waits (bar.sync).
+// A warpgroup can never lap the other on a barrier: each signal of pair j + 1 is preceded by a wait on one of
+// pair j the other side raises later than its own wait for the first.
+#include "mla_common.cuh"
+#include "mla_wgmma.cuh"
+
+#ifndef MLA_P_SPLIT
+#define MLA_P_SPLIT (!MLA_FP16)
+#endif
+
+constexpr int D = 576, DV = 512;
+constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
+constexpr int KSTEPS = D / 16;
+constexpr int TILE_BYTES = BLOCK_N * D * 2;               // a Q tile or a K buffer
+constexpr u32 ROPE_AT = (D / 64 - 1) * SW128_BLOCK_BYTES;  // byte offset of a K buffer's RoPE block (channels 512..)
+constexpr u32 VR_AT = 4 * SW128_BLOCK_BYTES;              // ... of its channels 256.. (V_R)
+constexpr bool P_SPLIT = MLA_P_SPLIT;
+constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4;
+static_assert(SMEM_BYTES == 230400, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
+static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
+
+// named barriers (0 is __syncthreads)
+enum : int { BAR_MA = 1, BAR_MB, BAR_PA, BAR_PB, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
+
+#if MLA_HAS_WGMMA
+// acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
+__device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile, u32 k_buf) {
+  const u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
+  const u64 dk = wg_desc_sw128(k_buf, WG_SW_K_LBO, WG_SW_K_SBO);
+  wg_fence_operands(acc);
+  wg_fence();
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s)
+    wg_mma_m64n64k16_ss(acc, dq + s * WG_QK_KSTEP, dk + ((((s >> 2) * SW128_BLOCK_BYTES) + (s & 3) * 32) >> 4),
+                        s > 0);
+  wg_commit();
+}
+
+// o[64 x 256] += P V with P (hi, and lo when SPLIT) in shared memory (SW128 P blocks, K-major) and V the 256
+// channels of a K buffer at v_cols (MN-major SW128, as wg_pv_issue). Issued and committed; the caller waits.
+template <bool SPLIT>
+__device__ __forceinline__ void seesaw_pv_smem_issue(float (&o)[128], u32 p_hi, u32 p_lo, u32 v_cols) {
+  const u64 dv = wg_desc_sw128(v_cols, WG_SW_MN_LBO, WG_SW_MN_SBO);
+  const u64 dh = wg_desc_sw128(p_hi, WG_SW_K_LBO, WG_SW_K_SBO), dl = wg_desc_sw128(p_lo, WG_SW_K_LBO, WG_SW_K_SBO);
+  wg_fence_operands(o);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wg_mma_m64n256k16_ss_nmajor(o, dh + ((32 * kk) >> 4), dv + kk * (2048 >> 4));
+    if constexpr (SPLIT) wg_mma_m64n256k16_ss_nmajor(o, dl + ((32 * kk) >> 4), dv + kk * (2048 >> 4));
+  }
+  wg_commit();
+}
+#endif
+
+// P fragments (wg_p_frags: u32 j = P[row r0 + 8 (j % 2)][keys 8 (j / 2) + 2 (lane % 4), + 1]) -> a SW128 P block
+__device__ __forceinline__ void seesaw_store_p(unsigned char* blk, const u32 (&p)[16], int r0, int c2) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+    *reinterpret_cast<u32*>(blk + sw128_offset(r0 + 8 * (j & 1), 8 * (j >> 1) + c2)) = p[j];
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
+                  const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
+                  const int* __restrict__ indices, int topk, const int* __restrict__ topk_length, int num_tokens,
+                  int force_partials, const int* __restrict__ sched, const int* __restrict__ num_splits,
+                  float* __restrict__ o_part, float* __restrict__ lse_part, mla_elem_t* __restrict__ out,
+                  float* __restrict__ lse_out, int s_q, int h_q, int h_kv, int page, float scale_log2, int causal) {
+#if MLA_HAS_WGMMA
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);
+  unsigned char* sK = smem_raw + TILE_BYTES;                      // [2][TILE_BYTES]
+  unsigned char* sPlo = sK + 2 * TILE_BYTES;                      // P_B lo
+  float* sMa = reinterpret_cast<float*>(sPlo + SW128_BLOCK_BYTES);  // [64]
+  float* sMb = sMa + 64;                                          // [64]
+  float* sL = sMb + 64;                                           // [2][64]
+  const u32 sQ_addr = smem_u32(sQ), k0 = smem_u32(sK), k1 = k0 + TILE_BYTES, plo_addr = smem_u32(sPlo);
+  const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, t = tid & 127;
+  const int g = blockIdx.y, qt = blockIdx.z;
+  const int group = h_q / h_kv, M = s_q * group;
+  const int c2 = 2 * (lane & 3);
+  const int r0 = wg_acc_row(t, 0), r1 = r0 + 8;  // this thread's two rows of the tile (both warpgroups alike)
+  const int m0 = qt * BLOCK_M + r0, m1 = m0 + 8;  // ... as query rows of the problem
+  const bool quad_lead = (lane & 3) == 0;
+
+  if (k0 & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
+  const MlaWork work = mla_work(sched, blockIdx.x);
+
+  for (int i = work.begin_b; i <= work.end_b; ++i) {
+    const int L = seqlens[i];
+    const MlaPiece pc = mla_piece(work, num_splits, i, L);
+    const int start = pc.start, stop = pc.stop;
+    int stop_eff = stop;  // causal: no row of this CTA sees keys past L - s_q + r_max
+    if (causal) {
+      const int r_max = min(s_q - 1, (qt * BLOCK_M + BLOCK_M - 1) / group);
+      stop_eff = min(stop, L - s_q + r_max + 1);
+    }
+    const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
+    int lim0 = stop - 1, lim1 = stop - 1;  // last keys rows m0 / m1 see
+    if (causal) {
+      lim0 = min(lim0, L - s_q + m0 / group);
+      lim1 = min(lim1, L - s_q + m1 / group);
+    }
+
+    float o[128];
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.f;
+    // running max (base 2, the same in both warpgroups) and this warpgroup's blocks' share of the sum
+    float m_run0 = MLA_NEG_INF, m_run1 = MLA_NEG_INF, l_own0 = 0.f, l_own1 = 0.f;
+
+    // key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128 threads: thread t copies
+    // chunk t % 8 of rows t / 8 + 16 h (h < 4) of every channel block (a quarter-warp: one 128-byte line)
+    auto load_tile = [&](int tile, unsigned char* kb) {
+      const int c = t & 7;
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const int row = (t >> 3) + 16 * h, pos = start + tile * BLOCK_N + row;
+        const bool valid = pos < stop_eff;
+        const mla_elem_t* src = k_cache;
+        if (valid) {
+          const int tok = block_table[(long long)i * bt_stride + pos / page] * page + pos % page;
+          src = k_cache + ((long long)tok * h_kv + g) * (long long)D;
+        }
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb)
+          cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
+      }
+    };
+    // scores of key tile `tile` in s (S accumulator layout): scaled to base 2, keys a row must not see -> -inf;
+    // mx0 / mx1: this lane's maxima of rows r0 / r1
+    auto scale_mask = [&](float (&s)[32], int tile, float& mx0, float& mx1) {
+      const int pos0 = start + tile * BLOCK_N;
+      const bool full = __all_sync(0xffffffff, pos0 + BLOCK_N - 1 <= min(lim0, lim1));
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        const int pos = pos0 + 8 * (k >> 2) + c2 + (k & 1);
+        const bool second = (k >> 1) & 1;
+        const float v = (full || pos <= (second ? lim1 : lim0)) ? s[k] * scale_log2 : MLA_NEG_INF;
+        s[k] = v;
+        if (second) mx1 = fmaxf(mx1, v);
+        else mx0 = fmaxf(mx0, v);
+      }
+    };
+
+    if (n_tiles > 0) {
+      {  // Q tile (rows m -> (r, h) = (m / group, g group + m % group); rows >= M zero-filled) and the first pair
+        const int m = qt * BLOCK_M + wg_copy_row(tid);
+        const bool valid = m < M;
+        const mla_elem_t* src = q;
+        if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
+        wg_tile_load_row<D>(sQ, tid, src, valid);
+        if (wg < n_tiles) load_tile(wg, sK + wg * TILE_BYTES);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+      }
+      const int n_pairs = (n_tiles + 1) / 2;
+      for (int pair = 0; pair < n_pairs; ++pair) {
+        const int ta = 2 * pair, tb = ta + 1;
+        const bool has_b = tb < n_tiles;
+        if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
+          cp_async_wait<0>();
+          fence_proxy_async();
+          named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+        }
+        float s[32];
+        u32 p_hi[16], p_lo[16];
+#pragma unroll
+        for (int k = 0; k < 32; ++k) s[k] = 0.f;
+        if (wg == 0) {
+          // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
+          seesaw_scores_issue(s, sQ_addr, k0);
+          wg_wait<0>();
+          wg_fence_operands(s);
+          float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          scale_mask(s, ta, mx0, mx1);
+          const float ma0 = fmaxf(m_run0, mla_quad_max(mx0)), ma1 = fmaxf(m_run1, mla_quad_max(mx1));
+          if (quad_lead) {
+            sMa[r0] = ma0;
+            sMa[r1] = ma1;
+          }
+          named_bar_arrive(BAR_MA, 256);
+          const float mu0 = ma0 == MLA_NEG_INF ? 0.f : ma0, mu1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
+          const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
+          l_own0 *= alpha0;
+          l_own1 *= alpha1;
+#pragma unroll
+          for (int k = 0; k < 32; ++k) {
+            const bool second = (k >> 1) & 1;
+            s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+            if (second) l_own1 += s[k];
+            else l_own0 += s[k];
+          }
+#pragma unroll
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
+          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
+          // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
+          named_bar_sync(BAR_MB, 256);
+          const float mb0 = sMb[r0], mb1 = sMb[r1];
+          const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
+          const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
+          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
+          wg_fence_operands(o);
+#pragma unroll
+          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
+          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
+          if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
+          fence_proxy_async();
+          named_bar_arrive(BAR_PA, 256);
+          l_own0 *= sb0;
+          l_own1 *= sb1;
+#pragma unroll
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;
+          m_run0 = mb0;
+          m_run1 = mb1;
+          // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
+          named_bar_sync(BAR_PB, 256);
+          if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
+          // ---- refill buffer 0 once warpgroup 1 is done with it
+          named_bar_sync(BAR_AFREE, 256);
+          if (ta + 2 < n_tiles) load_tile(ta + 2, sK);
+          cp_async_commit();
+          wg_wait<0>();
+          wg_fence_operands(o);
+          named_bar_arrive(BAR_BFREE, 256);
+        } else {
+          // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
+          float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          if (has_b) {
+            seesaw_scores_issue(s, sQ_addr, k1);
+            wg_wait<0>();
+            wg_fence_operands(s);
+            scale_mask(s, tb, mx0, mx1);
+          }
+          named_bar_sync(BAR_MA, 256);
+          const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
+          if (quad_lead) {
+            sMb[r0] = mb0;
+            sMb[r1] = mb1;
+          }
+          named_bar_arrive(BAR_MB, 256);
+          const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
+          const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
+          l_own0 *= f0;
+          l_own1 *= f1;
+          if (has_b) {
+#pragma unroll
+            for (int k = 0; k < 32; ++k) {
+              const bool second = (k >> 1) & 1;
+              s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+              if (second) l_own1 += s[k];
+              else l_own0 += s[k];
+            }
+            wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+            seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
+            if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
+            fence_proxy_async();
+          }
+          named_bar_arrive(BAR_PB, 256);
+#pragma unroll
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
+          m_run0 = mb0;
+          m_run1 = mb1;
+          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
+          named_bar_sync(BAR_PA, 256);
+          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
+          if (has_b) {
+            wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
+            wg_wait<1>();
+          } else {
+            wg_wait<0>();
+          }
+          named_bar_arrive(BAR_AFREE, 256);
+          wg_wait<0>();
+          wg_fence_operands(o);
+          // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
+          named_bar_sync(BAR_BFREE, 256);
+          if (tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES);
+          cp_async_commit();
+        }
+      }
+    }
+
+    // ---- finish the piece: l = both warpgroups' sums, o / l, lse = (m + log2 l) ln 2
+    l_own0 = mla_quad_sum(l_own0);
+    l_own1 = mla_quad_sum(l_own1);
+    if (quad_lead) {
+      sL[wg * 64 + r0] = l_own0;
+      sL[wg * 64 + r1] = l_own1;
+    }
+    __syncthreads();  // also: both warpgroups are done with every buffer before the next piece's loads
+    const float l_run0 = sL[r0] + sL[64 + r0], l_run1 = sL[r1] + sL[64 + r1];
+    __syncthreads();  // sL is read before anyone's next piece writes it
+    const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
+    const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
+    const bool direct = pc.nsplit == 1 && !force_partials;
+    const int p = pc.lo + pc.split;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = half ? m1 : m0;
+      if (m >= M) continue;
+      int r, h;
+      const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
+      const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int col = 256 * wg + 8 * j + c2;
+        const float v0 = o[4 * j + 2 * half] * inv, v1 = o[4 * j + 2 * half + 1] * inv;
+        if (direct) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
+        else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
+      }
+      if (wg == 0 && quad_lead) mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma (sm_90a only): never launched there
+#endif
+}
