@@ -295,6 +295,16 @@ seesaw)  # issue #4 (2026-11-26, sixth session): the seesaw kernel (kernels/mla_
     --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
     python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
   ;;
+seesawdiag)  # the seesaw kernel's limits: racecheck after the m_B sync fix, then 128,2,128,8192 timed wide / seesaw /
+  # seesaw never refilling its K buffers (MLA_DIAG_NO_RELOAD: wrong results, the load's cost), and ncu's stall reasons
+  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer and racecheck"
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
+  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
+  r 90 ncu_seesaw env MLA_HOPPER_VARIANT=seesaw ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section SchedulerStats python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

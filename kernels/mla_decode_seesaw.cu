@@ -46,6 +46,9 @@
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
 #endif
+#ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
+#define MLA_DIAG_NO_RELOAD 0
+#endif
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -264,7 +267,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
-          if (ta + 2 < n_tiles) load_tile(ta + 2, sK);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK);
           cp_async_commit();
           wg_wait<0>();
           wg_fence_operands(o);
@@ -284,7 +287,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
-          named_bar_arrive(BAR_MB, 256);
+          // a full sync, not an arrive: warpgroup 0 is normally waiting there already (it reaches the barrier
+          // right after issuing its P V, warpgroup 1 after its S wgmma), and racecheck (compute-sanitizer) does not
+          // see the order an arrive gives (H100, 2026-11-26: 4 hazards on sMb with bar.arrive here)
+          named_bar_sync(BAR_MB, 256);
           const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
           const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
           l_own0 *= f0;
@@ -321,7 +327,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           wg_fence_operands(o);
           // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
-          if (tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES);
+          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES);
           cp_async_commit();
         }
       }
