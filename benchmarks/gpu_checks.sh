@@ -305,6 +305,15 @@ seesawdiag)  # the seesaw kernel's limits: racecheck after the m_B sync fix, the
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section SchedulerStats python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
   ;;
+seesaw2)  # the seesaw kernel with full syncs only and L2 prefetch of the next pair's rows: its GPU tests, both
+  # sanitizers, then 128,2,128 timed wide / seesaw / seesaw without the prefetch (MLA_SEESAW_PREFETCH=0) / no refills
+  t 120 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
+  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  MLA_NVRTC_DEFINES="MLA_SEESAW_PREFETCH=0" r 40 bench_noprefetch $B --cupy-kernels hopper-seesaw
+  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -37,14 +37,22 @@
 // (signal AFREE; WG1 issues that product before its own P_B V_BR so that the copy runs under it); buffer 1 once
 // warpgroup 0's P_B V_BL is done (BFREE) and WG1's own products are.
 //
-// Signals: named barriers of 256 threads, one warpgroup arrives (bar.arrive) and the other waits (bar.sync).
-// A warpgroup can never lap the other on a barrier: each signal of pair j + 1 is preceded by a wait on one of
-// pair j the other side raises later than its own wait for the first.
+// Signals: named barriers of 256 threads (MA: m_A published, MB: m_B published, P: both P blocks stored, AFREE /
+// BFREE: buffer 0 / 1 read for the last time this pair), every one a full bar.sync of both warpgroups, placed
+// where the side that does not need the signal is waiting anyway or arrives early (warpgroup 0 syncs MA after it
+// has issued its P V, while warpgroup 1 is still in its S wgmma). The first version had warpgroup 0 only arrive
+// (bar.arrive) at MA / P / BFREE and warpgroup 1 at MB / P / AFREE: the same speed within noise is not known,
+// but compute-sanitizer's racecheck reports hazards for bar.arrive orderings (it did for the wide kernel's S
+// exchange, 2026-11-25, and here on the H100, 2026-11-26), so the kernel is written so that racecheck can
+// check it.
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
+#endif
+#ifndef MLA_SEESAW_PREFETCH  // L2 prefetch of the next pair's key rows (A/B timing switch; default on)
+#define MLA_SEESAW_PREFETCH 1
 #endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
@@ -62,7 +70,7 @@ static_assert(SMEM_BYTES == 230400, "mirrored in cupy_hopper.py (seesaw_smem_byt
 static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
 
 // named barriers (0 is __syncthreads)
-enum : int { BAR_MA = 1, BAR_MB, BAR_PA, BAR_PB, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
+enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
 #if MLA_HAS_WGMMA
 // acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
@@ -94,6 +102,11 @@ __device__ __forceinline__ void seesaw_pv_smem_issue(float (&o)[128], u32 p_hi, 
   wg_commit();
 }
 #endif
+
+// Warm L2 with `bytes` bytes at p (16-byte aligned, a multiple of 16); nothing waits for it
+__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
 
 // P fragments (wg_p_frags: u32 j = P[row r0 + 8 (j % 2)][keys 8 (j / 2) + 2 (lane % 4), + 1]) -> a SW128 P block
 __device__ __forceinline__ void seesaw_store_p(unsigned char* blk, const u32 (&p)[16], int r0, int c2) {
@@ -154,22 +167,45 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     // running max (base 2, the same in both warpgroups) and this warpgroup's blocks' share of the sum
     float m_run0 = MLA_NEG_INF, m_run1 = MLA_NEG_INF, l_own0 = 0.f, l_own1 = 0.f;
 
+    // This warpgroup's thread t moves rows t / 8 + 16 h (h < 4) of the key tiles it loads. fetch_blocks: the
+    // block-table entries of those rows of tile `tile` (-1 past the piece), loaded without waiting for them (they
+    // are used a wgmma batch later); row_src: a row's cache address (nullptr when invalid).
+    auto fetch_blocks = [&](int tile, int (&blk)[4]) {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const int pos = start + tile * BLOCK_N + (t >> 3) + 16 * h;
+        blk[h] = ldg_nc_i32_or(block_table + (long long)i * bt_stride + pos / page, pos < stop_eff, -1);
+      }
+    };
+    auto row_src = [&](int tile, int h, int blk) -> const mla_elem_t* {
+      if (blk < 0) return nullptr;
+      const int pos = start + tile * BLOCK_N + (t >> 3) + 16 * h;
+      return k_cache + ((long long)(blk * page + pos % page) * h_kv + g) * (long long)D;
+    };
     // key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128 threads: thread t copies
-    // chunk t % 8 of rows t / 8 + 16 h (h < 4) of every channel block (a quarter-warp: one 128-byte line)
-    auto load_tile = [&](int tile, unsigned char* kb) {
+    // chunk t % 8 of its 4 rows in every channel block (a quarter-warp: one 128-byte line); rows past the piece
+    // are zero-filled
+    auto load_tile = [&](int tile, unsigned char* kb, const int (&blk)[4]) {
       const int c = t & 7;
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        const int row = (t >> 3) + 16 * h, pos = start + tile * BLOCK_N + row;
-        const bool valid = pos < stop_eff;
-        const mla_elem_t* src = k_cache;
-        if (valid) {
-          const int tok = block_table[(long long)i * bt_stride + pos / page] * page + pos % page;
-          src = k_cache + ((long long)tok * h_kv + g) * (long long)D;
-        }
+        const int row = (t >> 3) + 16 * h;
+        const mla_elem_t* src = row_src(tile, h, blk[h]);
+        const bool valid = src != nullptr;
+        if (!valid) src = k_cache;
 #pragma unroll
         for (int cb = 0; cb < D / 64; ++cb)
           cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
+      }
+    };
+    // the rows of tile `tile` -> L2 (the first thread of each row's quarter-warp), a pair before they are copied
+    auto prefetch_tile = [&](int tile, const int (&blk)[4]) {
+      if (MLA_SEESAW_PREFETCH && (t & 7) == 0) {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const mla_elem_t* src = row_src(tile, h, blk[h]);
+          if (src != nullptr) prefetch_l2(src, D * 2);
+        }
       }
     };
     // scores of key tile `tile` in s (S accumulator layout): scaled to base 2, keys a row must not see -> -inf;
@@ -195,7 +231,9 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const mla_elem_t* src = q;
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
         wg_tile_load_row<D>(sQ, tid, src, valid);
-        if (wg < n_tiles) load_tile(wg, sK + wg * TILE_BYTES);
+        int blk0[4];
+        fetch_blocks(wg, blk0);  // tile wg: past the piece when wg >= n_tiles
+        load_tile(wg, sK + wg * TILE_BYTES, blk0);
         cp_async_commit();
         cp_async_wait<0>();
         fence_proxy_async();
@@ -212,13 +250,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         }
         float s[32];
         u32 p_hi[16], p_lo[16];
+        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
 #pragma unroll
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
           // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
           seesaw_scores_issue(s, sQ_addr, k0);
+          fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
           wg_fence_operands(s);
+          prefetch_tile(ta + 2, nxt);
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           scale_mask(s, ta, mx0, mx1);
           const float ma0 = fmaxf(m_run0, mla_quad_max(mx0)), ma1 = fmaxf(m_run1, mla_quad_max(mx1));
@@ -226,7 +267,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             sMa[r0] = ma0;
             sMa[r1] = ma1;
           }
-          named_bar_arrive(BAR_MA, 256);
           const float mu0 = ma0 == MLA_NEG_INF ? 0.f : ma0, mu1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
           const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
           l_own0 *= alpha0;
@@ -242,6 +282,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
+          named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
           const float mb0 = sMb[r0], mb1 = sMb[r1];
@@ -255,7 +296,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
           if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
           fence_proxy_async();
-          named_bar_arrive(BAR_PA, 256);
+          named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
@@ -263,33 +304,31 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           m_run0 = mb0;
           m_run1 = mb1;
           // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
-          named_bar_sync(BAR_PB, 256);
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
-          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
           cp_async_commit();
           wg_wait<0>();
           wg_fence_operands(o);
-          named_bar_arrive(BAR_BFREE, 256);
+          named_bar_sync(BAR_BFREE, 256);
         } else {
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          fetch_blocks(tb + 2, nxt);
           if (has_b) {
             seesaw_scores_issue(s, sQ_addr, k1);
             wg_wait<0>();
             wg_fence_operands(s);
             scale_mask(s, tb, mx0, mx1);
           }
+          prefetch_tile(tb + 2, nxt);
           named_bar_sync(BAR_MA, 256);
           const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
           if (quad_lead) {
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
-          // a full sync, not an arrive: warpgroup 0 is normally waiting there already (it reaches the barrier
-          // right after issuing its P V, warpgroup 1 after its S wgmma), and racecheck (compute-sanitizer) does not
-          // see the order an arrive gives (H100, 2026-11-26: 4 hazards on sMb with bar.arrive here)
           named_bar_sync(BAR_MB, 256);
           const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
           const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
@@ -308,13 +347,12 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
             fence_proxy_async();
           }
-          named_bar_arrive(BAR_PB, 256);
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           m_run0 = mb0;
           m_run1 = mb1;
           // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
-          named_bar_sync(BAR_PA, 256);
+          named_bar_sync(BAR_P, 256);
           seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
           if (has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
@@ -322,12 +360,12 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           } else {
             wg_wait<0>();
           }
-          named_bar_arrive(BAR_AFREE, 256);
+          named_bar_sync(BAR_AFREE, 256);
           wg_wait<0>();
           wg_fence_operands(o);
           // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
-          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES);
+          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
           cp_async_commit();
         }
       }
