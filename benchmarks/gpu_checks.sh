@@ -314,6 +314,14 @@ seesaw2)  # the seesaw kernel with full syncs only and L2 prefetch of the next p
   MLA_NVRTC_DEFINES="MLA_SEESAW_PREFETCH=0" r 40 bench_noprefetch $B --cupy-kernels hopper-seesaw
   MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
   ;;
+seesaw3)  # the seesaw kernel with one cp.async group a channel block (S starts on the first landed block) and
+  # buffer 0's blocks 1-3 refilled early: its GPU tests, both sanitizers, 128,2,128 wide / seesaw / no refills
+  t 120 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
+  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
