@@ -54,6 +54,12 @@
 #ifndef MLA_SEESAW_PREFETCH  // L2 prefetch of the next pair's key rows, a pair ahead (A/B timing switch). Off:
 #define MLA_SEESAW_PREFETCH 0  // H100 2026-11-26, 128,2,128,8192: 1.611 ms without, 2.041 with (one
 #endif                         // cp.async.bulk.prefetch.L2 a row)
+#ifndef MLA_SEESAW_BLOCKWISE  // one cp.async group a channel block, S issued block by block as they land (A/B)
+#define MLA_SEESAW_BLOCKWISE 0
+#endif
+#ifndef MLA_SEESAW_EARLY  // buffer 0's blocks 1-3 refilled once both P are stored, the rest at AFREE (A/B)
+#define MLA_SEESAW_EARLY 0
+#endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
@@ -97,7 +103,7 @@ __device__ __forceinline__ void cp_async_wait_n(int n) {
 // channel blocks go in seesaw_block order, each after this warpgroup's copies of it have landed (its cp.async
 // group: 9 were committed since the last full wait, in that order) and a 128-thread barrier (bar_id), so the
 // tensor cores start on the first block while the others are still on their way.
-template <bool X>
+template <bool X, bool BLOCKWISE>
 __device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile, u32 k_buf, int bar_id) {
   u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
   u64 dk = wg_desc_sw128(k_buf, WG_SW_K_LBO, WG_SW_K_SBO);
@@ -109,9 +115,11 @@ __device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile
   wg_fence();
 #pragma unroll
   for (int j = 0; j < D / 64; ++j) {
-    cp_async_wait_n(D / 64 - 1 - j);
-    fence_proxy_async();
-    named_bar_sync(bar_id, 128);
+    if (BLOCKWISE || j == 0) {
+      cp_async_wait_n(BLOCKWISE ? D / 64 - 1 - j : 0);
+      fence_proxy_async();
+      named_bar_sync(bar_id, 128);
+    }
     const int cb = seesaw_block(X, j);
 #pragma unroll
     for (int s4 = 0; s4 < 4; ++s4)
@@ -219,8 +227,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     };
     // channel block cb of key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128
     // threads: thread t copies chunk t % 8 of its 4 rows (a quarter-warp: one 128-byte line); rows past the piece
-    // are zero-filled. load_blocks: blocks seesaw_block(x, j) for j in [j0, j1), a cp.async group each (committed
-    // also when `tile` is past the piece, so that every pair commits 9 groups)
+    // are zero-filled. load_blocks: blocks seesaw_block(x, j) for j in [j0, j1), a cp.async group each with
+    // MLA_SEESAW_BLOCKWISE (committed also when `tile` is past the piece, so that every pair commits 9), else one
     auto load_block = [&](int tile, unsigned char* kb, int cb, const int (&blk)[4]) {
       const int c = t & 7;
 #pragma unroll
@@ -236,8 +244,9 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
         if (!MLA_DIAG_NO_RELOAD && tile < n_tiles) load_block(tile, kb, seesaw_block(x, j), blk);
-        cp_async_commit();
+        if (MLA_SEESAW_BLOCKWISE) cp_async_commit();
       }
+      if (!MLA_SEESAW_BLOCKWISE) cp_async_commit();
     };
     // the rows of tile `tile` -> L2 (the first thread of each row's quarter-warp), a pair before they are copied
     auto prefetch_tile = [&](int tile, const int (&blk)[4]) {
@@ -292,7 +301,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
           // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
-          seesaw_scores_issue<true>(s, sQ_addr, k0, BAR_LOAD0);
+          seesaw_scores_issue<true, MLA_SEESAW_BLOCKWISE>(s, sQ_addr, k0, BAR_LOAD0);
           fetch_blocks(ta + 2, nxt);  // while the S wgmma runs (past the piece when there is none)
           wg_wait<0>();
           wg_fence_operands(s);
@@ -327,7 +336,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
           wg_wait<0>();  // P_A V_AL done: blocks 0-3 of buffer 0 are free (block 0 for P_A' lo), p_hi / p_lo too
           wg_fence_operands(o);
-          load_blocks(ta + 2, sK, true, 0, 3, nxt);  // blocks 1-3 of the next pair's A
 #pragma unroll
           for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
@@ -335,6 +343,9 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
           fence_proxy_async();
           named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
+          // (after the proxy fence above, which waits for this thread's copies in flight: H100, 2026-11-26, issued
+          // before it, 128,2,128,8192 took 3.7 ms)
+          if (MLA_SEESAW_EARLY) load_blocks(ta + 2, sK, true, 0, 3, nxt);  // blocks 1-3 of the next pair's A
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
@@ -345,7 +356,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
-          load_blocks(ta + 2, sK, true, 3, D / 64, nxt);
+          load_blocks(ta + 2, sK, true, MLA_SEESAW_EARLY ? 3 : 0, D / 64, nxt);
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
@@ -353,7 +364,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           if (has_b) {
-            seesaw_scores_issue<false>(s, sQ_addr, k1, BAR_LOAD1);
+            seesaw_scores_issue<false, MLA_SEESAW_BLOCKWISE>(s, sQ_addr, k1, BAR_LOAD1);
             wg_wait<0>();
             wg_fence_operands(s);
             fetch_blocks(tb + 2, nxt);  // used a P V batch later (after the wait: fewer live registers in S)
