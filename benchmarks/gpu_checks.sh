@@ -332,6 +332,16 @@ seesaw4)  # the seesaw kernel's load variants A/B (MLA_SEESAW_EARLY, MLA_SEESAW_
   MLA_NVRTC_DEFINES="MLA_SEESAW_BLOCKWISE=1" r 40 bench_blockwise $B --cupy-kernels hopper-seesaw
   MLA_NVRTC_DEFINES="MLA_SEESAW_BLOCKWISE=1 MLA_SEESAW_EARLY=1" r 40 bench_both $B --cupy-kernels hopper-seesaw
   ;;
+seesaw5)  # back to the seesaw2 kernel (d3bbbbb: seesaw3/4's changes made every build 2x slower and racecheck report
+  # hazards, cause not found), prefetch off, with the early refill of buffer 0's blocks 1-3 as an A/B switch
+  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" t 100 t_seesaw_early tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
+  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" r 40 bench_early $B --cupy-kernels hopper-seesaw
+  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

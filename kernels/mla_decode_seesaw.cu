@@ -53,12 +53,9 @@
 #endif
 #ifndef MLA_SEESAW_PREFETCH  // L2 prefetch of the next pair's key rows, a pair ahead (A/B timing switch). Off:
 #define MLA_SEESAW_PREFETCH 0  // H100 2026-11-26, 128,2,128,8192: 1.611 ms without, 2.041 with (one
-#endif                         // cp.async.bulk.prefetch.L2 a row)
-#ifndef MLA_SEESAW_BLOCKWISE  // one cp.async group a channel block, S issued block by block as they land (A/B)
-#define MLA_SEESAW_BLOCKWISE 0
-#endif
-#ifndef MLA_SEESAW_EARLY  // buffer 0's blocks 1-3 refilled once both P are stored, the rest at AFREE (A/B)
-#define MLA_SEESAW_EARLY 0
+#endif                         // cp.async.bulk.prefetch.L2 a row, 64 a tile)
+#ifndef MLA_SEESAW_EARLY  // buffer 0's channel blocks 1-3 refilled right after the P exchange (WG0's own P V_AL is
+#define MLA_SEESAW_EARLY 0  // done with them), the rest at AFREE (A/B timing switch)
 #endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
@@ -78,54 +75,17 @@ static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for
 // named barriers (0 is __syncthreads)
 enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
-// The order in which a K buffer's 9 channel blocks are refilled, one cp.async group each, and consumed by the
-// next S: buffer 0 (X) refills blocks 1-3 as soon as warpgroup 0's own P V_AL is done, the rest once warpgroup 1
-// is done with it; buffer 1 (Y) refills in channel order.
-__device__ __forceinline__ constexpr int seesaw_block(bool x, int j) { return !x ? j : j < 3 ? j + 1 : j == 3 ? 0 : j; }
-
-// cp.async.wait_group n for a run-time n in 0..8 (resolved at compile time where n is a constant after unrolling)
-__device__ __forceinline__ void cp_async_wait_n(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    case 7: cp_async_wait<7>(); break;
-    default: cp_async_wait<8>(); break;
-  }
-}
-
 #if MLA_HAS_WGMMA
-// acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits. The
-// channel blocks go in seesaw_block order, each after this warpgroup's copies of it have landed (its cp.async
-// group: 9 were committed since the last full wait, in that order) and a 128-thread barrier (bar_id), so the
-// tensor cores start on the first block while the others are still on their way.
-template <bool X, bool BLOCKWISE>
-__device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile, u32 k_buf, int bar_id) {
-  u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
-  u64 dk = wg_desc_sw128(k_buf, WG_SW_K_LBO, WG_SW_K_SBO);
-  // opaque here: otherwise the compiler keeps all 72 descriptors of the loop-invariant buffers in registers
-  // across the pair loop (the fp16 build then spilled)
-  wg_opaque(dq);
-  wg_opaque(dk);
+// acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
+__device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile, u32 k_buf) {
+  const u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
+  const u64 dk = wg_desc_sw128(k_buf, WG_SW_K_LBO, WG_SW_K_SBO);
   wg_fence_operands(acc);
   wg_fence();
 #pragma unroll
-  for (int j = 0; j < D / 64; ++j) {
-    if (BLOCKWISE || j == 0) {
-      cp_async_wait_n(BLOCKWISE ? D / 64 - 1 - j : 0);
-      fence_proxy_async();
-      named_bar_sync(bar_id, 128);
-    }
-    const int cb = seesaw_block(X, j);
-#pragma unroll
-    for (int s4 = 0; s4 < 4; ++s4)
-      wg_mma_m64n64k16_ss(acc, dq + (4 * cb + s4) * WG_QK_KSTEP, dk + ((cb * SW128_BLOCK_BYTES + s4 * 32) >> 4),
-                          j > 0 || s4 > 0);
-  }
+  for (int s = 0; s < KSTEPS; ++s)
+    wg_mma_m64n64k16_ss(acc, dq + s * WG_QK_KSTEP, dk + ((((s >> 2) * SW128_BLOCK_BYTES) + (s & 3) * 32) >> 4),
+                        s > 0);
   wg_commit();
 }
 
@@ -225,11 +185,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       const int pos = start + tile * BLOCK_N + (t >> 3) + 16 * h;
       return k_cache + ((long long)(blk * page + pos % page) * h_kv + g) * (long long)D;
     };
-    // channel block cb of key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128
-    // threads: thread t copies chunk t % 8 of its 4 rows (a quarter-warp: one 128-byte line); rows past the piece
-    // are zero-filled. load_blocks: blocks seesaw_block(x, j) for j in [j0, j1), a cp.async group each with
-    // MLA_SEESAW_BLOCKWISE (committed also when `tile` is past the piece, so that every pair commits 9), else one
-    auto load_block = [&](int tile, unsigned char* kb, int cb, const int (&blk)[4]) {
+    // key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128 threads: thread t copies
+    // chunk t % 8 of its 4 rows in every channel block (a quarter-warp: one 128-byte line); rows past the piece
+    // are zero-filled
+    auto load_tile = [&](int tile, unsigned char* kb, const int (&blk)[4], int cb0 = 0, int cb1 = D / 64) {
       const int c = t & 7;
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
@@ -237,16 +196,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const mla_elem_t* src = row_src(tile, h, blk[h]);
         const bool valid = src != nullptr;
         if (!valid) src = k_cache;
-        cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
-      }
-    };
-    auto load_blocks = [&](int tile, unsigned char* kb, bool x, int j0, int j1, const int (&blk)[4]) {
 #pragma unroll
-      for (int j = j0; j < j1; ++j) {
-        if (!MLA_DIAG_NO_RELOAD && tile < n_tiles) load_block(tile, kb, seesaw_block(x, j), blk);
-        if (MLA_SEESAW_BLOCKWISE) cp_async_commit();
+        for (int cb = cb0; cb < cb1; ++cb)
+          cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
       }
-      if (!MLA_SEESAW_BLOCKWISE) cp_async_commit();
     };
     // the rows of tile `tile` -> L2 (the first thread of each row's quarter-warp), a pair before they are copied
     auto prefetch_tile = [&](int tile, const int (&blk)[4]) {
@@ -283,8 +236,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         wg_tile_load_row<D>(sQ, tid, src, valid);
         int blk0[4];
         fetch_blocks(wg, blk0);  // tile wg: past the piece when wg >= n_tiles
-#pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb) load_block(wg, sK + wg * TILE_BYTES, cb, blk0);
+        load_tile(wg, sK + wg * TILE_BYTES, blk0);
         cp_async_commit();
         cp_async_wait<0>();
         fence_proxy_async();
@@ -294,15 +246,20 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       for (int pair = 0; pair < n_pairs; ++pair) {
         const int ta = 2 * pair, tb = ta + 1;
         const bool has_b = tb < n_tiles;
+        if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
+          cp_async_wait<0>();
+          fence_proxy_async();
+          named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+        }
         float s[32];
         u32 p_hi[16], p_lo[16];
-        int nxt[4] = {-1, -1, -1, -1};  // block-table entries of the rows of this warpgroup's next tile
+        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
 #pragma unroll
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
           // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
-          seesaw_scores_issue<true, MLA_SEESAW_BLOCKWISE>(s, sQ_addr, k0, BAR_LOAD0);
-          fetch_blocks(ta + 2, nxt);  // while the S wgmma runs (past the piece when there is none)
+          seesaw_scores_issue(s, sQ_addr, k0);
+          fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
           wg_fence_operands(s);
           prefetch_tile(ta + 2, nxt);
@@ -334,7 +291,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-          wg_wait<0>();  // P_A V_AL done: blocks 0-3 of buffer 0 are free (block 0 for P_A' lo), p_hi / p_lo too
+          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
           wg_fence_operands(o);
 #pragma unroll
           for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
@@ -343,9 +300,9 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
           fence_proxy_async();
           named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
-          // (after the proxy fence above, which waits for this thread's copies in flight: H100, 2026-11-26, issued
-          // before it, 128,2,128,8192 took 3.7 ms)
-          if (MLA_SEESAW_EARLY) load_blocks(ta + 2, sK, true, 0, 3, nxt);  // blocks 1-3 of the next pair's A
+          // blocks 1-3 of the next pair's A: free since P_A V_AL is done. Not before the proxy fence above: it waits
+          // for this thread's copies in flight (a version that refilled them before it took 3.7 ms at 128,2,128,8192)
+          if (MLA_SEESAW_EARLY && !MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt, 1, 4);
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
@@ -356,18 +313,26 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
-          load_blocks(ta + 2, sK, true, MLA_SEESAW_EARLY ? 3 : 0, D / 64, nxt);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) {
+            if (MLA_SEESAW_EARLY) {
+              load_tile(ta + 2, sK, nxt, 0, 1);
+              load_tile(ta + 2, sK, nxt, 4, D / 64);
+            } else {
+              load_tile(ta + 2, sK, nxt);
+            }
+          }
+          cp_async_commit();
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
         } else {
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          fetch_blocks(tb + 2, nxt);
           if (has_b) {
-            seesaw_scores_issue<false, MLA_SEESAW_BLOCKWISE>(s, sQ_addr, k1, BAR_LOAD1);
+            seesaw_scores_issue(s, sQ_addr, k1);
             wg_wait<0>();
             wg_fence_operands(s);
-            fetch_blocks(tb + 2, nxt);  // used a P V batch later (after the wait: fewer live registers in S)
             scale_mask(s, tb, mx0, mx1);
           }
           prefetch_tile(tb + 2, nxt);
@@ -413,7 +378,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           wg_fence_operands(o);
           // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
-          load_blocks(tb + 2, sK + TILE_BYTES, false, 0, D / 64, nxt);
+          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
+          cp_async_commit();
         }
       }
     }

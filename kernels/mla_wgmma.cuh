@@ -113,9 +113,6 @@ __device__ __forceinline__ int wg_tile_offset(int row, int col) {
   return (col >> 3) * WG_CG_EL + (row >> 3) * WG_RG_EL + (row & 7) * 8 + (col & 7);
 }
 
-// d, unchanged, but opaque to the compiler (it cannot hoist what is computed from it out of a loop)
-__device__ __forceinline__ void wg_opaque(u64& d) { asm volatile("" : "+l"(d)); }
-
 // shared-memory matrix descriptor, no swizzle
 __device__ __forceinline__ u64 wg_desc(u32 smem_addr, u32 lbo_bytes, u32 sbo_bytes) {
   return (u64)((smem_addr & 0x3FFFFu) >> 4) | ((u64)(lbo_bytes >> 4) << 16) | ((u64)(sbo_bytes >> 4) << 32);

@@ -535,7 +535,6 @@ inline void wg_mma_m64n256k16_ss_nmajor(float (&d)[128], u64 desc_a, u64 desc_b)
   wgemu::issue(7, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
 inline void prefetch_l2(const void*, u32) {}  // a hint: no effect on results
-inline void wg_opaque(u64&) {}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -578,7 +577,7 @@ extern "C" void wgemu_reset() {
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
-            "wg_mma_m64n256k16_ss_nmajor", "prefetch_l2", "wg_opaque"}
+            "wg_mma_m64n256k16_ss_nmajor", "prefetch_l2"}
 
 
 try:
