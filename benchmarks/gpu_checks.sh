@@ -342,6 +342,15 @@ seesaw5)  # back to the seesaw2 kernel (d3bbbbb: seesaw3/4's changes made every 
   MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" r 40 bench_early $B --cupy-kernels hopper-seesaw
   MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
   ;;
+final6)  # the sixth session's last check (auto takes the seesaw kernel above 32 rows a KV head): the CuPy decode GPU
+  # test files (matrix with every kernel forced, hypothesis through auto, sanitizers), then every decode shape timed
+  # auto / portable / wide / seesaw, and the few-long shapes' decode + combine split
+  t 240 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 200 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 20 \
+    --cupy-kernels auto,portable,hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -1,7 +1,10 @@
 // mla_decode_seesaw.cu -- MLA decode over a paged KV cache on Hopper (sm_90a): FlashMLA's "seesaw" schedule.
 //
-// STATUS: new (2026-11-26, sixth session); checked on the CPU emulator (tests/test_hopper_compile.py) and on an
-// H100 (tests/test_cupy_gpu.py, kernel "hopper-seesaw"); numbers in benchmarks/BENCHMARKS.md.
+// STATUS: verified on an H100 (2026-11-26, sixth session): tests/test_cupy_gpu.py (FlashMLA's matrix forced,
+// "hopper-seesaw", and as "auto" picks it above 32 rows a KV head), compute-sanitizer memcheck + racecheck; the
+// CPU emulator (tests/test_hopper_compile.py). backend="cupy" takes it above 32 query rows a KV head on
+// compute capability 9.0 for dense bf16 / fp16 caches (mla/backends/cupy_hopper.py variant). Numbers:
+// benchmarks/BENCHMARKS.md; versions and what did not work: benchmarks/NOTES_cupy.md (sixth session).
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
 // signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32
@@ -14,11 +17,11 @@
 // (buffer 1); warpgroup 0 owns O[:, 0:256] and block A's scores, warpgroup 1 owns O[:, 256:512] and block B's:
 //
 //   WG0: S_A = Q K_A^T                            WG1: S_B = Q K_B^T        (36 wgmma m64n64k16 each)
-//   WG0: m_A = max(m, rowmax S_A)  -> smem  ==MA==>  WG1: m_B = max(m_A, rowmax S_B) -> smem ==MB==> WG0
-//   WG0: P_A = 2^(S_A - m_A), O_L = O_L 2^(m - m_A) + P_A V_AL                (P from registers)
-//                                                 WG1: P_B = 2^(S_B - m_B) -> smem ==PB==>
-//   WG0: (after MB) P_A' = P_A 2^(m_A - m_B) -> smem ==PA==>    O_L = O_L 2^(m_A - m_B)
-//   WG0: O_L += P_B V_BL  (P from smem)           WG1: O_R = O_R 2^(m - m_B) + P_A' V_AR (smem) + P_B V_BR (regs)
+//   WG0: m_A = max(m, rowmax S_A) -> smem; P_A = 2^(S_A - m_A), O_L = O_L 2^(m - m_A) + P_A V_AL (P from registers)
+//   ==MA==>                                       WG1: m_B = max(m_A, rowmax S_B) -> smem
+//   ==MB==>  WG0: P_A' = P_A 2^(m_A - m_B) -> smem  WG1: P_B = 2^(S_B - m_B) -> smem
+//   ==P==>   WG0: O_L = O_L 2^(m_A - m_B) + P_B V_BL (smem)
+//                                                 WG1: O_R = O_R 2^(m - m_B) + P_A' V_AR (smem) + P_B V_BR (regs)
 //
 // so one warpgroup's softmax runs while the other's wgmma do (each block's softmax is computed once, no S is
 // swapped). l: each warpgroup sums its own blocks' P (in m_B's scale); the two sums are added at the end.
@@ -35,16 +38,22 @@
 // with its own 128 threads (a quarter-warp copies one 128-byte line), and waits for its own copies before
 // its S wgmma (a 128-thread named barrier). Buffer 0 is refilled as soon as warpgroup 1's P_A' V_AR is done
 // (signal AFREE; WG1 issues that product before its own P_B V_BR so that the copy runs under it); buffer 1 once
-// warpgroup 0's P_B V_BL is done (BFREE) and WG1's own products are.
+// warpgroup 0's P_B V_BL is done (BFREE) and WG1's own products are. The block-table entries of the next tile's
+// rows are loaded a wgmma batch before the copies that need them.
+// What the loads cost (H100, 128,2,128,8192): 1.61-1.89 ms, and 1.32 ms with the buffers never refilled
+// (MLA_DIAG_NO_RELOAD, wrong results): with two K buffers, a pair's refills can only start once the other
+// warpgroup's P V is done with them, so the copy latency is partly exposed each pair. Tried and not kept
+// (NOTES_cupy.md): an L2 prefetch of the next pair's rows (MLA_SEESAW_PREFETCH, 2.04 ms), buffer 0's blocks
+// 1-3 refilled early (MLA_SEESAW_EARLY, within noise), one cp.async group a channel block with S issued block by
+// block (slower, and fence.proxy.async waits for this thread's copies in flight: never fence with a refill
+// outstanding).
 //
 // Signals: named barriers of 256 threads (MA: m_A published, MB: m_B published, P: both P blocks stored, AFREE /
 // BFREE: buffer 0 / 1 read for the last time this pair), every one a full bar.sync of both warpgroups, placed
 // where the side that does not need the signal is waiting anyway or arrives early (warpgroup 0 syncs MA after it
-// has issued its P V, while warpgroup 1 is still in its S wgmma). The first version had warpgroup 0 only arrive
-// (bar.arrive) at MA / P / BFREE and warpgroup 1 at MB / P / AFREE: the same speed within noise is not known,
-// but compute-sanitizer's racecheck reports hazards for bar.arrive orderings (it did for the wide kernel's S
-// exchange, 2026-11-25, and here on the H100, 2026-11-26), so the kernel is written so that racecheck can
-// check it.
+// has issued its P V, while warpgroup 1 is still in its S wgmma). The first version had one side only arrive
+// (bar.arrive); compute-sanitizer's racecheck reported hazards for those orderings (as for the wide kernel's S
+// exchange, 2026-11-25), and the full syncs were not slower (1.61-1.89 against 1.82-2.05 ms).
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 

@@ -30,9 +30,11 @@ BF16 = _arrays.BFLOAT16
 DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(np.float16, id="fp16")]
 # "hopper": the Hopper kernels as dispatched (the narrow kernel for <= 16 query rows a KV head, the 64-row
 # kernel above); "hopper-narrow": the narrow kernel forced on every shape (MLA_HOPPER_VARIANT=narrow, several
-# 16-row tiles where there are more rows); "hopper-seesaw": the seesaw kernel forced (MLA_HOPPER_VARIANT=seesaw)
+# 16-row tiles where there are more rows); "hopper-seesaw" / "hopper-wide": the seesaw (auto above 32 rows) / the
+# lock-step wide kernel forced on every shape (MLA_HOPPER_VARIANT)
 KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper"),
-           pytest.param("hopper-narrow", id="hopper-narrow"), pytest.param("hopper-seesaw", id="hopper-seesaw")]
+           pytest.param("hopper-narrow", id="hopper-narrow"), pytest.param("hopper-seesaw", id="hopper-seesaw"),
+           pytest.param("hopper-wide", id="hopper-wide")]
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +48,15 @@ def _hopper_cases(request, monkeypatch):
     capability 9.0; elsewhere their cases skip. No gate (MLA_CUPY_UNVERIFIED unset): they are ordinary paths."""
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow", "hopper-seesaw"):
+    if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow", "hopper-seesaw",
+                                                                   "hopper-wide"):
         from mla.backends import cupy_hopper
 
         reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
         if reason:
             pytest.skip(reason)
-        monkeypatch.setenv("MLA_HOPPER_VARIANT", {"hopper-narrow": "narrow", "hopper-seesaw": "seesaw"}.get(
+        monkeypatch.setenv("MLA_HOPPER_VARIANT", {"hopper-narrow": "narrow", "hopper-seesaw": "seesaw",
+                                                  "hopper-wide": "wide"}.get(
             callspec.params["kernel"], "auto"))
 
 
@@ -303,11 +307,11 @@ def test_non_contiguous_cache_raises():
 
 
 @pytest.mark.parametrize("h_q,s_q,want", [(16, 1, "mla_decode_hopper_narrow"), (32, 1, "mla_decode_hopper_narrow"),
-                                           (16, 2, "mla_decode_hopper_narrow"), (64, 1, "mla_decode_hopper"),
-                                           (128, 1, "mla_decode_hopper"), (3, 1, "mla_decode_hopper_narrow")])
+                                           (16, 2, "mla_decode_hopper_narrow"), (64, 1, "mla_decode_seesaw"),
+                                           (128, 1, "mla_decode_seesaw"), (3, 1, "mla_decode_hopper_narrow")])
 def test_auto_kernel_choice(monkeypatch, h_q, s_q, want):
     """kernel="auto" (the default, no MLA_CUPY_KERNEL): on an H100 the narrow Hopper kernel up to 32 rows a KV
-    head, the wide one above (cupy_hopper.variant); elsewhere the portable kernel.
+    head, the seesaw one above (cupy_hopper.variant); elsewhere the portable kernel.
     An unknown MLA_CUPY_KERNEL is a ValueError."""
     from mla.backends import cupy_hopper
 
@@ -378,7 +382,7 @@ _SANITIZE = textwrap.dedent("""
         out, lse = mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())
         out.get()
     import os
-    os.environ['MLA_HOPPER_VARIANT'] = 'seesaw'  # the seesaw kernel on the 64-row cases (odd / even block counts)
+    os.environ['MLA_HOPPER_VARIANT'] = 'wide'  # the lock-step wide kernel (auto takes the seesaw one above)
     for kw in (dict(h_q=64, s_q=2, seqlens=[100, 1, 0], causal=True), dict(h_q=128, s_q=1, seqlens=[300, 64])):
         case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, d=576,
                                         head_dim_v=512, page_block_size=64, **kw)

@@ -73,7 +73,8 @@ def test_sm90a_compiles_without_spills(name, defines):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "mla_decode_hopper_narrow.cu", "wgmma_probe.cu"])
+@pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "mla_decode_hopper_narrow.cu", "mla_decode_seesaw.cu",
+                                  "wgmma_probe.cu"])
 def test_sm80_builds_are_trapping_stubs(name):
     """tests/test_cupy_compile.py builds every source for sm_80 too: wgmma code is compiled out there."""
     _, log = _nvrtc.compile_cubin(name, "sm_80", {})
@@ -84,6 +85,21 @@ def test_smem_budget_matches_the_kernel():
     src = _nvrtc.read_source("mla_decode_hopper.cu")
     assert "2 K tiles 147456 B" in src and f"= {cupy_hopper.SMEM_BYTES} B" in src
     assert cupy_hopper.SMEM_BYTES == 229376 <= 232448  # the H100's opt-in limit a block
+    seesaw = _nvrtc.read_source(cupy_hopper.SEESAW_SOURCE)
+    assert f"SMEM_BYTES == {cupy_hopper.seesaw_smem_bytes()}" in seesaw
+    assert cupy_hopper.seesaw_smem_bytes() == 230400 <= 232448
+
+
+@pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 32), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 16),
+                                          ({"MLA_FP16": 1}, 16)])
+def test_seesaw_sass_holds_hgmma(tmp_path, defines, n_pv):
+    """The seesaw kernel: per warpgroup branch 36 HGMMA.64x64x16 (S of its block) and, for its own and the other
+    block, P V as HGMMA.64x256x16 (x 2 with the bf16 P split), none serialised."""
+    sass, log = _sass(tmp_path, cupy_hopper.SEESAW_SOURCE, defines)
+    assert "serialized" not in log, log
+    assert _hgmma_counts(sass) == {"64x64x16": 72, "64x256x16": n_pv}
+    pv = [line for line in sass.splitlines() if "HGMMA.64x256x16" in line]
+    assert all(".tnspB" in line for line in pv), pv[:2]
 
 
 def _sass_tools():
@@ -188,17 +204,17 @@ def _rows_problem(s_q, h_q, h_kv=1):
 
 
 @pytest.mark.parametrize("s_q,h_q,h_kv,want", [(1, 16, 1, "narrow"), (1, 1, 1, "narrow"), (2, 64, 8, "narrow"),
-                                               (2, 16, 1, "narrow"), (1, 33, 1, "wide"), (1, 64, 1, "wide"),
-                                               (2, 128, 1, "wide")])
+                                               (2, 16, 1, "narrow"), (1, 33, 1, "seesaw"), (1, 64, 1, "seesaw"),
+                                               (2, 128, 1, "seesaw")])
 def test_variants(monkeypatch, s_q, h_q, h_kv, want):
-    """Rows a KV head (s_q h_q / h_kv): the narrow kernel up to 32 (nq 16 up to 16 rows, else 32), the wide
+    """Rows a KV head (s_q h_q / h_kv): the narrow kernel up to 32 (nq 16 up to 16 rows, else 32), the seesaw
     one above (WIDE_MIN_ROWS = 33); MLA_HOPPER_VARIANT overrides."""
     monkeypatch.delenv("MLA_HOPPER_VARIANT", raising=False)
     p = _rows_problem(s_q, h_q, h_kv)
     assert cupy_hopper.WIDE_MIN_ROWS == 33
     assert cupy_hopper.narrow_nq(p) == (16 if s_q * h_q // h_kv <= 16 else 32)
     assert cupy_hopper.variant(p) == want
-    for v in ("narrow", "wide"):
+    for v in ("narrow", "wide", "seesaw"):
         monkeypatch.setenv("MLA_HOPPER_VARIANT", v)
         assert cupy_hopper.variant(p) == v
     monkeypatch.setenv("MLA_HOPPER_VARIANT", "bogus")
@@ -230,7 +246,7 @@ def test_device_reasons(monkeypatch):
 
 @pytest.mark.parametrize("cc,d,dv,h_q,want_hopper,want_auto", [
     ((9, 0), 576, 512, 16, "hopper-narrow", "hopper-narrow"), ((9, 0), 576, 512, 32, "hopper-narrow", "hopper-narrow"),
-    ((9, 0), 576, 512, 64, "hopper-wide", "hopper-wide"), ((9, 0), 64, 48, 16, "portable", "portable"),
+    ((9, 0), 576, 512, 64, "hopper-seesaw", "hopper-seesaw"), ((9, 0), 64, 48, 16, "portable", "portable"),
     ((8, 0), 576, 512, 16, "portable", "portable"), ((10, 0), 576, 512, 64, "portable", "portable")])
 def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
     """cupy_backend._prepare: "hopper" takes a Hopper kernel where it applies, "auto" where it was measured
@@ -864,6 +880,32 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
     out, lse, _, _ = _run_emulated(monkeypatch, case, 1, narrow=True, **kw)
     with pytest.raises(AssertionError):
         testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel
+    "P_A' written before P_A V_AL is done": ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"),
+    "P_A not rescaled to m_B": ("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
+                                "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"),
+}
+
+
+@needs_gxx
+@pytest.mark.parametrize("edit", list(SEESAW_EDITS))
+def test_emulator_catches_seesaw_bugs(monkeypatch, edit):
+    """Self-test for the seesaw kernel: warpgroup 0 overwriting block 0 of buffer 0 (with P_A' lo) while its own
+    P V still reads it (wgmma carried out at the wait, the latest moment), or P_A handed to warpgroup 1 in the
+    wrong scale, makes the emulated result wrong."""
+    from mla import reference, testing
+
+    rng = np.random.default_rng(5)
+    case = testing.make_decode_case(rng, b=2, s_q=2, h_q=64, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[300, 450], dtype=BF16, causal=True)
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, schedule="lockstep", seesaw=True,
+                                   source_edit=SEESAW_EDITS[edit])
+    out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
+                                                     causal=True)
+    with pytest.raises(AssertionError):
+        testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
 
 
 # ---- the GPU probe tests (tests/test_wgmma_probe_gpu.py) on the emulator: their expectations and their

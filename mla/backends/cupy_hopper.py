@@ -15,9 +15,11 @@ plan, partial buffers and combine kernel:
   301 TFLOP/s, vs 4.09 ms).
 
 Which one: ``backend="cupy"`` with ``kernel="auto"`` (the default) or ``kernel="hopper"`` takes the narrow
-kernel up to 32 query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32) and the wide one above
+kernel up to 32 query rows a KV head (16 a CTA, or 32 with -DMLA_NQ=32) and the seesaw one above
 (``variant``, ``WIDE_MIN_ROWS``); the portable kernel on every other GPU and for other dims / dtypes.
-``MLA_HOPPER_VARIANT=narrow|wide|seesaw`` forces one (tests, benchmarks; each computes any dense shape).
+``MLA_HOPPER_VARIANT=narrow|wide|seesaw`` forces one (tests, benchmarks; each computes any dense shape). Since
+2026-11-26 (sixth session) "auto" takes the seesaw kernel above 32 rows; the wide kernel keeps its FP8 and sparse
+builds, and its dense build is the readable lock-step version the seesaw one is measured against.
 
 * **seesaw** -- ``kernels/mla_decode_seesaw.cu``: the wide kernel's 64-row tile, plan and numerics, with
   FlashMLA's alternating ("seesaw") schedule: each warpgroup scores its own 64-key block of a pair, the two
@@ -149,13 +151,16 @@ def _forced_variant() -> str:
 
 
 def variant(problem) -> str:
-    """The Hopper kernel for ``problem`` (``kernel="auto"`` and ``kernel="hopper"`` alike: on an H100 a Hopper
-    kernel was measured faster than the portable one at every row count): MLA_HOPPER_VARIANT if set, else
-    "narrow" when a KV head has at most NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else "wide"."""
+    """The Hopper kernel for a dense bf16 / fp16 ``problem`` (``kernel="auto"`` and ``kernel="hopper"`` alike: on an
+    H100 a Hopper kernel was measured faster than the portable one at every row count): MLA_HOPPER_VARIANT if
+    set, else "narrow" when a KV head has at most NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else
+    "seesaw" (the wide kernel's tile on FlashMLA's schedule; H100, 2026-11-26, same call: 128,2,128,8192
+    1.66-1.89 ms against the wide kernel's 2.00-2.07, 128,2,128,4096 0.89-0.95 against 1.06-1.14;
+    benchmarks/BENCHMARKS.md). FP8 caches take the wide kernel's FP8 build (``fp8_variant``)."""
     forced = _forced_variant()
     if forced != "auto":
         return forced
-    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "wide"
+    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "seesaw"
 
 
 def shape_reason(problem) -> str | None:
@@ -177,9 +182,9 @@ def device_reason(dev: int) -> str | None:
     major, minor = _cb._capability(dev)
     if (major, minor) != (9, 0):
         return f"the Hopper kernel is sm_90a code (compute capability 9.0), device {dev} is {major}.{minor}"
-    smem = _cb._max_smem(dev)
-    if smem < SMEM_BYTES:
-        return f"the Hopper kernel needs {SMEM_BYTES} bytes of shared memory a block, device {dev} has {smem}"
+    smem, need = _cb._max_smem(dev), max(SMEM_BYTES, SEESAW_SMEM_BYTES)
+    if smem < need:
+        return f"the Hopper kernels need {need} bytes of shared memory a block, device {dev} has {smem}"
     return None
 
 
