@@ -351,6 +351,16 @@ final6)  # the sixth session's last check (auto takes the seesaw kernel above 32
     --cupy-kernels auto,portable,hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
   r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
   ;;
+seesaw6)  # the seesaw kernel: P_B V_BL issued after AFREE (MLA_SEESAW_PB_LATE) A/B, its tests and racecheck on that
+  # build, then 128,2,128 at 8192 / 4096 and 128,1,128,4096 timed default / PB_LATE / wide (twice, for the noise)
+  MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" t 100 t_seesaw_pblate tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
+  for k in 1 2; do
+    r 60 bench_default_$k $B --cupy-kernels hopper-seesaw,hopper-wide
+    MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" r 40 bench_pblate_$k $B --cupy-kernels hopper-seesaw
+  done
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

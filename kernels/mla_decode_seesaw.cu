@@ -66,6 +66,9 @@
 #ifndef MLA_SEESAW_EARLY  // buffer 0's channel blocks 1-3 refilled right after the P exchange (WG0's own P V_AL is
 #define MLA_SEESAW_EARLY 0  // done with them), the rest at AFREE (A/B timing switch)
 #endif
+#ifndef MLA_SEESAW_PB_LATE  // warpgroup 0 issues P_B V_BL after AFREE (buffer 0 then frees under two P V batches
+#define MLA_SEESAW_PB_LATE 0  // instead of one shared with it; A/B timing switch)
+#endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
@@ -319,7 +322,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           m_run0 = mb0;
           m_run1 = mb1;
           // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
-          if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
+          if (!MLA_SEESAW_PB_LATE && has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
           if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) {
@@ -331,6 +334,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             }
           }
           cp_async_commit();
+          if (MLA_SEESAW_PB_LATE && has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
