@@ -361,6 +361,11 @@ seesaw6)  # the seesaw kernel: P_B V_BL issued after AFREE (MLA_SEESAW_PB_LATE) 
     MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" r 40 bench_pblate_$k $B --cupy-kernels hopper-seesaw
   done
   ;;
+seesawtrace)  # the seesaw kernel's timeline: clock64() at the barriers of one CTA (benchmarks/seesaw_trace.py)
+  r 60 trace_8192 python3 benchmarks/seesaw_trace.py
+  r 60 trace_noreload python3 benchmarks/seesaw_trace.py --defines "MLA_DIAG_NO_RELOAD=1"
+  cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

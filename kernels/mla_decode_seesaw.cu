@@ -84,6 +84,20 @@ constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4;
 static_assert(SMEM_BYTES == 230400, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
 static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
 
+// Diagnostics only (benchmarks/seesaw_trace.py): clock64() at 8 points of each of the first 64 pairs of CTA (0, 0, 0)'s
+// first piece, thread 0 of each warpgroup (0: pair top, 7: its refill landed, 1: S done, 2-6: past MA, MB, P, AFREE,
+// BFREE)
+#ifndef MLA_SEESAW_TRACE
+#define MLA_SEESAW_TRACE 0
+#endif
+#if MLA_SEESAW_TRACE
+__device__ long long seesaw_trace[2][64][8];
+#define SEESAW_MARK(e) \
+  if (trace_on && pair < 64) seesaw_trace[wg][pair][e] = clock64()
+#else
+#define SEESAW_MARK(e)
+#endif
+
 // named barriers (0 is __syncthreads)
 enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
@@ -176,6 +190,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       lim1 = min(lim1, L - s_q + m1 / group);
     }
 
+    [[maybe_unused]] const bool trace_on =
+        MLA_SEESAW_TRACE && t == 0 && i == work.begin_b && blockIdx.x + blockIdx.y + blockIdx.z == 0;
     float o[128];
 #pragma unroll
     for (int k = 0; k < 128; ++k) o[k] = 0.f;
@@ -258,10 +274,12 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       for (int pair = 0; pair < n_pairs; ++pair) {
         const int ta = 2 * pair, tb = ta + 1;
         const bool has_b = tb < n_tiles;
+        SEESAW_MARK(0);
         if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
           cp_async_wait<0>();
           fence_proxy_async();
           named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+          SEESAW_MARK(7);
         }
         float s[32];
         u32 p_hi[16], p_lo[16];
@@ -273,6 +291,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           seesaw_scores_issue(s, sQ_addr, k0);
           fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
+          SEESAW_MARK(1);
           wg_fence_operands(s);
           prefetch_tile(ta + 2, nxt);
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
@@ -298,8 +317,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
+          SEESAW_MARK(2);
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(3);
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
@@ -312,6 +333,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
           fence_proxy_async();
           named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
+          SEESAW_MARK(4);
           // blocks 1-3 of the next pair's A: free since P_A V_AL is done. Not before the proxy fence above: it waits
           // for this thread's copies in flight (a version that refilled them before it took 3.7 ms at 128,2,128,8192)
           if (MLA_SEESAW_EARLY && !MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt, 1, 4);
@@ -325,6 +347,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (!MLA_SEESAW_PB_LATE && has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
           if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) {
             if (MLA_SEESAW_EARLY) {
               load_tile(ta + 2, sK, nxt, 0, 1);
@@ -338,6 +361,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
+          SEESAW_MARK(6);
         } else {
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
@@ -345,17 +369,20 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (has_b) {
             seesaw_scores_issue(s, sQ_addr, k1);
             wg_wait<0>();
+            SEESAW_MARK(1);
             wg_fence_operands(s);
             scale_mask(s, tb, mx0, mx1);
           }
           prefetch_tile(tb + 2, nxt);
           named_bar_sync(BAR_MA, 256);
+          SEESAW_MARK(2);
           const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
           if (quad_lead) {
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
           named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(3);
           const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
           const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
           l_own0 *= f0;
@@ -379,6 +406,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           m_run1 = mb1;
           // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
           named_bar_sync(BAR_P, 256);
+          SEESAW_MARK(4);
           seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
           if (has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
@@ -387,10 +415,12 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             wg_wait<0>();
           }
           named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
           wg_wait<0>();
           wg_fence_operands(o);
           // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
+          SEESAW_MARK(6);
           if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
           cp_async_commit();
         }
