@@ -99,7 +99,7 @@ __device__ long long seesaw_trace[2][64][8];
 #endif
 
 // named barriers (0 is __syncthreads)
-enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
+enum : int { BAR_MA = 1, BAR_MB, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
 #if MLA_HAS_WGMMA
 // acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
@@ -283,16 +283,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         }
         float s[32];
         u32 p_hi[16], p_lo[16];
-        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
+        int nxt[4] = {-1, -1, -1, -1};  // block-table entries of the rows of this warpgroup's next tile
 #pragma unroll
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
-          // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
+          // ---- S_A; m_A = max(m, rowmax S_A), P_A = 2^(S_A - m_A) -> smem for warpgroup 1 (==MA==>)
           seesaw_scores_issue(s, sQ_addr, k0);
-          fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
+          fetch_blocks(ta + 2, nxt);  // while the S wgmma runs (past the piece when there is none)
           wg_wait<0>();
-          SEESAW_MARK(1);
           wg_fence_operands(s);
+          SEESAW_MARK(1);
           prefetch_tile(ta + 2, nxt);
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           scale_mask(s, ta, mx0, mx1);
@@ -312,113 +312,103 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             if (second) l_own1 += s[k];
             else l_own0 += s[k];
           }
+          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);  // S_A is done with buffer 0's RoPE block
+          if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
+          fence_proxy_async();
+          named_bar_sync(BAR_MA, 256);
+          SEESAW_MARK(2);
+          // ---- O_L = alpha O_L + P_A V_AL (P from registers); buffer 0 refilled once warpgroup 1's P_A V_AR is done
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
-          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
-          named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
-          SEESAW_MARK(2);
-          // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
-          named_bar_sync(BAR_MB, 256);
+          wg_wait<0>();
+          wg_fence_operands(o);
+          named_bar_sync(BAR_AFREE, 256);
           SEESAW_MARK(3);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
+          cp_async_commit();
+          // ---- m_B, P_B from warpgroup 1 (==MB==>): O_L = O_L 2^(m_A - m_B) + P_B V_BL (P from smem)
+          named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(4);
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
-          wg_fence_operands(o);
-#pragma unroll
-          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
-          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
-          if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
-          fence_proxy_async();
-          named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
-          SEESAW_MARK(4);
-          // blocks 1-3 of the next pair's A: free since P_A V_AL is done. Not before the proxy fence above: it waits
-          // for this thread's copies in flight (a version that refilled them before it took 3.7 ms at 128,2,128,8192)
-          if (MLA_SEESAW_EARLY && !MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt, 1, 4);
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           m_run0 = mb0;
           m_run1 = mb1;
-          // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
-          if (!MLA_SEESAW_PB_LATE && has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
-          // ---- refill buffer 0 once warpgroup 1 is done with it
-          named_bar_sync(BAR_AFREE, 256);
-          SEESAW_MARK(5);
-          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) {
-            if (MLA_SEESAW_EARLY) {
-              load_tile(ta + 2, sK, nxt, 0, 1);
-              load_tile(ta + 2, sK, nxt, 4, D / 64);
-            } else {
-              load_tile(ta + 2, sK, nxt);
-            }
-          }
-          cp_async_commit();
-          if (MLA_SEESAW_PB_LATE && has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
+          if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
           SEESAW_MARK(6);
         } else {
-          // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
-          float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
-          fetch_blocks(tb + 2, nxt);
-          if (has_b) {
-            seesaw_scores_issue(s, sQ_addr, k1);
-            wg_wait<0>();
-            SEESAW_MARK(1);
-            wg_fence_operands(s);
-            scale_mask(s, tb, mx0, mx1);
-          }
-          prefetch_tile(tb + 2, nxt);
+          // ---- m_A, P_A from warpgroup 0 (==MA==>): O_R = O_R 2^(m - m_A) + P_A V_AR (P from smem), and S_B
+          // issued behind it (also without a block B, on buffer 1's old keys, its result unused: one code path for
+          // ptxas, which serialises the wgmma when the batches are issued under different conditions)
           named_bar_sync(BAR_MA, 256);
           SEESAW_MARK(2);
-          const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
+          const float ma0 = sMa[r0], ma1 = sMa[r1];
+          const float mu0 = ma0 == MLA_NEG_INF ? 0.f : ma0, mu1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
+          const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
+          l_own0 *= f0;
+          l_own1 *= f1;
+#pragma unroll
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
+          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, plo_addr, k0 + VR_AT);
+          seesaw_scores_issue(s, sQ_addr, k1);
+          wg_wait<1>();
+          named_bar_sync(BAR_AFREE, 256);  // P_A V_AR done: buffer 0 (and P_A lo in sPlo) are free
+          SEESAW_MARK(3);
+          // ---- m_B = max(m_A, rowmax S_B) -> smem, P_B = 2^(S_B - m_B) -> smem (==MB==>), O_R = O_R 2^(m_A - m_B)
+          float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          wg_wait<0>();
+          wg_fence_operands(s);
+          wg_fence_operands(o);
+          SEESAW_MARK(1);
+          if (has_b) {
+            fetch_blocks(tb + 2, nxt);  // used a P V batch later
+            scale_mask(s, tb, mx0, mx1);
+          }
+          const float mb0 = fmaxf(ma0, mla_quad_max(mx0)), mb1 = fmaxf(ma1, mla_quad_max(mx1));
           if (quad_lead) {
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
-          named_bar_sync(BAR_MB, 256);
-          SEESAW_MARK(3);
-          const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
-          const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
-          l_own0 *= f0;
-          l_own1 *= f1;
+          const float sa0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
+          const float sa1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
+          l_own0 *= sa0;
+          l_own1 *= sa1;
           if (has_b) {
+            prefetch_tile(tb + 2, nxt);
+            const float nu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, nu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
 #pragma unroll
             for (int k = 0; k < 32; ++k) {
               const bool second = (k >> 1) & 1;
-              s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+              s[k] = fast_exp2(s[k] - (second ? nu1 : nu0));
               if (second) l_own1 += s[k];
               else l_own0 += s[k];
             }
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
             seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
-            if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
+            if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);     // P_A lo is read (AFREE)
             fence_proxy_async();
           }
+          named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(4);
 #pragma unroll
-          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sa1 : sa0;
           m_run0 = mb0;
           m_run1 = mb1;
-          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
-          named_bar_sync(BAR_P, 256);
-          SEESAW_MARK(4);
-          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
+          // ---- O_R += P_B V_BR (P from registers); buffer 1 refilled once warpgroup 0's P_B V_BL is done
           if (has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
-            wg_wait<1>();
-          } else {
             wg_wait<0>();
+            wg_fence_operands(o);
           }
-          named_bar_sync(BAR_AFREE, 256);
-          SEESAW_MARK(5);
-          wg_wait<0>();
-          wg_fence_operands(o);
-          // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
           SEESAW_MARK(6);
           if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
@@ -426,7 +416,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         }
       }
     }
-
     // ---- finish the piece: l = both warpgroups' sums, o / l, lse = (m + log2 l) ln 2
     l_own0 = mla_quad_sum(l_own0);
     l_own1 = mla_quad_sum(l_own1);
