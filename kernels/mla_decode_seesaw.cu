@@ -290,6 +290,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           // ---- S_A; m_A = max(m, rowmax S_A), P_A = 2^(S_A - m_A) -> smem for warpgroup 1 (==MA==>)
           seesaw_scores_issue(s, sQ_addr, k0);
           fetch_blocks(ta + 2, nxt);  // while the S wgmma runs (past the piece when there is none)
+          if (pair > 0) named_bar_sync(BAR_BFREE, 256);  // the previous pair's P_B V_BL is done (waited there)
           wg_wait<0>();
           wg_fence_operands(s);
           SEESAW_MARK(1);
@@ -343,12 +344,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           wg_wait<0>();
           wg_fence_operands(o);
-          named_bar_sync(BAR_BFREE, 256);
-          SEESAW_MARK(6);
+          SEESAW_MARK(6);  // (BFREE: under the next pair's S_A, or after the loop)
         } else {
-          // ---- m_A, P_A from warpgroup 0 (==MA==>): O_R = O_R 2^(m - m_A) + P_A V_AR (P from smem), and S_B
-          // issued behind it (also without a block B, on buffer 1's old keys, its result unused: one code path for
-          // ptxas, which serialises the wgmma when the batches are issued under different conditions)
+          // ---- S_B at once (also without a block B, on buffer 1's old keys, its result unused: one code path for
+          // ptxas, which serialises the wgmma when batches are issued under different conditions); it runs while
+          // warpgroup 0 computes P_A
+          seesaw_scores_issue(s, sQ_addr, k1);
+          // ---- m_A, P_A from warpgroup 0 (==MA==>): O_R = O_R 2^(m - m_A) + P_A V_AR (P from smem)
           named_bar_sync(BAR_MA, 256);
           SEESAW_MARK(2);
           const float ma0 = sMa[r0], ma1 = sMa[r1];
@@ -356,19 +358,14 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
           l_own0 *= f0;
           l_own1 *= f1;
+          wg_wait<0>();  // S_B done before O_R is touched (registers of a batch in flight: ptxas would serialise)
+          wg_fence_operands(s);
+          SEESAW_MARK(1);
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, plo_addr, k0 + VR_AT);
-          seesaw_scores_issue(s, sQ_addr, k1);
-          wg_wait<1>();
-          named_bar_sync(BAR_AFREE, 256);  // P_A V_AR done: buffer 0 (and P_A lo in sPlo) are free
-          SEESAW_MARK(3);
-          // ---- m_B = max(m_A, rowmax S_B) -> smem, P_B = 2^(S_B - m_B) -> smem (==MB==>), O_R = O_R 2^(m_A - m_B)
+          // ---- m_B = max(m_A, rowmax S_B) -> smem, P_B = 2^(S_B - m_B) (while P_A V_AR runs)
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
-          wg_wait<0>();
-          wg_fence_operands(s);
-          wg_fence_operands(o);
-          SEESAW_MARK(1);
           if (has_b) {
             fetch_blocks(tb + 2, nxt);  // used a P V batch later
             scale_mask(s, tb, mx0, mx1);
@@ -393,8 +390,14 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
               else l_own0 += s[k];
             }
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          }
+          wg_wait<0>();
+          wg_fence_operands(o);
+          named_bar_sync(BAR_AFREE, 256);  // P_A V_AR done: buffer 0 (and P_A lo in sPlo) are free
+          SEESAW_MARK(3);
+          if (has_b) {  // P_B -> smem for warpgroup 0 (==MB==>)
             seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
-            if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);     // P_A lo is read (AFREE)
+            if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
             fence_proxy_async();
           }
           named_bar_sync(BAR_MB, 256);
@@ -415,6 +418,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           cp_async_commit();
         }
       }
+      if (wg == 0) named_bar_sync(BAR_BFREE, 256);  // the last pair's (warpgroup 1 syncs it at the pair's end)
     }
     // ---- finish the piece: l = both warpgroups' sums, o / l, lse = (m + log2 l) ln 2
     l_own0 = mla_quad_sum(l_own0);
