@@ -384,6 +384,17 @@ seesaw8)  # seesaw v3: warpgroup 1 issues S_B at its pair's top (under warpgroup
   r 60 trace_8192 python3 benchmarks/seesaw_trace.py
   cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
   ;;
+final7)  # the sixth session's last check, on the final seesaw kernel (v1 schedule, switches removed): the CuPy decode
+  # GPU test files, every decode shape timed auto / portable / wide / seesaw, the few-long split, the timeline
+  t 200 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 150 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 20 \
+    --cupy-kernels auto,portable,hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  r 30 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
+  r 40 trace_8192 python3 benchmarks/seesaw_trace.py
+  r 40 trace_noreload python3 benchmarks/seesaw_trace.py --defines "MLA_DIAG_NO_RELOAD=1"
+  cp "$OUT"/trace_*.txt "$OUT"/bench_decode.md "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -24,7 +24,7 @@ import mla  # noqa: E402
 from mla import _arrays, api  # noqa: E402
 from mla.backends import _nvrtc, cupy_backend, cupy_hopper  # noqa: E402
 
-POINTS = ["top", "S", "MA", "AFREE", "MB", "-", "end", "load"]
+POINTS = ["top", "S", "MA", "MB", "P", "AFREE", "BFREE", "load"]
 
 
 def main(argv=None):

@@ -40,13 +40,15 @@
 // (signal AFREE; WG1 issues that product before its own P_B V_BR so that the copy runs under it); buffer 1 once
 // warpgroup 0's P_B V_BL is done (BFREE) and WG1's own products are. The block-table entries of the next tile's
 // rows are loaded a wgmma batch before the copies that need them.
-// What the loads cost (H100, 128,2,128,8192): 1.61-1.89 ms, and 1.32 ms with the buffers never refilled
-// (MLA_DIAG_NO_RELOAD, wrong results): with two K buffers, a pair's refills can only start once the other
-// warpgroup's P V is done with them, so the copy latency is partly exposed each pair. Tried and not kept
-// (NOTES_cupy.md): an L2 prefetch of the next pair's rows (MLA_SEESAW_PREFETCH, 2.04 ms), buffer 0's blocks
-// 1-3 refilled early (MLA_SEESAW_EARLY, within noise), one cp.async group a channel block with S issued block by
-// block (slower, and fence.proxy.async waits for this thread's copies in flight: never fence with a refill
-// outstanding).
+// What the loads cost (H100, 128,2,128,8192; clock64 timeline: benchmarks/seesaw_trace.py, MLA_SEESAW_TRACE):
+// 1.65-1.89 ms, a pair every ~10400 cycles against ~8400 with the buffers never refilled (MLA_DIAG_NO_RELOAD,
+// wrong results, 1.32 ms) and ~6400 of wgmma work: with two K buffers a pair's refills start only once the other
+// warpgroup's P V is done with them. Measured and not kept (benchmarks/NOTES_cupy.md, sixth session, commits
+// d3bbbbb..5065654): an L2 prefetch of the next pair's rows (2.04 ms); buffer 0's blocks 1-3 refilled early
+// (within noise); one cp.async group a channel block with S issued block by block (fence.proxy.async is
+// MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS and waits for the thread's copies in flight: 3.3-3.9 ms); warpgroup
+// 0's P_B V_BL after AFREE (1.76 against 1.65-1.68); P_A handed over before m_B with warpgroup 1 rescaling O_R
+// (1.71-1.72); S_B issued at warpgroup 1's pair top (1.87).
 //
 // Signals: named barriers of 256 threads (MA: m_A published, MB: m_B published, P: both P blocks stored, AFREE /
 // BFREE: buffer 0 / 1 read for the last time this pair), every one a full bar.sync of both warpgroups, placed
@@ -59,15 +61,6 @@
 
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
-#endif
-#ifndef MLA_SEESAW_PREFETCH  // L2 prefetch of the next pair's key rows, a pair ahead (A/B timing switch). Off:
-#define MLA_SEESAW_PREFETCH 0  // H100 2026-11-26, 128,2,128,8192: 1.611 ms without, 2.041 with (one
-#endif                         // cp.async.bulk.prefetch.L2 a row, 64 a tile)
-#ifndef MLA_SEESAW_EARLY  // buffer 0's channel blocks 1-3 refilled right after the P exchange (WG0's own P V_AL is
-#define MLA_SEESAW_EARLY 0  // done with them), the rest at AFREE (A/B timing switch)
-#endif
-#ifndef MLA_SEESAW_PB_LATE  // warpgroup 0 issues P_B V_BL after AFREE (buffer 0 then frees under two P V batches
-#define MLA_SEESAW_PB_LATE 0  // instead of one shared with it; A/B timing switch)
 #endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
@@ -99,7 +92,7 @@ __device__ long long seesaw_trace[2][64][8];
 #endif
 
 // named barriers (0 is __syncthreads)
-enum : int { BAR_MA = 1, BAR_MB, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
+enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
 #if MLA_HAS_WGMMA
 // acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
@@ -131,11 +124,6 @@ __device__ __forceinline__ void seesaw_pv_smem_issue(float (&o)[128], u32 p_hi, 
   wg_commit();
 }
 #endif
-
-// Warm L2 with `bytes` bytes at p (16-byte aligned, a multiple of 16); nothing waits for it
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
 
 // P fragments (wg_p_frags: u32 j = P[row r0 + 8 (j % 2)][keys 8 (j / 2) + 2 (lane % 4), + 1]) -> a SW128 P block
 __device__ __forceinline__ void seesaw_store_p(unsigned char* blk, const u32 (&p)[16], int r0, int c2) {
@@ -216,7 +204,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     // key tile `tile` of the piece -> the K buffer at kb, copied by this warpgroup's 128 threads: thread t copies
     // chunk t % 8 of its 4 rows in every channel block (a quarter-warp: one 128-byte line); rows past the piece
     // are zero-filled
-    auto load_tile = [&](int tile, unsigned char* kb, const int (&blk)[4], int cb0 = 0, int cb1 = D / 64) {
+    auto load_tile = [&](int tile, unsigned char* kb, const int (&blk)[4]) {
       const int c = t & 7;
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
@@ -225,18 +213,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const bool valid = src != nullptr;
         if (!valid) src = k_cache;
 #pragma unroll
-        for (int cb = cb0; cb < cb1; ++cb)
+        for (int cb = 0; cb < D / 64; ++cb)
           cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
-      }
-    };
-    // the rows of tile `tile` -> L2 (the first thread of each row's quarter-warp), a pair before they are copied
-    auto prefetch_tile = [&](int tile, const int (&blk)[4]) {
-      if (MLA_SEESAW_PREFETCH && (t & 7) == 0) {
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const mla_elem_t* src = row_src(tile, h, blk[h]);
-          if (src != nullptr) prefetch_l2(src, D * 2);
-        }
       }
     };
     // scores of key tile `tile` in s (S accumulator layout): scaled to base 2, keys a row must not see -> -inf;
@@ -283,18 +261,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         }
         float s[32];
         u32 p_hi[16], p_lo[16];
-        int nxt[4] = {-1, -1, -1, -1};  // block-table entries of the rows of this warpgroup's next tile
+        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
 #pragma unroll
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
-          // ---- S_A; m_A = max(m, rowmax S_A), P_A = 2^(S_A - m_A) -> smem for warpgroup 1 (==MA==>)
+          // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
           seesaw_scores_issue(s, sQ_addr, k0);
-          fetch_blocks(ta + 2, nxt);  // while the S wgmma runs (past the piece when there is none)
-          if (pair > 0) named_bar_sync(BAR_BFREE, 256);  // the previous pair's P_B V_BL is done (waited there)
+          fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
-          wg_fence_operands(s);
           SEESAW_MARK(1);
-          prefetch_tile(ta + 2, nxt);
+          wg_fence_operands(s);
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           scale_mask(s, ta, mx0, mx1);
           const float ma0 = fmaxf(m_run0, mla_quad_max(mx0)), ma1 = fmaxf(m_run1, mla_quad_max(mx1));
@@ -313,113 +289,109 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             if (second) l_own1 += s[k];
             else l_own0 += s[k];
           }
-          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);  // S_A is done with buffer 0's RoPE block
-          if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
-          fence_proxy_async();
-          named_bar_sync(BAR_MA, 256);
-          SEESAW_MARK(2);
-          // ---- O_L = alpha O_L + P_A V_AL (P from registers); buffer 0 refilled once warpgroup 1's P_A V_AR is done
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
+          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
-          wg_wait<0>();
-          wg_fence_operands(o);
-          named_bar_sync(BAR_AFREE, 256);
-          SEESAW_MARK(3);
-          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
-          cp_async_commit();
-          // ---- m_B, P_B from warpgroup 1 (==MB==>): O_L = O_L 2^(m_A - m_B) + P_B V_BL (P from smem)
+          named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
+          SEESAW_MARK(2);
+          // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
-          SEESAW_MARK(4);
+          SEESAW_MARK(3);
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
+          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
+          wg_fence_operands(o);
+#pragma unroll
+          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
+          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
+          if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
+          fence_proxy_async();
+          named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
+          SEESAW_MARK(4);
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           m_run0 = mb0;
           m_run1 = mb1;
+          // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
+          // ---- refill buffer 0 once warpgroup 1 is done with it
+          named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
+          cp_async_commit();
           wg_wait<0>();
           wg_fence_operands(o);
-          SEESAW_MARK(6);  // (BFREE: under the next pair's S_A, or after the loop)
+          named_bar_sync(BAR_BFREE, 256);
+          SEESAW_MARK(6);
         } else {
-          // ---- S_B at once (also without a block B, on buffer 1's old keys, its result unused: one code path for
-          // ptxas, which serialises the wgmma when batches are issued under different conditions); it runs while
-          // warpgroup 0 computes P_A
-          seesaw_scores_issue(s, sQ_addr, k1);
-          // ---- m_A, P_A from warpgroup 0 (==MA==>): O_R = O_R 2^(m - m_A) + P_A V_AR (P from smem)
-          named_bar_sync(BAR_MA, 256);
-          SEESAW_MARK(2);
-          const float ma0 = sMa[r0], ma1 = sMa[r1];
-          const float mu0 = ma0 == MLA_NEG_INF ? 0.f : ma0, mu1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
-          const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
-          l_own0 *= f0;
-          l_own1 *= f1;
-          wg_wait<0>();  // S_B done before O_R is touched (registers of a batch in flight: ptxas would serialise)
-          wg_fence_operands(s);
-          SEESAW_MARK(1);
-#pragma unroll
-          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
-          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, plo_addr, k0 + VR_AT);
-          // ---- m_B = max(m_A, rowmax S_B) -> smem, P_B = 2^(S_B - m_B) (while P_A V_AR runs)
+          // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+          fetch_blocks(tb + 2, nxt);
           if (has_b) {
-            fetch_blocks(tb + 2, nxt);  // used a P V batch later
+            seesaw_scores_issue(s, sQ_addr, k1);
+            wg_wait<0>();
+            SEESAW_MARK(1);
+            wg_fence_operands(s);
             scale_mask(s, tb, mx0, mx1);
           }
-          const float mb0 = fmaxf(ma0, mla_quad_max(mx0)), mb1 = fmaxf(ma1, mla_quad_max(mx1));
+          named_bar_sync(BAR_MA, 256);
+          SEESAW_MARK(2);
+          const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
           if (quad_lead) {
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
-          const float sa0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
-          const float sa1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-          l_own0 *= sa0;
-          l_own1 *= sa1;
+          named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(3);
+          const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
+          const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
+          l_own0 *= f0;
+          l_own1 *= f1;
           if (has_b) {
-            prefetch_tile(tb + 2, nxt);
-            const float nu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, nu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
 #pragma unroll
             for (int k = 0; k < 32; ++k) {
               const bool second = (k >> 1) & 1;
-              s[k] = fast_exp2(s[k] - (second ? nu1 : nu0));
+              s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
               if (second) l_own1 += s[k];
               else l_own0 += s[k];
             }
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          }
-          wg_wait<0>();
-          wg_fence_operands(o);
-          named_bar_sync(BAR_AFREE, 256);  // P_A V_AR done: buffer 0 (and P_A lo in sPlo) are free
-          SEESAW_MARK(3);
-          if (has_b) {  // P_B -> smem for warpgroup 0 (==MB==>)
             seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
             fence_proxy_async();
           }
-          named_bar_sync(BAR_MB, 256);
-          SEESAW_MARK(4);
 #pragma unroll
-          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sa1 : sa0;
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           m_run0 = mb0;
           m_run1 = mb1;
-          // ---- O_R += P_B V_BR (P from registers); buffer 1 refilled once warpgroup 0's P_B V_BL is done
+          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
+          named_bar_sync(BAR_P, 256);
+          SEESAW_MARK(4);
+          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
           if (has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
+            wg_wait<1>();
+          } else {
             wg_wait<0>();
-            wg_fence_operands(o);
           }
+          named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
+          wg_wait<0>();
+          wg_fence_operands(o);
+          // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
           SEESAW_MARK(6);
           if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
           cp_async_commit();
         }
       }
-      if (wg == 0) named_bar_sync(BAR_BFREE, 256);  // the last pair's (warpgroup 1 syncs it at the pair's end)
     }
+
     // ---- finish the piece: l = both warpgroups' sums, o / l, lse = (m + log2 l) ln 2
     l_own0 = mla_quad_sum(l_own0);
     l_own1 = mla_quad_sum(l_own1);

@@ -550,7 +550,6 @@ inline void wg_mma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b, int accu
 inline void wg_mma_m64n256k16_ss_nmajor(float (&d)[128], u64 desc_a, u64 desc_b) {
   wgemu::issue(7, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
-inline void prefetch_l2(const void*, u32) {}  // a hint: no effect on results
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -593,7 +592,7 @@ extern "C" void wgemu_reset() {
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
-            "wg_mma_m64n256k16_ss_nmajor", "prefetch_l2"}
+            "wg_mma_m64n256k16_ss_nmajor"}
 
 
 try:
@@ -883,26 +882,24 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
 
 
 SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel
-    "buffer 0 refilled while P_A V_AL still reads it": (
-        "          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);\n          wg_wait<0>();\n",
-        "          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);\n"),
-    "O_L not rescaled to m_B": ("for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
-                                "for (int k = 0; k < 128; ++k) o[k] *= 1.f;"),
+    "P_A' written before P_A V_AL is done": ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"),
+    "P_A not rescaled to m_B": ("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
+                                "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"),
 }
 
 
 @needs_gxx
 @pytest.mark.parametrize("edit", list(SEESAW_EDITS))
 def test_emulator_catches_seesaw_bugs(monkeypatch, edit):
-    """Self-test for the seesaw kernel: warpgroup 0 refilling buffer 0 while its own P V (carried out at the wait,
-    the latest moment) still reads it (copies land at their issue, the earliest), or O_L left in m_A's scale, makes
-    the emulated result wrong."""
+    """Self-test for the seesaw kernel: warpgroup 0 overwriting block 0 of buffer 0 (with P_A' lo) while its own
+    P V still reads it (wgmma carried out at the wait, the latest moment), or P_A handed to warpgroup 1 in the
+    wrong scale, makes the emulated result wrong."""
     from mla import reference, testing
 
     rng = np.random.default_rng(5)
     case = testing.make_decode_case(rng, b=2, s_q=2, h_q=64, d=576, head_dim_v=512, page_block_size=64,
                                     seqlens=[300, 450], dtype=BF16, causal=True)
-    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, eager_copies=True, schedule="lockstep", seesaw=True,
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, schedule="lockstep", seesaw=True,
                                    source_edit=SEESAW_EDITS[edit])
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
                                                      causal=True)
