@@ -1,6 +1,6 @@
 """Launch preparation for the Hopper (sm_90a, wgmma) MLA decode kernels.
 
-Two kernels, both verified on an H100 (``tests/test_cupy_gpu.py``: FlashMLA's case matrix, hypothesis,
+Three kernels, all verified on an H100 (``tests/test_cupy_gpu.py``: FlashMLA's case matrix, hypothesis,
 compute-sanitizer memcheck / racecheck) and both wgmma + cp.async with the portable kernel's signature,
 plan, partial buffers and combine kernel:
 
@@ -24,7 +24,8 @@ builds, and its dense build is the readable lock-step version the seesaw one is 
 * **seesaw** -- ``kernels/mla_decode_seesaw.cu``: the wide kernel's 64-row tile, plan and numerics, with
   FlashMLA's alternating ("seesaw") schedule: each warpgroup scores its own 64-key block of a pair, the two
   exchange row maxima and P through shared memory, so one's softmax runs under the other's wgmma. Dense
-  bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds).
+  bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds). 230400 B of shared memory;
+  128,2,128,8192: 1.65 ms, 353 TFLOP/s (wide 2.07 ms in the same run).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
