@@ -395,6 +395,15 @@ final7)  # the sixth session's last check, on the final seesaw kernel (v1 schedu
   r 40 trace_noreload python3 benchmarks/seesaw_trace.py --defines "MLA_DIAG_NO_RELOAD=1"
   cp "$OUT"/trace_*.txt "$OUT"/bench_decode.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+seesaw9)  # seesaw v4: the K buffers swap roles every pair (the next A goes to the B buffer, free first), warpgroup 1
+  # issues its own P_B V_BR before P_A V_AR: tests, sanitizers, timings against the wide kernel, timeline
+  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
+  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
+  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
+  for k in 1 2; do r 60 bench_$k $B --cupy-kernels hopper-seesaw,hopper-wide; done
+  r 40 trace_8192 python3 benchmarks/seesaw_trace.py
+  cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
