@@ -44,11 +44,12 @@
 // 1.65-1.89 ms, a pair every ~10400 cycles against ~8400 with the buffers never refilled (MLA_DIAG_NO_RELOAD,
 // wrong results, 1.32 ms) and ~6400 of wgmma work: with two K buffers a pair's refills start only once the other
 // warpgroup's P V is done with them. Measured and not kept (benchmarks/NOTES_cupy.md, sixth session, commits
-// d3bbbbb..5065654): an L2 prefetch of the next pair's rows (2.04 ms); buffer 0's blocks 1-3 refilled early
-// (within noise); one cp.async group a channel block with S issued block by block (3.0-3.9 ms, and as slow with
-// that restructuring's switches off: cause not isolated, see NOTES); warpgroup
+// d3bbbbb..2f9a196): an L2 prefetch of the next pair's rows (2.04 ms); buffer 0's blocks 1-3 refilled early
+// (within noise); one cp.async group a channel block with S issued block by block (fence.proxy.async is
+// MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS and waits for the thread's copies in flight: 3.3-3.9 ms); warpgroup
 // 0's P_B V_BL after AFREE (1.76 against 1.65-1.68); P_A handed over before m_B with warpgroup 1 rescaling O_R
-// (1.71-1.72); S_B issued at warpgroup 1's pair top (1.87).
+// (1.71-1.72); S_B issued at warpgroup 1's pair top (1.87); the buffers swapping roles every pair (2f9a196:
+// 1.74 in a loop, 1.69 one call; mixed).
 //
 // Signals: named barriers of 256 threads (MA: m_A published, MB: m_B published, P: both P blocks stored, AFREE /
 // BFREE: buffer 0 / 1 read for the last time this pair), every one a full bar.sync of both warpgroups, placed
@@ -92,7 +93,7 @@ __device__ long long seesaw_trace[2][64][8];
 #endif
 
 // named barriers (0 is __syncthreads)
-enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
+enum : int { BAR_MA = 1, BAR_MB, BAR_P, BAR_AFREE, BAR_BFREE, BAR_LOAD0, BAR_LOAD1 };
 
 #if MLA_HAS_WGMMA
 // acc = Q . K_block^T over all 576 channels (64 rows x 64 keys), issued and committed; the caller waits
@@ -252,12 +253,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       for (int pair = 0; pair < n_pairs; ++pair) {
         const int ta = 2 * pair, tb = ta + 1;
         const bool has_b = tb < n_tiles;
-        // the buffers swap roles every pair: A (scored by warpgroup 0) in buffer pair % 2, B in the other. The B
-        // buffer is the first free (after both P V batches on B), so it takes the next A, whose S comes first
-        const int xa = pair & 1;
-        const u32 kA = k0 + xa * TILE_BYTES, kB = k0 + (1 - xa) * TILE_BYTES;
-        unsigned char* const kAp = sK + xa * TILE_BYTES;
-        unsigned char* const kBp = sK + (1 - xa) * TILE_BYTES;
         SEESAW_MARK(0);
         if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
           cp_async_wait<0>();
@@ -272,7 +267,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
           // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
-          seesaw_scores_issue(s, sQ_addr, kA);
+          seesaw_scores_issue(s, sQ_addr, k0);
           fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
           SEESAW_MARK(1);
@@ -298,7 +293,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, kA);
+          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           SEESAW_MARK(2);
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
@@ -312,8 +307,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #pragma unroll
           for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          seesaw_store_p(kAp + ROPE_AT, p_hi, r0, c2);
-          if constexpr (P_SPLIT) seesaw_store_p(kAp, p_lo, r0, c2);
+          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
+          if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
           fence_proxy_async();
           named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
           SEESAW_MARK(4);
@@ -324,20 +319,22 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           m_run0 = mb0;
           m_run1 = mb1;
           // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
-          if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, kB + ROPE_AT, plo_addr, kB);
+          if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
+          // ---- refill buffer 0 once warpgroup 1 is done with it
+          named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
+          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
+          cp_async_commit();
           wg_wait<0>();
           wg_fence_operands(o);
-          // ---- the next pair's A -> buffer B once warpgroup 1's P_B V_BR is done too
           named_bar_sync(BAR_BFREE, 256);
           SEESAW_MARK(6);
-          if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, kBp, nxt);
-          cp_async_commit();
         } else {
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           fetch_blocks(tb + 2, nxt);
           if (has_b) {
-            seesaw_scores_issue(s, sQ_addr, kB);
+            seesaw_scores_issue(s, sQ_addr, k1);
             wg_wait<0>();
             SEESAW_MARK(1);
             wg_fence_operands(s);
@@ -365,29 +362,32 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
               else l_own0 += s[k];
             }
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-            seesaw_store_p(kBp + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer B's RoPE block
+            seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
             fence_proxy_async();
-          } else {  // no block B: P_B V_BR below adds zeros (one code path for the wgmma batches)
-#pragma unroll
-            for (int j = 0; j < 16; ++j) p_hi[j] = p_lo[j] = 0u;
           }
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           m_run0 = mb0;
           m_run1 = mb1;
-          // ---- O_R += P_B V_BR (registers) first, then + P_A' V_AR (smem): buffer B is done with after the first
+          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
           named_bar_sync(BAR_P, 256);
           SEESAW_MARK(4);
-          wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, kB + VR_AT);
-          seesaw_pv_smem_issue<P_SPLIT>(o, kA + ROPE_AT, kA, kA + VR_AT);
-          wg_wait<1>();
-          named_bar_sync(BAR_BFREE, 256);
-          SEESAW_MARK(6);
+          seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
+          if (has_b) {
+            wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
+            wg_wait<1>();
+          } else {
+            wg_wait<0>();
+          }
+          named_bar_sync(BAR_AFREE, 256);
+          SEESAW_MARK(5);
           wg_wait<0>();
           wg_fence_operands(o);
-          // ---- the next pair's B -> buffer A (warpgroup 0 finished its reads of it before P)
-          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, kAp, nxt);
+          // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
+          named_bar_sync(BAR_BFREE, 256);
+          SEESAW_MARK(6);
+          if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
           cp_async_commit();
         }
       }
