@@ -284,107 +284,13 @@ tensorpipe)  # how busy the wide kernel keeps the tensor cores (#4): Nsight Comp
   r 60 ncu_wide_gmma ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --metrics \
     sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum $P
   ;;
-seesaw)  # issue #4 (2026-11-26, sixth session): the seesaw kernel (kernels/mla_decode_seesaw.cu) forced on the GPU
-  # tests that take a kernel (FlashMLA's matrix, splits, out_float32), the sanitizers (their script runs it on two
-  # 64-row problems), then the 64-row shapes timed wide against seesaw, and its tensor-pipe use (ncu)
-  t 170 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 150 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
-  r 130 bench_decode python3 benchmarks/bench_decode.py --versions "" --shapes 6,3,2,4,8 --reps 20 \
-    --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  r 60 ncu_seesaw_gmma env MLA_HOPPER_VARIANT=seesaw ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
-    python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
-  ;;
-seesawdiag)  # the seesaw kernel's limits: racecheck after the m_B sync fix, then 128,2,128,8192 timed wide / seesaw /
-  # seesaw never refilling its K buffers (MLA_DIAG_NO_RELOAD: wrong results, the load's cost), and ncu's stall reasons
-  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer and racecheck"
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
-  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
-  r 90 ncu_seesaw env MLA_HOPPER_VARIANT=seesaw ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
-    --section SchedulerStats python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --s-q 2 --h-q 128 --s-k 8192
-  ;;
-seesaw2)  # the seesaw kernel with full syncs only and L2 prefetch of the next pair's rows: its GPU tests, both
-  # sanitizers, then 128,2,128 timed wide / seesaw / seesaw without the prefetch (MLA_SEESAW_PREFETCH=0) / no refills
-  t 120 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
-  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  MLA_NVRTC_DEFINES="MLA_SEESAW_PREFETCH=0" r 40 bench_noprefetch $B --cupy-kernels hopper-seesaw
-  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
-  ;;
-seesaw3)  # the seesaw kernel with one cp.async group a channel block (S starts on the first landed block) and
-  # buffer 0's blocks 1-3 refilled early: its GPU tests, both sanitizers, 128,2,128 wide / seesaw / no refills
-  t 120 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
-  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
-  ;;
-seesaw4)  # the seesaw kernel's load variants A/B (MLA_SEESAW_EARLY, MLA_SEESAW_BLOCKWISE; default: neither), with
-  # its GPU tests and both sanitizers on the default build
-  t 120 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
-  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" r 40 bench_early $B --cupy-kernels hopper-seesaw
-  MLA_NVRTC_DEFINES="MLA_SEESAW_BLOCKWISE=1" r 40 bench_blockwise $B --cupy-kernels hopper-seesaw
-  MLA_NVRTC_DEFINES="MLA_SEESAW_BLOCKWISE=1 MLA_SEESAW_EARLY=1" r 40 bench_both $B --cupy-kernels hopper-seesaw
-  ;;
-seesaw5)  # back to the seesaw2 kernel (d3bbbbb: seesaw3/4's changes made every build 2x slower and racecheck report
-  # hazards, cause not found), prefetch off, with the early refill of buffer 0's blocks 1-3 as an A/B switch
-  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" t 100 t_seesaw_early tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k "sanitizer"
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3 --reps 20"
-  r 60 bench_seesaw $B --cupy-kernels hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  MLA_NVRTC_DEFINES="MLA_SEESAW_EARLY=1" r 40 bench_early $B --cupy-kernels hopper-seesaw
-  MLA_NVRTC_DEFINES="MLA_DIAG_NO_RELOAD=1" r 40 bench_noreload $B --cupy-kernels hopper-seesaw
-  ;;
-final6)  # the sixth session's last check (auto takes the seesaw kernel above 32 rows a KV head): the CuPy decode GPU
-  # test files (matrix with every kernel forced, hypothesis through auto, sanitizers), then every decode shape timed
-  # auto / portable / wide / seesaw, and the few-long shapes' decode + combine split
-  t 240 t_cupy tests/test_cupy_gpu.py
-  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 200 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 20 \
-    --cupy-kernels auto,portable,hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
-  r 40 splits_parts python3 benchmarks/bench_splits.py --reps 30 --parts
-  ;;
-seesaw6)  # the seesaw kernel: P_B V_BL issued after AFREE (MLA_SEESAW_PB_LATE) A/B, its tests and racecheck on that
-  # build, then 128,2,128 at 8192 / 4096 and 128,1,128,4096 timed default / PB_LATE / wide (twice, for the noise)
-  MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" t 100 t_seesaw_pblate tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
-  for k in 1 2; do
-    r 60 bench_default_$k $B --cupy-kernels hopper-seesaw,hopper-wide
-    MLA_NVRTC_DEFINES="MLA_SEESAW_PB_LATE=1" r 40 bench_pblate_$k $B --cupy-kernels hopper-seesaw
-  done
-  ;;
 seesawtrace)  # the seesaw kernel's timeline: clock64() at the barriers of one CTA (benchmarks/seesaw_trace.py)
   r 60 trace_8192 python3 benchmarks/seesaw_trace.py
   r 60 trace_noreload python3 benchmarks/seesaw_trace.py --defines "MLA_DIAG_NO_RELOAD=1"
   cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
   ;;
-seesaw7)  # seesaw v2: P_A handed over before m_B is known (warpgroup 1 rescales its O instead), so buffer 0 is free
-  # right after P_A V_AR and warpgroup 1's S_B runs behind it: tests, sanitizers, timings, timeline
-  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
-  for k in 1 2; do r 60 bench_$k $B --cupy-kernels hopper-seesaw,hopper-wide; done
-  r 60 trace_8192 python3 benchmarks/seesaw_trace.py
-  cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
-  ;;
-seesaw8)  # seesaw v3: warpgroup 1 issues S_B at its pair's top (under warpgroup 0's softmax), warpgroup 0 syncs
-  # BFREE under its next S_A: tests, sanitizers, timings against the wide kernel, timeline
-  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
-  for k in 1 2; do r 60 bench_$k $B --cupy-kernels hopper-seesaw,hopper-wide; done
-  r 60 trace_8192 python3 benchmarks/seesaw_trace.py
-  cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
-  ;;
-final7)  # the sixth session's last check, on the final seesaw kernel (v1 schedule, switches removed): the CuPy decode
+final7)  # (the sixth session's one-off seesaw parts, runs 1-11 and 13, are in git history, up to 2f9a196)
+  # the sixth session's last check, on the final seesaw kernel (v1 schedule, switches removed): the CuPy decode
   # GPU test files, every decode shape timed auto / portable / wide / seesaw, the few-long split, the timeline
   t 200 t_cupy tests/test_cupy_gpu.py
   t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
@@ -395,14 +301,14 @@ final7)  # the sixth session's last check, on the final seesaw kernel (v1 schedu
   r 40 trace_noreload python3 benchmarks/seesaw_trace.py --defines "MLA_DIAG_NO_RELOAD=1"
   cp "$OUT"/trace_*.txt "$OUT"/bench_decode.md "$FINAL_OUT"/ 2>/dev/null
   ;;
-seesaw9)  # seesaw v4: the K buffers swap roles every pair (the next A goes to the B buffer, free first), warpgroup 1
-  # issues its own P_B V_BR before P_A V_AR: tests, sanitizers, timings against the wide kernel, timeline
-  t 100 t_seesaw tests/test_cupy_gpu.py -k "seesaw"
-  MLA_NVRTC_LINEINFO=1 t 100 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
-  B="python3 benchmarks/bench_decode.py --versions= --shapes 6,3,2 --reps 30"
-  for k in 1 2; do r 60 bench_$k $B --cupy-kernels hopper-seesaw,hopper-wide; done
-  r 40 trace_8192 python3 benchmarks/seesaw_trace.py
-  cp "$OUT"/trace_*.txt "$FINAL_OUT"/ 2>/dev/null
+final8)  # after the review refactor (wg_store_rows: one epilogue for the wide and seesaw kernels, every build): the
+  # CuPy decode GPU test files again, and the compute-bound shape wide / seesaw / auto
+  t 200 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 60 bench_decode python3 benchmarks/bench_decode.py --versions= --shapes 6,2 --reps 30 \
+    --cupy-kernels auto,hopper-wide,hopper-seesaw --out "$OUT/bench_decode.md"
+  r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  cp "$OUT"/bench_*.md "$FINAL_OUT"/ 2>/dev/null
   ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each

@@ -362,26 +362,8 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     l_run1 = mla_quad_sum(l_run1);
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
     const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
-    const bool direct = nsplit == 1 && !force_partials;
-    const int p = lo + split;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int m = half ? m1 : m0;
-      if (m >= M) continue;
-      int r, h;
-      const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
-      const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int col = 256 * wg + 8 * j + c2;  // wg_acc_col(t, 4 j) of this warpgroup's O columns
-        const float v0 = o[4 * j + 2 * half] * inv, v1 = o[4 * j + 2 * half + 1] * inv;
-        if (direct) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
-        else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
-      }
-      if (wg == 0 && (lane & 3) == 0) {
-        mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
-      }
-    }
+    wg_store_rows(o, inv0, inv1, lse0, lse1, m0, M, group, g, i, lo + split, s_q, h_q, nsplit == 1 && !force_partials,
+                  wg, lane, out, o_part, lse_out, lse_part);
   }
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there

@@ -233,6 +233,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         else mx0 = fmaxf(mx0, v);
       }
     };
+    // P = 2^(s - mu) in place (mu0 / mu1: rows r0 / r1), summed into this warpgroup's l
+    auto exp_and_sum = [&](float (&s)[32], float mu0, float mu1) {
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        const bool second = (k >> 1) & 1;
+        s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+        if (second) l_own1 += s[k];
+        else l_own0 += s[k];
+      }
+    };
 
     if (n_tiles > 0) {
       {  // Q tile (rows m -> (r, h) = (m / group, g group + m % group); rows >= M zero-filled) and the first pair
@@ -283,13 +293,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
           l_own0 *= alpha0;
           l_own1 *= alpha1;
-#pragma unroll
-          for (int k = 0; k < 32; ++k) {
-            const bool second = (k >> 1) & 1;
-            s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
-            if (second) l_own1 += s[k];
-            else l_own0 += s[k];
-          }
+          exp_and_sum(s, mu0, mu1);
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
@@ -354,13 +358,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           l_own0 *= f0;
           l_own1 *= f1;
           if (has_b) {
-#pragma unroll
-            for (int k = 0; k < 32; ++k) {
-              const bool second = (k >> 1) & 1;
-              s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
-              if (second) l_own1 += s[k];
-              else l_own0 += s[k];
-            }
+            exp_and_sum(s, mu0, mu1);
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
             seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
@@ -405,24 +403,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     __syncthreads();  // sL is read before anyone's next piece writes it
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
     const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
-    const bool direct = pc.nsplit == 1 && !force_partials;
-    const int p = pc.lo + pc.split;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int m = half ? m1 : m0;
-      if (m >= M) continue;
-      int r, h;
-      const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
-      const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int col = 256 * wg + 8 * j + c2;
-        const float v0 = o[4 * j + 2 * half] * inv, v1 = o[4 * j + 2 * half + 1] * inv;
-        if (direct) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
-        else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
-      }
-      if (wg == 0 && quad_lead) mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
-    }
+    wg_store_rows(o, inv0, inv1, lse0, lse1, m0, M, group, g, i, pc.lo + pc.split, s_q, h_q,
+                  pc.nsplit == 1 && !force_partials, wg, lane, out, o_part, lse_out, lse_part);
   }
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there

@@ -269,6 +269,34 @@ struct MlaBool {
   static constexpr bool value = B;
 };
 
+// The end of a piece in the 64-row kernels (mla_decode_hopper.cu, mla_decode_seesaw.cu): this thread's rows
+// m0 and m0 + 8 of the tile (query rows of the problem; rows >= M are padding) of warpgroup wg's 256 output
+// columns o (the m64n256 accumulator), scaled by inv0 / inv1 = 1 / l, to out (direct: q's type) or o_part, and
+// their lse (warpgroup 0, one lane a quad) to lse_out / lse_part (mla_common.cuh's row layout).
+__device__ __forceinline__ void wg_store_rows(const float (&o)[128], float inv0, float inv1, float lse0, float lse1,
+                                              int m0, int M, int group, int g, int i, int p, int s_q, int h_q,
+                                              bool direct, int wg, int lane, mla_elem_t* __restrict__ out,
+                                              float* __restrict__ o_part, float* __restrict__ lse_out,
+                                              float* __restrict__ lse_part) {
+  const int c2 = 2 * (lane & 3);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int m = m0 + 8 * half;
+    if (m >= M) continue;
+    int r, h;
+    const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, 512, direct, r, h);
+    const float inv = half ? inv1 : inv0, lse_v = half ? lse1 : lse0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = 256 * wg + 8 * j + c2;  // wg_acc_col(t, 4 j) of this warpgroup's O columns
+      const float v0 = o[4 * j + 2 * half] * inv, v1 = o[4 * j + 2 * half + 1] * inv;
+      if (direct) *reinterpret_cast<u32*>(out + orow + col) = pack2(v0, v1);
+      else *reinterpret_cast<float2*>(o_part + orow + col) = make_float2(v0, v1);
+    }
+    if (wg == 0 && (lane & 3) == 0) mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, lse_v);
+  }
+}
+
 // ---- per-tile steps (256 threads = 2 warpgroups a CTA) ---------------------------------------------------
 
 // Copying a 64-row tile of D_ channels with 256 threads (16-byte cp.async, zero-filled when !valid, in
