@@ -101,7 +101,8 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
         else:
             launches, _, _ = cupy_backend._prepare_portable(cp, problem, sched, splits, dev)
             cfg = cupy_backend.portable_config(D, DV, s_q * h_q, cupy_backend._max_smem(dev))
-        if backend != "numba" and getattr(launches[0][0], "name", "").startswith("mla_decode_hopper"):
+        if backend != "numba" and getattr(launches[0][0], "name", "").startswith(("mla_decode_hopper",
+                                                                                   "mla_decode_seesaw")):
             cfg = launches[0][0].name  # a Hopper kernel: no tiling tuple
         t = _time(launches, flush, reps)
         token_bytes = 656 if fp8 else 2 * D

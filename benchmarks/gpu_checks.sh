@@ -310,6 +310,10 @@ final8)  # after the review refactor (wg_store_rows: one epilogue for the wide a
   r 40 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
   cp "$OUT"/bench_*.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+fp8bench)  # bench_fp8_sparse.py after its fix (the dense bf16 "auto" row at 128,2,128 is the seesaw kernel now)
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  cp "$OUT"/bench_*.md "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
