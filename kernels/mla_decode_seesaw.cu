@@ -45,8 +45,8 @@
 // wrong results, 1.32 ms) and ~6400 of wgmma work: with two K buffers a pair's refills start only once the other
 // warpgroup's P V is done with them. Measured and not kept (benchmarks/NOTES_cupy.md, sixth session, commits
 // d3bbbbb..2f9a196): an L2 prefetch of the next pair's rows (2.04 ms); buffer 0's blocks 1-3 refilled early
-// (within noise); one cp.async group a channel block with S issued block by block (fence.proxy.async is
-// MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS and waits for the thread's copies in flight: 3.3-3.9 ms); warpgroup
+// (within noise); one cp.async group a channel block with S issued block by block (3.0-3.9 ms, and as slow with
+// that restructuring's switches off: cause not isolated, see NOTES); warpgroup
 // 0's P_B V_BL after AFREE (1.76 against 1.65-1.68); P_A handed over before m_B with warpgroup 1 rescaling O_R
 // (1.71-1.72); S_B issued at warpgroup 1's pair top (1.87); the buffers swapping roles every pair (2f9a196:
 // 1.74 in a loop, 1.69 one call; mixed).
