@@ -314,6 +314,11 @@ fp8bench)  # bench_fp8_sparse.py after its fix (the dense bf16 "auto" row at 128
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
   cp "$OUT"/bench_*.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+review6)  # the sixth session's review: the sanitizer script now runs the seesaw kernel forced on a second problem
+  # (odd block count, an empty sequence); the CuPy decode GPU file again
+  MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
+  t 200 t_cupy tests/test_cupy_gpu.py -k "not sanitizer"
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -382,8 +382,11 @@ _SANITIZE = textwrap.dedent("""
         out, lse = mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())
         out.get()
     import os
-    os.environ['MLA_HOPPER_VARIANT'] = 'wide'  # the lock-step wide kernel (auto takes the seesaw one above)
-    for kw in (dict(h_q=64, s_q=2, seqlens=[100, 1, 0], causal=True), dict(h_q=128, s_q=1, seqlens=[300, 64])):
+    # above 32 rows auto takes the seesaw kernel (the second case above); forced: the lock-step wide kernel, and
+    # the seesaw kernel on an odd block count (5 tiles: a last pair without B), one tile and an empty sequence
+    for variant, kw in (('wide', dict(h_q=64, s_q=2, seqlens=[100, 1], causal=True)),
+                        ('seesaw', dict(h_q=128, s_q=1, seqlens=[300, 64, 0]))):
+        os.environ['MLA_HOPPER_VARIANT'] = variant
         case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, d=576,
                                         head_dim_v=512, page_block_size=64, **kw)
         c = testing.to_device(case)

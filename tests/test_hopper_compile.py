@@ -267,6 +267,21 @@ def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
     assert cupy_backend._prepare(None, problem, None, None, 0, "portable") == "portable"
 
 
+def test_seesaw_has_no_fp8_build(monkeypatch):
+    """An FP8 cache asked of the seesaw kernel is a ValueError that says which kernels take it, before any launch
+    (the seesaw kernel has no FP8 build; fp8_variant never names it)."""
+    from mla import api, testing
+    from mla.backends import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(cupy_backend, "_max_smem", lambda dev: 232448)
+    case = testing.make_decode_case(np.random.default_rng(0), b=2, s_q=2, h_q=64, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[5, 70], dtype=BF16, fp8=True)
+    problem = api._validate(*case.args(), None, False, True, None, None, None, True)
+    with pytest.raises(ValueError, match="seesaw kernel has no FP8 build"):
+        cupy_hopper.prepare(None, problem, None, None, 0, "seesaw")
+
+
 @pytest.mark.parametrize("s_q,h_q,forced,want", [
     (1, 16, None, "narrow"), (2, 16, None, "narrow"), (1, 32, None, "narrow"), (1, 64, None, "wide"),
     (2, 128, None, "wide"), (1, 16, "wide", "wide"), (2, 128, "narrow", "narrow"), (1, 16, "portable", None)])

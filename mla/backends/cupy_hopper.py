@@ -1,7 +1,7 @@
 """Launch preparation for the Hopper (sm_90a, wgmma) MLA decode kernels.
 
 Three kernels, all verified on an H100 (``tests/test_cupy_gpu.py``: FlashMLA's case matrix, hypothesis,
-compute-sanitizer memcheck / racecheck) and both wgmma + cp.async with the portable kernel's signature,
+compute-sanitizer memcheck / racecheck) and all wgmma + cp.async with the portable kernel's signature,
 plan, partial buffers and combine kernel:
 
 * **narrow** -- ``kernels/mla_decode_hopper_narrow.cu``: keys and value channels on wgmma's M, 16 (or 32,
@@ -155,8 +155,8 @@ def variant(problem) -> str:
     """The Hopper kernel for a dense bf16 / fp16 ``problem`` (``kernel="auto"`` and ``kernel="hopper"`` alike: on an
     H100 a Hopper kernel was measured faster than the portable one at every row count): MLA_HOPPER_VARIANT if
     set, else "narrow" when a KV head has at most NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else
-    "seesaw" (the wide kernel's tile on FlashMLA's schedule; H100, 2026-11-26, same call: 128,2,128,8192
-    1.66-1.89 ms against the wide kernel's 2.00-2.07, 128,2,128,4096 0.89-0.95 against 1.06-1.14;
+    "seesaw" (the wide kernel's tile on FlashMLA's schedule; H100, 2026-11-26, same calls: 128,2,128,8192
+    1.65-1.68 ms in a loop against the wide kernel's 2.01-2.10, 128,1,128,4096 0.46-0.47 against 0.56;
     benchmarks/BENCHMARKS.md). FP8 caches take the wide kernel's FP8 build (``fp8_variant``)."""
     forced = _forced_variant()
     if forced != "auto":
@@ -255,7 +255,7 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     fp16 = np.dtype(problem.q.dtype) == np.float16
     which = which or (fp8_variant(problem, dev) if fp8 else variant(problem))
     if which == "seesaw" and fp8:
-        which = "wide"  # the seesaw kernel has no FP8 build
+        raise ValueError("the seesaw kernel has no FP8 build: an FP8 cache takes 'narrow' or 'wide' (fp8_variant)")
     narrow = which == "narrow"
     d = defines(fp16)
     if fp8:
