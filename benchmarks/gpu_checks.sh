@@ -319,6 +319,17 @@ review6)  # the sixth session's review: the sanitizer script now runs the seesaw
   MLA_NVRTC_LINEINFO=1 t 120 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
   t 200 t_cupy tests/test_cupy_gpu.py -k "not sanitizer"
   ;;
+tma1)  # issue #4 (2026-11-26, seventh session): the seesaw kernel's TMA build (bulk tensor copies of 64 x 64 pieces on
+  # mbarriers): its GPU tests first, then both load paths timed (SM clock and power sampled), then the whole file
+  t 150 t_seesaw tests/test_cupy_gpu.py -k seesaw
+  (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
+    || nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv -lms 100) > "$OUT/smi.txt" 2>&1 &
+  smi=$!
+  r 150 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 30 --out "$OUT/seesaw_loads.md"
+  kill $smi 2>/dev/null
+  t 240 t_cupy tests/test_cupy_gpu.py -k "not seesaw"
+  cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -66,6 +66,10 @@
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
+#ifndef MLA_SEESAW_TMA  // 1: K pieces by bulk tensor copies (page sizes that are multiples of 64); 0: cp.async
+#define MLA_SEESAW_TMA 0
+#endif
+static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a diagnostic of the cp.async build");
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -74,8 +78,9 @@ constexpr int TILE_BYTES = BLOCK_N * D * 2;               // a Q tile or a K buf
 constexpr u32 ROPE_AT = (D / 64 - 1) * SW128_BLOCK_BYTES;  // byte offset of a K buffer's RoPE block (channels 512..)
 constexpr u32 VR_AT = 4 * SW128_BLOCK_BYTES;              // ... of its channels 256.. (V_R)
 constexpr bool P_SPLIT = MLA_P_SPLIT;
-constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4;
-static_assert(SMEM_BYTES == 230400, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
+constexpr int NPIECES = D / 64;                           // 64-channel pieces of a K buffer (SW128 blocks)
+constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4 + 2 * NPIECES * 8;
+static_assert(SMEM_BYTES == 230544, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
 static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
 
 // Diagnostics only (benchmarks/seesaw_trace.py): clock64() at 8 points of each of the first 64 pairs of CTA (0, 0, 0)'s
@@ -109,6 +114,28 @@ __device__ __forceinline__ void seesaw_scores_issue(float (&acc)[32], u32 q_tile
   wg_commit();
 }
 
+// TMA build: the same product, each 64-channel piece of the K buffer waited for on its mbarrier (bars: piece 0's,
+// 8 bytes apart) just before its 4 wgmma, in the order its refills are issued (warpgroup W's buffer: see the kernel),
+// so the scores start on the first piece to land
+template <int W>
+__device__ __forceinline__ void seesaw_scores_issue_tma(float (&acc)[32], u32 q_tile, u32 k_buf, u32 bars, u32 parity) {
+  constexpr int order[2][9] = {{1, 2, 3, 4, 5, 6, 7, 0, 8}, {4, 5, 6, 7, 0, 1, 2, 3, 8}};
+  const u64 dq = wg_desc(q_tile, WG_K_LBO, WG_K_SBO);
+  const u64 dk = wg_desc_sw128(k_buf, WG_SW_K_LBO, WG_SW_K_SBO);
+  wg_fence_operands(acc);
+#pragma unroll
+  for (int j = 0; j < 9; ++j) {
+    const int c = order[W][j];
+    mbar_wait(bars + 8 * c, parity);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wg_mma_m64n64k16_ss(acc, dq + (4 * c + kk) * WG_QK_KSTEP, dk + ((c * SW128_BLOCK_BYTES + kk * 32) >> 4),
+                          j > 0 || kk > 0);
+  }
+  wg_commit();
+}
+
 // o[64 x 256] += P V with P (hi, and lo when SPLIT) in shared memory (SW128 P blocks, K-major) and V the 256
 // channels of a K buffer at v_cols (MN-major SW128, as wg_pv_issue). Issued and committed; the caller waits.
 template <bool SPLIT>
@@ -139,7 +166,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
                   const int* __restrict__ indices, int topk, const int* __restrict__ topk_length, int num_tokens,
                   int force_partials, const int* __restrict__ sched, const int* __restrict__ num_splits,
                   float* __restrict__ o_part, float* __restrict__ lse_part, mla_elem_t* __restrict__ out,
-                  float* __restrict__ lse_out, int s_q, int h_q, int h_kv, int page, float scale_log2, int causal) {
+                  float* __restrict__ lse_out, int s_q, int h_q, int h_kv, int page, float scale_log2, int causal,
+                  const void* __restrict__ k_map) {
 #if MLA_HAS_WGMMA
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw);
@@ -148,6 +176,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
   float* sMa = reinterpret_cast<float*>(sPlo + SW128_BLOCK_BYTES);  // [64]
   float* sMb = sMa + 64;                                          // [64]
   float* sL = sMb + 64;                                           // [2][64]
+  const u32 bars = smem_u32(sL + 2 * 64);  // TMA build: mbarriers [2 buffers][NPIECES], 8 bytes each
   const u32 sQ_addr = smem_u32(sQ), k0 = smem_u32(sK), k1 = k0 + TILE_BYTES, plo_addr = smem_u32(sPlo);
   const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
 
@@ -162,6 +191,15 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 
   if (k0 & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
   const MlaWork work = mla_work(sched, blockIdx.x);
+#if MLA_SEESAW_TMA
+  if (tid == 0) {
+    for (int b = 0; b < 2 * NPIECES; ++b) mbar_init(bars + 8 * b, 1);
+    fence_mbar_init();
+  }
+  if (t == 0) tensormap_acquire(k_map);
+  __syncthreads();
+  u32 kpar = 0;  // parity of the next fill of this warpgroup's K buffer (each fill completes each piece's phase once)
+#endif
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
@@ -187,7 +225,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     // running max (base 2, the same in both warpgroups) and this warpgroup's blocks' share of the sum
     float m_run0 = MLA_NEG_INF, m_run1 = MLA_NEG_INF, l_own0 = 0.f, l_own1 = 0.f;
 
-    // This warpgroup's thread t moves rows t / 8 + 16 h (h < 4) of the key tiles it loads. fetch_blocks: the
+#if !MLA_SEESAW_TMA
+    // cp.async build. This warpgroup's thread t moves rows t / 8 + 16 h (h < 4) of the key tiles it loads. fetch_blocks: the
     // block-table entries of those rows of tile `tile` (-1 past the piece), loaded without waiting for them (they
     // are used a wgmma batch later); row_src: a row's cache address (nullptr when invalid).
     auto fetch_blocks = [&](int tile, int (&blk)[4]) {
@@ -218,6 +257,40 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           cp_async16(kb + cb * SW128_BLOCK_BYTES + row * 128 + ((c ^ (row & 7)) << 4), src + cb * 64 + c * 8, valid);
       }
     };
+#else
+    // TMA build. tile_block: the cache block of key tile `tile` (read by thread 0 of a warpgroup, the one that issues
+    // its buffer's copies, a wgmma batch before they are issued; -1 past the piece). copy_pieces: the pieces of `mask`
+    // (bit c: channels 64 c ..) of tile `tile` into buffer `buf` (nothing past the piece). A block-table entry out of
+    // range gives a row outside the map: the copy fills zeros, never reads outside the cache.
+    auto tile_block = [&](int tile) -> int {
+      const int pos0 = start + tile * BLOCK_N;
+      return ldg_nc_i32_or(block_table + (long long)i * bt_stride + pos0 / page, t == 0 && tile < n_tiles, -1);
+    };
+    auto copy_pieces = [&](int tile, int buf, u32 mask, int blk) {
+      if (t != 0 || tile >= n_tiles) return;
+      const long long row = (long long)blk * page + (start + tile * BLOCK_N) % page;
+      const int row0 = blk < 0 || row > 0x7FFFFFFFLL - BLOCK_N ? -BLOCK_N : (int)row;
+#pragma unroll
+      for (int c = 0; c < NPIECES; ++c)
+        if ((mask >> c) & 1) {
+          const u32 bar = bars + 8 * (NPIECES * buf + c);
+          mbar_arrive_expect_tx(bar, SW128_BLOCK_BYTES);
+          tma_load_3d(k0 + buf * TILE_BYTES + c * SW128_BLOCK_BYTES, k_map, 64 * c, g, row0, bar);
+        }
+    };
+    // keys of tile `tile` past the sequence (L) hold whatever the cache holds there (NaN in the tests): P is 0 for
+    // them, but 0 x NaN is not, so their V rows (channel blocks 0-7) are zeroed by the buffer's warpgroup once its
+    // S is done, before any P V reads them (its own after the 128-thread barrier, the other's after BAR_P)
+    auto zero_tail = [&](int tile, unsigned char* kb) {
+      const int valid = L - (start + tile * BLOCK_N);
+      if (valid >= BLOCK_N) return;
+      for (int x = t; x < (BLOCK_N - valid) * 64; x += 128)  // (row, channel block, 16-byte chunk)
+        *reinterpret_cast<uint4*>(kb + ((x >> 3) & 7) * SW128_BLOCK_BYTES + (valid + (x >> 6)) * 128 + (x & 7) * 16) =
+            make_uint4(0u, 0u, 0u, 0u);
+      fence_proxy_async();
+      named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+    };
+#endif
     // scores of key tile `tile` in s (S accumulator layout): scaled to base 2, keys a row must not see -> -inf;
     // mx0 / mx1: this lane's maxima of rows r0 / r1
     auto scale_mask = [&](float (&s)[32], int tile, float& mx0, float& mx1) {
@@ -251,9 +324,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const mla_elem_t* src = q;
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
         wg_tile_load_row<D>(sQ, tid, src, valid);
+#if MLA_SEESAW_TMA
+        copy_pieces(wg, wg, (1u << NPIECES) - 1, tile_block(wg));  // tile wg -> buffer wg (none when wg >= n_tiles)
+#else
         int blk0[4];
         fetch_blocks(wg, blk0);  // tile wg: past the piece when wg >= n_tiles
         load_tile(wg, sK + wg * TILE_BYTES, blk0);
+#endif
         cp_async_commit();
         cp_async_wait<0>();
         fence_proxy_async();
@@ -264,24 +341,38 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         const int ta = 2 * pair, tb = ta + 1;
         const bool has_b = tb < n_tiles;
         SEESAW_MARK(0);
+#if MLA_SEESAW_TMA
+        int nxt = -1;  // (thread 0) the cache block of this warpgroup's next tile (ta + 2 / tb + 2)
+#else
         if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
           cp_async_wait<0>();
           fence_proxy_async();
           named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
           SEESAW_MARK(7);
         }
+        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
+#endif
         float s[32];
         u32 p_hi[16], p_lo[16];
-        int nxt[4];  // block-table entries of the rows of this warpgroup's next tile (ta + 2 / tb + 2)
 #pragma unroll
         for (int k = 0; k < 32; ++k) s[k] = 0.f;
         if (wg == 0) {
           // ---- S_A, m_A (-> warpgroup 1), P_A, O_L = alpha O_L + P_A V_AL
+#if MLA_SEESAW_TMA
+          seesaw_scores_issue_tma<0>(s, sQ_addr, k0, bars, kpar);
+          kpar ^= 1u;
+          nxt = tile_block(ta + 2);
+          wg_wait<0>();
+          SEESAW_MARK(1);
+          wg_fence_operands(s);
+          zero_tail(ta, sK);
+#else
           seesaw_scores_issue(s, sQ_addr, k0);
           fetch_blocks(ta + 2, nxt);  // (past the piece when there is none)
           wg_wait<0>();
           SEESAW_MARK(1);
           wg_fence_operands(s);
+#endif
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
           scale_mask(s, ta, mx0, mx1);
           const float ma0 = fmaxf(m_run0, mla_quad_max(mx0)), ma1 = fmaxf(m_run1, mla_quad_max(mx1));
@@ -308,6 +399,9 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
           wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
           wg_fence_operands(o);
+#if MLA_SEESAW_TMA
+          copy_pieces(ta + 2, 0, 0x00Eu, nxt);  // blocks 1-3 of buffer 0 (V_AL) are read by nobody else
+#endif
 #pragma unroll
           for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
@@ -327,8 +421,12 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
           SEESAW_MARK(5);
+#if MLA_SEESAW_TMA
+          copy_pieces(ta + 2, 0, 0x1F1u, nxt);  // blocks 0, 4-8 (P_A' lo, V_AR, P_A' hi)
+#else
           if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
           cp_async_commit();
+#endif
           wg_wait<0>();
           wg_fence_operands(o);
           named_bar_sync(BAR_BFREE, 256);
@@ -336,6 +434,18 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         } else {
           // ---- S_B; m_B = max(m_A, rowmax S_B) (-> warpgroup 0); P_B -> smem
           float mx0 = MLA_NEG_INF, mx1 = MLA_NEG_INF;
+#if MLA_SEESAW_TMA
+          nxt = tile_block(tb + 2);
+          if (has_b) {
+            seesaw_scores_issue_tma<1>(s, sQ_addr, k1, bars + 8 * NPIECES, kpar);
+            kpar ^= 1u;
+            wg_wait<0>();
+            SEESAW_MARK(1);
+            wg_fence_operands(s);
+            zero_tail(tb, sK + TILE_BYTES);
+            scale_mask(s, tb, mx0, mx1);
+          }
+#else
           fetch_blocks(tb + 2, nxt);
           if (has_b) {
             seesaw_scores_issue(s, sQ_addr, k1);
@@ -344,6 +454,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             wg_fence_operands(s);
             scale_mask(s, tb, mx0, mx1);
           }
+#endif
           named_bar_sync(BAR_MA, 256);
           SEESAW_MARK(2);
           const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
@@ -382,11 +493,18 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           SEESAW_MARK(5);
           wg_wait<0>();
           wg_fence_operands(o);
+#if MLA_SEESAW_TMA
+          copy_pieces(tb + 2, 1, 0x0F0u, nxt);  // blocks 4-7 of buffer 1 (V_BR) were this warpgroup's alone
+#endif
           // ---- refill buffer 1 once warpgroup 0 is done with it (and this warpgroup's products are)
           named_bar_sync(BAR_BFREE, 256);
           SEESAW_MARK(6);
+#if MLA_SEESAW_TMA
+          copy_pieces(tb + 2, 1, 0x10Fu, nxt);  // blocks 0-3, 8 (V_BL, P_B hi)
+#else
           if (!MLA_DIAG_NO_RELOAD && tb + 2 < n_tiles) load_tile(tb + 2, sK + TILE_BYTES, nxt);
           cp_async_commit();
+#endif
         }
       }
     }

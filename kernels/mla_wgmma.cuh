@@ -258,6 +258,49 @@ __device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_
 #undef WG_D8
 #endif  // MLA_HAS_WGMMA
 
+// ---- Bulk tensor copies (TMA) completing on an mbarrier (PTX ISA: "cp.async.bulk.tensor", "mbarrier") -----------
+// The seesaw kernel's TMA build copies each 64-key x 64-channel piece of a K buffer with one tensor copy: a 3-D
+// tensor map over the cache (channels, KV heads, token rows; mla/backends/cupy_hopper.py tensor_map) with a
+// (64, 1, 64) box and the 128-byte swizzle, so a piece lands as one SW128 channel block (sw128_offset). The map is in
+// global memory (written by a kernel, tensor_map_store), hence the tensormap acquire fence before its first use. An
+// mbarrier counts one arrival (mbar_arrive_expect_tx by the issuing thread, with the piece's bytes) and completes
+// when the bytes have landed; waiters poll its phase parity. The copies write through the async proxy, as wgmma
+// reads, so no proxy fence is needed between them; a generic-proxy store into a buffer a copy refills later is
+// ordered by the fence.proxy.async its writer runs before the barrier that precedes the copy's issue.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// true once the phase of parity `parity` has completed
+__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
+  u32 done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+__device__ __forceinline__ void tensormap_acquire(const void* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
+}
+// box (64, 1, 64) of the map at coordinates (c0, c1, c2) -> shared memory at dst (1024-byte aligned), on bar
+__device__ __forceinline__ void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
 // a compile-time bool as a value (generic lambdas taking it choose a code path with if constexpr)
 template <bool B>
 struct MlaBool {

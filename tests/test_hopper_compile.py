@@ -87,7 +87,7 @@ def test_smem_budget_matches_the_kernel():
     assert cupy_hopper.SMEM_BYTES == 229376 <= 232448  # the H100's opt-in limit a block
     seesaw = _nvrtc.read_source(cupy_hopper.SEESAW_SOURCE)
     assert f"SMEM_BYTES == {cupy_hopper.seesaw_smem_bytes()}" in seesaw
-    assert cupy_hopper.seesaw_smem_bytes() == 230400 <= 232448
+    assert cupy_hopper.seesaw_smem_bytes() == 230544 <= 232448
 
 
 @pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 32), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 16),
@@ -582,6 +582,101 @@ inline void named_bar_arrive(int id, int n) {  // counts towards the barrier, do
   }
 }
 
+// ---- mbarriers and bulk tensor copies (the seesaw kernel's TMA build). An mbarrier (keyed by its shared-memory
+// address) counts arrivals and transaction bytes; its phase completes when both reach zero. A copy is carried out at
+// its issue when cp.async copies are eager (the earliest moment: a buffer refilled while a wgmma still reads it
+// shows), else when a waiter finds the phase's arrivals done (the latest). The tensor map is the emulator's own
+// (tests: _emu_tensor_map): [0] address, [1..3] dims (channels, heads, rows), [4] head / [5] row stride in bytes,
+// [6..8] box, [9] swizzle (3: 128 B), [10] element bytes; outside the dims the copy writes zeros.
+namespace tmaemu {
+struct Copy3 {
+  u32 dst;
+  const u64* map;
+  int c0, c1, c2;
+};
+struct MBar {
+  int count = 0, pending = 0;
+  long long tx = 0;
+  u32 phase = 0;
+  std::vector<Copy3> copies;
+};
+static std::map<u32, MBar> bars;
+static long leftover = 0;  // barriers re-initialised (or never waited for) in the middle of a phase
+inline MBar& at(u32 a) {
+  emu::smem_at(a, 8, 8);
+  auto it = bars.find(a);
+  if (it == bars.end()) emu::fail("mbarrier used before mbarrier.init");
+  return it->second;
+}
+inline void perform(const Copy3& c) {
+  const u64* m = c.map;
+  if (m[6] != 64 || m[7] != 1 || m[8] != 64 || m[9] != 3 || m[10] != 2)
+    emu::fail("tensor map: only the (64, 1, 64) box of 16-bit elements with the 128-byte swizzle is modelled");
+  unsigned char* dst = emu::smem_at(c.dst, 8192, 1024);
+  for (int r = 0; r < 64; ++r)
+    for (int x = 0; x < 64; ++x) {
+      const long long ch = (long long)c.c0 + x, hd = c.c1, row = (long long)c.c2 + r;
+      unsigned short v = 0;
+      if (ch >= 0 && ch < (long long)m[1] && hd >= 0 && hd < (long long)m[2] && row >= 0 && row < (long long)m[3])
+        std::memcpy(&v, reinterpret_cast<const unsigned char*>(m[0]) + row * m[5] + hd * m[4] + ch * 2, 2);
+      const u32 off = 128 * r + 2 * x;
+      std::memcpy(dst + (off ^ (((off >> 7) & 7) << 4)), &v, 2);
+    }
+}
+inline void complete(MBar& b) {
+  if (b.pending == 0 && b.tx == 0 && b.copies.empty()) {
+    b.phase ^= 1u;
+    b.pending = b.count;
+    ++emu::progress;
+  }
+}
+}  // namespace tmaemu
+inline void mbar_init(u32 bar, u32 count) {
+  emu::smem_at(bar, 8, 8);
+  auto it = tmaemu::bars.find(bar);
+  if (it != tmaemu::bars.end() && (it->second.pending != it->second.count || !it->second.copies.empty()))
+    ++tmaemu::leftover;
+  tmaemu::bars[bar] = tmaemu::MBar{(int)count, (int)count, 0, 0, {}};
+}
+inline void fence_mbar_init() {}
+inline void tensormap_acquire(const void*) {}
+inline void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  tmaemu::MBar& b = tmaemu::at(bar);
+  if (b.pending == 0) emu::fail("mbarrier: more arrivals than its count in a phase");
+  b.tx += bytes;
+  --b.pending;
+  ++emu::progress;
+  tmaemu::complete(b);
+}
+inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 bar) {
+  tmaemu::MBar& b = tmaemu::at(bar);
+  emu::smem_at(dst, 8192, 1024);
+  const tmaemu::Copy3 c{dst, static_cast<const u64*>(map), c0, c1, c2};
+  ++emu::progress;
+  if (emu::eager_copies) {
+    tmaemu::perform(c);
+    b.tx -= 8192;
+    tmaemu::complete(b);
+  } else {
+    b.copies.push_back(c);
+  }
+}
+inline bool mbar_try_wait(u32 bar, u32 parity) {
+  tmaemu::MBar& b = tmaemu::at(bar);
+  if ((b.phase & 1u) != parity) return true;
+  if (b.pending == 0 && !b.copies.empty()) {  // the latest moment: the copies land now
+    for (const auto& c : b.copies) {
+      tmaemu::perform(c);
+      b.tx -= 8192;
+    }
+    b.copies.clear();
+    tmaemu::complete(b);
+    if ((b.phase & 1u) != parity) return true;
+  }
+  emu::yield();
+  return false;
+}
+
 extern "C" void wgemu_config(int eager) { wgemu::eager = eager != 0; }
 extern "C" void wgemu_model(int swap_k, int swap_mn) {
   wgemu::swap_k = swap_k != 0;
@@ -592,6 +687,8 @@ extern "C" int wgemu_pending() {
   int n = 0;
   for (auto& W : wgemu::wgs) n += (int)W.open.size() + (int)W.groups.size();
   for (auto& b : wgemu::named) n += b.count;
+  n += (int)tmaemu::leftover;
+  for (auto& kv : tmaemu::bars) n += (kv.second.count - kv.second.pending) + (int)kv.second.copies.size();
   return n;
 }
 extern "C" void wgemu_reset() {
@@ -601,13 +698,16 @@ extern "C" void wgemu_reset() {
     W.bar = emu::Barrier();
   }
   for (auto& b : wgemu::named) b = emu::Barrier();
+  tmaemu::bars.clear();
+  tmaemu::leftover = 0;
 }
 """
 
 MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence", "wg_commit", "wg_wait",
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
-            "wg_mma_m64n256k16_ss_nmajor"}
+            "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
+            "tensormap_acquire", "tma_load_3d"}
 
 
 try:
@@ -646,11 +746,22 @@ def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narr
     return _MODULES[key]
 
 
+def _emu_tensor_map(k_cache):
+    """The emulator's stand-in for the seesaw kernel's tensor map of ``k_cache`` [blocks, page, h_kv, d] (read by
+    tma_load_3d in WGMMA_MODEL): address, dims (d, h_kv, rows), head and row strides in bytes, box, swizzle, element
+    bytes. The real one (mla/backends/_tma.py, the driver's encoding) is checked on the GPU."""
+    blocks, page, h_kv, d = k_cache.shape
+    words = [k_cache.ctypes.data, d, h_kv, blocks * page, 2 * d, 2 * d * h_kv, 64, 1, 64, 3, 2]
+    return np.array(words + [0] * (16 - len(words)), dtype=np.uint64)
+
+
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
                   psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
-                  narrow=False, fp8=False, nq=16, seesaw=False):
+                  narrow=False, fp8=False, nq=16, seesaw=False, seesaw_loads="tma"):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
     narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
+    seesaw: the seesaw kernel, its K pieces by bulk tensor copies (seesaw_loads "tma": the TMA build with the
+    emulator's tensor map, _emu_tensor_map) or by cp.async ("cpasync").
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
     out_float32: the API's out_dtype=float32 (every piece a partial, float32 out)."""
     import mla
@@ -665,6 +776,9 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
         defines["MLA_FP8"] = 1
     if nq != 16:
         defines["MLA_NQ"] = nq
+    tma = seesaw and seesaw_loads == "tma"
+    if tma:
+        defines["MLA_SEESAW_TMA"] = 1
     defines.update(extra_defines or {})
     from mla.backends import cupy_backend
 
@@ -688,9 +802,11 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     arrays = [np.ascontiguousarray(case.q), np.ascontiguousarray(case.k_cache),
               np.ascontiguousarray(case.block_table, np.int32), np.ascontiguousarray(case.cache_seqlens, np.int32),
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
+    assert cupy_hopper.seesaw_loads(arrays[1]) == "tma" or not tma  # (NumPy's allocations are 16-byte aligned)
+    k_map = _emu_tensor_map(arrays[1]) if tma else None
     launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
                                               host_splits=None if device_plan else arrays[-1], poison=True,
-                                              narrow=narrow, smem=smem, nq=nq)
+                                              narrow=narrow, smem=smem, nq=nq, seesaw=bool(seesaw), k_map=k_map)
     before = lib.wgemu_executed()
     for f, grid, block, args, smem in launches:
         f(grid, block, args, shared_mem=smem)
@@ -717,7 +833,8 @@ EMU_CASES = [
 
 @needs_gxx
 @pytest.mark.parametrize("narrow,nq,seesaw", [(False, 16, False), (True, 16, False), (True, 32, False),
-                                              (False, 16, True)], ids=["wide", "narrow", "narrow32", "seesaw"])
+                                              (False, 16, "tma"), (False, 16, "cpasync")],
+                         ids=["wide", "narrow", "narrow32", "seesaw", "seesaw-cpasync"])
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,dtype,num_sms,eager,schedule,eager_wgmma,device_plan",
                          EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
 def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, dtype, num_sms,
@@ -728,7 +845,8 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
     case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
                                     page_block_size=64, seqlens=seqlens, dtype=dtype, causal=causal)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, eager_wgmma,
-                                              device_plan=device_plan, narrow=narrow, nq=nq, seesaw=seesaw)
+                                              device_plan=device_plan, narrow=narrow, nq=nq, seesaw=bool(seesaw),
+                                              seesaw_loads=seesaw or "tma")
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
                                                      512, causal=causal)
     testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
@@ -896,10 +1014,17 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
         testing.assert_close(out, lse, out_ref, lse_ref)
 
 
-SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel
-    "P_A' written before P_A V_AL is done": ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"),
-    "P_A not rescaled to m_B": ("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
-                                "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"),
+SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (edit, loads, eager copies)
+    "P_A' written before P_A V_AL is done": (
+        ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"), "tma", False),
+    "P_A not rescaled to m_B": (("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
+                                 "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"), "cpasync", False),
+    "buffer 0 refilled before warpgroup 1 is done with it": (
+        ("          named_bar_sync(BAR_AFREE, 256);\n          SEESAW_MARK(5);\n#if MLA_SEESAW_TMA\n"
+         "          copy_pieces(ta + 2, 0, 0x1F1u, nxt);  // blocks 0, 4-8 (P_A' lo, V_AR, P_A' hi)\n",
+         "          copy_pieces(ta + 2, 0, 0x1F1u, nxt);\n          named_bar_sync(BAR_AFREE, 256);\n"
+         "          SEESAW_MARK(5);\n#if MLA_SEESAW_TMA\n"), "tma", True),
+    "tail rows past the sequence not zeroed": (("          zero_tail(ta, sK);\n", "\n"), "tma", False),
 }
 
 
@@ -914,8 +1039,9 @@ def test_emulator_catches_seesaw_bugs(monkeypatch, edit):
     rng = np.random.default_rng(5)
     case = testing.make_decode_case(rng, b=2, s_q=2, h_q=64, d=576, head_dim_v=512, page_block_size=64,
                                     seqlens=[300, 450], dtype=BF16, causal=True)
-    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, schedule="lockstep", seesaw=True,
-                                   source_edit=SEESAW_EDITS[edit])
+    source_edit, loads, eager = SEESAW_EDITS[edit]
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, eager_copies=eager, schedule="lockstep", seesaw=True,
+                                   seesaw_loads=loads, source_edit=source_edit)
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
                                                      causal=True)
     with pytest.raises(AssertionError):

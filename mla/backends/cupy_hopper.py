@@ -58,8 +58,9 @@ NARROW_ROWS = 16
 # The seesaw kernel (kernels/mla_decode_seesaw.cu): the wide kernel's tile and numerics with FlashMLA's
 # alternating warpgroup schedule. Same signature (the wide kernel's), grid, plan and partials.
 SEESAW_SOURCE, SEESAW_FUNCTION = "mla_decode_seesaw.cu", "mla_decode_seesaw"
-SEESAW_SMEM_BYTES = 3 * TILE_BYTES + 64 * 128 + 4 * 64 * 4
-"""Dynamic shared memory of the seesaw kernel: Q + 2 K buffers + P_B lo + m_A, m_B, l (230400 B)."""
+SEESAW_SMEM_BYTES = 3 * TILE_BYTES + 64 * 128 + 4 * 64 * 4 + 2 * 9 * 8
+"""Dynamic shared memory of the seesaw kernel: Q + 2 K buffers + P_B lo + m_A, m_B, l + 18 mbarriers (230544 B)."""
+SEESAW_LOADS = ("auto", "tma", "cpasync")
 VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
 
@@ -92,6 +93,27 @@ def wide_smem_bytes(fp8: bool = False, sparse: bool = False) -> int:
 def seesaw_smem_bytes() -> int:
     """Dynamic shared memory of the seesaw kernel (kernels/mla_decode_seesaw.cu, SMEM_BYTES there)."""
     return SEESAW_SMEM_BYTES
+
+
+def seesaw_loads(k_cache) -> str:
+    """How the seesaw kernel brings the pieces of ``k_cache`` (the device array launched; NumPy in the emulator tests)
+    in: "tma" (bulk tensor copies of 64 x 64 pieces completing on mbarriers, ``MLA_SEESAW_TMA=1``) when a tensor map
+    can describe the cache (``_tma.kv_map_reason``: page size a multiple of 64, 16-byte aligned base), else
+    "cpasync" (every thread copies 16-byte chunks, any page size).
+    MLA_SEESAW_LOADS=tma|cpasync forces one (tests, benchmarks); "tma" for a cache it cannot describe is a
+    ValueError."""
+    from . import _tma
+
+    forced = os.environ.get("MLA_SEESAW_LOADS", "auto") or "auto"
+    if forced not in SEESAW_LOADS:
+        raise ValueError(f"MLA_SEESAW_LOADS must be one of {SEESAW_LOADS}, got {forced!r}")
+    address = int(k_cache.ctypes.data) if isinstance(k_cache, np.ndarray) else int(k_cache.data.ptr)
+    reason = _tma.kv_map_reason(address, *(int(x) for x in k_cache.shape))
+    if forced == "tma" and reason:
+        raise ValueError(f"MLA_SEESAW_LOADS=tma: {reason}")
+    if forced != "auto":
+        return forced
+    return "cpasync" if reason else "tma"
 
 
 SPARSE_KERNELS = ("auto", "hopper", "portable")
@@ -224,11 +246,14 @@ def p_split(d: dict) -> bool:
 
 
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
-             poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS):
+             poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS,
+             seesaw: bool = False, k_map=None):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
     module ``xp`` (CuPy; NumPy for the CPU emulator in the tests): the portable kernel's
     ``cupy_backend.assemble_dense`` with the 64-row kernel's tile, 256 threads and shared memory, or
-    (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``)."""
+    (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``). seesaw: the seesaw
+    kernel's last parameter, ``k_map`` (its TMA build's tensor map in device memory; None: a null pointer, the
+    cp.async build)."""
     from .cupy_backend import assemble_dense
 
     block_m, smem = (nq, smem) if narrow else (BLOCK_M, smem or SMEM_BYTES)
@@ -239,6 +264,8 @@ def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlen
         fn, grid, block, a, sm = launches[0]
         null = np.uint64(0)
         a = (*a[:5], null, np.int32(0), null, np.int32(0), a[17], *a[5:17])
+        if seesaw:
+            a = (*a, null if k_map is None else k_map)
         launches[0] = (fn, grid, block, a, sm)
     return launches, out, lse
 
@@ -267,13 +294,20 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
                         "seesaw": (SEESAW_SOURCE, SEESAW_FUNCTION)}.get(which, (SOURCE, FUNCTION))
     smem = (narrow_smem_bytes(p_split(d), nq) if narrow else SEESAW_SMEM_BYTES if which == "seesaw"
             else wide_smem_bytes(fp8))
+    arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
+              _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
+              _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
+    k_map = None
+    if which == "seesaw" and seesaw_loads(arrays[1]) == "tma":  # the map describes the device array launched
+        from . import _tma
+
+        d["MLA_SEESAW_TMA"] = 1
+        k_map = _tma.kv_map_device(cp, arrays[1], dev)
+        _cb.keep_alive_if_capturing(cp, [k_map])
     fn = _nvrtc.load_function(source, function, d, arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     comb = _cb.combine_function(DV, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)
-    arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
-              _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
-              _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
     return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS,
-                    narrow=narrow, smem=smem, nq=nq)
+                    narrow=narrow, smem=smem, nq=nq, seesaw=which == "seesaw", k_map=k_map)
