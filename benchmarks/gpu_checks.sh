@@ -322,12 +322,23 @@ review6)  # the sixth session's review: the sanitizer script now runs the seesaw
 tma1)  # issue #4 (2026-11-26, seventh session): the seesaw kernel's TMA build (bulk tensor copies of 64 x 64 pieces on
   # mbarriers): its GPU tests first, then both load paths timed (SM clock and power sampled), then the whole file
   t 150 t_seesaw tests/test_cupy_gpu.py -k seesaw
-  (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
-    || nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv -lms 100) > "$OUT/smi.txt" 2>&1 &
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
+    > "$OUT/smi.txt" 2>&1 &
   smi=$!
   r 150 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 30 --out "$OUT/seesaw_loads.md"
   kill $smi 2>/dev/null
   t 240 t_cupy tests/test_cupy_gpu.py -k "not seesaw"
+  cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
+  ;;
+tma2)  # run 1 of tma1: racecheck reported hazards on the TMA build: racecheck with line numbers, TMA and cp.async
+  # builds; the load paths timed (the benchmark's API loop needed the device plan)
+  MLA_NVRTC_LINEINFO=1 t 150 s_race_tma tests/test_cupy_gpu.py -k "sanitizer and racecheck"
+  MLA_SEESAW_LOADS=cpasync t 150 s_race_cpasync tests/test_cupy_gpu.py -k "sanitizer and racecheck"
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
+    > "$OUT/smi.txt" 2>&1 &
+  smi=$!
+  r 150 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 30 --out "$OUT/seesaw_loads.md"
+  kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
