@@ -9,7 +9,12 @@ wide kernel for reference, two timings:
 * "kernels": prepared launches (decode + combine), the L2 flushed (256 MB rewritten) before each rep, CUDA events,
   median of ``reps`` (``cupy_backend.time_launches``, as ``bench_fp8_sparse.py``);
 * "API loop": ``mla.flash_mla_with_kvcache(validate=False)`` called 20 times between two CUDA events, per call,
-  median of 10 such loops (``bench_decode.py``'s "in a loop": back to back, no flush).
+  median of 5 such loops (``bench_decode.py``'s "in a loop": back to back, no flush).
+
+The configurations are timed in interleaved rounds (``--rounds``, medians of the rounds in the table): at the
+compute-bound shape the H100 runs at its power cap and its SM clock moves between ~1300 and 1980 MHz (run 2 of
+2026-11-26g: 600-700 W, clock event "SW power cap"), so back-to-back blocks of one configuration are not
+comparable.
 
 TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time. Every configuration is first compared with the NumPy reference on a
 small case (b = 2, lengths 300 and 451: a tail tile past the sequence, NaN in the unused cache slots).
@@ -60,6 +65,7 @@ def _check(variant, loads):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configurations (medians)")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -80,19 +86,30 @@ def main(argv=None):
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, _arrays.BFLOAT16)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)  # the device plan, as a decode loop uses
         flops = 2 * b * s_q * h_q * s_k * (576 + 512)
+        problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
+        launches = {}
         for name, variant, loads in CONFIGS:
             _env(variant, loads)
-            problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
-            launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")
-            t_k = cupy_backend.time_launches(cp, launches, flush, args.reps)
-            fn = functools.partial(mla.flash_mla_with_kvcache, q, k, table, seqlens, 512, sched, splits,
-                                   backend="cupy", validate=False)
-            t_l = time_loop(fn, calls=20, loops=10) * 1e-3
+            launches[name] = cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0]
+        times = {name: ([], []) for name, _, _ in CONFIGS}
+        for rnd in range(args.rounds):  # the configurations interleaved: the GPU's clock follows its power draw
+            for name, variant, loads in CONFIGS:
+                _env(variant, loads)
+                t_k = cupy_backend.time_launches(cp, launches[name], flush, args.reps)
+                fn = functools.partial(mla.flash_mla_with_kvcache, q, k, table, seqlens, 512, sched, splits,
+                                       backend="cupy", validate=False)
+                t_l = time_loop(fn, calls=20, loops=5) * 1e-3
+                times[name][0].append(t_k)
+                times[name][1].append(t_l)
+                print(f"round {rnd} {b},{s_q},{h_q},{s_k} {name}: kernels {t_k * 1e3:.3f} ms, API loop "
+                      f"{t_l * 1e3:.3f} ms", flush=True)
+        for name, _, _ in CONFIGS:
+            t_k, t_l = (float(np.median(x)) for x in times[name])
             line = (f"| {b}, {s_q}, {h_q}, {s_k} | {name} | {t_k * 1e3:.3f} | {flops / t_k / 1e12:.1f} | "
                     f"{t_l * 1e3:.3f} | {flops / t_l / 1e12:.1f} |")
             lines.append(line)
             print(line, flush=True)
-        del q, k, table, seqlens
+        del q, k, table, seqlens, launches
         cp.get_default_memory_pool().free_all_blocks()
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

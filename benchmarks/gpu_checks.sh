@@ -341,6 +341,20 @@ tma2)  # run 1 of tma1: racecheck reported hazards on the TMA build: racecheck w
   kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+tma3)  # run 2: racecheck flagged sMa / sL accesses that barriers order (TMA build only): synccheck; racecheck with
+  # __syncwarp after thread 0's copies; the load paths timed in interleaved rounds (power cap: clock 1300-1980 MHz)
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
+  r 100 s_sync compute-sanitizer --tool synccheck python3 /tmp/sanitize.py
+  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_SYNCWARP=1" r 100 s_race_syncwarp compute-sanitizer --tool \
+    racecheck python3 /tmp/sanitize.py
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
+    > "$OUT/smi.txt" 2>&1 &
+  smi=$!
+  r 200 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 20 --rounds 3 --shapes 0,1 \
+    --out "$OUT/seesaw_loads.md"
+  kill $smi 2>/dev/null
+  cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -70,6 +70,9 @@
 #define MLA_SEESAW_TMA 0
 #endif
 static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a diagnostic of the cp.async build");
+#ifndef MLA_SEESAW_SYNCWARP  // experiment (racecheck): __syncwarp() after the copies thread 0 issues alone
+#define MLA_SEESAW_SYNCWARP 0
+#endif
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -267,16 +270,18 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       return ldg_nc_i32_or(block_table + (long long)i * bt_stride + pos0 / page, t == 0 && tile < n_tiles, -1);
     };
     auto copy_pieces = [&](int tile, int buf, u32 mask, int blk) {
-      if (t != 0 || tile >= n_tiles) return;
-      const long long row = (long long)blk * page + (start + tile * BLOCK_N) % page;
-      const int row0 = blk < 0 || row > 0x7FFFFFFFLL - BLOCK_N ? -BLOCK_N : (int)row;
+      if (t == 0 && tile < n_tiles) {
+        const long long row = (long long)blk * page + (start + tile * BLOCK_N) % page;
+        const int row0 = blk < 0 || row > 0x7FFFFFFFLL - BLOCK_N ? -BLOCK_N : (int)row;
 #pragma unroll
-      for (int c = 0; c < NPIECES; ++c)
-        if ((mask >> c) & 1) {
-          const u32 bar = bars + 8 * (NPIECES * buf + c);
-          mbar_arrive_expect_tx(bar, SW128_BLOCK_BYTES);
-          tma_load_3d(k0 + buf * TILE_BYTES + c * SW128_BLOCK_BYTES, k_map, 64 * c, g, row0, bar);
-        }
+        for (int c = 0; c < NPIECES; ++c)
+          if ((mask >> c) & 1) {
+            const u32 bar = bars + 8 * (NPIECES * buf + c);
+            mbar_arrive_expect_tx(bar, SW128_BLOCK_BYTES);
+            tma_load_3d(k0 + buf * TILE_BYTES + c * SW128_BLOCK_BYTES, k_map, 64 * c, g, row0, bar);
+          }
+      }
+      if (MLA_SEESAW_SYNCWARP) __syncwarp();
     };
     // keys of tile `tile` past the sequence (L) hold whatever the cache holds there (NaN in the tests): P is 0 for
     // them, but 0 x NaN is not, so their V rows (channel blocks 0-7) are zeroed by the buffer's warpgroup once its
