@@ -355,6 +355,14 @@ tma3)  # run 2: racecheck flagged sMa / sL accesses that barriers order (TMA bui
   kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+tma4)  # run 3: synccheck reported a divergent barrier in the TMA build: where (line numbers), with __syncwarp after
+  # thread 0's copies, and the cp.async build for comparison
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
+  SC="compute-sanitizer --tool synccheck --print-limit 4 --show-backtrace no python3 /tmp/sanitize.py"
+  MLA_NVRTC_LINEINFO=1 r 100 s_sync_tma $SC
+  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_SYNCWARP=1" r 100 s_sync_syncwarp $SC
+  MLA_NVRTC_LINEINFO=1 MLA_SEESAW_LOADS=cpasync r 100 s_sync_cpasync $SC
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"
