@@ -363,6 +363,17 @@ tma4)  # run 3: synccheck reported a divergent barrier in the TMA build: where (
   MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_SYNCWARP=1" r 100 s_sync_syncwarp $SC
   MLA_NVRTC_LINEINFO=1 MLA_SEESAW_LOADS=cpasync r 100 s_sync_cpasync $SC
   ;;
+tma5)  # runs 2-4: racecheck flags barrier-ordered sMa / sL accesses in the TMA build only (synccheck reports the same
+  # 771 named-barrier "divergences" for every build: not the difference). A probe: bar.sync-ordered accesses with
+  # mbarrier waits in between; the kernel with lane-0 polling under racecheck and its tests
+  for v in plain mbar mbar_lane0; do
+    r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
+  done
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
+  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_POLL_LANE0=1" r 100 s_race_lane0 compute-sanitizer --tool \
+    racecheck --print-limit 6 python3 /tmp/sanitize.py
+  MLA_NVRTC_DEFINES="MLA_SEESAW_POLL_LANE0=1" t 100 t_seesaw_lane0 tests/test_cupy_gpu.py -k seesaw
+  ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each
   t 60 t_plans tests/test_cupy_gpu.py -k "device_plan or get_mla_metadata or plans_and_array"

@@ -73,6 +73,9 @@ static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a 
 #ifndef MLA_SEESAW_SYNCWARP  // experiment (racecheck): __syncwarp() after the copies thread 0 issues alone
 #define MLA_SEESAW_SYNCWARP 0
 #endif
+#ifndef MLA_SEESAW_POLL_LANE0  // experiment (racecheck): lane 0 of each warp polls the mbarriers, __syncwarp()
+#define MLA_SEESAW_POLL_LANE0 0
+#endif
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -129,7 +132,12 @@ __device__ __forceinline__ void seesaw_scores_issue_tma(float (&acc)[32], u32 q_
 #pragma unroll
   for (int j = 0; j < 9; ++j) {
     const int c = order[W][j];
+#if MLA_SEESAW_POLL_LANE0
+    if ((threadIdx.x & 31) == 0) mbar_wait(bars + 8 * c, parity);
+    __syncwarp();
+#else
     mbar_wait(bars + 8 * c, parity);
+#endif
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
