@@ -330,49 +330,18 @@ tma1)  # issue #4 (2026-11-26, seventh session): the seesaw kernel's TMA build (
   t 240 t_cupy tests/test_cupy_gpu.py -k "not seesaw"
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
-tma2)  # run 1 of tma1: racecheck reported hazards on the TMA build: racecheck with line numbers, TMA and cp.async
-  # builds; the load paths timed (the benchmark's API loop needed the device plan)
-  MLA_NVRTC_LINEINFO=1 t 150 s_race_tma tests/test_cupy_gpu.py -k "sanitizer and racecheck"
-  MLA_SEESAW_LOADS=cpasync t 150 s_race_cpasync tests/test_cupy_gpu.py -k "sanitizer and racecheck"
+# (tma2-tma5, runs 2-5 of the seventh session: racecheck / synccheck diagnostics of the TMA build, in git history up
+# to the commit "TMA build opt-in")
+tmafinal)  # the seventh session's last check: the CuPy decode GPU files (the seesaw TMA build forced in the matrix;
+  # memcheck on it, racecheck as the recorded expected failure), then both load paths timed in interleaved rounds
+  t 260 t_cupy tests/test_cupy_gpu.py
+  t 80 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
     > "$OUT/smi.txt" 2>&1 &
   smi=$!
-  r 150 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 30 --out "$OUT/seesaw_loads.md"
+  r 170 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 20 --rounds 3 --out "$OUT/seesaw_loads.md"
   kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
-  ;;
-tma3)  # run 2: racecheck flagged sMa / sL accesses that barriers order (TMA build only): synccheck; racecheck with
-  # __syncwarp after thread 0's copies; the load paths timed in interleaved rounds (power cap: clock 1300-1980 MHz)
-  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
-  r 100 s_sync compute-sanitizer --tool synccheck python3 /tmp/sanitize.py
-  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_SYNCWARP=1" r 100 s_race_syncwarp compute-sanitizer --tool \
-    racecheck python3 /tmp/sanitize.py
-  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
-    > "$OUT/smi.txt" 2>&1 &
-  smi=$!
-  r 200 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 20 --rounds 3 --shapes 0,1 \
-    --out "$OUT/seesaw_loads.md"
-  kill $smi 2>/dev/null
-  cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
-  ;;
-tma4)  # run 3: synccheck reported a divergent barrier in the TMA build: where (line numbers), with __syncwarp after
-  # thread 0's copies, and the cp.async build for comparison
-  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
-  SC="compute-sanitizer --tool synccheck --print-limit 4 --show-backtrace no python3 /tmp/sanitize.py"
-  MLA_NVRTC_LINEINFO=1 r 100 s_sync_tma $SC
-  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_SYNCWARP=1" r 100 s_sync_syncwarp $SC
-  MLA_NVRTC_LINEINFO=1 MLA_SEESAW_LOADS=cpasync r 100 s_sync_cpasync $SC
-  ;;
-tma5)  # runs 2-4: racecheck flags barrier-ordered sMa / sL accesses in the TMA build only (synccheck reports the same
-  # 771 named-barrier "divergences" for every build: not the difference). A probe: bar.sync-ordered accesses with
-  # mbarrier waits in between; the kernel with lane-0 polling under racecheck and its tests
-  for v in plain mbar mbar_lane0; do
-    r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
-  done
-  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cupy_gpu as t; open('/tmp/sanitize.py', 'w').write(t._SANITIZE)"
-  MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_SEESAW_POLL_LANE0=1" r 100 s_race_lane0 compute-sanitizer --tool \
-    racecheck --print-limit 6 python3 /tmp/sanitize.py
-  MLA_NVRTC_DEFINES="MLA_SEESAW_POLL_LANE0=1" t 100 t_seesaw_lane0 tests/test_cupy_gpu.py -k seesaw
   ;;
 plans)  # issue #4 (2026-11-26, fifth session): the tight scheduler payload (MLA_PLAN_TIGHT): the device plan against
   # the host one, loose and tight, then the few-long shapes and the memory-bound one timed with each

@@ -70,12 +70,6 @@
 #define MLA_SEESAW_TMA 0
 #endif
 static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a diagnostic of the cp.async build");
-#ifndef MLA_SEESAW_SYNCWARP  // experiment (racecheck): __syncwarp() after the copies thread 0 issues alone
-#define MLA_SEESAW_SYNCWARP 0
-#endif
-#ifndef MLA_SEESAW_POLL_LANE0  // experiment (racecheck): lane 0 of each warp polls the mbarriers, __syncwarp()
-#define MLA_SEESAW_POLL_LANE0 0
-#endif
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -132,12 +126,7 @@ __device__ __forceinline__ void seesaw_scores_issue_tma(float (&acc)[32], u32 q_
 #pragma unroll
   for (int j = 0; j < 9; ++j) {
     const int c = order[W][j];
-#if MLA_SEESAW_POLL_LANE0
-    if ((threadIdx.x & 31) == 0) mbar_wait(bars + 8 * c, parity);
-    __syncwarp();
-#else
     mbar_wait(bars + 8 * c, parity);
-#endif
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
@@ -289,7 +278,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             tma_load_3d(k0 + buf * TILE_BYTES + c * SW128_BLOCK_BYTES, k_map, 64 * c, g, row0, bar);
           }
       }
-      if (MLA_SEESAW_SYNCWARP) __syncwarp();
     };
     // keys of tile `tile` past the sequence (L) hold whatever the cache holds there (NaN in the tests): P is 0 for
     // them, but 0 x NaN is not, so their V rows (channel blocks 0-7) are zeroed by the buffer's warpgroup once its

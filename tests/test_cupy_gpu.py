@@ -31,10 +31,11 @@ DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(np.float16, id="fp16")]
 # "hopper": the Hopper kernels as dispatched (the narrow kernel for <= 16 query rows a KV head, the 64-row
 # kernel above); "hopper-narrow": the narrow kernel forced on every shape (MLA_HOPPER_VARIANT=narrow, several
 # 16-row tiles where there are more rows); "hopper-seesaw" / "hopper-wide": the seesaw (auto above 32 rows) / the
-# lock-step wide kernel forced on every shape (MLA_HOPPER_VARIANT)
+# lock-step wide kernel forced on every shape (MLA_HOPPER_VARIANT); "hopper-seesaw-tma": the seesaw kernel's TMA
+# build forced (MLA_SEESAW_LOADS=tma; these cases are all page 64)
 KERNELS = [pytest.param("portable", id="portable"), pytest.param("hopper", id="hopper"),
            pytest.param("hopper-narrow", id="hopper-narrow"), pytest.param("hopper-seesaw", id="hopper-seesaw"),
-           pytest.param("hopper-wide", id="hopper-wide")]
+           pytest.param("hopper-seesaw-tma", id="hopper-seesaw-tma"), pytest.param("hopper-wide", id="hopper-wide")]
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +50,16 @@ def _hopper_cases(request, monkeypatch):
     monkeypatch.delenv("MLA_CUPY_UNVERIFIED", raising=False)
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("kernel") in ("hopper", "hopper-narrow", "hopper-seesaw",
-                                                                   "hopper-wide"):
+                                                                   "hopper-seesaw-tma", "hopper-wide"):
         from mla.backends import cupy_hopper
 
         reason = cupy_hopper.device_reason(_arrays.cupy_module().cuda.Device().id)
         if reason:
             pytest.skip(reason)
         monkeypatch.setenv("MLA_HOPPER_VARIANT", {"hopper-narrow": "narrow", "hopper-seesaw": "seesaw",
-                                                  "hopper-wide": "wide"}.get(
+                                                  "hopper-seesaw-tma": "seesaw", "hopper-wide": "wide"}.get(
             callspec.params["kernel"], "auto"))
+        monkeypatch.setenv("MLA_SEESAW_LOADS", "tma" if callspec.params["kernel"] == "hopper-seesaw-tma" else "auto")
 
 
 def _check(case, kernel="portable", on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL):
@@ -384,9 +386,14 @@ _SANITIZE = textwrap.dedent("""
     import os
     # above 32 rows auto takes the seesaw kernel (the second case above); forced: the lock-step wide kernel, and
     # the seesaw kernel on an odd block count (5 tiles: a last pair without B), one tile and an empty sequence
-    for variant, kw in (('wide', dict(h_q=64, s_q=2, seqlens=[100, 1], causal=True)),
-                        ('seesaw', dict(h_q=128, s_q=1, seqlens=[300, 64, 0]))):
+    runs = [('wide', 'cpasync', dict(h_q=64, s_q=2, seqlens=[100, 1], causal=True)),
+            ('seesaw', 'cpasync', dict(h_q=128, s_q=1, seqlens=[300, 64, 0]))]
+    if TMA:  # the seesaw kernel's TMA build (MLA_SEESAW_LOADS=tma) on both problems
+        runs += [('seesaw', 'tma', dict(h_q=64, s_q=2, seqlens=[100, 1], causal=True)),
+                 ('seesaw', 'tma', dict(h_q=128, s_q=1, seqlens=[300, 64, 0]))]
+    for variant, loads, kw in runs:
         os.environ['MLA_HOPPER_VARIANT'] = variant
+        os.environ['MLA_SEESAW_LOADS'] = loads
         case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, d=576,
                                         head_dim_v=512, page_block_size=64, **kw)
         c = testing.to_device(case)
@@ -398,4 +405,12 @@ _SANITIZE = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(tool):
-    check_compute_sanitizer(tool, _SANITIZE)
+    """The default builds; memcheck also runs the seesaw kernel's TMA build (MLA_SEESAW_LOADS=tma)."""
+    check_compute_sanitizer(tool, "TMA = " + str(tool == "memcheck") + "\n" + _SANITIZE)
+
+
+@pytest.mark.xfail(strict=True, reason="racecheck reports hazards on the seesaw TMA build's m_A / l accesses that "
+                   "full barriers order; not explained (2026-11-26, seventh session; benchmarks/NOTES_cupy.md), so "
+                   "the TMA build is opt-in (cupy_hopper.seesaw_loads). strict: a clean report fails this test")
+def test_compute_sanitizer_racecheck_seesaw_tma():
+    check_compute_sanitizer("racecheck", "TMA = True\n" + _SANITIZE)

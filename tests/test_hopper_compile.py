@@ -267,6 +267,28 @@ def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
     assert cupy_backend._prepare(None, problem, None, None, 0, "portable") == "portable"
 
 
+def test_seesaw_loads_choice(monkeypatch):
+    """The seesaw kernel's loads: cp.async by default; MLA_SEESAW_LOADS=tma takes the TMA build where a tensor map
+    can describe the cache (page a multiple of 64, 16-byte aligned) and is a ValueError that says why elsewhere."""
+    from mla.backends import _tma
+
+    k64 = np.zeros((4, 64, 1, 576), dtype=np.uint16)
+    k16 = np.zeros((4, 16, 1, 576), dtype=np.uint16)
+    monkeypatch.delenv("MLA_SEESAW_LOADS", raising=False)
+    assert cupy_hopper.seesaw_loads(k64) == "cpasync" and cupy_hopper.seesaw_loads(k16) == "cpasync"
+    monkeypatch.setenv("MLA_SEESAW_LOADS", "tma")
+    assert cupy_hopper.seesaw_loads(k64) == "tma"
+    with pytest.raises(ValueError, match="page size 16 is not a multiple of 64"):
+        cupy_hopper.seesaw_loads(k16)
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        cupy_hopper.seesaw_loads(np.zeros(4 * 64 * 576 + 1, dtype=np.uint16)[1:].reshape(4, 64, 1, 576))
+    monkeypatch.setenv("MLA_SEESAW_LOADS", "bulk")
+    with pytest.raises(ValueError, match="MLA_SEESAW_LOADS must be one of"):
+        cupy_hopper.seesaw_loads(k64)
+    assert _tma.kv_map_reason(0, 10, 128, 2, 576) is None
+    assert "2^31" in _tma.kv_map_reason(0, 2**26, 64, 1, 576)
+
+
 def test_seesaw_has_no_fp8_build(monkeypatch):
     """An FP8 cache asked of the seesaw kernel is a ValueError that says which kernels take it, before any launch
     (the seesaw kernel has no FP8 build; fp8_variant never names it)."""
@@ -802,7 +824,9 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     arrays = [np.ascontiguousarray(case.q), np.ascontiguousarray(case.k_cache),
               np.ascontiguousarray(case.block_table, np.int32), np.ascontiguousarray(case.cache_seqlens, np.int32),
               np.ascontiguousarray(sched, np.int32), np.ascontiguousarray(splits, np.int32)]
-    assert cupy_hopper.seesaw_loads(arrays[1]) == "tma" or not tma  # (NumPy's allocations are 16-byte aligned)
+    from mla.backends import _tma
+
+    assert not tma or _tma.kv_map_reason(arrays[1].ctypes.data, *arrays[1].shape) is None
     k_map = _emu_tensor_map(arrays[1]) if tma else None
     launches, out, lse = cupy_hopper.assemble(np, fn, comb, problem, *arrays,
                                               host_splits=None if device_plan else arrays[-1], poison=True,
