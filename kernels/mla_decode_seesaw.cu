@@ -6,6 +6,18 @@
 // compute capability 9.0 for dense bf16 / fp16 caches (mla/backends/cupy_hopper.py variant). Numbers:
 // benchmarks/BENCHMARKS.md; versions and what did not work: benchmarks/NOTES_cupy.md (sixth session).
 //
+// Two builds of the loads. Default (MLA_SEESAW_TMA=0): cp.async, as described below. TMA build (MLA_SEESAW_TMA=1,
+// opt-in: MLA_SEESAW_LOADS=tma; seventh session, H100: the matrix forced "hopper-seesaw-tma", memcheck, the
+// emulator with models of mbarriers and tensor copies): thread 0 of a warpgroup copies each 64-key x 64-channel
+// piece of its buffer with one bulk tensor copy (tensor map: mla/backends/_tma.py) completing on the piece's
+// mbarrier; the S wgmma wait piece by piece (in the order the refills go out), and a piece is refilled as soon as
+// its last reader is done (buffer 0's blocks 1-3 after warpgroup 0's own P V, the rest after AFREE; buffer 1's
+// blocks 4-7 after warpgroup 1's own P V, the rest after BFREE). Keys past the sequence in the last tile are zeroed
+// in V after the copy (zero_tail: the copy brings the whole page). 3-7% faster than cp.async (128,2,128,8192:
+// 1.430 against 1.475 ms kernels only, 1.622 against 1.652 in an API loop); not the default because
+// compute-sanitizer's racecheck reports hazards on m_A / l accesses that full barriers order, in this build only,
+// unexplained (benchmarks/NOTES_cupy.md, seventh session). Page sizes that are not multiples of 64 take cp.async.
+//
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
 // signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32
 // base 2, bf16 P = P_hi + P_lo); dense bf16 / fp16 caches, d = 576, d_v = 512, any page size, h_kv, s_q, h_q.
@@ -79,6 +91,7 @@ constexpr u32 ROPE_AT = (D / 64 - 1) * SW128_BLOCK_BYTES;  // byte offset of a K
 constexpr u32 VR_AT = 4 * SW128_BLOCK_BYTES;              // ... of its channels 256.. (V_R)
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 constexpr int NPIECES = D / 64;                           // 64-channel pieces of a K buffer (SW128 blocks)
+// (+ 2 x 9 mbarriers at the end: the TMA build's, allocated in both builds so the size is one)
 constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4 + 2 * NPIECES * 8;
 static_assert(SMEM_BYTES == 230544, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
 static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
@@ -178,7 +191,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
   float* sL = sMb + 64;                                           // [2][64]
   const u32 bars = smem_u32(sL + 2 * 64);  // TMA build: mbarriers [2 buffers][NPIECES], 8 bytes each
   const u32 sQ_addr = smem_u32(sQ), k0 = smem_u32(sK), k1 = k0 + TILE_BYTES, plo_addr = smem_u32(sPlo);
-  const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
+  [[maybe_unused]] const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);  // (cp.async build)
 
   const int tid = threadIdx.x, lane = tid & 31;
   const int wg = tid >> 7, t = tid & 127;

@@ -24,8 +24,10 @@ builds, and its dense build is the readable lock-step version the seesaw one is 
 * **seesaw** -- ``kernels/mla_decode_seesaw.cu``: the wide kernel's 64-row tile, plan and numerics, with
   FlashMLA's alternating ("seesaw") schedule: each warpgroup scores its own 64-key block of a pair, the two
   exchange row maxima and P through shared memory, so one's softmax runs under the other's wgmma. Dense
-  bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds). 230400 B of shared memory;
-  128,2,128,8192: 1.65 ms, 353 TFLOP/s (wide 2.07 ms in the same run).
+  bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds). 230544 B of shared memory;
+  128,2,128,8192: 1.475 ms kernels only, 396 TFLOP/s; 1.65 ms in an API loop (wide 2.04 / 1.98 ms in the same
+  run). Its K pieces come by cp.async, or (``seesaw_loads``, MLA_SEESAW_LOADS=tma, opt-in) by bulk tensor copies
+  on mbarriers (``_tma``): 3-7% faster, not the default while racecheck's report on it is unexplained.
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
