@@ -53,8 +53,14 @@ def main(argv=None):
     problem = api._validate(q, cache, table, lens, dv, None, False, False, None, None, None, True)
     sched, splits = mla.get_mla_metadata(lens, args.s_q * args.h_q, 1)
     comb = cupy_backend.combine_function(dv, False, False, args.b * args.s_q * args.h_q)
+    k_map = None  # --defines MLA_SEESAW_TMA=1: the TMA build (its tensor map)
+    if defines.get("MLA_SEESAW_TMA") not in (None, 0, "0"):
+        from mla.backends import _tma
+
+        k_map = _tma.kv_map_device(cp, cache, cp.cuda.Device().id)
     launches, out, lse = cupy_hopper.assemble(cp, fn, comb, problem, q, cache, table, lens, cp.asarray(sched),
-                                              cp.asarray(splits), host_splits=None, smem=smem)
+                                              cp.asarray(splits), host_splits=None, smem=smem, seesaw=True,
+                                              k_map=k_map)
     for _ in range(2):
         for f, grid, block, a, sm in launches:
             f(grid, block, a, shared_mem=sm)
