@@ -38,9 +38,10 @@
 // so one warpgroup's softmax runs while the other's wgmma do (each block's softmax is computed once, no S is
 // swapped). l: each warpgroup sums its own blocks' P (in m_B's scale); the two sums are added at the end.
 //
-// Shared memory (dynamic, 230400 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes):
+// Shared memory (dynamic, 230544 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 144 B are
+// the TMA build's 18 mbarriers, allocated in both builds):
 //   Q tile 73728 B (no swizzle, mla_wgmma.cuh) | K buffer 0 | K buffer 1 (each 73728 B, 128-byte swizzled:
-//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats.
+//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats | mbarriers [2][9].
 // A P block (64 rows x 64 keys, 16-bit) is one SW128 channel block, read K-major as wgmma's A operand. There is
 // no room for two more 16 KB P blocks (hi + lo), so they go where the K buffers are done with:
 //   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
