@@ -330,8 +330,8 @@ tma1)  # issue #4 (2026-11-26, seventh session): the seesaw kernel's TMA build (
   t 240 t_cupy tests/test_cupy_gpu.py -k "not seesaw"
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
-# (tma2-tma5, runs 2-5 of the seventh session: racecheck / synccheck diagnostics of the TMA build, in git history up
-# to the commit "TMA build opt-in")
+# (tma2-tma5, runs 2-5 of the seventh session: racecheck / synccheck diagnostics of the TMA build, in git history
+# before dfca518, the commit that made the TMA build opt-in)
 tmafinal)  # the seventh session's last check: the CuPy decode GPU files (the seesaw TMA build forced in the matrix;
   # memcheck on it, racecheck as the recorded expected failure), then both load paths timed in interleaved rounds
   t 260 t_cupy tests/test_cupy_gpu.py

@@ -260,9 +260,9 @@ __device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_
 
 // ---- Bulk tensor copies (TMA) completing on an mbarrier (PTX ISA: "cp.async.bulk.tensor", "mbarrier") -----------
 // The seesaw kernel's TMA build copies each 64-key x 64-channel piece of a K buffer with one tensor copy: a 3-D
-// tensor map over the cache (channels, KV heads, token rows; mla/backends/cupy_hopper.py tensor_map) with a
+// tensor map over the cache (channels, KV heads, token rows; mla/backends/_tma.py kv_map_device) with a
 // (64, 1, 64) box and the 128-byte swizzle, so a piece lands as one SW128 channel block (sw128_offset). The map is in
-// global memory (written by a kernel, tensor_map_store), hence the tensormap acquire fence before its first use. An
+// global memory (written by a kernel, kernels/mla_tensor_map.cu), hence the tensormap acquire fence before its first use. An
 // mbarrier counts one arrival (mbar_arrive_expect_tx by the issuing thread, with the piece's bytes) and completes
 // when the bytes have landed; waiters poll its phase parity. The copies write through the async proxy, as wgmma
 // reads, so no proxy fence is needed between them; a generic-proxy store into a buffer a copy refills later is

@@ -45,24 +45,23 @@ def _driver():
 
 
 def kv_map_reason(address: int, num_blocks: int, page: int, h_kv: int, d: int) -> str | None:
-    """Why a cache cannot be described by the map (None when it can): the copy's rules (16-byte aligned base,
-    strides a multiple of 16 bytes, dimensions at most 2^32) and the kernel's (a 64-row box inside one page: page a
-    multiple of 64; row coordinates in int32)."""
+    """Why a cache ``[num_blocks, page, h_kv, d]`` at ``address`` cannot be described by the map (None when it can):
+    the copy's rules (16-byte aligned base; strides a multiple of 16 bytes, which d % 64 == 0 gives) and the
+    kernel's (a 64-row box inside one page: page a multiple of 64; row coordinates in int32)."""
     if page % 64:
         return f"page size {page} is not a multiple of 64"
     if d % 64:
         return f"head dim {d} is not a multiple of 64"
     if address % 16:
         return "the cache's base address is not 16-byte aligned"
-    if (d * 2) % 16:
-        return "a cache row is not a multiple of 16 bytes"
     if num_blocks * page > 2**31 - 1 - 64:
         return "more than 2^31 token rows"
     return None
 
 
 def encode_kv_map(address: int, num_blocks: int, page: int, h_kv: int, d: int) -> np.ndarray:
-    """The 128-byte CUtensorMap of the cache at ``address`` (a device pointer) as 16 uint64 words."""
+    """The 128-byte CUtensorMap of the cache ``[num_blocks, page, h_kv, d]`` (16-bit elements) at ``address`` (a
+    device pointer) as a uint64 [16] NumPy array."""
     reason = kv_map_reason(address, num_blocks, page, h_kv, d)
     if reason:
         raise ValueError(f"no tensor map for this cache: {reason}")
@@ -84,8 +83,9 @@ _CACHE_MAX = 32
 
 
 def kv_map_device(cp, k_cache, dev: int):
-    """The cache's tensor map in device memory (a CuPy uint64 [16] array), encoded and stored once per (device,
-    address, shape); the newest ``_CACHE_MAX`` are kept."""
+    """The tensor map of ``k_cache`` (a C-contiguous CuPy array [num_blocks, page, h_kv, d] of 16-bit elements on
+    device ``dev``) in device memory, a CuPy uint64 [16] array; encoded and stored once per (device, address,
+    shape), the newest ``_CACHE_MAX`` kept."""
     from . import _nvrtc
 
     num_blocks, page, h_kv, d = (int(x) for x in k_cache.shape)

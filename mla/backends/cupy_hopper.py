@@ -98,11 +98,11 @@ def seesaw_smem_bytes() -> int:
 
 
 def seesaw_loads(k_cache) -> str:
-    """How the seesaw kernel brings the pieces of ``k_cache`` (the device array launched; NumPy in the emulator tests)
-    in: "cpasync" (every thread copies 16-byte chunks, the whole buffer waited for; any page size) by default, or
-    "tma" (``MLA_SEESAW_LOADS=tma``, the TMA build ``MLA_SEESAW_TMA=1``: bulk tensor copies of 64 x 64 pieces
-    completing on mbarriers, each piece waited for before its wgmma; page sizes a multiple of 64, 16-byte aligned
-    cache: ``_tma.kv_map_reason``, else a ValueError).
+    """How the seesaw kernel brings the pieces of ``k_cache`` [num_blocks, page, h_kv, d] (the device array launched;
+    NumPy in the emulator tests) in: "cpasync" (every thread copies 16-byte chunks, the whole buffer waited for;
+    any page size) by default, or "tma" (``MLA_SEESAW_LOADS=tma``, the TMA build ``MLA_SEESAW_TMA=1``: bulk tensor
+    copies of 64 x 64 pieces completing on mbarriers, each piece waited for before its wgmma; page sizes a multiple
+    of 64, 16-byte aligned cache: ``_tma.kv_map_reason``, else a ValueError).
 
     Why TMA is not the default (2026-11-26, seventh session, H100): it passes the GPU tests and memcheck and is
     3-7% faster (benchmarks/BENCHMARKS.md), but compute-sanitizer's racecheck reports hazards on accesses to
