@@ -42,6 +42,7 @@ COMPILE_CASES = (
     [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
      for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
+    + [(cupy_hopper.NARROW_SOURCE, {**_FP8_BUILD, "MLA_FP8_STAGE": 1})]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
@@ -88,6 +89,13 @@ def test_smem_budget_matches_the_kernel():
     seesaw = _nvrtc.read_source(cupy_hopper.SEESAW_SOURCE)
     assert f"SMEM_BYTES == {cupy_hopper.seesaw_smem_bytes()}" in seesaw
     assert cupy_hopper.seesaw_smem_bytes() == 230544 <= 232448
+    # the narrow kernel (its static_assert names the 16-row sizes; the raw stage adds 32768 + 8192)
+    assert cupy_hopper.narrow_smem_bytes(True) == 182848 and cupy_hopper.narrow_smem_bytes(False) == 178752
+    assert cupy_hopper.narrow_smem_bytes(True, 32) == 218240
+    assert cupy_hopper.narrow_smem_bytes(True, 16, True) == 182848 + 32768 + 8192 == 223808 <= 232448
+    narrow = _nvrtc.read_source(cupy_hopper.NARROW_SOURCE)
+    assert "(NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)) + STAGE_BYTES" in narrow
+    assert "STAGE_CODE_BYTES + 2 * NTHREADS * 16" in narrow and "STAGE_CODE_BYTES = BLOCK_N * FP8_NOPE" in narrow
 
 
 @pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 32), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 16),
@@ -155,6 +163,7 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
 @pytest.mark.parametrize("defines,st_shape,pv_shape", [
     ({"MLA_FP16": 0}, "64x16x16", "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16", "64x16x16"),
     ({"MLA_FP16": 1}, "64x16x16", "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x16x16", "64x32x16"),
+    ({"MLA_FP16": 0, "MLA_FP8": 1, "MLA_FP8_STAGE": 1}, "64x16x16", "64x32x16"),
     ({"MLA_FP16": 0, "MLA_NQ": 32}, "64x32x16", "64x64x16"), ({"MLA_FP16": 1, "MLA_NQ": 32}, "64x32x16", "64x32x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, st_shape, pv_shape):
     """The narrow kernel: 18 HGMMA for a warpgroup's half of S^T and 16 for its 4 channel blocks of P V a
@@ -814,7 +823,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.SEESAW_FUNCTION if seesaw
                           else cupy_hopper.FUNCTION)
-    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq) if narrow
+    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq, defines.get("MLA_FP8_STAGE", 0)) if narrow
             else cupy_hopper.seesaw_smem_bytes() if seesaw else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
@@ -897,15 +906,21 @@ FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager c
 ]
 
 
+# the 16-row narrow cases run with both ways of loading the raw rows (cupy_hopper.fp8_narrow_loads)
+FP8_RUNS = [(*c, loads) for c in FP8_CASES for loads in (("stage", "registers") if c[-1] == 16 else ("registers",))]
+
+
 @needs_gxx
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq", FP8_CASES,
-                         ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq,loads", FP8_RUNS,
+                         ids=[f"fp8case{FP8_CASES.index(r[:-1])}-{r[-1]}" for r in FP8_RUNS])
 def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
-                                               eager, odd, nq):
+                                               eager, odd, nq, loads):
     """The Hopper kernels' FP8 builds (MLA_FP8=1; nq 16 or 32: narrow, 0: wide; raw 656-byte rows, exact
     dequantisation into the SW128 bf16 tile) against the NumPy backend on the same FP8 cache (which
     dequantises it), NaN in the unused slots.
-    odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
+    odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one).
+    loads: the narrow kernel's raw rows through register stages, or (16 rows) through the raw stage
+    (-DMLA_FP8_STAGE=1)."""
     import mla
     from mla import testing
 
@@ -918,7 +933,8 @@ def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
         scales[::3, :4] *= np.float32(2.0 ** -110)
         scales[::5, 4:6] *= np.float32(2.0 ** 100)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=nq > 0, fp8=True,
-                                              nq=max(nq, 16))
+                                              nq=max(nq, 16),
+                                              extra_defines={"MLA_FP8_STAGE": 1} if loads == "stage" else None)
     assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
@@ -1036,6 +1052,38 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
     out, lse, _, _ = _run_emulated(monkeypatch, case, 1, narrow=True, **kw)
     with pytest.raises(AssertionError):
         testing.assert_close(out, lse, out_ref, lse_ref)
+
+
+FP8_STAGE_EDITS = {  # planted bugs in the narrow kernel's raw stage (-DMLA_FP8_STAGE=1): (edit, eager copies)
+    "half a converted before its copies land": (
+        ("cp_async_wait<2>();  // this thread's half a of tile tt + 1", "cp_async_wait<3>();  //"), False),
+    "RoPE of the next tile not waited for": (("cp_async_wait<2>();   // the RoPE copies of tile tt + 1", "//"), False),
+    "half a refilled before it is converted": (
+        ("            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 0, tid);\n"
+         "            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);\n",
+         "            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);\n"
+         "            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 0, tid);\n"), True),
+}
+
+
+@needs_gxx
+@pytest.mark.parametrize("edit", list(FP8_STAGE_EDITS))
+def test_emulator_catches_fp8_stage_bugs(monkeypatch, edit):
+    """Self-test for the raw stage: converting a half before this thread's copies have landed or not waiting for the
+    next tile's RoPE copies before the barrier that publishes it (copies carried out at the wait, the latest
+    moment), or refilling a half before converting it (copies carried out at the issue, the earliest) makes the
+    emulated result wrong, so the passing stage runs do test the wait counts and the order."""
+    import mla
+    from mla import testing
+
+    case = testing.make_decode_case(np.random.default_rng(3), b=1, s_q=1, h_q=16, h_kv=1, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[600], dtype=BF16, fp8=True)
+    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), is_fp8_kvcache=True, backend="numpy")
+    source_edit, eager = FP8_STAGE_EDITS[edit]
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, eager, "skewed", narrow=True, fp8=True,
+                                   extra_defines={"MLA_FP8_STAGE": 1}, source_edit=source_edit)
+    with pytest.raises(AssertionError):
+        testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
 
 
 SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (edit, loads, eager copies)

@@ -69,12 +69,28 @@ VARIANTS = ("auto", "narrow", "wide", "seesaw")
 FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
-def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
+def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS, fp8_stage: bool = False) -> int:
     """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles + 2 P^T
-    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build has the same layout (its raw
-    rows wait in registers, kernels/mla_wgmma.cuh "register stages")."""
+    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build's register stages
+    (kernels/mla_wgmma.cuh) add nothing; its raw stage (fp8_stage, -DMLA_FP8_STAGE=1, 16 rows) adds a key tile's
+    e4m3 codes (64 x 512 B) and each thread's copy of its rows' scales (2 x 256 x 16 B): 223808 B in all."""
     npv = 2 * nq if p_split else nq
-    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
+    stage = BLOCK_M * 512 + 2 * 256 * 16 if fp8_stage else 0
+    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq) + stage
+
+
+FP8_NARROW_LOADS = ("stage", "registers")
+
+
+def fp8_narrow_loads(nq: int) -> str:
+    """How the narrow kernel's FP8 build brings the raw 656-byte rows in: "stage" (v3, 16 rows a CTA: cp.async into
+    a raw shared-memory stage, converted from there into the bf16 tile, -DMLA_FP8_STAGE=1) or "registers" (v2:
+    ld.global into register stages; the only way at 32 rows, where the stage does not fit).
+    MLA_FP8_NARROW_LOADS=stage|registers chooses at 16 rows (default "stage")."""
+    loads = os.environ.get("MLA_FP8_NARROW_LOADS", "stage") or "stage"
+    if loads not in FP8_NARROW_LOADS:
+        raise ValueError(f"MLA_FP8_NARROW_LOADS must be one of {FP8_NARROW_LOADS}, got {loads!r}")
+    return loads if nq == NARROW_ROWS else "registers"
 
 
 def narrow_nq(problem) -> int:
@@ -297,10 +313,12 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
+    if fp8 and narrow and fp8_narrow_loads(nq) == "stage":
+        d["MLA_FP8_STAGE"] = 1
     source, function = {"narrow": (NARROW_SOURCE, NARROW_FUNCTION),
                         "seesaw": (SEESAW_SOURCE, SEESAW_FUNCTION)}.get(which, (SOURCE, FUNCTION))
-    smem = (narrow_smem_bytes(p_split(d), nq) if narrow else SEESAW_SMEM_BYTES if which == "seesaw"
-            else wide_smem_bytes(fp8))
+    smem = (narrow_smem_bytes(p_split(d), nq, d.get("MLA_FP8_STAGE", 0)) if narrow
+            else SEESAW_SMEM_BYTES if which == "seesaw" else wide_smem_bytes(fp8))
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
