@@ -343,17 +343,17 @@ tmafinal)  # the seventh session's last check: the CuPy decode GPU files (the se
   kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
-fp8stage)  # issue #5 (2026-11-26, eighth session): the narrow kernel's FP8 raw stage (-DMLA_FP8_STAGE=1, cp.async into
-  # shared memory instead of register stages): the FP8 GPU file (both loads; sanitizers), then both timed in
-  # interleaved rounds (each run times bf16 too), then both with the keys L2-resident
+fp8stage)  # issue #5 (2026-11-26, eighth session): the narrow kernel's FP8 raw stage (-DMLA_FP8_STAGE: 1 cp.async,
+  # 2 bulk copies on mbarriers) against the register stages: the FP8 GPU file (every load; sanitizers on the default),
+  # then all three timed in interleaved rounds (each run times bf16 too), then with the keys L2-resident
   t 200 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   for rnd in 1 2 3; do
-    for loads in registers stage; do
+    for loads in registers cpasync bulk; do
       r 45 "dense_${loads}_$rnd" env MLA_FP8_NARROW_LOADS=$loads python3 benchmarks/bench_fp8_sparse.py --dense-only \
         --reps 30
     done
   done
-  for loads in registers stage; do
+  for loads in registers cpasync bulk; do
     r 45 "resident_$loads" env MLA_FP8_NARROW_LOADS=$loads python3 benchmarks/bench_fp8_sparse.py --dense-only \
       --reps 30 --resident 64
   done
