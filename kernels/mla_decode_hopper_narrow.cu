@@ -86,11 +86,6 @@
 #ifndef MLA_P_SPLIT
 #define MLA_P_SPLIT (!MLA_FP16)
 #endif
-// FP8 v3 (16 rows): the raw rows reach shared memory through a raw stage, not through registers: 1 = by cp.async,
-// 2 = by bulk copies (one 656-byte row a copy) completing on mbarriers
-#ifndef MLA_FP8_STAGE
-#define MLA_FP8_STAGE 0
-#endif
 
 namespace narrow {
 constexpr int D = 576, DV = 512;
@@ -113,16 +108,8 @@ constexpr bool FP8 = MLA_FP8;
 // FP8: both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
 // would spill, one half at a time (loaded half a tile ahead)
 constexpr bool FP8_TWO_STAGES = NQ == 16;
-constexpr int STAGE_KIND = MLA_FP8_STAGE;
-constexpr bool FP8_STAGE = STAGE_KIND == 1, FP8_BULK = STAGE_KIND == 2;
-static_assert(STAGE_KIND == 0 || (FP8 && NQ == 16), "the raw stage is the 16-row FP8 build's (32 rows: no room)");
-static_assert(STAGE_KIND >= 0 && STAGE_KIND <= 2, "MLA_FP8_STAGE: 0, 1 (cp.async) or 2 (bulk copies)");
-// the raw stage. cp.async: the e4m3 codes of a key tile (64 rows x 512 B) + each thread's copy of its rows' scales
-// (2 halves x 256 threads x 16 B). Bulk: two mbarriers (halves a, b) + the tile's whole 656-byte rows.
-constexpr int STAGE_CODE_BYTES = BLOCK_N * FP8_NOPE;
-constexpr int STAGE_BYTES = FP8_STAGE ? STAGE_CODE_BYTES + 2 * NTHREADS * 16 : FP8_BULK ? 16 + BLOCK_N * FP8_BYTES : 0;
-constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ) + STAGE_BYTES;
-static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)) + STAGE_BYTES,
+constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ);
+static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)),
               "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
@@ -143,85 +130,6 @@ __device__ __forceinline__ int colof(int c2, int j) { return c2 + (j & 1) + 8 * 
 __device__ __forceinline__ void wg_bar(int wg) {
   if (wg) named_bar_sync(2, 128);
   else named_bar_sync(1, 128);
-}
-
-// ---- FP8 v3's raw stage (MLA_FP8_STAGE). Half h of a key tile is rows 32 h .. 32 h + 31; thread tid copies and
-// later converts row 32 h + tid / 8, code chunks j = tid % 8 + 8 k (k < 4; 16 codes = 16 bytes each, channels
-// 16 j ..), and its own copy of that row's 4 scales. No thread reads what another copied, so a thread's
-// cp.async.wait_group is all the synchronisation the stage needs (no barrier), and the chunk is refilled as
-// soon as the thread has converted it. A quarter-warp copies 128 contiguous bytes of a row.
-__device__ __forceinline__ void fp8_stage_copy(unsigned char* s_codes, unsigned char* s_scales,
-                                               const unsigned char* kc8, int tok, int h_kv, int g, int half,
-                                               int tid) {
-  const int row = 32 * half + (tid >> 3), l = tid & 7;
-  const unsigned char* src = fp8_row(kc8, tok, h_kv, g);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) cp_async16(s_codes + row * FP8_NOPE + 16 * (l + 8 * k), src + 16 * (l + 8 * k), tok >= 0);
-  cp_async16(s_scales + (half * NTHREADS + tid) * 16, src + FP8_SCALES_AT, tok >= 0);  // zero-filled: scale 0
-}
-// the thread's chunks of half `half` -> the SW128 bf16 tile kb (exactly dequant8's values; the fast path when
-// every scale the warp holds is a moderate power of two, a warp-uniform choice). A chunk is two 16-byte bf16
-// chunks of one 64-channel block; lanes with tid % 8 >= 4 store their second one first, so that a quarter-warp's
-// stores hit 8 different 16-byte bank groups.
-// codes: the row's 512 code bytes in shared memory; l = tid % 8
-__device__ __forceinline__ void fp8_convert_row_chunks(unsigned char* kb, int row, int l, const unsigned char* codes,
-                                                       float4 sc4) {
-  const int sw = l >> 2;
-  const float sc[4] = {sc4.x, sc4.y, sc4.z, sc4.w};
-  const bool fast = __all_sync(0xffffffff, fp8_pow2_ok(sc[0]) && fp8_pow2_ok(sc[1]) && fp8_pow2_ok(sc[2]) &&
-                                               fp8_pow2_ok(sc[3]));
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int j = l + 8 * k;
-    const uint4 w = *reinterpret_cast<const uint4*>(codes + 16 * j);
-    const uint2 first = sw ? uint2{w.z, w.w} : uint2{w.x, w.y};   // channels 16 j + 8 sw ..
-    const uint2 second = sw ? uint2{w.x, w.y} : uint2{w.z, w.w};  // channels 16 j + 8 (1 - sw) ..
-    uint4 a, b;
-    if (fast) {
-      const u32 mult = fp8_pow2_mult(sc[k]);
-      a = dequant8_pow2(first, mult);
-      b = dequant8_pow2(second, mult);
-    } else {
-      a = dequant8(first, sc[k]);
-      b = dequant8(second, sc[k]);
-    }
-    const int ch = 16 * j + 8 * sw;
-    *reinterpret_cast<uint4*>(kb + sw128_offset(row, ch)) = a;
-    *reinterpret_cast<uint4*>(kb + sw128_offset(row, ch ^ 8)) = b;
-  }
-}
-__device__ __forceinline__ void fp8_stage_convert(unsigned char* kb, const unsigned char* s_codes,
-                                                  const unsigned char* s_scales, int half, int tid) {
-  const int row = 32 * half + (tid >> 3);
-  fp8_convert_row_chunks(kb, row, tid & 7, s_codes + row * FP8_NOPE,
-                         *reinterpret_cast<const float4*>(s_scales + (half * NTHREADS + tid) * 16));
-}
-
-// ---- FP8 v3b's bulk stage (MLA_FP8_STAGE=2): whole 656-byte rows, each brought by one bulk copy (async proxy, like
-// TMA: the issuing thread's later fences do not wait for it, as they wait for its cp.async copies -- the measured
-// reason v3 by cp.async was slower than the register stages). Warp 0 fills half h of a tile: lane l copies row
-// 32 h + l and arrives on the half's mbarrier (32 arrivals a phase) with the row's bytes; a row past the piece is
-// zeroed by the lane instead (0 x NaN would be NaN) and arrives with none. Every thread converts its chunks as in
-// v3 (any thread may read any row now), and the RoPE chunk tid % 8 of its row. A half is refilled after a barrier
-// that follows everyone's conversion of it.
-__device__ __forceinline__ void fp8_bulk_fill(unsigned char* s_rows, u32 bar, const unsigned char* kc8, int tok,
-                                              int h_kv, int g, int half, int lane) {
-  unsigned char* dst = s_rows + (32 * half + lane) * FP8_BYTES;
-  if (tok >= 0) {
-    mbar_arrive_expect_tx(bar, FP8_BYTES);
-    bulk_load_1d(smem_u32(dst), fp8_row(kc8, tok, h_kv, g), FP8_BYTES, bar);
-  } else {
-#pragma unroll 1
-    for (int c = 0; c < FP8_BYTES / 16; ++c) reinterpret_cast<uint4*>(dst)[c] = make_uint4(0u, 0u, 0u, 0u);
-    mbar_arrive_expect_tx(bar, 0);
-  }
-}
-__device__ __forceinline__ void fp8_bulk_convert(unsigned char* kb, const unsigned char* s_rows, int half, int tid) {
-  const int row = 32 * half + (tid >> 3), l = tid & 7;
-  const unsigned char* src = s_rows + row * FP8_BYTES;
-  fp8_convert_row_chunks(kb, row, l, src, *reinterpret_cast<const float4*>(src + FP8_SCALES_AT));
-  *reinterpret_cast<uint4*>(kb + sw128_offset(row, FP8_NOPE + 8 * l)) =
-      *reinterpret_cast<const uint4*>(src + FP8_ROPE_AT + 16 * l);
 }
 
 #if MLA_HAS_WGMMA
@@ -281,12 +189,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   float* sRed = sX + X_FLOATS;                                // [2][4][NQ]: warpgroup w's per-warp column max / sum
   int* sLim = reinterpret_cast<int*>(sRed + RED_FLOATS);      // [NQ]: the last key column c sees (in smem: registers
                                                               // are short at 32 rows)
-  // FP8 v3: the raw stage's codes [64][512 B] and scale copies [2][256][16 B] (after everything else)
-  unsigned char* sStage = smem_raw + (SMEM_BYTES - STAGE_BYTES);
-  unsigned char* sStageScales = sStage + STAGE_CODE_BYTES;
-  // FP8 v3b: the bulk stage's mbarriers (halves a, b) and rows [64][656 B]
-  const u32 bar_a = smem_u32(sStage), bar_b = bar_a + 8;
-  unsigned char* sRows = sStage + 16;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // warpgroup (read from lane 0, so that ptxas sees a warp-uniform value: control flow that depends on it
@@ -302,15 +204,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
   if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
   const MlaWork work = mla_work(sched, blockIdx.x);
-  u32 bulk_parity = 0;  // FP8 v3b: the parity of the next phase of bar_a and bar_b (each completes once a tile)
-  if constexpr (FP8_BULK) {
-    if (tid == 0) {
-      mbar_init(bar_a, 32);
-      mbar_init(bar_b, 32);
-      fence_mbar_init();
-    }
-    __syncthreads();
-  }
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
@@ -364,11 +257,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       };
       const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
       auto kbuf = [&](int tile) { return reinterpret_cast<unsigned char*>(sK + (tile & 1) * TILE_EL); };
-      // FP8 v3: the token row of this thread's stage row in half `half` of key tile `tile` (-1 past the piece)
-      auto fetch_stage_tok = [&](int tile, int half) {  // (v3b: warp 0's lane l fills row 32 half + l: tid >> 3 -> lane)
-        const int pos = start + tile * BLOCK_N + 32 * half + (FP8_BULK ? lane : tid >> 3);
-        return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] * page + pos % page : -1;
-      };
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero
       for (int c = tid; c < NQ * D / 8; c += NTHREADS) {
         const int r = c % NQ, ch = 8 * (c / NQ), m = qt * NQ + r;
@@ -382,63 +270,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       // token rows of tile tt + 2. One: st_a holds half a of tile tt + 1, tok the token rows of tile tt + 1.
       Fp8Half st_a, st_b;
       int tok = 0;
-      // FP8 v3: tok_a / tok_b: this thread's stage rows of tile tt + 2 at the top of tile tt (tok: the warp's rows of
-      // tile tt + 1, for the RoPE copy). cp.async groups, committed in this order: tile tt's top: RoPE of tt + 1;
-      // under S^T: half a of tt + 2; under O^T: half b of tt + 2 (empty groups where there is nothing to copy), so
-      // each wait is wait_group 2.
-      int tok_a = -1, tok_b = -1;
-      if constexpr (FP8_BULK) {
-        // v3b: tok_a (warp 0) holds its lane's row of half a of tile tt + 2 at the top of tile tt, tok_b of half b
-        // of tile tt + 1. Tile 0 straight through (its latency is exposed once a piece).
-        cp_async_commit();  // group: Q
-        if (warp == 0) {
-          fp8_bulk_fill(sRows, bar_a, kc8, fetch_stage_tok(0, 0), h_kv, g, 0, lane);
-          fp8_bulk_fill(sRows, bar_b, kc8, fetch_stage_tok(0, 1), h_kv, g, 1, lane);
-          if (n_tiles > 1) {
-            tok_a = fetch_stage_tok(1, 0);
-            tok_b = fetch_stage_tok(1, 1);
-          }
-        }
-        cp_async_wait<0>();  // Q
-        mbar_wait(bar_a, bulk_parity);
-        fp8_bulk_convert(kbuf(0), sRows, 0, tid);
-        mbar_wait(bar_b, bulk_parity);
-        fp8_bulk_convert(kbuf(0), sRows, 1, tid);
-        bulk_parity ^= 1;
-        __syncthreads();  // everyone has read the stage
-        if (warp == 0 && n_tiles > 1) {
-          fence_proxy_async();  // (the generic reads above before the copies' async-proxy writes)
-          fp8_bulk_fill(sRows, bar_a, kc8, tok_a, h_kv, g, 0, lane);
-          if (n_tiles > 2) tok_a = fetch_stage_tok(2, 0);
-        }
-      } else if constexpr (FP8_STAGE) {
-        cp_async_commit();  // group: Q
-        // tile 0 straight through (its latency is exposed once a piece)
-        tok = fetch_tok(0);
-        tok_a = fetch_stage_tok(0, 0);
-        tok_b = fetch_stage_tok(0, 1);
-        fp8_rope_copy(kbuf(0), kc8, tok, h_kv, g, warp, lane);
-        fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);
-        fp8_stage_copy(sStage, sStageScales, kc8, tok_b, h_kv, g, 1, tid);
-        cp_async_commit();
-        if (n_tiles > 1) {
-          tok = fetch_tok(1);
-          tok_a = fetch_stage_tok(1, 0);
-          tok_b = fetch_stage_tok(1, 1);
-        }
-        cp_async_wait<0>();
-        fp8_stage_convert(kbuf(0), sStage, sStageScales, 0, tid);
-        fp8_stage_convert(kbuf(0), sStage, sStageScales, 1, tid);
-        // half a, half b of tile 1 (each thread refills only what it has converted)
-        if (n_tiles > 1) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);
-        cp_async_commit();
-        if (n_tiles > 1) fp8_stage_copy(sStage, sStageScales, kc8, tok_b, h_kv, g, 1, tid);
-        cp_async_commit();
-        if (n_tiles > 2) {
-          tok_a = fetch_stage_tok(2, 0);
-          tok_b = fetch_stage_tok(2, 1);
-        }
-      } else if constexpr (FP8) {
+      if constexpr (FP8) {
         cp_async_commit();  // group: Q
         // tile 0 straight through (its latency is exposed once a piece)
         tok = fetch_tok(0);
@@ -464,32 +296,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       }
 
       for (int tt = 0; tt < n_tiles; ++tt) {
-        if constexpr (FP8_BULK) {
-          // tile tt was converted into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier that
-          // ends it), or before the loop
-          if (tt == 0) {
-            fence_proxy_async();  // tile 0 and Q visible to the tensor cores ...
-            __syncthreads();      // ... everyone's
-          }
-          // half b of the stage was converted by everyone during tile tt - 1 (or before the loop): refill it
-          if (warp == 0 && tt + 1 < n_tiles) {
-            fence_proxy_async();
-            fp8_bulk_fill(sRows, bar_b, kc8, tok_b, h_kv, g, 1, lane);
-            if (tt + 2 < n_tiles) tok_b = fetch_stage_tok(tt + 2, 1);
-          }
-        } else if constexpr (FP8_STAGE) {
-          // tile tt was converted into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier that
-          // ends it), or before the loop
-          if (tt == 0) {
-            fence_proxy_async();  // tile 0 (Q and the RoPE channels waited for before its conversion) visible ...
-            __syncthreads();      // ... everyone's
-          }
-          // the RoPE channels of tile tt + 1 -> the other buffer (last read by tile tt - 1: free since the barrier
-          // that ended it); waited for at the end of this tile
-          if (tt + 1 < n_tiles) fp8_rope_copy(kbuf(tt + 1), kc8, tok, h_kv, g, warp, lane);
-          cp_async_commit();
-          if (tt + 2 < n_tiles) tok = fetch_tok(tt + 2);
-        } else if constexpr (FP8) {
+        if constexpr (FP8) {
           // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier
           // that ends it), or before the loop:
           if (tt == 0) {
@@ -511,20 +318,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
         float s[SREG];
         st_issue(s, kt, sQ_addr, wg);
-        if constexpr (FP8_BULK) {  // while it runs: half a of tile tt + 1, stage -> the other buffer
-          if (tt + 1 < n_tiles) {
-            mbar_wait(bar_a, bulk_parity);
-            fp8_bulk_convert(kbuf(tt + 1), sRows, 0, tid);
-          }
-        } else if constexpr (FP8_STAGE) {  // while it runs: half a of tile tt + 1, stage -> the other buffer; refill it
-          if (tt + 1 < n_tiles) {
-            cp_async_wait<2>();  // this thread's half a of tile tt + 1 (newer: its half b, the RoPE of tt + 1)
-            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 0, tid);
-            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);
-          }
-          cp_async_commit();
-          if (tt + 3 < n_tiles) tok_a = fetch_stage_tok(tt + 3, 0);
-        } else if constexpr (FP8) {
+        if constexpr (FP8) {
           // while it runs: half a of tile tt + 1 -> the other buffer (last read by tile tt - 1, finished by
           // everyone: barrier at its end), then into the registers: half a of tile tt + 2 (two stages) or
           // half b of tile tt + 1 (one)
@@ -547,13 +341,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 #pragma unroll
         for (int k = 0; k < SREG; ++k) sX[(wg * SREG + k) * 128 + t] = s[k];
         __syncthreads();
-        if constexpr (FP8_BULK) {  // everyone has converted half a of tile tt + 1: refill it with tile tt + 2's
-          if (warp == 0 && tt + 2 < n_tiles) {
-            fence_proxy_async();
-            fp8_bulk_fill(sRows, bar_a, kc8, tok_a, h_kv, g, 0, lane);
-            if (tt + 3 < n_tiles) tok_a = fetch_stage_tok(tt + 3, 0);
-          }
-        }
 #pragma unroll
         for (int k = 0; k < SREG; ++k) s[k] += sX[((1 - wg) * SREG + k) * 128 + t];  // a + b == b + a: same bits in both
 
@@ -618,21 +405,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
-        if constexpr (FP8_BULK) {  // while it runs: half b of tile tt + 1, stage -> the other buffer
-          if (tt + 1 < n_tiles) {
-            mbar_wait(bar_b, bulk_parity);
-            fp8_bulk_convert(kbuf(tt + 1), sRows, 1, tid);
-            bulk_parity ^= 1;
-          }
-        } else if constexpr (FP8_STAGE) {  // while it runs: half b of tile tt + 1, stage -> the other buffer; refill it
-          if (tt + 1 < n_tiles) {
-            cp_async_wait<2>();  // this thread's half b of tile tt + 1 (newer: the RoPE of tt + 1, half a of tt + 2)
-            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 1, tid);
-            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_b, h_kv, g, 1, tid);
-          }
-          cp_async_commit();
-          if (tt + 3 < n_tiles) tok_b = fetch_stage_tok(tt + 3, 1);
-        } else if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
+        if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
           // stages) or half a (one) of tile tt + 2 into the registers
           if (tt + 1 < n_tiles) {
             fp8_half_store<1, FP8_TWO_STAGES>(FP8_TWO_STAGES ? st_b : st_a, kbuf(tt + 1), warp, lane);
@@ -646,12 +419,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         wg_wait<0>();
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
-        if constexpr (FP8_BULK) {
-          fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
-        } else if constexpr (FP8_STAGE) {
-          cp_async_wait<2>();   // the RoPE copies of tile tt + 1 (newer: halves a, b of tile tt + 2)
-          fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
-        } else if constexpr (FP8) {
+        if constexpr (FP8) {
           if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
           fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
         }

@@ -301,14 +301,6 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const void* map, int c0, in
       : "memory");
 }
 
-// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), completing on bar (non-tensor bulk
-// copy: no tensor map; the narrow kernel's FP8 raw stage, one 656-byte token row a copy)
-__device__ __forceinline__ void bulk_load_1d(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-
 // a compile-time bool as a value (generic lambdas taking it choose a code path with if constexpr)
 template <bool B>
 struct MlaBool {

@@ -185,8 +185,8 @@ def random_sparse_case(kind, b, s_q, h_kv, group, page, max_len, topk, invalid, 
 
 def sanitize_script(backend, topk_length=None):
     """The compute-sanitizer script (a representative subset, outputs poisoned): two FP8 dense launches (varlen with
-    an empty sequence; causal, s_q = 2, h_q = 16: 32 rows a KV head; s_q = 1, h_q = 16: 16 rows, the CuPy narrow
-    kernel's raw stage), then a sparse one on a bf16 and on an FP8 cache (h_q = 128, topk
+    an empty sequence; causal, s_q = 2, h_q = 16: 32 rows a KV head; s_q = 1, h_q = 16: 16 rows: the CuPy narrow
+    kernel's 16-row build), then a sparse one on a bf16 and on an FP8 cache (h_q = 128, topk
     300 with half the indices -1, an empty sequence, attn_sink). backend: "numba" or "cupy"; topk_length: the two
     sequences' topk_length in the sparse launches (else none)."""
     tl = "" if topk_length is None else f"topk_length=cp.asarray(np.array({list(topk_length)}, np.int32)), "

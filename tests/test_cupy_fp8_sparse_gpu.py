@@ -69,24 +69,6 @@ def test_fp8_dense_plans_kinds_and_heads(plan, on_device):
     _run(case, on_device=on_device, plan=plan)
 
 
-@pytest.mark.parametrize("loads", ["bulk", "cpasync", "registers"])
-def test_fp8_dense_narrow_loads(monkeypatch, loads):
-    """The narrow kernel's ways of bringing the raw rows in at 16 rows a KV head (cupy_hopper.fp8_narrow_loads;
-    "bulk" is the default the other tests run): varlen with an empty sequence, causal s_q = 2 with h_q = 8, many
-    splits, page 16, scales far from 1."""
-    monkeypatch.setenv("MLA_FP8_NARROW_LOADS", loads)
-    rng = np.random.default_rng(21)
-    cases = [testing.make_decode_case(rng, b=3, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
-                                      seqlens=[0, 1000, 65], dtype=BF16, fp8=True),
-             testing.make_decode_case(rng, b=2, s_q=2, h_q=8, d=576, head_dim_v=512, page_block_size=64,
-                                      seqlens=[3, 600], dtype=BF16, causal=True, fp8=True),
-             testing.make_decode_case(rng, b=2, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=16,
-                                      seqlens=[333, 20000], dtype=BF16, fp8=True),
-             shared.fp8_dense_splits_case(1, 20000, 16), *shared.fp8_rescaled_cases()]
-    for case in cases:
-        _run(case)
-
-
 def test_fp8_dense_large_values():
     """Scales far from 1 (x 2^-20 and x 2^16): both paths of the dequantisation (scale < 2^8, >= 2^8)."""
     for case in shared.fp8_rescaled_cases():  # the stored fp32 scales times a power of two (exact, q unchanged)
@@ -140,8 +122,7 @@ EVERY_CODE_SCALES = {"pow2": (2.0**-100, 2.0**-9, 1.0, 2.0**7),            # the
 
 
 @pytest.mark.parametrize("scales", list(EVERY_CODE_SCALES), ids=list(EVERY_CODE_SCALES))
-@pytest.mark.parametrize("kernel,h_q", [("narrow", 16), ("narrow-cpasync", 16), ("narrow-registers", 16), ("wide", 64),
-                                        ("sparse", 64)])
+@pytest.mark.parametrize("kernel,h_q", [("narrow", 16), ("wide", 64), ("sparse", 64)])
 def test_fp8_every_code_is_exact(monkeypatch, kernel, h_q, scales):
     """With a single key P = 1 and l = 1, so every head's out is that key's dequantised value channels: the
     kernels' dequantisation (the fast path's prmt / shift / mask and bf16x2 multiply, E = 0 codes arriving as
@@ -154,9 +135,7 @@ def test_fp8_every_code_is_exact(monkeypatch, kernel, h_q, scales):
         out, _ = mla.flash_mla_with_kvcache(c.q, c.k_cache, None, None, 512, is_fp8_kvcache=True,
                                            indices=_arrays.cupy_module().asarray(idx), backend="cupy")
     else:
-        if kernel.startswith("narrow-"):  # the 16-row build's other loads than its default (bulk copies)
-            monkeypatch.setenv("MLA_FP8_NARROW_LOADS", kernel.split("-")[1])
-        monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", kernel.split("-")[0])
+        monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", kernel)
         out, _ = mla.flash_mla_with_kvcache(*c.args(), is_fp8_kvcache=True, backend="cupy")
     got = _arrays.asnumpy(out).reshape(h_q, 512).astype(np.float32)
     for h in range(h_q):  # values (out = 1 * V + 0 * ..., so -0 codes come out +0)

@@ -42,7 +42,6 @@ COMPILE_CASES = (
     [(src, d) for src in (cupy_hopper.SOURCE, cupy_hopper.NARROW_SOURCE)
      for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
     + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32}) for d in cupy_hopper.compile_variants() + [_FP8_BUILD]]
-    + [(cupy_hopper.NARROW_SOURCE, {**_FP8_BUILD, "MLA_FP8_STAGE": k}) for k in (1, 2)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
@@ -89,15 +88,6 @@ def test_smem_budget_matches_the_kernel():
     seesaw = _nvrtc.read_source(cupy_hopper.SEESAW_SOURCE)
     assert f"SMEM_BYTES == {cupy_hopper.seesaw_smem_bytes()}" in seesaw
     assert cupy_hopper.seesaw_smem_bytes() == 230544 <= 232448
-    # the narrow kernel (its static_assert names the 16-row sizes; the raw stage adds 32768 + 8192)
-    assert cupy_hopper.narrow_smem_bytes(True) == 182848 and cupy_hopper.narrow_smem_bytes(False) == 178752
-    assert cupy_hopper.narrow_smem_bytes(True, 32) == 218240
-    assert cupy_hopper.narrow_smem_bytes(True, 16, 1) == 182848 + 32768 + 8192 == 223808 <= 232448
-    assert cupy_hopper.narrow_smem_bytes(True, 16, 2) == 182848 + 16 + 64 * 656 == 224848 <= 232448
-    narrow = _nvrtc.read_source(cupy_hopper.NARROW_SOURCE)
-    assert "(NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)) + STAGE_BYTES" in narrow
-    assert "STAGE_CODE_BYTES + 2 * NTHREADS * 16 : FP8_BULK ? 16 + BLOCK_N * FP8_BYTES" in narrow
-    assert "STAGE_CODE_BYTES = BLOCK_N * FP8_NOPE" in narrow
 
 
 @pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 32), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, 16),
@@ -165,8 +155,6 @@ def test_sass_holds_hgmma(tmp_path, defines, n_pv):
 @pytest.mark.parametrize("defines,st_shape,pv_shape", [
     ({"MLA_FP16": 0}, "64x16x16", "64x32x16"), ({"MLA_FP16": 0, "MLA_P_SPLIT": 0}, "64x16x16", "64x16x16"),
     ({"MLA_FP16": 1}, "64x16x16", "64x16x16"), ({"MLA_FP16": 0, "MLA_FP8": 1}, "64x16x16", "64x32x16"),
-    ({"MLA_FP16": 0, "MLA_FP8": 1, "MLA_FP8_STAGE": 1}, "64x16x16", "64x32x16"),
-    ({"MLA_FP16": 0, "MLA_FP8": 1, "MLA_FP8_STAGE": 2}, "64x16x16", "64x32x16"),
     ({"MLA_FP16": 0, "MLA_NQ": 32}, "64x32x16", "64x64x16"), ({"MLA_FP16": 1, "MLA_NQ": 32}, "64x32x16", "64x32x16")])
 def test_narrow_sass_holds_unserialised_hgmma(tmp_path, defines, st_shape, pv_shape):
     """The narrow kernel: 18 HGMMA for a warpgroup's half of S^T and 16 for its 4 channel blocks of P V a
@@ -623,12 +611,10 @@ inline void named_bar_arrive(int id, int n) {  // counts towards the barrier, do
 // (tests: _emu_tensor_map): [0] address, [1..3] dims (channels, heads, rows), [4] head / [5] row stride in bytes,
 // [6..8] box, [9] swizzle (3: 128 B), [10] element bytes; outside the dims the copy writes zeros.
 namespace tmaemu {
-struct Copy3 {  // a tensor copy (map), or a 1-D bulk copy (map null: bytes from src)
+struct Copy3 {
   u32 dst;
   const u64* map;
   int c0, c1, c2;
-  const unsigned char* src = nullptr;
-  u32 bytes = 8192;
 };
 struct MBar {
   int count = 0, pending = 0;
@@ -645,10 +631,6 @@ inline MBar& at(u32 a) {
   return it->second;
 }
 inline void perform(const Copy3& c) {
-  if (!c.map) {
-    std::memcpy(emu::smem_at(c.dst, c.bytes, 16), c.src, c.bytes);
-    return;
-  }
   const u64* m = c.map;
   if (m[6] != 64 || m[7] != 1 || m[8] != 64 || m[9] != 3 || m[10] != 2)
     emu::fail("tensor map: only the (64, 1, 64) box of 16-bit elements with the 128-byte swizzle is modelled");
@@ -701,27 +683,13 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
     b.copies.push_back(c);
   }
 }
-inline void bulk_load_1d(u32 dst, const void* src, u32 bytes, u32 bar) {
-  tmaemu::MBar& b = tmaemu::at(bar);
-  if (bytes % 16 || reinterpret_cast<uintptr_t>(src) % 16) emu::fail("bulk copy: size or source not 16-byte aligned");
-  emu::smem_at(dst, bytes, 16);
-  tmaemu::Copy3 c{dst, nullptr, 0, 0, 0, static_cast<const unsigned char*>(src), bytes};
-  ++emu::progress;
-  if (emu::eager_copies) {
-    tmaemu::perform(c);
-    b.tx -= bytes;
-    tmaemu::complete(b);
-  } else {
-    b.copies.push_back(c);
-  }
-}
 inline bool mbar_try_wait(u32 bar, u32 parity) {
   tmaemu::MBar& b = tmaemu::at(bar);
   if ((b.phase & 1u) != parity) return true;
   if (b.pending == 0 && !b.copies.empty()) {  // the latest moment: the copies land now
     for (const auto& c : b.copies) {
       tmaemu::perform(c);
-      b.tx -= c.bytes;
+      b.tx -= 8192;
     }
     b.copies.clear();
     tmaemu::complete(b);
@@ -761,7 +729,7 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d", "bulk_load_1d"}
+            "tensormap_acquire", "tma_load_3d"}
 
 
 try:
@@ -846,7 +814,7 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     lib.wgemu_executed.restype = ctypes.c_long
     fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.SEESAW_FUNCTION if seesaw
                           else cupy_hopper.FUNCTION)
-    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq, defines.get("MLA_FP8_STAGE", 0)) if narrow
+    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq) if narrow
             else cupy_hopper.seesaw_smem_bytes() if seesaw else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
@@ -929,22 +897,15 @@ FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager c
 ]
 
 
-# the 16-row narrow cases run with both ways of loading the raw rows (cupy_hopper.fp8_narrow_loads)
-FP8_RUNS = [(*c, loads) for c in FP8_CASES for loads in (tuple(cupy_hopper.FP8_NARROW_LOADS) if c[-1] == 16
-                                                          else ("registers",))]
-
-
 @needs_gxx
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq,loads", FP8_RUNS,
-                         ids=[f"fp8case{FP8_CASES.index(r[:-1])}-{r[-1]}" for r in FP8_RUNS])
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,seqlens,causal,num_sms,schedule,eager,odd,nq", FP8_CASES,
+                         ids=[f"fp8case{i}" for i in range(len(FP8_CASES))])
 def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule,
-                                               eager, odd, nq, loads):
+                                               eager, odd, nq):
     """The Hopper kernels' FP8 builds (MLA_FP8=1; nq 16 or 32: narrow, 0: wide; raw 656-byte rows, exact
     dequantisation into the SW128 bf16 tile) against the NumPy backend on the same FP8 cache (which
     dequantises it), NaN in the unused slots.
-    odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one).
-    loads: the narrow kernel's raw rows through register stages, or (16 rows) through the raw stage filled by bulk
-    copies or by cp.async (cupy_hopper.fp8_narrow_loads)."""
+    odd: some scales are not powers of two, or outside [2^-100, 2^100] (dequant8's path instead of the fast one)."""
     import mla
     from mla import testing
 
@@ -957,8 +918,7 @@ def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
         scales[::3, :4] *= np.float32(2.0 ** -110)
         scales[::5, 4:6] *= np.float32(2.0 ** 100)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=nq > 0, fp8=True,
-                                              nq=max(nq, 16),
-                                              extra_defines={"MLA_FP8_STAGE": cupy_hopper.FP8_NARROW_LOADS[loads]})
+                                              nq=max(nq, 16))
     assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
@@ -1076,46 +1036,6 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
     out, lse, _, _ = _run_emulated(monkeypatch, case, 1, narrow=True, **kw)
     with pytest.raises(AssertionError):
         testing.assert_close(out, lse, out_ref, lse_ref)
-
-
-FP8_STAGE_EDITS = {  # planted bugs in the narrow kernel's raw stage: (edit, eager copies, -DMLA_FP8_STAGE)
-    "cp.async: half a converted before its copies land": (
-        ("cp_async_wait<2>();  // this thread's half a of tile tt + 1", "cp_async_wait<3>();  //"), False, 1),
-    "cp.async: RoPE of the next tile not waited for": (
-        ("cp_async_wait<2>();   // the RoPE copies of tile tt + 1", "//"), False, 1),
-    "cp.async: half a refilled before it is converted": (
-        ("            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 0, tid);\n"
-         "            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);\n",
-         "            if (tt + 2 < n_tiles) fp8_stage_copy(sStage, sStageScales, kc8, tok_a, h_kv, g, 0, tid);\n"
-         "            fp8_stage_convert(kbuf(tt + 1), sStage, sStageScales, 0, tid);\n"), True, 1),
-    "bulk: rows past the piece not zeroed": (
-        ("for (int c = 0; c < FP8_BYTES / 16; ++c) reinterpret_cast<uint4*>(dst)[c] = make_uint4(0u, 0u, 0u, 0u);",
-         ""), False, 2),
-}
-
-
-@needs_gxx
-@pytest.mark.parametrize("edit", list(FP8_STAGE_EDITS))
-def test_emulator_catches_fp8_stage_bugs(monkeypatch, edit):
-    """Self-test for the raw stage: by cp.async, converting a half before this thread's copies have landed or not
-    waiting for the next tile's RoPE copies before the barrier that publishes it (copies carried out at the wait, the
-    latest moment), or refilling a half before converting it (copies carried out at the issue, the earliest); by bulk
-    copies, leaving the rows past the piece unzeroed (NaN in the cache there). Each makes the emulated result wrong, so
-    the passing stage runs do test the waits, the order and the zeroing. (A bulk refill before every thread has waited
-    for the phase it replaces makes the phase parity alias: the emulator reports a deadlock and aborts, as a GPU
-    would hang.)"""
-    import mla
-    from mla import testing
-
-    # (a first piece of one partial tile: the stage rows past it were never written, NaN in the emulator)
-    case = testing.make_decode_case(np.random.default_rng(3), b=2, s_q=1, h_q=16, h_kv=1, d=576, head_dim_v=512,
-                                    page_block_size=64, seqlens=[30, 600], dtype=BF16, fp8=True)
-    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), is_fp8_kvcache=True, backend="numpy")
-    source_edit, eager, kind = FP8_STAGE_EDITS[edit]
-    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, eager, "skewed", narrow=True, fp8=True,
-                                   extra_defines={"MLA_FP8_STAGE": kind}, source_edit=source_edit)
-    with pytest.raises(AssertionError):
-        testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6)
 
 
 SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (edit, loads, eager copies)

@@ -69,30 +69,12 @@ VARIANTS = ("auto", "narrow", "wide", "seesaw")
 FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
-def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS, fp8_stage: int = 0) -> int:
+def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
     """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles + 2 P^T
-    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build's register stages
-    (kernels/mla_wgmma.cuh) add nothing; its raw stage (16 rows, -DMLA_FP8_STAGE=fp8_stage) adds, by cp.async (1),
-    a key tile's e4m3 codes (64 x 512 B) and each thread's copy of its rows' scales (2 x 256 x 16 B): 223808 B in
-    all; by bulk copies (2), two mbarriers and the tile's 656-byte rows: 224848 B."""
+    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build has the same layout (its raw
+    rows wait in registers, kernels/mla_wgmma.cuh "register stages")."""
     npv = 2 * nq if p_split else nq
-    stage = {0: 0, 1: BLOCK_M * 512 + 2 * 256 * 16, 2: 16 + BLOCK_M * FP8_BYTES}[int(fp8_stage)]
-    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq) + stage
-
-
-FP8_NARROW_LOADS = {"bulk": 2, "cpasync": 1, "registers": 0}
-"""The narrow kernel FP8 build's ways to bring the raw rows in, and their -DMLA_FP8_STAGE values."""
-
-
-def fp8_narrow_loads(nq: int) -> str:
-    """How the narrow kernel's FP8 build brings the raw 656-byte rows in: through a raw shared-memory stage (16 rows a
-    CTA), filled by "bulk" copies on mbarriers (v3b) or by "cpasync" (v3), converted from there into the bf16 tile; or
-    "registers" (v2: ld.global into register stages; the only way at 32 rows, where a stage does not fit).
-    MLA_FP8_NARROW_LOADS chooses at 16 rows (default "bulk")."""
-    loads = os.environ.get("MLA_FP8_NARROW_LOADS", "bulk") or "bulk"
-    if loads not in FP8_NARROW_LOADS:
-        raise ValueError(f"MLA_FP8_NARROW_LOADS must be one of {tuple(FP8_NARROW_LOADS)}, got {loads!r}")
-    return loads if nq == NARROW_ROWS else "registers"
+    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
 
 
 def narrow_nq(problem) -> int:
@@ -315,12 +297,10 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     nq = narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    if fp8 and narrow and FP8_NARROW_LOADS[fp8_narrow_loads(nq)]:
-        d["MLA_FP8_STAGE"] = FP8_NARROW_LOADS[fp8_narrow_loads(nq)]
     source, function = {"narrow": (NARROW_SOURCE, NARROW_FUNCTION),
                         "seesaw": (SEESAW_SOURCE, SEESAW_FUNCTION)}.get(which, (SOURCE, FUNCTION))
-    smem = (narrow_smem_bytes(p_split(d), nq, d.get("MLA_FP8_STAGE", 0)) if narrow
-            else SEESAW_SMEM_BYTES if which == "seesaw" else wide_smem_bytes(fp8))
+    smem = (narrow_smem_bytes(p_split(d), nq) if narrow else SEESAW_SMEM_BYTES if which == "seesaw"
+            else wide_smem_bytes(fp8))
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]
