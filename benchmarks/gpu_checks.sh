@@ -343,6 +343,12 @@ tmafinal)  # the seventh session's last check: the CuPy decode GPU files (the se
   kill $smi 2>/dev/null
   cp "$OUT"/seesaw_loads.md "$FINAL_OUT"/ 2>/dev/null
   ;;
+raceprobe)  # issue #4 (2026-11-26, eighth session): racecheck on bar.sync-ordered accesses with real bulk copies
+  # completing on mbarriers in between (the seesaw TMA build's report, isolated?)
+  for v in plain mbar bulk bulk_read bulk_fence bulk_read_nox; do
+    r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
+  done
+  ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).
   r 120 fence_probe python3 benchmarks/fence_drain_probe.py --launches 30
