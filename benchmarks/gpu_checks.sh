@@ -349,6 +349,14 @@ raceprobe)  # issue #4 (2026-11-26, eighth session): racecheck on bar.sync-order
     r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
   done
   ;;
+tmarace)  # issue #4 (2026-11-26, eighth session): the seesaw TMA build's racecheck report, hazard by hazard (shared
+  # addresses), and its NVRTC cubin disassembled on the device (the report's PCs)
+  r 200 tma_race env MLA_NVRTC_LINEINFO=1 bash -c "compute-sanitizer --tool racecheck --racecheck-report hazard \
+    python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | head -n 4000"
+  r 60 tma_cubin env MLA_NVRTC_LINEINFO=1 python3 benchmarks/seesaw_tma_racecheck.py --cubin "$OUT/seesaw_tma.cubin"
+  r 60 tma_sass bash -c "(nvdisasm -c -g '$OUT/seesaw_tma.cubin' || cuobjdump -sass '$OUT/seesaw_tma.cubin') \
+    > '$OUT/seesaw_tma.sass' 2>&1; wc -l '$OUT/seesaw_tma.sass'; which nvdisasm cuobjdump"
+  ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).
   r 120 fence_probe python3 benchmarks/fence_drain_probe.py --launches 30
