@@ -360,8 +360,11 @@ tmarace)  # issue #4 (2026-11-26, eighth session): the seesaw TMA build's racech
 tmarace2)  # issue #4: the TMA build's racecheck with every named barrier preceded by __syncwarp (MLA_BAR_SYNCWARP=1)
   r 120 tma_race_syncwarp env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=1" bash -c \
     "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 60"
-  r 120 tma_race_plain env MLA_NVRTC_LINEINFO=1 bash -c \
-    "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 30"
+  r 120 tma_race_syncwarp_hazards env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=1" bash -c \
+    "compute-sanitizer --tool racecheck --racecheck-report hazard python3 benchmarks/seesaw_tma_racecheck.py 2>&1 \
+    | grep -v 'Host Frame' | head -n 400"
+  r 120 tma_race_syncwarp2 env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=2" bash -c \
+    "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 60"
   ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).

@@ -531,6 +531,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       sL[wg * 64 + r0] = l_own0;
       sL[wg * 64 + r1] = l_own1;
     }
+    if (MLA_BAR_SYNCWARP >= 2) __syncwarp();  // (experiment)
     __syncthreads();  // also: both warpgroups are done with every buffer before the next piece's loads
     const float l_run0 = sL[r0] + sL[64 + r0], l_run1 = sL[r1] + sL[64 + r1];
     __syncthreads();  // sL is read before anyone's next piece writes it
