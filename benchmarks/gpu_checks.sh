@@ -345,7 +345,7 @@ tmafinal)  # the seventh session's last check: the CuPy decode GPU files (the se
   ;;
 raceprobe)  # issue #4 (2026-11-26, eighth session): racecheck on bar.sync-ordered accesses with real bulk copies
   # completing on mbarriers in between (the seesaw TMA build's report, isolated?)
-  for v in plain mbar bulk bulk_read bulk_fence bulk_read_nox; do
+  for v in plain mbar bulk bulk_read bulk_fence bulk_read_nox wg_bar_before wg_bar_after; do
     r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
   done
   ;;
@@ -357,14 +357,21 @@ tmarace)  # issue #4 (2026-11-26, eighth session): the seesaw TMA build's racech
   r 60 tma_sass bash -c "(nvdisasm -c -g '$OUT/seesaw_tma.cubin' || cuobjdump -sass '$OUT/seesaw_tma.cubin') \
     > '$OUT/seesaw_tma.sass' 2>&1; wc -l '$OUT/seesaw_tma.sass'; which nvdisasm cuobjdump"
   ;;
-tmarace2)  # issue #4: the TMA build's racecheck with every named barrier preceded by __syncwarp (MLA_BAR_SYNCWARP=1)
-  r 120 tma_race_syncwarp env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=1" bash -c \
-    "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 60"
-  r 120 tma_race_syncwarp_hazards env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=1" bash -c \
-    "compute-sanitizer --tool racecheck --racecheck-report hazard python3 benchmarks/seesaw_tma_racecheck.py 2>&1 \
-    | grep -v 'Host Frame' | head -n 400"
-  r 120 tma_race_syncwarp2 env MLA_NVRTC_LINEINFO=1 MLA_NVRTC_DEFINES="MLA_BAR_SYNCWARP=2" bash -c \
-    "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 60"
+tmafix)  # issue #4 (2026-11-26, eighth session): the seesaw TMA build with zero_tail meeting on an mbarrier instead of a
+  # 128-thread named barrier: racecheck on it (script, then the test file's sanitizer tests), the probe's two
+  # named-barrier variants, its GPU tests, then both load paths timed in interleaved rounds (power sampled)
+  r 120 tma_race env MLA_NVRTC_LINEINFO=1 bash -c \
+    "compute-sanitizer --tool racecheck python3 benchmarks/seesaw_tma_racecheck.py 2>&1 | tail -n 40"
+  for v in wg_bar_before wg_bar_after; do
+    r 40 "probe_$v" compute-sanitizer --tool racecheck python3 benchmarks/racecheck_mbarrier_probe.py $v
+  done
+  MLA_NVRTC_LINEINFO=1 t 150 s_sanitizer tests/test_cupy_gpu.py -k sanitizer
+  t 150 t_seesaw tests/test_cupy_gpu.py -k seesaw
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv -lms 100 \
+    > "$OUT/smi.txt" 2>&1 &
+  smi=$!
+  r 170 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 20 --rounds 3 --out "$OUT/seesaw_loads.md"
+  kill $smi 2>/dev/null
   ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).

@@ -16,9 +16,11 @@ arrive.expect_tx(4096) and issues a 4 KB cp.async.bulk from global memory into i
 "bulk_read": the same, and after the wait every thread of the warpgroup reads one word of buf[wg] (generic reads
 of what the async proxy wrote, ordered by the mbarrier's phase); "bulk_fence": "bulk_read" plus a
 fence.proxy.async by every thread after the wait; "bulk_read_nox": "bulk_read" without the accesses to x (are the
-reported hazards on x or on buf?). Every thread waits on the mbarrier in the bulk variants. Built with -lineinfo:
-racecheck names the source lines (of SRC). The seesaw kernel's TMA build has tensor copies, not 1-D ones;
-both are bulk copies of the async proxy completing on an mbarrier.
+reported hazards on x or on buf?). Every thread waits on the mbarrier in the bulk variants. "wg_bar_before" /
+"wg_bar_after": no mbarriers; warpgroup 0 alone syncs on a 128-thread named barrier (id 6) before / after writing
+x, while warpgroup 1 waits at bar.sync 1 (the seesaw TMA build's zero_tail barrier before m_A is written). Built
+with -lineinfo: racecheck names the source lines (of SRC). The seesaw kernel's TMA build has tensor copies, not
+1-D ones; both are bulk copies of the async proxy completing on an mbarrier.
 """
 
 import sys
@@ -40,7 +42,7 @@ extern "C" __global__ void probe(float* out, int variant, const float* src) {
   __syncthreads();
   float acc = 0.f;
   for (int round = 0; round < 8; ++round) {
-    if (variant > 0) {
+    if (variant > 0 && variant < 7) {
       if (t == 0 && variant < 3)
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 0;" ::"r"(b) : "memory");
       if (t == 0 && variant >= 3) {
@@ -60,7 +62,9 @@ extern "C" __global__ void probe(float* out, int variant, const float* src) {
       if (variant >= 4) acc += buf[wg][t];
       if (variant == 5) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
+    if (variant == 7 && wg == 0) asm volatile("bar.sync 6, 128;" ::: "memory");  // warpgroup 0 alone, first
     if (wg == 0 && (t & 3) == 0 && variant != 6) x[t >> 1] = (float)(round + t);
+    if (variant == 8 && wg == 0) asm volatile("bar.sync 6, 128;" ::: "memory");  // warpgroup 0 alone, after
     asm volatile("bar.sync 1, 256;" ::: "memory");
     if (wg == 1 && variant != 6) acc += x[t >> 1];
     asm volatile("bar.sync 2, 256;" ::: "memory");
@@ -72,7 +76,7 @@ extern "C" __global__ void probe(float* out, int variant, const float* src) {
 
 def main():
     variant = {"plain": 0, "mbar": 1, "mbar_lane0": 2, "bulk": 3, "bulk_read": 4, "bulk_fence": 5,
-               "bulk_read_nox": 6}[sys.argv[1]]
+               "bulk_read_nox": 6, "wg_bar_before": 7, "wg_bar_after": 8}[sys.argv[1]]
     fn = cp.RawKernel(SRC, "probe", options=("-arch=sm_90a", "-lineinfo"))
     out = cp.zeros(256, dtype=cp.float32)
     src = cp.arange(16 * 1024, dtype=cp.float32)

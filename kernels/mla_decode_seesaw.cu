@@ -38,10 +38,10 @@
 // so one warpgroup's softmax runs while the other's wgmma do (each block's softmax is computed once, no S is
 // swapped). l: each warpgroup sums its own blocks' P (in m_B's scale); the two sums are added at the end.
 //
-// Shared memory (dynamic, 230544 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 144 B are
-// the TMA build's 18 mbarriers, allocated in both builds):
+// Shared memory (dynamic, 230560 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 160 B are
+// the TMA build's 20 mbarriers, allocated in both builds):
 //   Q tile 73728 B (no swizzle, mla_wgmma.cuh) | K buffer 0 | K buffer 1 (each 73728 B, 128-byte swizzled:
-//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats | mbarriers [2][9].
+//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats | mbarriers [2][9] (pieces) + [2] (zero_tail).
 // A P block (64 rows x 64 keys, 16-bit) is one SW128 channel block, read K-major as wgmma's A operand. There is
 // no room for two more 16 KB P blocks (hi + lo), so they go where the K buffers are done with:
 //   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
@@ -92,9 +92,9 @@ constexpr u32 ROPE_AT = (D / 64 - 1) * SW128_BLOCK_BYTES;  // byte offset of a K
 constexpr u32 VR_AT = 4 * SW128_BLOCK_BYTES;              // ... of its channels 256.. (V_R)
 constexpr bool P_SPLIT = MLA_P_SPLIT;
 constexpr int NPIECES = D / 64;                           // 64-channel pieces of a K buffer (SW128 blocks)
-// (+ 2 x 9 mbarriers at the end: the TMA build's, allocated in both builds so the size is one)
-constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4 + 2 * NPIECES * 8;
-static_assert(SMEM_BYTES == 230544, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
+// (+ 2 x 9 + 2 mbarriers at the end: the TMA build's, allocated in both builds so the size is one)
+constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4 + (2 * NPIECES + 2) * 8;
+static_assert(SMEM_BYTES == 230560, "mirrored in cupy_hopper.py (seesaw_smem_bytes)");
 static_assert(D == 576 && DV == 512 && BLOCK_M == WG_TILE_ROWS, "specialised for d = 576, d_v = 512, 64-row tiles");
 
 // Diagnostics only (benchmarks/seesaw_trace.py): clock64() at 8 points of each of the first 64 pairs of CTA (0, 0, 0)'s
@@ -208,11 +208,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #if MLA_SEESAW_TMA
   if (tid == 0) {
     for (int b = 0; b < 2 * NPIECES; ++b) mbar_init(bars + 8 * b, 1);
+    for (int w = 0; w < 2; ++w) mbar_init(bars + 8 * (2 * NPIECES + w), 128);  // zero_tail's, a warpgroup's
     fence_mbar_init();
   }
   if (t == 0) tensormap_acquire(k_map);
   __syncthreads();
   u32 kpar = 0;  // parity of the next fill of this warpgroup's K buffer (each fill completes each piece's phase once)
+  u32 zpar = 0;  // parity of the next phase of this warpgroup's zero_tail mbarrier
 #endif
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
@@ -295,7 +297,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     };
     // keys of tile `tile` past the sequence (L) hold whatever the cache holds there (NaN in the tests): P is 0 for
     // them, but 0 x NaN is not, so their V rows (channel blocks 0-7) are zeroed by the buffer's warpgroup once its
-    // S is done, before any P V reads them (its own after the 128-thread barrier, the other's after BAR_P)
+    // S is done, before any P V reads them (its own after the warpgroup's mbarrier, the other's after BAR_P). The
+    // warpgroup meets on an mbarrier (128 arrivals), not on a 128-thread named barrier: racecheck loses the order
+    // of later barrier-ordered accesses after a named barrier that only one warpgroup runs (false hazards on m_A
+    // and l; reproduced by benchmarks/racecheck_mbarrier_probe.py wg_bar_before; benchmarks/NOTES_cupy.md).
     auto zero_tail = [&](int tile, unsigned char* kb) {
       const int valid = L - (start + tile * BLOCK_N);
       if (valid >= BLOCK_N) return;
@@ -303,7 +308,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         *reinterpret_cast<uint4*>(kb + ((x >> 3) & 7) * SW128_BLOCK_BYTES + (valid + (x >> 6)) * 128 + (x & 7) * 16) =
             make_uint4(0u, 0u, 0u, 0u);
       fence_proxy_async();
-      named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+      const u32 zbar = bars + 8 * (2 * NPIECES + wg);
+      mbar_arrive_expect_tx(zbar, 0);  // (a plain arrival: release of this thread's zeros)
+      mbar_wait(zbar, zpar);
+      zpar ^= 1u;
     };
 #endif
     // scores of key tile `tile` in s (S accumulator layout): scaled to base 2, keys a row must not see -> -inf;
@@ -531,7 +539,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
       sL[wg * 64 + r0] = l_own0;
       sL[wg * 64 + r1] = l_own1;
     }
-    if (MLA_BAR_SYNCWARP >= 2) __syncwarp();  // (experiment)
     __syncthreads();  // also: both warpgroups are done with every buffer before the next piece's loads
     const float l_run0 = sL[r0] + sL[64 + r0], l_run1 = sL[r1] + sL[64 + r1];
     __syncthreads();  // sL is read before anyone's next piece writes it

@@ -127,11 +127,7 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
-#ifndef MLA_BAR_SYNCWARP
-#define MLA_BAR_SYNCWARP 0
-#endif
 __device__ __forceinline__ void named_bar_sync(int id, int nthreads) {
-  if (MLA_BAR_SYNCWARP) __syncwarp();  // (experiment: the warp converged before the aligned barrier)
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
 }
 
