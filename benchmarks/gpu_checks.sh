@@ -373,6 +373,15 @@ tmafix)  # issue #4 (2026-11-26, eighth session): the seesaw TMA build with zero
   r 170 seesaw_loads python3 benchmarks/bench_seesaw_loads.py --reps 20 --rounds 3 --out "$OUT/seesaw_loads.md"
   kill $smi 2>/dev/null
   ;;
+final8s)  # the eighth session's last check (the seesaw TMA build the default): the CuPy decode GPU files (racecheck now
+  # on the TMA build too; the FP8 sanitizer script with its 16-row launch), then the decode table as dispatched and the
+  # FP8 / sparse table
+  t 280 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 120 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto \
+    --out "$OUT/bench_decode.md"
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).
   r 120 fence_probe python3 benchmarks/fence_drain_probe.py --launches 30

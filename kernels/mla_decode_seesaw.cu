@@ -6,17 +6,18 @@
 // compute capability 9.0 for dense bf16 / fp16 caches (mla/backends/cupy_hopper.py variant). Numbers:
 // benchmarks/BENCHMARKS.md; versions and what did not work: benchmarks/NOTES_cupy.md (sixth session).
 //
-// Two builds of the loads. Default (MLA_SEESAW_TMA=0): cp.async, as described below. TMA build (MLA_SEESAW_TMA=1,
-// opt-in: MLA_SEESAW_LOADS=tma; seventh session, H100: the matrix forced "hopper-seesaw-tma", memcheck, the
-// emulator with models of mbarriers and tensor copies): thread 0 of a warpgroup copies each 64-key x 64-channel
+// Two builds of the loads. cp.async (MLA_SEESAW_TMA=0), as described below: any page size. TMA build
+// (MLA_SEESAW_TMA=1, the default where a tensor map can describe the cache: mla/backends/cupy_hopper.py
+// seesaw_loads; seventh session, H100: the matrix forced "hopper-seesaw-tma", memcheck, the emulator with models
+// of mbarriers and tensor copies; eighth session: racecheck clean): thread 0 of a warpgroup copies each 64-key x 64-channel
 // piece of its buffer with one bulk tensor copy (tensor map: mla/backends/_tma.py) completing on the piece's
 // mbarrier; the S wgmma wait piece by piece (in the order the refills go out), and a piece is refilled as soon as
 // its last reader is done (buffer 0's blocks 1-3 after warpgroup 0's own P V, the rest after AFREE; buffer 1's
 // blocks 4-7 after warpgroup 1's own P V, the rest after BFREE). Keys past the sequence in the last tile are zeroed
-// in V after the copy (zero_tail: the copy brings the whole page). 3-7% faster than cp.async (128,2,128,8192:
-// 1.430 against 1.475 ms kernels only, 1.622 against 1.652 in an API loop); not the default because
-// compute-sanitizer's racecheck reports hazards on m_A / l accesses that full barriers order, in this build only,
-// unexplained (benchmarks/NOTES_cupy.md, seventh session). Page sizes that are not multiples of 64 take cp.async.
+// in V after the copy (zero_tail: the copy brings the whole page). 1-7% faster than cp.async (128,2,128,8192:
+// 1.430 against 1.475 ms kernels only in the seventh session's run, 1.484 against 1.507 in the eighth's). Page
+// sizes that are not multiples of 64 take cp.async. zero_tail's warpgroup meets on an mbarrier, not on a
+// 128-thread named barrier, after which racecheck reported false hazards (benchmarks/NOTES_cupy.md, eighth session).
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
 // signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32

@@ -268,14 +268,24 @@ def test_prepare_dispatch(monkeypatch, cc, d, dv, h_q, want_hopper, want_auto):
 
 
 def test_seesaw_loads_choice(monkeypatch):
-    """The seesaw kernel's loads: cp.async by default; MLA_SEESAW_LOADS=tma takes the TMA build where a tensor map
-    can describe the cache (page a multiple of 64, 16-byte aligned) and is a ValueError that says why elsewhere."""
+    """The seesaw kernel's loads: by default the TMA build where a tensor map can describe the cache (page a
+    multiple of 64, 16-byte aligned) and the driver can encode one, cp.async elsewhere; MLA_SEESAW_LOADS=cpasync
+    forces cp.async, =tma the TMA build (a ValueError that says why where it cannot)."""
     from mla.backends import _tma
 
     k64 = np.zeros((4, 64, 1, 576), dtype=np.uint16)
     k16 = np.zeros((4, 16, 1, 576), dtype=np.uint16)
+    monkeypatch.setattr(_tma, "driver_reason", lambda: None)  # (this machine may have no libcuda)
     monkeypatch.delenv("MLA_SEESAW_LOADS", raising=False)
-    assert cupy_hopper.seesaw_loads(k64) == "cpasync" and cupy_hopper.seesaw_loads(k16) == "cpasync"
+    assert cupy_hopper.seesaw_loads(k64) == "tma" and cupy_hopper.seesaw_loads(k16) == "cpasync"
+    monkeypatch.setattr(_tma, "driver_reason", lambda: "cuTensorMapEncodeTiled unavailable")
+    assert cupy_hopper.seesaw_loads(k64) == "cpasync"
+    monkeypatch.setenv("MLA_SEESAW_LOADS", "tma")
+    with pytest.raises(ValueError, match="cuTensorMapEncodeTiled unavailable"):
+        cupy_hopper.seesaw_loads(k64)
+    monkeypatch.setattr(_tma, "driver_reason", lambda: None)
+    monkeypatch.setenv("MLA_SEESAW_LOADS", "cpasync")
+    assert cupy_hopper.seesaw_loads(k64) == "cpasync"
     monkeypatch.setenv("MLA_SEESAW_LOADS", "tma")
     assert cupy_hopper.seesaw_loads(k64) == "tma"
     with pytest.raises(ValueError, match="page size 16 is not a multiple of 64"):

@@ -44,6 +44,16 @@ def _driver():
     return _LIB
 
 
+def driver_reason() -> str | None:
+    """Why tensor maps cannot be encoded here (None when they can): libcuda or its cuTensorMapEncodeTiled missing
+    (a CPU-only machine, a driver older than CUDA 12)."""
+    try:
+        _driver()
+    except (OSError, AttributeError) as exc:
+        return f"cuTensorMapEncodeTiled unavailable ({exc})"
+    return None
+
+
 def kv_map_reason(address: int, num_blocks: int, page: int, h_kv: int, d: int) -> str | None:
     """Why a cache ``[num_blocks, page, h_kv, d]`` at ``address`` cannot be described by the map (None when it can):
     the copy's rules (16-byte aligned base; strides a multiple of 16 bytes, which d % 64 == 0 gives) and the

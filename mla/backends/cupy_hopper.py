@@ -26,8 +26,9 @@ builds, and its dense build is the readable lock-step version the seesaw one is 
   exchange row maxima and P through shared memory, so one's softmax runs under the other's wgmma. Dense
   bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds). 230560 B of shared memory;
   128,2,128,8192: 1.475 ms kernels only, 396 TFLOP/s; 1.65 ms in an API loop (wide 2.04 / 1.98 ms in the same
-  run). Its K pieces come by cp.async, or (``seesaw_loads``, MLA_SEESAW_LOADS=tma, opt-in) by bulk tensor copies
-  on mbarriers (``_tma``): 3-7% faster, not the default while racecheck's report on it is unexplained.
+  run). Its K pieces come by bulk tensor copies on mbarriers (``_tma``; the default since 2026-11-26, eighth
+  session: 1-6% faster, racecheck-clean since zero_tail meets on an mbarrier) or, where a tensor map cannot
+  describe the cache (page not a multiple of 64), by cp.async (``seesaw_loads``, MLA_SEESAW_LOADS).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
@@ -99,28 +100,32 @@ def seesaw_smem_bytes() -> int:
 
 def seesaw_loads(k_cache) -> str:
     """How the seesaw kernel brings the pieces of ``k_cache`` [num_blocks, page, h_kv, d] (the device array launched;
-    NumPy in the emulator tests) in: "cpasync" (every thread copies 16-byte chunks, the whole buffer waited for;
-    any page size) by default, or "tma" (``MLA_SEESAW_LOADS=tma``, the TMA build ``MLA_SEESAW_TMA=1``: bulk tensor
-    copies of 64 x 64 pieces completing on mbarriers, each piece waited for before its wgmma; page sizes a multiple
-    of 64, 16-byte aligned cache: ``_tma.kv_map_reason``, else a ValueError).
+    NumPy in the emulator tests) in: "tma" (the TMA build ``MLA_SEESAW_TMA=1``: bulk tensor copies of 64 x 64
+    pieces completing on mbarriers, each piece waited for before its wgmma; page sizes a multiple of 64, 16-byte
+    aligned cache: ``_tma.kv_map_reason``) or "cpasync" (every thread copies 16-byte chunks, the whole buffer
+    waited for; any page size). MLA_SEESAW_LOADS: "auto" (default) takes "tma" where the map can describe the cache
+    and the driver can encode it (``_tma.driver_reason``), else "cpasync"; "tma" forced on a cache it cannot
+    describe is a ValueError that says why.
 
-    Why TMA is not the default (2026-11-26, seventh session, H100): it passes the GPU tests and memcheck and is
-    3-7% faster (benchmarks/BENCHMARKS.md), but compute-sanitizer's racecheck reports hazards on accesses to
-    m_A and l that full barriers order, in the TMA build only; a probe with mbarrier waits between such accesses
-    is clean (benchmarks/racecheck_mbarrier_probe.py), so the report is not explained. Until it is, the default
-    stays the racecheck-clean build (tests/test_cupy_gpu.py keeps the TMA racecheck as an expected failure)."""
+    History: the TMA build (seventh session) was opt-in because racecheck reported hazards on m_A and l accesses
+    that full barriers order. The eighth session traced them (hazard by hazard: warps 1-3 of warpgroup 0 against
+    warpgroup 1, only in CTAs whose tile runs zero_tail) to racecheck losing the order of a 256-thread named barrier
+    after a 128-thread named barrier that only one warpgroup runs -- a pattern a 16-line probe reproduces with no
+    copies at all (benchmarks/racecheck_mbarrier_probe.py wg_bar_before). zero_tail's warpgroup now meets on an
+    mbarrier, racecheck is clean on the TMA build, and it became the default: H100, kernels only, 128,2,128,8192
+    1.484 vs 1.507 ms, 128,1,64,8192 0.450 vs 0.477 (benchmarks/BENCHMARKS.md, eighth session)."""
     from . import _tma
 
     forced = os.environ.get("MLA_SEESAW_LOADS", "auto") or "auto"
     if forced not in SEESAW_LOADS:
         raise ValueError(f"MLA_SEESAW_LOADS must be one of {SEESAW_LOADS}, got {forced!r}")
-    if forced != "tma":
+    if forced == "cpasync":
         return "cpasync"
     address = int(k_cache.ctypes.data) if isinstance(k_cache, np.ndarray) else int(k_cache.data.ptr)
-    reason = _tma.kv_map_reason(address, *(int(x) for x in k_cache.shape))
-    if reason:
+    reason = _tma.kv_map_reason(address, *(int(x) for x in k_cache.shape)) or _tma.driver_reason()
+    if reason and forced == "tma":
         raise ValueError(f"MLA_SEESAW_LOADS=tma: {reason}")
-    return "tma"
+    return "cpasync" if reason else "tma"
 
 
 SPARSE_KERNELS = ("auto", "hopper", "portable")
