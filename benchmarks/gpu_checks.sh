@@ -382,6 +382,11 @@ final8s)  # the eighth session's last check (the seesaw TMA build the default): 
     --out "$OUT/bench_decode.md"
   r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
   ;;
+tmatrace)  # issue #4 (eighth session): the seesaw timeline with the TMA build (the default now) against cp.async
+  r 60 trace_cpasync python3 benchmarks/seesaw_trace.py
+  r 60 trace_tma python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
+  r 60 trace_tma_4096 python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1" --s-q 1 --s-k 4096
+  ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).
   r 120 fence_probe python3 benchmarks/fence_drain_probe.py --launches 30
