@@ -2,7 +2,7 @@
 few-long-sequence shapes of issue #4: does a plan with fewer, longer splits (less partial traffic, a
 cheaper combine) beat one worker an SM?
 
-    python3 benchmarks/bench_splits.py [--reps 30]
+    python3 benchmarks/bench_splits.py [--reps 30] [--parts] [--shapes "8,1,16,2048 8,1,16,8192"] [--null]
 
 Prints one markdown row a (shape, SM basis): num_sms passed to mla.get_mla_metadata (132 = the H100's count,
 the default), the resulting workers and partials, kernel ms (decode + combine, L2 flushed, median).
@@ -23,7 +23,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--parts", action="store_true",
                     help="at the default SM basis only, also time the decode kernel and the combine alone")
+    ap.add_argument("--shapes", default=None, help="b,s_q,h_q,s_k shapes, space-separated (default: SHAPES)")
+    ap.add_argument("--null", action="store_true",
+                    help="first time an empty kernel (132 CTAs of 256 threads) with the same harness: its floor")
     args = ap.parse_args(argv)
+    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in sh.split(",")) for sh in args.shapes.split()]
     import cupy as cp
 
     import mla
@@ -35,7 +39,11 @@ def main(argv=None):
     dev = cp.cuda.Device().id
     print("| b, s_q, h_q, s_k | SM basis | workers | partials | kernel ms | GB/s |")
     print("|---|---|---|---|---|---|")
-    for b, s_q, h_q, s_k in SHAPES:
+    if args.null:
+        empty = cp.RawKernel('extern "C" __global__ void empty() {}', "empty")
+        t = cupy_backend.time_launches(cp, [(empty, (132,), (256,), (), 0)], flush, args.reps)
+        print(f"| empty kernel | 132 CTAs | | | {t * 1e3:.4f} | |", flush=True)
+    for b, s_q, h_q, s_k in shapes:
         blocks = b * s_k // PAGE
         q = cupy_backend._random_device(cp, (b, s_q, h_q, D), _arrays.BFLOAT16)
         k = cupy_backend._random_device(cp, (blocks, PAGE, 1, D), _arrays.BFLOAT16)

@@ -387,6 +387,11 @@ tmatrace)  # issue #4 (eighth session): the seesaw timeline with the TMA build (
   r 60 trace_tma python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
   r 60 trace_tma_4096 python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1" --s-q 1 --s-k 4096
   ;;
+fewlong)  # issue #4 (eighth session): the few-long shapes' time against their length (decode and combine apart) and an
+  # empty kernel's time in the same harness: fixed cost against per-tile cost
+  r 200 splits_scan python3 benchmarks/bench_splits.py --parts --null --reps 30 --shapes \
+    "8,1,16,1024 8,1,16,2048 8,1,16,4096 8,1,16,8192 8,1,16,16384 8,1,16,32768 1,1,128,8192 1,1,128,32768 128,1,16,8192"
+  ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).
   r 120 fence_probe python3 benchmarks/fence_drain_probe.py --launches 30
