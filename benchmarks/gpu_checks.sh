@@ -392,15 +392,9 @@ fewlong)  # issue #4 (eighth session): the few-long shapes' time against their l
   r 200 splits_scan python3 benchmarks/bench_splits.py --parts --null --reps 30 --shapes \
     "8,1,16,1024 8,1,16,2048 8,1,16,4096 8,1,16,8192 8,1,16,16384 8,1,16,32768 1,1,128,8192 1,1,128,32768 128,1,16,8192"
   ;;
-l2pf)  # issue #4 (eighth session): the narrow kernel's L2 prefetch of tile t + 3 (MLA_NARROW_L2_PREFETCH=1), A/B in
-  # interleaved rounds on the few-long and the memory-bound shapes, then its GPU tests with the prefetch on
-  for rnd in 1 2; do
-    for pf in 0 1; do
-      r 60 "splits_pf${pf}_$rnd" env MLA_NVRTC_DEFINES="MLA_NARROW_L2_PREFETCH=$pf" python3 benchmarks/bench_splits.py \
-        --parts --reps 30 --shapes "8,1,16,2048 8,1,16,4096 8,1,16,8192 4,1,16,16384 128,1,16,4096 128,1,16,8192"
-    done
-  done
-  MLA_NVRTC_DEFINES="MLA_NARROW_L2_PREFETCH=1" t 150 t_narrow_pf tests/test_cupy_gpu.py -k "narrow or hopper-hopper or sanitizer"
+floor)  # issue #4 (eighth session): the launch floor of the harness, with and without 182848 B of dynamic shared memory,
+  # beside a 1-tile and an 8-tile b = 8 decode (the narrow kernel's L2 prefetch, part l2pf, is in git history: 5227d31)
+  r 60 floor python3 benchmarks/bench_splits.py --parts --null --reps 30 --shapes "8,1,16,1024 8,1,16,8192"
   ;;
 fenceprobe)  # issue #5 (2026-11-26, eighth session): does fence.proxy.async wait for the thread's copies in flight? (No:
   # benchmarks/NOTES_cupy.md.) The raw-stage builds it was written for (part fp8stage) are in git history (7c8e469).

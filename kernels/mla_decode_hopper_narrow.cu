@@ -77,12 +77,6 @@
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
 #endif
 
-// bf16: an L2 prefetch of tile t + 3's rows while tile t's O^T runs (few-long shapes: the first tiles of a CTA
-// wait for DRAM with only one tile in flight; an experiment, 2026-11-26 eighth session)
-#ifndef MLA_NARROW_L2_PREFETCH
-#define MLA_NARROW_L2_PREFETCH 0
-#endif
-
 // diagnostics (A/B timing only, wrong results): the bf16 build loads no key tile after the first, which times its
 // chain without memory (H100, 128,1,16,8192: 0.204 ms against 0.420 with the loads; benchmarks/NOTES_cupy.md)
 #ifndef MLA_DIAG_NO_KLOAD
@@ -271,7 +265,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         if (valid) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + ch;
         cp_async16(sQ + q_offset(r, ch), src, valid);
       }
-      int blk_next[2], blk_pf[2];  // (blk_pf: the L2 prefetch's, tile tt + 3)
+      int blk_next[2];
       // FP8 register stages. Two: st_a / st_b hold halves a / b of tile tt + 1 at the top of tile tt, tok the
       // token rows of tile tt + 2. One: st_a holds half a of tile tt + 1, tok the token rows of tile tt + 1.
       Fp8Half st_a, st_b;
@@ -315,7 +309,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           if (!MLA_DIAG_NO_KLOAD && tt + 1 < n_tiles) load_k(tt + 1, blk_next);
           cp_async_commit();
           if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
-          if (MLA_NARROW_L2_PREFETCH && tt + 3 < n_tiles) fetch_blk(tt + 3, blk_pf);
           cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
           __syncthreads();      // everyone's copies of tile tt are in
@@ -412,17 +405,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
-        if constexpr (!FP8) {  // while it runs: tile tt + 3's rows into L2 (one thread a row)
-          if (MLA_NARROW_L2_PREFETCH && (tid & 7) == 0 && tt + 3 < n_tiles) {
-            const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int pos = start + (tt + 3) * BLOCK_N + ld_row + 32 * h;
-              if (pos < stop_eff)
-                prefetch_l2_bulk(k_cache + (((long long)blk_pf[h] * page + pos % page) * h_kv + g) * (long long)D, D * 2);
-            }
-          }
-        }
         if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
           // stages) or half a (one) of tile tt + 2 into the registers
           if (tt + 1 < n_tiles) {

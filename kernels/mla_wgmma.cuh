@@ -301,11 +301,6 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const void* map, int c0, in
       : "memory");
 }
 
-// the L2 prefetch of `bytes` (a multiple of 16) at global p (16-byte aligned): no registers, nothing to wait for
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-
 // a compile-time bool as a value (generic lambdas taking it choose a code path with if constexpr)
 template <bool B>
 struct MlaBool {

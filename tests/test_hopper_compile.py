@@ -693,9 +693,6 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
     b.copies.push_back(c);
   }
 }
-inline void prefetch_l2_bulk(const void*, u32 bytes) {
-  if (bytes % 16) emu::fail("L2 prefetch: size not a multiple of 16");
-}
 inline bool mbar_try_wait(u32 bar, u32 parity) {
   tmaemu::MBar& b = tmaemu::at(bar);
   if ((b.phase & 1u) != parity) return true;
@@ -742,7 +739,7 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d", "prefetch_l2_bulk"}
+            "tensormap_acquire", "tma_load_3d"}
 
 
 try:
