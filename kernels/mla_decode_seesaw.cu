@@ -9,14 +9,15 @@
 // Two builds of the loads. cp.async (MLA_SEESAW_TMA=0), as described below: any page size. TMA build
 // (MLA_SEESAW_TMA=1, the default where a tensor map can describe the cache: mla/backends/cupy_hopper.py
 // seesaw_loads; seventh session, H100: the matrix forced "hopper-seesaw-tma", memcheck, the emulator with models
-// of mbarriers and tensor copies; eighth session: racecheck clean): thread 0 of a warpgroup copies each 64-key x 64-channel
-// piece of its buffer with one bulk tensor copy (tensor map: mla/backends/_tma.py) completing on the piece's
-// mbarrier; the S wgmma wait piece by piece (in the order the refills go out), and a piece is refilled as soon as
-// its last reader is done (buffer 0's blocks 1-3 after warpgroup 0's own P V, the rest after AFREE; buffer 1's
+// of mbarriers and tensor copies; eighth session: racecheck clean): thread 0 of a warpgroup copies each
+// 64-key x 64-channel piece of its buffer with one bulk tensor copy (tensor map: mla/backends/_tma.py) completing
+// on the piece's mbarrier; the S wgmma wait piece by piece (in the order the refills go out), and a piece is
+// refilled as soon as its last reader is done (buffer 0's blocks 1-3 after warpgroup 0's own P V, the rest after AFREE; buffer 1's
 // blocks 4-7 after warpgroup 1's own P V, the rest after BFREE). Keys past the sequence in the last tile are zeroed
-// in V after the copy (zero_tail: the copy brings the whole page). 1-7% faster than cp.async (128,2,128,8192:
-// 1.430 against 1.475 ms kernels only in the seventh session's run, 1.484 against 1.507 in the eighth's). Page
-// sizes that are not multiples of 64 take cp.async. zero_tail's warpgroup meets on an mbarrier, not on a
+// in V after the copy (zero_tail: the copy brings the whole page). Against cp.async, H100: 128,2,128,8192 1.430 vs
+// 1.475 ms kernels only (seventh session), 1.484 vs 1.507 (eighth); other 64-row shapes -1..+6% kernels only and
+// faster in every API loop (benchmarks/BENCHMARKS.md); 17% fewer cycles a pair, mostly given back to the power
+// cap. Page sizes that are not multiples of 64 take cp.async. zero_tail's warpgroup meets on an mbarrier, not on a
 // 128-thread named barrier, after which racecheck reported false hazards (benchmarks/NOTES_cupy.md, eighth session).
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
@@ -42,7 +43,8 @@
 // Shared memory (dynamic, 230560 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 160 B are
 // the TMA build's 20 mbarriers, allocated in both builds):
 //   Q tile 73728 B (no swizzle, mla_wgmma.cuh) | K buffer 0 | K buffer 1 (each 73728 B, 128-byte swizzled:
-//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats | mbarriers [2][9] (pieces) + [2] (zero_tail).
+//   9 channel blocks of 64 keys x 128 B) | P_B lo 8192 B | m_A, m_B [64] | l [2][64] floats | mbarriers [2][9]
+//   (pieces) + [2] (zero_tail).
 // A P block (64 rows x 64 keys, 16-bit) is one SW128 channel block, read K-major as wgmma's A operand. There is
 // no room for two more 16 KB P blocks (hi + lo), so they go where the K buffers are done with:
 //   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
