@@ -14,11 +14,12 @@
 // on the piece's mbarrier; the S wgmma wait piece by piece (in the order the refills go out), and a piece is
 // refilled as soon as its last reader is done (buffer 0's blocks 1-3 after warpgroup 0's own P V, the rest after
 // AFREE; buffer 1's blocks 4-7 after warpgroup 1's own P V, the rest after BFREE). Keys past the sequence in the
-// last tile are zeroed in V after the copy (zero_tail: the copy brings the whole page). Against cp.async, H100: 128,2,128,8192 1.430 vs
-// 1.475 ms kernels only (seventh session), 1.484 vs 1.507 (eighth); other 64-row shapes -1..+6% kernels only and
-// faster in every API loop (benchmarks/BENCHMARKS.md); 17% fewer cycles a pair, mostly given back to the power
-// cap. Page sizes that are not multiples of 64 take cp.async. zero_tail's warpgroup meets on an mbarrier, not on a
-// 128-thread named barrier, after which racecheck reported false hazards (benchmarks/NOTES_cupy.md, eighth session).
+// last tile are zeroed in V after the copy (zero_tail: the copy brings the whole page). Against cp.async, H100:
+// 128,2,128,8192 1.430 vs 1.475 ms kernels only (seventh session), 1.484 vs 1.507 (eighth); other 64-row shapes
+// -1..+6% kernels only and faster in every API loop (benchmarks/BENCHMARKS.md); 17% fewer cycles a pair, mostly
+// given back to the power cap. Page sizes that are not multiples of 64 take cp.async. zero_tail's warpgroup meets
+// on an mbarrier, not on a 128-thread named barrier, after which racecheck reported false hazards
+// (benchmarks/NOTES_cupy.md, eighth session).
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
 // signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32
