@@ -1,0 +1,76 @@
+"""What the bf16 P split costs the seesaw kernel at the compute-bound shape (issue #4; timing only, H100).
+
+    python benchmarks/bench_psplit_cost.py [--reps 20] [--rounds 3]
+
+DESIGN §6's numerics: bf16 P is split into P_hi + P_lo and both are multiplied by V (47% more tensor-core work a
+tile; without it the out tolerance is missed by up to 4.4x at short lengths). Three builds of the seesaw kernel
+(TMA loads, as dispatched), kernels only (prepared launches, L2 flushed before each rep, CUDA events, medians), in
+interleaved rounds (the GPU is power-capped at this shape):
+
+* bf16 with the split (the shipped build);
+* bf16 without it (``MLA_P_SPLIT=0``: NOT the shipped numerics, timing only);
+* fp16 inputs (fp16 P needs no split: the shipped fp16 build).
+
+TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cupy as cp  # noqa: E402
+
+import mla  # noqa: E402
+from mla import _arrays, api  # noqa: E402
+from mla.backends import cupy_backend  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shape", default="128,2,128,8192")
+    args = ap.parse_args(argv)
+    from bench_decode import make_inputs
+
+    b, s_q, h_q, s_k = (int(x) for x in args.shape.split(","))
+    os.environ["MLA_CUPY_KERNEL"] = "hopper"
+    os.environ["MLA_HOPPER_VARIANT"] = "seesaw"
+    dev = cp.cuda.Device().id
+    flush = cp.empty(256 << 20, dtype=cp.uint8)
+    flops = 2 * b * s_q * h_q * s_k * (576 + 512)
+    launches = {}
+    for name, dtype, split in (("bf16, P split (shipped)", _arrays.BFLOAT16, None),
+                               ("bf16, no P split (timing only)", _arrays.BFLOAT16, 0),
+                               ("fp16 (no split needed)", np.float16, None)):
+        q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
+        sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
+        problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
+        if split is not None:
+            os.environ["MLA_CUPY_PSPLIT"] = str(split)  # (cupy_hopper.defines: benchmarks only)
+        try:
+            launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
+        finally:
+            os.environ.pop("MLA_CUPY_PSPLIT", None)
+    times = {name: [] for name in launches}
+    for rnd in range(args.rounds):
+        for name, (ls, _) in launches.items():
+            t = cupy_backend.time_launches(cp, ls, flush, args.reps)
+            times[name].append(t)
+            print(f"round {rnd} {name}: {t * 1e3:.3f} ms", flush=True)
+    print(f"\n| {b}, {s_q}, {h_q}, {s_k} | kernels ms (median of rounds) | TFLOP/s |\n|---|---|---|")
+    for name, ts in times.items():
+        t = float(np.median(ts))
+        print(f"| {name} | {t * 1e3:.3f} | {flops / t / 1e12:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
