@@ -396,6 +396,9 @@ floor)  # issue #4 (eighth session): the launch floor of the harness, with and w
   # beside a 1-tile and an 8-tile b = 8 decode (the narrow kernel's L2 prefetch, part l2pf, is in git history: 5227d31)
   r 60 floor python3 benchmarks/bench_splits.py --parts --null --reps 30 --shapes "8,1,16,1024 8,1,16,8192"
   ;;
+tmagraph)  # the seesaw TMA build (the default above 32 rows) recorded in a CUDA graph, its map encoded in the capture
+  t 120 t_graph tests/test_cupy_gpu.py -k "graph"
+  ;;
 psplit)  # issue #4 (eighth session): what the bf16 P split costs the seesaw kernel at the power-capped compute-bound shape
   r 150 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
   r 100 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096

@@ -252,6 +252,52 @@ def test_decode_step_replays_from_a_cuda_graph(backend):
     finally:
         cupy_backend.release_graph_buffers()
 
+def test_seesaw_tma_decode_replays_from_a_cuda_graph():
+    """The seesaw kernel's TMA build (the default above 32 rows a KV head, page 64) in a CUDA graph: the captured call's
+    cache has no tensor map yet (the warm-up ran on a copy), so the map is encoded and stored by a kernel inside the
+    capture; replays with new q values and lengths written in place give the reference answer."""
+    from mla.backends import _tma, cupy_hopper
+
+    cp = _arrays.cupy_module()
+    reason = cupy_hopper.device_reason(cp.cuda.Device().id) or _tma.driver_reason()
+    if reason:
+        pytest.skip(reason)
+    rng = np.random.default_rng(13)
+    case = testing.make_decode_case(rng, b=3, s_q=2, h_q=64, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[300, 0, 2000], dtype=BF16, causal=True)
+    c = testing.to_device(case)
+    assert cupy_hopper.seesaw_loads(c.k_cache) == "tma"
+    warm = testing.to_device(case)  # the same problem in other buffers: compiles and loads every kernel
+
+    def step(d):
+        sched, splits = mla.get_mla_metadata(d.cache_seqlens, 2 * 64, 1)
+        return mla.flash_mla_with_kvcache(*d.args(), sched, splits, causal=True, backend="cupy", validate=False)
+
+    step(warm)
+    maps = len(_tma._CACHE)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        out, lse = step(c)
+        graph = stream.end_capture()
+    assert len(_tma._CACHE) == min(maps + 1, _tma._CACHE_MAX), "meant to encode the captured cache's map in the capture"
+    try:
+        for seqlens in ([300, 0, 2000], [65, 1, 64], [2, 0, 4000]):
+            new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
+            c.q[...] = cp.asarray(new_q)
+            c.cache_seqlens[...] = cp.asarray(np.array(seqlens, np.int32))
+            out.fill(cp.nan)
+            cp.cuda.Device().synchronize()
+            graph.launch(stream)
+            stream.synchronize()
+            lens = np.array(seqlens, np.int32)
+            out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table, lens, 512,
+                                                             causal=True)
+            testing.assert_close(out, lse, out_ref, lse_ref)
+    finally:
+        cupy_backend.release_graph_buffers()
+
+
 @pytest.mark.parametrize("kernel", KERNELS + [pytest.param("fp8", id="fp8")])
 @pytest.mark.parametrize("b,seqlen,s_q", [(3, 700, 2), (1, 20000, 1), (64, 300, 1)])
 def test_out_float32_is_the_unrounded_output(kernel, b, seqlen, s_q):
