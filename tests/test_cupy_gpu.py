@@ -236,21 +236,28 @@ def test_decode_step_replays_from_a_cuda_graph(backend):
         graph = stream.end_capture()
     try:
         for seqlens in ([100, 3000, 0, 9000], [7, 64, 0, 5000], [3, 2, 0, 64]):
-            new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
-            c.q[...] = cp.asarray(new_q)  # in place: the graph holds c.q's pointer
-            c.cache_seqlens[...] = cp.asarray(np.array(seqlens, np.int32))
-            junk = [cp.full((1 << 20,), 7.0, cp.float32) for _ in range(8)]  # takes any freed pool block
-            out.fill(cp.nan)
-            cp.cuda.Device().synchronize()
-            graph.launch(stream)
-            stream.synchronize()
-            assert all(bool((j == 7.0).all()) for j in junk), "the graph wrote into memory it no longer owns"
-            lens = np.array(seqlens, np.int32)
-            out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table, lens, 512,
-                                                             causal=True)
-            testing.assert_close(out, lse, out_ref, lse_ref)
+            _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens)
     finally:
         cupy_backend.release_graph_buffers()
+
+
+def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens):
+    """Write new q values and ``seqlens`` into the captured call's device inputs (in place: the graph holds their
+    pointers), replay ``graph`` on ``stream`` while other allocations (which must not reuse the graph's buffers) exist,
+    and compare the graph's outputs ``out`` / ``lse`` (poisoned first) with the reference (causal)."""
+    cp = _arrays.cupy_module()
+    new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
+    c.q[...] = cp.asarray(new_q)
+    c.cache_seqlens[...] = cp.asarray(np.array(seqlens, np.int32))
+    junk = [cp.full((1 << 20,), 7.0, cp.float32) for _ in range(8)]  # takes any freed pool block
+    out.fill(cp.nan)
+    cp.cuda.Device().synchronize()
+    graph.launch(stream)
+    stream.synchronize()
+    assert all(bool((j == 7.0).all()) for j in junk), "the graph wrote into memory it no longer owns"
+    out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table,
+                                                     np.array(seqlens, np.int32), 512, causal=True)
+    testing.assert_close(out, lse, out_ref, lse_ref)
 
 def test_seesaw_tma_decode_replays_from_a_cuda_graph():
     """The seesaw kernel's TMA build (the default above 32 rows a KV head, page 64) in a CUDA graph: the captured call's
@@ -283,17 +290,7 @@ def test_seesaw_tma_decode_replays_from_a_cuda_graph():
     assert len(_tma._CACHE) == min(maps + 1, _tma._CACHE_MAX), "meant to encode the captured cache's map in the capture"
     try:
         for seqlens in ([300, 0, 2000], [65, 0, 64], [2, 0, 1999]):  # (no longer than the cache's pages)
-            new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
-            c.q[...] = cp.asarray(new_q)
-            c.cache_seqlens[...] = cp.asarray(np.array(seqlens, np.int32))
-            out.fill(cp.nan)
-            cp.cuda.Device().synchronize()
-            graph.launch(stream)
-            stream.synchronize()
-            lens = np.array(seqlens, np.int32)
-            out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table, lens, 512,
-                                                             causal=True)
-            testing.assert_close(out, lse, out_ref, lse_ref)
+            _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens)
     finally:
         cupy_backend.release_graph_buffers()
 
