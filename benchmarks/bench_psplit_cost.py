@@ -9,7 +9,11 @@ interleaved rounds (the GPU is power-capped at this shape):
 
 * bf16 with the split (the shipped build);
 * bf16 without it (``MLA_P_SPLIT=0``: NOT the shipped numerics, timing only);
-* fp16 inputs (fp16 P needs no split: the shipped fp16 build).
+* fp16 inputs (fp16 P needs no split: the shipped fp16 build);
+* fp16 inputs, cp.async loads (the shipped alternative), and the same with every Q tile and K buffer converted in
+  place from bf16 bits to fp16 after it lands (``MLA_DIAG_BF16_TO_F16``, timing only): what running bf16 inputs
+  through the fp16 math would cost (fp16 P and V meet DESIGN §6's tolerance where bf16 P alone does not:
+  notebooks/03_flash_decoding.ipynb).
 
 TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all three.
 """
@@ -30,7 +34,7 @@ import cupy as cp  # noqa: E402
 
 import mla  # noqa: E402
 from mla import _arrays, api  # noqa: E402
-from mla.backends import cupy_backend  # noqa: E402
+from mla.backends import cupy_backend, cupy_hopper  # noqa: E402
 
 
 def main(argv=None):
@@ -48,18 +52,23 @@ def main(argv=None):
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     flops = 2 * b * s_q * h_q * s_k * (576 + 512)
     launches = {}
-    for name, dtype, split in (("bf16, P split (shipped)", _arrays.BFLOAT16, None),
-                               ("bf16, no P split (timing only)", _arrays.BFLOAT16, 0),
-                               ("fp16 (no split needed)", np.float16, None)):
+    base_defines = cupy_hopper.defines
+    for name, dtype, loads, extra in (("bf16, P split (shipped)", _arrays.BFLOAT16, "auto", {}),
+                                      ("bf16, no P split (timing only)", _arrays.BFLOAT16, "auto", {"MLA_P_SPLIT": 0}),
+                                      ("fp16 (no split needed)", np.float16, "auto", {}),
+                                      ("fp16, cp.async loads", np.float16, "cpasync", {}),
+                                      ("fp16, cp.async, bf16->fp16 in smem (timing only)", np.float16, "cpasync",
+                                       {"MLA_DIAG_BF16_TO_F16": 1})):
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
-        if split is not None:
-            os.environ["MLA_CUPY_PSPLIT"] = str(split)  # (cupy_hopper.defines: benchmarks only)
+        os.environ["MLA_SEESAW_LOADS"] = loads
+        cupy_hopper.defines = lambda fp16, _e=extra: {**base_defines(fp16), **_e}  # (benchmark-only builds)
         try:
             launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
         finally:
-            os.environ.pop("MLA_CUPY_PSPLIT", None)
+            cupy_hopper.defines = base_defines
+            os.environ.pop("MLA_SEESAW_LOADS", None)
     times = {name: [] for name in launches}
     for rnd in range(args.rounds):
         for name, (ls, _) in launches.items():

@@ -87,6 +87,28 @@
 #define MLA_SEESAW_TMA 0
 #endif
 static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a diagnostic of the cp.async build");
+// Diagnostic (timing only, eighth session): the fp16 build (no P split) with every Q tile and K buffer converted in
+// place from bf16 bits to fp16 after it lands, i.e. the cost of running bf16 inputs through fp16 math. Results
+// are meaningless (the inputs are fp16 already); cp.async build only.
+#ifndef MLA_DIAG_BF16_TO_F16
+#define MLA_DIAG_BF16_TO_F16 0
+#endif
+static_assert(!MLA_DIAG_BF16_TO_F16 || (MLA_FP16 && !MLA_SEESAW_TMA), "a diagnostic of the fp16 cp.async build");
+// nbytes of shared memory at p (16-byte chunks, `nthreads` threads from `t`): bf16 bits -> fp16, in place
+__device__ __forceinline__ void diag_bf16_to_f16(unsigned char* p, int nbytes, int t, int nthreads) {
+  for (int c = t * 16; c < nbytes; c += nthreads * 16) {
+    uint4 w = *reinterpret_cast<uint4*>(p + c);
+    u32* x = reinterpret_cast<u32*>(&w);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float lo = __uint_as_float(x[k] << 16), hi = __uint_as_float(x[k] & 0xFFFF0000u);
+      u32 r;
+      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+      x[k] = r;
+    }
+    *reinterpret_cast<uint4*>(p + c) = w;
+  }
+}
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -360,6 +382,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #endif
         cp_async_commit();
         cp_async_wait<0>();
+        if (MLA_DIAG_BF16_TO_F16) {
+          __syncthreads();
+          diag_bf16_to_f16(smem_raw, 3 * TILE_BYTES, tid, 256);  // Q and both K buffers
+        }
         fence_proxy_async();
         __syncthreads();
       }
@@ -373,6 +399,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #else
         if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
           cp_async_wait<0>();
+          if (MLA_DIAG_BF16_TO_F16) {
+            named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
+            diag_bf16_to_f16(sK + wg * TILE_BYTES, TILE_BYTES, t, 128);
+          }
           fence_proxy_async();
           named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
           SEESAW_MARK(7);
