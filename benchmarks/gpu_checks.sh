@@ -396,6 +396,12 @@ floor)  # issue #4 (eighth session): the launch floor of the harness, with and w
   # beside a 1-tile and an 8-tile b = 8 decode (the narrow kernel's L2 prefetch, part l2pf, is in git history: 5227d31)
   r 60 floor python3 benchmarks/bench_splits.py --parts --null --reps 30 --shapes "8,1,16,1024 8,1,16,8192"
   ;;
+final8t)  # the eighth session's final check at the final kernel code: both CuPy decode GPU files (the new tests: the TMA
+  # build on pages 128 / 256 and in a CUDA graph), then the shipped and no-split builds timed once more
+  t 280 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 100 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 2
+  ;;
 tmagraph)  # the seesaw TMA build (the default above 32 rows) recorded in a CUDA graph, its map encoded in the capture
   t 120 t_graph tests/test_cupy_gpu.py -k "graph"
   ;;

@@ -259,6 +259,18 @@ def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens):
                                                      np.array(seqlens, np.int32), 512, causal=True)
     testing.assert_close(out, lse, out_ref, lse_ref)
 
+@pytest.mark.parametrize("kernel", ["hopper", "hopper-seesaw-tma"])
+@pytest.mark.parametrize("page", [128, 256])
+def test_seesaw_tma_on_larger_pages(kernel, page):
+    """Page sizes that are multiples of 64 take the seesaw kernel's TMA build above 32 rows a KV head (FlashMLA's
+    matrix is all page 64): several 64-key tiles a page, tails, empty sequences, splits inside a page, h_kv 2."""
+    rng = np.random.default_rng(page)
+    for h_kv, seqlens in ((1, [300, 0, 1000, 129]), (2, [700, 65])):
+        case = testing.make_decode_case(rng, b=len(seqlens), s_q=2, h_q=64 * h_kv, h_kv=h_kv, d=576, head_dim_v=512,
+                                        page_block_size=page, seqlens=seqlens, dtype=BF16, causal=True)
+        _check(case, kernel)
+
+
 def test_seesaw_tma_decode_replays_from_a_cuda_graph():
     """The seesaw kernel's TMA build (the default above 32 rows a KV head, page 64) in a CUDA graph: the captured call's
     cache has no tensor map yet (the warm-up ran on a copy), so the map is encoded and stored by a kernel inside the

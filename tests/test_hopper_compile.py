@@ -694,6 +694,9 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
     b.copies.push_back(c);
   }
 }
+inline void diag_bf16_to_f16(unsigned char*, int, int, int) {  // (the seesaw kernel's timing-only diagnostic)
+  emu::fail("MLA_DIAG_BF16_TO_F16 is a GPU timing diagnostic, not emulated");
+}
 inline bool mbar_try_wait(u32 bar, u32 parity) {
   tmaemu::MBar& b = tmaemu::at(bar);
   if ((b.phase & 1u) != parity) return true;
@@ -740,7 +743,7 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d"}
+            "tensormap_acquire", "tma_load_3d", "diag_bf16_to_f16"}
 
 
 try:
@@ -890,6 +893,23 @@ def test_decode_kernel_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv
 
     if scheduler.num_sm_parts(num_sms, s_q * h_q // h_kv, h_kv) > b and max(seqlens) > 256:
         assert int(splits[-1]) > b, "meant to exercise the split + combine path"
+
+
+@needs_gxx
+@pytest.mark.parametrize("page,seqlens,num_sms,eager", [(128, [300, 0, 129], 16, False), (256, [700, 64], 16, True)])
+def test_seesaw_tma_emulated_on_larger_pages(monkeypatch, page, seqlens, num_sms, eager):
+    """The seesaw kernel's TMA build (the default on page sizes that are multiples of 64) where a page holds several
+    64-key tiles: the copy's row is the block's first row plus the tile's offset in the page; tails, an empty
+    sequence, splits (NaN in the unused slots)."""
+    from mla import reference, testing
+
+    rng = np.random.default_rng(page)
+    case = testing.make_decode_case(rng, b=len(seqlens), s_q=2, h_q=64, h_kv=1, d=576, head_dim_v=512,
+                                    page_block_size=page, seqlens=seqlens, dtype=BF16, causal=True)
+    out, lse, splits, _ = _run_emulated(monkeypatch, case, num_sms, eager, "skewed", seesaw=True, seesaw_loads="tma")
+    out_ref, lse_ref = reference.flash_mla_reference(*case.args(), causal=True)
+    testing.assert_close(out, lse, out_ref, lse_ref, lse_atol=4e-6)
+    assert int(splits[-1]) > len(seqlens), "meant to split a sequence inside a page"
 
 
 FP8_CASES = [  # (b, s_q, h_q, h_kv, seqlens, causal, num_sms, schedule, eager copies, odd scales, rows a CTA)
