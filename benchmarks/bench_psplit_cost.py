@@ -13,7 +13,9 @@ interleaved rounds (the GPU is power-capped at this shape):
 * fp16 inputs, cp.async loads (the shipped alternative), and the same with every Q tile and K buffer converted in
   place from bf16 bits to fp16 after it lands (``MLA_DIAG_BF16_TO_F16``, timing only): what running bf16 inputs
   through the fp16 math would cost (fp16 P and V meet DESIGN §6's tolerance where bf16 P alone does not:
-  notebooks/03_flash_decoding.ipynb).
+  notebooks/03_flash_decoding.ipynb);
+* fp16 inputs, TMA loads, with only V converted after each block's S (``MLA_DIAG_BF16_V_TO_F16``, timing only): the
+  variant that could keep S in bf16.
 
 TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all three.
 """
@@ -58,7 +60,9 @@ def main(argv=None):
                                       ("fp16 (no split needed)", np.float16, "auto", {}),
                                       ("fp16, cp.async loads", np.float16, "cpasync", {}),
                                       ("fp16, cp.async, bf16->fp16 in smem (timing only)", np.float16, "cpasync",
-                                       {"MLA_DIAG_BF16_TO_F16": 1})):
+                                       {"MLA_DIAG_BF16_TO_F16": 1}),
+                                      ("fp16, TMA, V only bf16->fp16 after S (timing only)", np.float16, "auto",
+                                       {"MLA_DIAG_BF16_V_TO_F16": 1})):
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)

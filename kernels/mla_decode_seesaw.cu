@@ -94,6 +94,13 @@ static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a 
 #define MLA_DIAG_BF16_TO_F16 0
 #endif
 static_assert(!MLA_DIAG_BF16_TO_F16 || (MLA_FP16 && !MLA_SEESAW_TMA), "a diagnostic of the fp16 cp.async build");
+// Diagnostic (timing only): the fp16 TMA build with only V (pieces 0-7 of a block) converted from bf16 bits to fp16,
+// after the block's S is done: warpgroup 0 its V_AL before its own P V, V_AR under it; warpgroup 1 all of V_B before
+// BAR_MA (S would stay bf16: a bf16 build would need S in bf16 and P V in fp16)
+#ifndef MLA_DIAG_BF16_V_TO_F16
+#define MLA_DIAG_BF16_V_TO_F16 0
+#endif
+static_assert(!MLA_DIAG_BF16_V_TO_F16 || (MLA_FP16 && MLA_SEESAW_TMA), "a diagnostic of the fp16 TMA build");
 // nbytes of shared memory at p (16-byte chunks, `nthreads` threads from `t`): bf16 bits -> fp16, in place
 __device__ __forceinline__ void diag_bf16_to_f16(unsigned char* p, int nbytes, int t, int nthreads) {
   for (int c = t * 16; c < nbytes; c += nthreads * 16) {
@@ -445,9 +452,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+          if (MLA_DIAG_BF16_V_TO_F16) {
+            diag_bf16_to_f16(sK, 4 * SW128_BLOCK_BYTES, t, 128);  // V_AL
+            fence_proxy_async();
+            named_bar_sync(BAR_LOAD0, 128);
+          }
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           SEESAW_MARK(2);
+          if (MLA_DIAG_BF16_V_TO_F16) diag_bf16_to_f16(sK + VR_AT, 4 * SW128_BLOCK_BYTES, t, 128);  // V_AR (fenced
+                                                                                              // before BAR_P)
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
           SEESAW_MARK(3);
@@ -501,6 +515,10 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             wg_fence_operands(s);
             zero_tail(tb, sK + TILE_BYTES);
             scale_mask(s, tb, mx0, mx1);
+            if (MLA_DIAG_BF16_V_TO_F16) {
+              diag_bf16_to_f16(sK + TILE_BYTES, 8 * SW128_BLOCK_BYTES, t, 128);  // V_B
+              fence_proxy_async();
+            }
           }
 #else
           fetch_blocks(tb + 2, nxt);
