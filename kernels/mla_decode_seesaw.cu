@@ -460,8 +460,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           SEESAW_MARK(2);
-          if (MLA_DIAG_BF16_V_TO_F16) diag_bf16_to_f16(sK + VR_AT, 4 * SW128_BLOCK_BYTES, t, 128);  // V_AR (fenced
-                                                                                              // before BAR_P)
+          // (diagnostic: V_AR under the P V just issued; fenced before BAR_P with the P stores)
+          if (MLA_DIAG_BF16_V_TO_F16) diag_bf16_to_f16(sK + VR_AT, 4 * SW128_BLOCK_BYTES, t, 128);
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
           SEESAW_MARK(3);
