@@ -405,6 +405,11 @@ final8t)  # the eighth session's final check at the final kernel code: both CuPy
 tmagraph)  # the seesaw TMA build (the default above 32 rows) recorded in a CUDA graph, its map encoded in the capture
   t 120 t_graph tests/test_cupy_gpu.py -k "graph"
   ;;
+narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and its CTAs' start / end at the few-long
+  # shape (8 tiles a worker) and at the memory-bound one (steady state)
+  r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
+  r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
+  ;;
 psplit)  # issue #4 (eighth session): what the bf16 P split costs the seesaw kernel at the power-capped compute-bound shape
   r 150 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
   r 100 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096

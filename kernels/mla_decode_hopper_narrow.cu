@@ -87,6 +87,25 @@
 #define MLA_P_SPLIT (!MLA_FP16)
 #endif
 
+// Diagnostics only (benchmarks/narrow_trace.py): thread 0 of CTAs (x, 0, 0), x < 4, stores clock64() at 7 points of
+// each of its first 128 tiles (of its first piece), and every CTA (x, 0, 0) its globaltimer at entry and exit
+#ifndef MLA_NARROW_TRACE
+#define MLA_NARROW_TRACE 0
+#endif
+#if MLA_NARROW_TRACE
+__device__ long long narrow_trace[4][128][8];
+__device__ unsigned long long narrow_span[1024][2];
+__device__ __forceinline__ unsigned long long narrow_globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+#define NARROW_MARK(e) \
+  if (trace_on && tt < 128) narrow_trace[blockIdx.x][tt][e] = clock64()
+#else
+#define NARROW_MARK(e)
+#endif
+
 namespace narrow {
 constexpr int D = 576, DV = 512;
 constexpr int NQ = MLA_NQ;                 // query rows a CTA (wgmma N of S^T): 16 or 32
@@ -203,9 +222,15 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   mla_elem_t* myP = sP + wg * P_EL;
 
   if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
+#if MLA_NARROW_TRACE
+  if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][0] = narrow_globaltimer();
+#endif
   const MlaWork work = mla_work(sched, blockIdx.x);
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
+    const bool trace_on =
+        MLA_NARROW_TRACE && tid == 0 && i == work.begin_b && blockIdx.x < 4 && blockIdx.y + blockIdx.z == 0;
+    (void)trace_on;
     const int L = seqlens[i];
     const MlaPiece pc = mla_piece(work, num_splits, i, L);
     const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
@@ -296,6 +321,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       }
 
       for (int tt = 0; tt < n_tiles; ++tt) {
+        NARROW_MARK(0);
         if constexpr (FP8) {
           // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier
           // that ends it), or before the loop:
@@ -313,6 +339,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
           __syncthreads();      // everyone's copies of tile tt are in
         }
+        NARROW_MARK(1);
         const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
@@ -337,10 +364,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           }
         }
         wg_wait<0>();
+        NARROW_MARK(2);
         wg_fence_operands(s);
 #pragma unroll
         for (int k = 0; k < SREG; ++k) sX[(wg * SREG + k) * 128 + t] = s[k];
         __syncthreads();
+        NARROW_MARK(3);
 #pragma unroll
         for (int k = 0; k < SREG; ++k) s[k] += sX[((1 - wg) * SREG + k) * 128 + t];  // a + b == b + a: same bits in both
 
@@ -402,6 +431,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         }
         fence_proxy_async();
         wg_bar(wg);  // P^T complete (and everyone has read the column maxima)
+        NARROW_MARK(4);
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
@@ -417,6 +447,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           if (FP8_TWO_STAGES && tt + 3 < n_tiles) tok = fetch_tok(tt + 3);
         }
         wg_wait<0>();
+        NARROW_MARK(5);
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
         if constexpr (FP8) {
@@ -425,6 +456,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         }
         __syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T (FP8: and
                           // tile tt + 1 is complete)
+        NARROW_MARK(6);
       }
     }
 
@@ -471,6 +503,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       }
     __syncthreads();  // sRed is free for the next piece
   }
+#if MLA_NARROW_TRACE
+  if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][1] = narrow_globaltimer();
+#endif
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there
 #endif

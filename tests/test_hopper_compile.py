@@ -46,7 +46,8 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
     + [(cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 1, "MLA_DIAG_BF16_TO_F16": 1}),  # (benchmarks/bench_psplit_cost.py)
-       (cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 1, "MLA_SEESAW_TMA": 1, "MLA_DIAG_BF16_V_TO_F16": 1})]
+       (cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 1, "MLA_SEESAW_TMA": 1, "MLA_DIAG_BF16_V_TO_F16": 1}),
+       (cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
