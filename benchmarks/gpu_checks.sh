@@ -410,6 +410,15 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+stagger)  # issue #4 (eighth session): the narrow kernel with its CTAs' starts staggered (MLA_NARROW_STAGGER_NS, 4 groups),
+  # A/B in interleaved rounds on the few-long and the memory-bound shapes
+  for rnd in 1 2; do
+    for ns in 0 400 1000; do
+      r 60 "stagger${ns}_$rnd" env MLA_NVRTC_DEFINES="MLA_NARROW_STAGGER_NS=$ns" python3 benchmarks/bench_splits.py \
+        --parts --reps 30 --shapes "8,1,16,2048 8,1,16,8192 4,1,16,16384 128,1,16,8192"
+    done
+  done
+  ;;
 psplit)  # issue #4 (eighth session): what the bf16 P split costs the seesaw kernel at the power-capped compute-bound shape
   r 150 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
   r 100 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096
