@@ -696,6 +696,9 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
     b.copies.push_back(c);
   }
 }
+inline unsigned long long narrow_globaltimer() {  // (the narrow kernel's trace build, GPU only)
+  emu::fail("MLA_NARROW_TRACE is a GPU diagnostic, not emulated");
+}
 inline void diag_bf16_to_f16(unsigned char*, int, int, int) {  // (the seesaw kernel's timing-only diagnostic)
   emu::fail("MLA_DIAG_BF16_TO_F16 is a GPU timing diagnostic, not emulated");
 }
@@ -745,7 +748,7 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d", "diag_bf16_to_f16"}
+            "tensormap_acquire", "tma_load_3d", "diag_bf16_to_f16", "narrow_globaltimer"}
 
 
 try:
