@@ -406,18 +406,10 @@ tmagraph)  # the seesaw TMA build (the default above 32 rows) recorded in a CUDA
   t 120 t_graph tests/test_cupy_gpu.py -k "graph"
   ;;
 narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and its CTAs' start / end at the few-long
-  # shape (8 tiles a worker) and at the memory-bound one (steady state)
+  # shape (8 tiles a worker) and at the memory-bound one (steady state). (Part stagger, run 24: the CTAs' first loads
+  # staggered by __nanosleep in 4 groups, no gain; in git history at the commit before its revert.)
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
-  ;;
-stagger)  # issue #4 (eighth session): the narrow kernel with its CTAs' starts staggered (MLA_NARROW_STAGGER_NS, 4 groups),
-  # A/B in interleaved rounds on the few-long and the memory-bound shapes
-  for rnd in 1 2; do
-    for ns in 0 400 1000; do
-      r 60 "stagger${ns}_$rnd" env MLA_NVRTC_DEFINES="MLA_NARROW_STAGGER_NS=$ns" python3 benchmarks/bench_splits.py \
-        --parts --reps 30 --shapes "8,1,16,2048 8,1,16,8192 4,1,16,16384 128,1,16,8192"
-    done
-  done
   ;;
 psplit)  # issue #4 (eighth session): what the bf16 P split costs the seesaw kernel at the power-capped compute-bound shape
   r 150 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3

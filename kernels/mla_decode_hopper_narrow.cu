@@ -87,13 +87,6 @@
 #define MLA_P_SPLIT (!MLA_FP16)
 #endif
 
-// Experiment (eighth session): CTA x waits (x % 4) * MLA_NARROW_STAGGER_NS ns before its first load, so that the
-// CTAs' load / compute phases do not start in step (the trace shows the first tiles of every CTA ~1.6x slower than
-// later ones, as if DRAM idled in the CTAs' common latency gaps)
-#ifndef MLA_NARROW_STAGGER_NS
-#define MLA_NARROW_STAGGER_NS 0
-#endif
-
 // Diagnostics only (benchmarks/narrow_trace.py): thread 0 of CTAs (x, 0, 0), x < 4, stores clock64() at 7 points of
 // each of its first 128 tiles (of its first piece), and every CTA (x, 0, 0) its globaltimer at entry and exit
 #ifndef MLA_NARROW_TRACE
@@ -231,9 +224,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   if (sK_addr & 1023) __trap();  // the SW128 blocks must be 1024-byte aligned (see mla_wgmma.cuh)
 #if MLA_NARROW_TRACE
   if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][0] = narrow_globaltimer();
-#endif
-#if MLA_NARROW_STAGGER_NS
-  if (blockIdx.x & 3) __nanosleep((blockIdx.x & 3) * MLA_NARROW_STAGGER_NS);
 #endif
   const MlaWork work = mla_work(sched, blockIdx.x);
 
