@@ -3,21 +3,18 @@
     python benchmarks/bench_psplit_cost.py [--reps 20] [--rounds 3]
 
 DESIGN §6's numerics: bf16 P is split into P_hi + P_lo and both are multiplied by V (47% more tensor-core work a
-tile; without it the out tolerance is missed by up to 4.4x at short lengths). Three builds of the seesaw kernel
-(TMA loads, as dispatched), kernels only (prepared launches, L2 flushed before each rep, CUDA events, medians), in
-interleaved rounds (the GPU is power-capped at this shape):
+tile; without it the out tolerance is missed by up to 4.4x at short lengths). Four builds of the seesaw kernel,
+kernels only (prepared launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU
+is power-capped at this shape):
 
-* bf16 with the split (the shipped build);
-* bf16 without it (``MLA_P_SPLIT=0``: NOT the shipped numerics, timing only);
-* fp16 inputs (fp16 P needs no split: the shipped fp16 build);
-* fp16 inputs, cp.async loads (the shipped alternative), and the same with every Q tile and K buffer converted in
-  place from bf16 bits to fp16 after it lands (``MLA_DIAG_BF16_TO_F16``, timing only): what running bf16 inputs
-  through the fp16 math would cost (fp16 P and V meet DESIGN §6's tolerance where bf16 P alone does not:
-  notebooks/03_flash_decoding.ipynb);
-* fp16 inputs, TMA loads, with only V converted after each block's S (``MLA_DIAG_BF16_V_TO_F16``, timing only): the
-  variant that could keep S in bf16.
+* bf16 with the split (the shipped build, TMA loads as dispatched);
+* bf16 without it (``MLA_CUPY_PSPLIT=0``: NOT the shipped numerics, timing only);
+* fp16 inputs (fp16 P needs no split: the shipped fp16 build), with TMA loads and with cp.async.
 
-TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all three.
+(Runs 20 and 22 of 2026-11-26h also timed two diagnostics that converted bf16 tiles to fp16 inside the kernel; they
+were slower than the split or barely faster and were removed: benchmarks/NOTES_cupy.md, eighth session.)
+
+TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all four.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ import cupy as cp  # noqa: E402
 
 import mla  # noqa: E402
 from mla import _arrays, api  # noqa: E402
-from mla.backends import cupy_backend, cupy_hopper  # noqa: E402
+from mla.backends import cupy_backend  # noqa: E402
 
 
 def main(argv=None):
@@ -54,25 +51,21 @@ def main(argv=None):
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     flops = 2 * b * s_q * h_q * s_k * (576 + 512)
     launches = {}
-    base_defines = cupy_hopper.defines
-    for name, dtype, loads, extra in (("bf16, P split (shipped)", _arrays.BFLOAT16, "auto", {}),
-                                      ("bf16, no P split (timing only)", _arrays.BFLOAT16, "auto", {"MLA_P_SPLIT": 0}),
-                                      ("fp16 (no split needed)", np.float16, "auto", {}),
-                                      ("fp16, cp.async loads", np.float16, "cpasync", {}),
-                                      ("fp16, cp.async, bf16->fp16 in smem (timing only)", np.float16, "cpasync",
-                                       {"MLA_DIAG_BF16_TO_F16": 1}),
-                                      ("fp16, TMA, V only bf16->fp16 after S (timing only)", np.float16, "auto",
-                                       {"MLA_DIAG_BF16_V_TO_F16": 1})):
+    for name, dtype, loads, psplit in (("bf16, P split (shipped)", _arrays.BFLOAT16, "auto", None),
+                                       ("bf16, no P split (timing only)", _arrays.BFLOAT16, "auto", "0"),
+                                       ("fp16 (no split needed)", np.float16, "auto", None),
+                                       ("fp16, cp.async loads", np.float16, "cpasync", None)):
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
         os.environ["MLA_SEESAW_LOADS"] = loads
-        cupy_hopper.defines = lambda fp16, _e=extra: {**base_defines(fp16), **_e}  # (benchmark-only builds)
+        if psplit is not None:
+            os.environ["MLA_CUPY_PSPLIT"] = psplit  # (cupy_hopper.defines: a benchmark knob)
         try:
             launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
         finally:
-            cupy_hopper.defines = base_defines
             os.environ.pop("MLA_SEESAW_LOADS", None)
+            os.environ.pop("MLA_CUPY_PSPLIT", None)
     times = {name: [] for name in launches}
     for rnd in range(args.rounds):
         for name, (ls, _) in launches.items():

@@ -319,13 +319,7 @@ MLA_HOPPER_KERNEL(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         // ---- P = 2^(s - m_new),  l = alpha l + sum_k P_k,  o = alpha o (then + P V)
         l_run0 *= alpha0;
         l_run1 *= alpha1;
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          const bool second = (k >> 1) & 1;
-          s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
-          if (second) l_run1 += s[k];
-          else l_run0 += s[k];
-        }
+        wg_exp2_rowsum(s, mu0, mu1, l_run0, l_run1);
         // skipped when no row max of the warp moved (exact either way; MLA_ALPHA_SKIP)
         if (!MLA_ALPHA_SKIP || __any_sync(0xffffffff, alpha0 != 1.f || alpha1 != 1.f)) {
 #pragma unroll

@@ -87,35 +87,9 @@
 #define MLA_SEESAW_TMA 0
 #endif
 static_assert(!(MLA_SEESAW_TMA && MLA_DIAG_NO_RELOAD), "MLA_DIAG_NO_RELOAD is a diagnostic of the cp.async build");
-// Diagnostic (timing only, eighth session): the fp16 build (no P split) with every Q tile and K buffer converted in
-// place from bf16 bits to fp16 after it lands, i.e. the cost of running bf16 inputs through fp16 math. Results
-// are meaningless (the inputs are fp16 already); cp.async build only.
-#ifndef MLA_DIAG_BF16_TO_F16
-#define MLA_DIAG_BF16_TO_F16 0
-#endif
-static_assert(!MLA_DIAG_BF16_TO_F16 || (MLA_FP16 && !MLA_SEESAW_TMA), "a diagnostic of the fp16 cp.async build");
-// Diagnostic (timing only): the fp16 TMA build with only V (pieces 0-7 of a block) converted from bf16 bits to fp16,
-// after the block's S is done: warpgroup 0 its V_AL before its own P V, V_AR under it; warpgroup 1 all of V_B before
-// BAR_MA (S would stay bf16: a bf16 build would need S in bf16 and P V in fp16)
-#ifndef MLA_DIAG_BF16_V_TO_F16
-#define MLA_DIAG_BF16_V_TO_F16 0
-#endif
-static_assert(!MLA_DIAG_BF16_V_TO_F16 || (MLA_FP16 && MLA_SEESAW_TMA), "a diagnostic of the fp16 TMA build");
-// nbytes of shared memory at p (16-byte chunks, `nthreads` threads from `t`): bf16 bits -> fp16, in place
-__device__ __forceinline__ void diag_bf16_to_f16(unsigned char* p, int nbytes, int t, int nthreads) {
-  for (int c = t * 16; c < nbytes; c += nthreads * 16) {
-    uint4 w = *reinterpret_cast<uint4*>(p + c);
-    u32* x = reinterpret_cast<u32*>(&w);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float lo = __uint_as_float(x[k] << 16), hi = __uint_as_float(x[k] & 0xFFFF0000u);
-      u32 r;
-      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-      x[k] = r;
-    }
-    *reinterpret_cast<uint4*>(p + c) = w;
-  }
-}
+// (Two timing-only diagnostics that ran bf16 inputs through the fp16 math, converting tiles in shared memory,
+// measured slower than the P split or barely faster: benchmarks/NOTES_cupy.md, eighth session; code in git history
+// at 1b53759.)
 
 constexpr int D = 576, DV = 512;
 constexpr int BLOCK_M = 64, BLOCK_N = 64, NTHREADS = 256;
@@ -362,16 +336,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
         else mx0 = fmaxf(mx0, v);
       }
     };
-    // P = 2^(s - mu) in place (mu0 / mu1: rows r0 / r1), summed into this warpgroup's l
-    auto exp_and_sum = [&](float (&s)[32], float mu0, float mu1) {
-#pragma unroll
-      for (int k = 0; k < 32; ++k) {
-        const bool second = (k >> 1) & 1;
-        s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
-        if (second) l_own1 += s[k];
-        else l_own0 += s[k];
-      }
-    };
 
     if (n_tiles > 0) {
       {  // Q tile (rows m -> (r, h) = (m / group, g group + m % group); rows >= M zero-filled) and the first pair
@@ -389,10 +353,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #endif
         cp_async_commit();
         cp_async_wait<0>();
-        if (MLA_DIAG_BF16_TO_F16) {
-          __syncthreads();
-          diag_bf16_to_f16(smem_raw, 3 * TILE_BYTES, tid, 256);  // Q and both K buffers
-        }
         fence_proxy_async();
         __syncthreads();
       }
@@ -406,10 +366,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #else
         if (pair > 0) {  // this warpgroup's refill of its buffer (issued in the previous pair) has landed
           cp_async_wait<0>();
-          if (MLA_DIAG_BF16_TO_F16) {
-            named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
-            diag_bf16_to_f16(sK + wg * TILE_BYTES, TILE_BYTES, t, 128);
-          }
           fence_proxy_async();
           named_bar_sync(wg ? BAR_LOAD1 : BAR_LOAD0, 128);
           SEESAW_MARK(7);
@@ -448,20 +404,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float alpha0 = fast_exp2(m_run0 - mu0), alpha1 = fast_exp2(m_run1 - mu1);
           l_own0 *= alpha0;
           l_own1 *= alpha1;
-          exp_and_sum(s, mu0, mu1);
+          wg_exp2_rowsum(s, mu0, mu1, l_own0, l_own1);
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          if (MLA_DIAG_BF16_V_TO_F16) {
-            diag_bf16_to_f16(sK, 4 * SW128_BLOCK_BYTES, t, 128);  // V_AL
-            fence_proxy_async();
-            named_bar_sync(BAR_LOAD0, 128);
-          }
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           SEESAW_MARK(2);
-          // (diagnostic: V_AR under the P V just issued; fenced before BAR_P with the P stores)
-          if (MLA_DIAG_BF16_V_TO_F16) diag_bf16_to_f16(sK + VR_AT, 4 * SW128_BLOCK_BYTES, t, 128);
           // ---- m_B from warpgroup 1: P_A' = P_A 2^(m_A - m_B) -> smem for it; O_L, l rescaled alike
           named_bar_sync(BAR_MB, 256);
           SEESAW_MARK(3);
@@ -515,10 +464,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             wg_fence_operands(s);
             zero_tail(tb, sK + TILE_BYTES);
             scale_mask(s, tb, mx0, mx1);
-            if (MLA_DIAG_BF16_V_TO_F16) {
-              diag_bf16_to_f16(sK + TILE_BYTES, 8 * SW128_BLOCK_BYTES, t, 128);  // V_B
-              fence_proxy_async();
-            }
           }
 #else
           fetch_blocks(tb + 2, nxt);
@@ -544,7 +489,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           l_own0 *= f0;
           l_own1 *= f1;
           if (has_b) {
-            exp_and_sum(s, mu0, mu1);
+            wg_exp2_rowsum(s, mu0, mu1, l_own0, l_own1);
             wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
             seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);

@@ -602,6 +602,18 @@ __device__ __forceinline__ void wg_scores(float (&s)[32], u32 q_tile, u32 k_tile
   wg_scores<KSTEPS, SW>(s, q_tile, k_tile, sx, wg, t, [] {});
 }
 
+// P = 2^(s - mu) in place over the S accumulator layout (mu0 / mu1: the thread's rows r0 / r1), each row's P added
+// to l0 / l1 (the 64-row kernels' softmax step)
+__device__ __forceinline__ void wg_exp2_rowsum(float (&s)[32], float mu0, float mu1, float& l0, float& l1) {
+#pragma unroll
+  for (int k = 0; k < 32; ++k) {
+    const bool second = (k >> 1) & 1;
+    s[k] = fast_exp2(s[k] - (second ? mu1 : mu0));
+    if (second) l1 += s[k];
+    else l0 += s[k];
+  }
+}
+
 // P (fp32, the S accumulator layout over 64 keys) -> the A fragments of the 4 k-steps of P V:
 // hi[4 kk + j] = pack(p[8 kk + 2 j], p[8 kk + 2 j + 1]) rounded to the 16-bit type; lo = the rounding error,
 // rounded again (P = hi + lo to ~16 mantissa bits; used when SPLIT).

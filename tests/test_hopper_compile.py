@@ -45,9 +45,7 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": f, "MLA_SPARSE": 1}) for f in (0, 1)]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1})]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
-    + [(cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 1, "MLA_DIAG_BF16_TO_F16": 1}),  # (benchmarks/bench_psplit_cost.py)
-       (cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 1, "MLA_SEESAW_TMA": 1, "MLA_DIAG_BF16_V_TO_F16": 1}),
-       (cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
+    + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
@@ -699,9 +697,6 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
 inline unsigned long long narrow_globaltimer() {  // (the narrow kernel's trace build, GPU only)
   emu::fail("MLA_NARROW_TRACE is a GPU diagnostic, not emulated");
 }
-inline void diag_bf16_to_f16(unsigned char*, int, int, int) {  // (the seesaw kernel's timing-only diagnostic)
-  emu::fail("MLA_DIAG_BF16_TO_F16 is a GPU timing diagnostic, not emulated");
-}
 inline bool mbar_try_wait(u32 bar, u32 parity) {
   tmaemu::MBar& b = tmaemu::at(bar);
   if ((b.phase & 1u) != parity) return true;
@@ -748,7 +743,7 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d", "diag_bf16_to_f16", "narrow_globaltimer"}
+            "tensormap_acquire", "tma_load_3d", "narrow_globaltimer"}
 
 
 try:
