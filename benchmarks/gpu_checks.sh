@@ -402,6 +402,13 @@ final8t)  # the eighth session's final check at the final kernel code: both CuPy
   t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   r 100 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 2
   ;;
+review8)  # the eighth session's review (the 64-row kernels share wg_exp2_rowsum; the seesaw diagnostics removed): both
+  # CuPy decode GPU files, then the P-split builds and the FP8 / sparse table timed
+  t 280 t_cupy tests/test_cupy_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 90 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  ;;
 tmagraph)  # the seesaw TMA build (the default above 32 rows) recorded in a CUDA graph, its map encoded in the capture
   t 120 t_graph tests/test_cupy_gpu.py -k "graph"
   ;;
