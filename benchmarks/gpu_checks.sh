@@ -418,6 +418,14 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+psplit0)  # issues #4/#5 (2026-11-26, ninth session): bf16 P rounded once (FlashMLA's numerics, MLA_CUPY_PSPLIT=0)
+  # against the P split in every Hopper build: the seesaw kernel, then the FP8 / sparse table (narrow and wide builds)
+  r 90 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
+  for i in 1 2; do
+    MLA_CUPY_PSPLIT=1 r 75 "fp8_split$i" python3 benchmarks/bench_fp8_sparse.py --reps 20
+    MLA_CUPY_PSPLIT=0 r 75 "fp8_nosplit$i" python3 benchmarks/bench_fp8_sparse.py --reps 20
+  done
+  ;;
 psplit)  # issue #4 (eighth session): what the bf16 P split costs the seesaw kernel at the power-capped compute-bound shape
   r 150 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
   r 100 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096
