@@ -1,20 +1,22 @@
-"""What the bf16 P split costs the seesaw kernel at the compute-bound shape (issue #4; timing only, H100).
+"""What the bf16 P split costs the seesaw kernel at the compute-bound shape (issues #4 / #5; H100).
 
     python benchmarks/bench_psplit_cost.py [--reps 20] [--rounds 3]
 
-DESIGN §6's numerics: bf16 P is split into P_hi + P_lo and both are multiplied by V (47% more tensor-core work a
-tile; without it the out tolerance is missed by up to 4.4x at short lengths). Four builds of the seesaw kernel,
-kernels only (prepared launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU
-is power-capped at this shape):
+Since 2026-11-26 (ninth session) the Hopper kernels round bf16 P once before P V, as FlashMLA does (DESIGN §6 on
+FlashMLA's inputs: docs/decisions.md); ``MLA_CUPY_PSPLIT=1`` builds the precise variant, P = P_hi + P_lo multiplied
+by V in two products (47% more tensor-core work a tile). Five builds of the seesaw kernel, kernels only (prepared
+launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU is power-capped here):
 
-* bf16 with the split (the shipped build, TMA loads as dispatched);
-* bf16 without it (``MLA_CUPY_PSPLIT=0``: NOT the shipped numerics, timing only);
-* fp16 inputs (fp16 P needs no split: the shipped fp16 build), with TMA loads and with cp.async.
+* bf16, P rounded once (the default, TMA loads as dispatched);
+* bf16, P rounded once, P_A' stored after warpgroup 0's own P V as in the eighth session (``MLA_DIAG_LATE_PA``: the
+  A/B of the ninth session's reordering, timing only);
+* bf16 with the split (``MLA_CUPY_PSPLIT=1``);
+* fp16 inputs (P in fp16, no split), with TMA loads and with cp.async.
 
 (Runs 20 and 22 of 2026-11-26h also timed two diagnostics that converted bf16 tiles to fp16 inside the kernel; they
 were slower than the split or barely faster and were removed: benchmarks/NOTES_cupy.md, eighth session.)
 
-TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all four.
+TFLOP/s = 2 b s_q h_q s_k (576 + 512) / time, the same count for all.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import cupy as cp  # noqa: E402
 
 import mla  # noqa: E402
 from mla import _arrays, api  # noqa: E402
-from mla.backends import cupy_backend  # noqa: E402
+from mla.backends import cupy_backend, cupy_hopper  # noqa: E402
 
 
 def main(argv=None):
@@ -51,21 +53,27 @@ def main(argv=None):
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     flops = 2 * b * s_q * h_q * s_k * (576 + 512)
     launches = {}
-    for name, dtype, loads, psplit in (("bf16, P split (shipped)", _arrays.BFLOAT16, "auto", None),
-                                       ("bf16, no P split (timing only)", _arrays.BFLOAT16, "auto", "0"),
-                                       ("fp16 (no split needed)", np.float16, "auto", None),
-                                       ("fp16, cp.async loads", np.float16, "cpasync", None)):
+    shipped_defines = cupy_hopper.defines
+    builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None, False),
+              ("bf16, P_A' after own P V (A/B, timing only)", _arrays.BFLOAT16, "auto", None, True),
+              ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1", False),
+              ("fp16", np.float16, "auto", None, False),
+              ("fp16, cp.async loads", np.float16, "cpasync", None, False))
+    for name, dtype, loads, psplit, late in builds:
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
         os.environ["MLA_SEESAW_LOADS"] = loads
         if psplit is not None:
-            os.environ["MLA_CUPY_PSPLIT"] = psplit  # (cupy_hopper.defines: a benchmark knob)
+            os.environ["MLA_CUPY_PSPLIT"] = psplit
+        if late:  # the diagnostic build, through this script only
+            cupy_hopper.defines = lambda fp16: {**shipped_defines(fp16), "MLA_DIAG_LATE_PA": 1}
         try:
             launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
         finally:
             os.environ.pop("MLA_SEESAW_LOADS", None)
             os.environ.pop("MLA_CUPY_PSPLIT", None)
+            cupy_hopper.defines = shipped_defines
     times = {name: [] for name in launches}
     for rnd in range(args.rounds):
         for name, (ls, _) in launches.items():

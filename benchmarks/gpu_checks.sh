@@ -418,6 +418,17 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+final9)  # issues #4/#5 (2026-11-26, ninth session): the Hopper kernels round bf16 P once (FlashMLA's numerics; the split
+  # is MLA_CUPY_PSPLIT=1), the seesaw kernel stores P_A' before its own P V is done: both CuPy decode GPU files (new:
+  # FlashMLA's inputs at 8e-4 on every kernel, the split builds at 8e-4 on unit values), the split / reorder A/B, the
+  # FP8 / sparse table with its check, every decode shape
+  t 300 t_cupy tests/test_cupy_gpu.py
+  t 100 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 70 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --check --out "$OUT/bench_fp8_sparse.md"
+  r 120 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto \
+    --out "$OUT/bench_decode.md"
+  ;;
 psplit0)  # issues #4/#5 (2026-11-26, ninth session): bf16 P rounded once (FlashMLA's numerics, MLA_CUPY_PSPLIT=0)
   # against the P split in every Hopper build: the seesaw kernel, then the FP8 / sparse table (narrow and wide builds)
   r 90 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3

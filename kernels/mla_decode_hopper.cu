@@ -31,8 +31,8 @@
 //          into the wgmma A fragments (the S accumulator layout is the A layout, no shuffles);
 //   O      O = alpha O + P V: 4 x wgmma m64n256k16 with A = P from registers and B = the same K tile's
 //          first 512 channels, read N-major (imm-trans-b = 1, channels contiguous in a core matrix).
-//          bf16: P = P_hi + P_lo, 8 wgmma (MLA_P_SPLIT, default on for bf16 like the portable kernel:
-//          bf16 P alone keeps 8 mantissa bits and misses DESIGN §6 near small outputs; fp16 needs none).
+//          bf16 P is rounded once, as FlashMLA does (meets DESIGN §6 on FlashMLA's inputs: docs/decisions.md,
+//          ninth session); MLA_P_SPLIT=1 (MLA_CUPY_PSPLIT=1) multiplies P = P_hi + P_lo, 8 wgmma, 10x more precise.
 //   Barriers a tile: one CTA barrier (tile landed), the two exchange barriers, one CTA barrier (both
 //   warpgroups done with the K buffer before the load at the top of the next tile refills it).
 //
@@ -40,8 +40,8 @@
 //   + exchange 8192 B = 229376 B (H100 opt-in limit 232448), the FP8 build too; sparse: + valid flags (2 x 64
 //   ints; FP8: 4 x 64). Layouts: mla_wgmma.cuh (Q: no swizzle, 8 x 16 B core matrices; K: 128-byte swizzle).
 //
-// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16). MLA_D / MLA_DV are
-//   fixed at 576 / 512 (static_assert).
+// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default 0: bf16 P rounded once, as
+//   FlashMLA; 1: P_hi + P_lo). MLA_D / MLA_DV are fixed at 576 / 512 (static_assert).
 //
 // Versions (benchmarks/NOTES_cupy.md):
 //   v1 cp.async double buffer, S split over the warpgroups by keys + register exchange, P V from registers,
@@ -61,8 +61,8 @@
 #ifndef MLA_DV
 #define MLA_DV 512
 #endif
-#ifndef MLA_P_SPLIT
-#define MLA_P_SPLIT (!MLA_FP16)
+#ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
+#define MLA_P_SPLIT 0
 #endif
 #ifndef MLA_FP8
 #define MLA_FP8 0

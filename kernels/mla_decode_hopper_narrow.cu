@@ -63,7 +63,8 @@
 // (0.445 ms: commit d8ebd65, NOTES_cupy.md).
 // The columns' last keys (causal) live in shared memory (sLim): at 32 rows the registers are short.
 //
-// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default !MLA_FP16), MLA_FP8 (0).
+// Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default 0: bf16 P rounded once, as FlashMLA;
+//   1: P_hi + P_lo), MLA_FP8 (0).
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
@@ -83,8 +84,8 @@
 #define MLA_DIAG_NO_KLOAD 0
 #endif
 
-#ifndef MLA_P_SPLIT
-#define MLA_P_SPLIT (!MLA_FP16)
+#ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
+#define MLA_P_SPLIT 0
 #endif
 
 // Diagnostics only (benchmarks/narrow_trace.py): thread 0 of CTAs (x, 0, 0), x < 4, stores clock64() at 7 points of

@@ -23,7 +23,8 @@
 //
 // What it computes: exactly what kernels/mla_decode_hopper.cu (the "wide" kernel) computes, with the same
 // signature, grid (num_workers, h_kv, ceil(M / 64)), plan, partial buffers and numerics (online softmax in fp32
-// base 2, bf16 P = P_hi + P_lo); dense bf16 / fp16 caches, d = 576, d_v = 512, any page size, h_kv, s_q, h_q.
+// base 2, bf16 P rounded once as FlashMLA does; MLA_P_SPLIT=1: P = P_hi + P_lo, the wide kernel's precise build);
+// dense bf16 / fp16 caches, d = 576, d_v = 512, any page size, h_kv, s_q, h_q.
 //
 // Why another 64-row kernel: the wide kernel runs its two warpgroups in lock step. Both wait for the S halves to
 // be swapped, both run the same softmax, and the tensor cores idle meanwhile (Nsight Compute, H100: tensor pipe
@@ -49,7 +50,9 @@
 // A P block (64 rows x 64 keys, 16-bit) is one SW128 channel block, read K-major as wgmma's A operand. There is
 // no room for two more 16 KB P blocks (hi + lo), so they go where the K buffers are done with:
 //   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
-//   own P V is finished first); P_B hi -> buffer 1's RoPE block, P_B lo -> the 8 KB of its own.
+//   own P V is finished first); P_B hi -> buffer 1's RoPE block, P_B lo -> the 8 KB of its own. Without the split
+//   (the default) P_A' is one block, in the RoPE block, so warpgroup 0 stores it and signals P before its own
+//   P_A V_AL is done (ninth session).
 //
 // Loads (cp.async, zero-filled past the piece): each warpgroup refills the buffer whose scores it computes,
 // with its own 128 threads (a quarter-warp copies one 128-byte line), and waits for its own copies before
@@ -77,8 +80,11 @@
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
-#ifndef MLA_P_SPLIT
-#define MLA_P_SPLIT (!MLA_FP16)
+#ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
+#define MLA_P_SPLIT 0
+#endif
+#ifndef MLA_DIAG_LATE_PA  // diagnostics only (timing A/B, right results): without the split, P_A' still stored after
+#define MLA_DIAG_LATE_PA 0  // P_A V_AL is done (the eighth session's order; benchmarks/bench_psplit_cost.py)
 #endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
@@ -417,19 +423,31 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free for P_A' lo, p_hi / p_lo for P_A'
+#pragma unroll
+          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
+          if constexpr (!P_SPLIT && !MLA_DIAG_LATE_PA) {
+            // P_A' -> buffer 0's RoPE block (only S_A read it) while P_A V_AL still runs, from registers of its own
+            // (p_hi is that wgmma's operand): warpgroup 1's P V start without waiting for it
+            u32 p_a[16];
+            wg_p_frags<false>(s, p_a, p_lo);
+            seesaw_store_p(sK + ROPE_AT, p_a, r0, c2);
+            fence_proxy_async();
+            named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
+            SEESAW_MARK(4);
+          }
+          wg_wait<0>();  // P_A V_AL done: block 0 of buffer 0 is free (for P_A' lo), p_hi / p_lo too
           wg_fence_operands(o);
 #if MLA_SEESAW_TMA
           copy_pieces(ta + 2, 0, 0x00Eu, nxt);  // blocks 1-3 of buffer 0 (V_AL) are read by nobody else
 #endif
-#pragma unroll
-          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
-          wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
-          if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
-          fence_proxy_async();
-          named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
-          SEESAW_MARK(4);
+          if constexpr (P_SPLIT || MLA_DIAG_LATE_PA) {
+            wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
+            seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
+            if constexpr (P_SPLIT) seesaw_store_p(sK, p_lo, r0, c2);
+            fence_proxy_async();
+            named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
+            SEESAW_MARK(4);
+          }
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll

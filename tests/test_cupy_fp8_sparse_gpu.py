@@ -42,7 +42,9 @@ def _poison(monkeypatch):
 
 def _run(case, on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL, block_table=True):
     """Through backend="cupy" against fast_reference."""
-    shared.run(case, "cupy", on_device=on_device, plan=plan, block_table=block_table, lse_atol=lse_atol)
+    # the Hopper builds round bf16 P once (FlashMLA's numerics): DESIGN §6's 8e-4 scaled to these unit-normal values
+    shared.run(case, "cupy", on_device=on_device, plan=plan, block_table=block_table, lse_atol=lse_atol,
+               out_atol=testing.out_atol(case))
 
 
 # ---- FP8 dense: DeepSeek dims, bf16 q, h_q in {16, 64, 128}, varlen with empty sequences
@@ -98,7 +100,7 @@ def test_auto_picks_cupy_without_gate():
     for backend in ("cupy", "auto"):
         out, lse = mla.flash_mla_with_kvcache(*c.args(), is_fp8_kvcache=True, backend=backend)
         assert _arrays.is_device_array(out)
-        testing.assert_close(out, lse, *want)
+        testing.assert_close(out, lse, *want, out_atol=testing.out_atol(case))
 
 
 # ---- the dequantisation, bit for bit: one key holding every non-NaN e4m3 code

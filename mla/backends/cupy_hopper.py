@@ -239,9 +239,12 @@ def supports(problem, dev: int | None = None):
 
 
 def defines(fp16: bool) -> dict:
-    """-D values of mla_decode_hopper.cu (MLA_CUPY_PSPLIT=0/1 forces the bf16 P = P_hi + P_lo split)."""
+    """-D values of the Hopper kernels. bf16 P is rounded once before P V, as FlashMLA does (DESIGN §6 on FlashMLA's
+    inputs; docs/decisions.md, 2026-11-26 ninth session); MLA_CUPY_PSPLIT=1 builds the precise variant, P = P_hi +
+    P_lo in two products (about 10x smaller rounding error in out, 47% more tensor-core work: 128,2,128,8192 takes
+    1.45 instead of 1.07 ms on an H100)."""
     result = {"MLA_FP16": int(bool(fp16))}
-    if os.environ.get("MLA_CUPY_PSPLIT") is not None:  # benchmarks
+    if os.environ.get("MLA_CUPY_PSPLIT") is not None:
         result["MLA_P_SPLIT"] = int(os.environ["MLA_CUPY_PSPLIT"])
     if os.environ.get("MLA_WG_DIAG_SW_SWAP_MN"):  # diagnostics only (mla_wgmma.cuh): the other SW128 reading
         result["MLA_WG_DIAG_SW_SWAP_MN"] = int(os.environ["MLA_WG_DIAG_SW_SWAP_MN"])
@@ -249,13 +252,15 @@ def defines(fp16: bool) -> dict:
 
 
 def compile_variants() -> list[dict]:
-    """The -D sets compiled by tests/test_hopper_compile.py: bf16 (P split), bf16 unsplit, fp16."""
-    return [{"MLA_FP16": 0}, {"MLA_FP16": 0, "MLA_P_SPLIT": 0}, {"MLA_FP16": 1}]
+    """The -D sets compiled by tests/test_hopper_compile.py: bf16 (P rounded once, the default), bf16 with the
+    P split (MLA_CUPY_PSPLIT=1), fp16."""
+    return [{"MLA_FP16": 0}, {"MLA_FP16": 0, "MLA_P_SPLIT": 1}, {"MLA_FP16": 1}]
 
 
 def p_split(d: dict) -> bool:
-    """Whether a -D set (``defines``) builds the bf16 P = P_hi + P_lo split (the kernels' default: bf16)."""
-    return bool(d.get("MLA_P_SPLIT", not d.get("MLA_FP16", 0)))
+    """Whether a -D set (``defines``) builds the bf16 P = P_hi + P_lo split (the kernels' default: no split, bf16
+    P rounded once as FlashMLA does; MLA_CUPY_PSPLIT=1 asks for it)."""
+    return bool(d.get("MLA_P_SPLIT", 0))
 
 
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
