@@ -465,7 +465,8 @@ def test_make_case_is_seeded_varlen_and_poisoned():
 
 
 def test_rank0_check_uses_the_reference_and_the_triangle_bound():
-    """_compare: parallel and single-GPU each within DESIGN §6 of the reference, and within 2x of each other."""
+    """_compare: parallel and single-GPU each within DESIGN §6 of the reference (the abs tolerance scaled to the
+    case's unit-normal values, testing.out_atol), and within 2x of each other."""
     cfg = RunConfig(b=3, s_k=40, s_q=2, h_q=4, d=16, d_v=8, page=4, dtype="float32", causal=True, varlen=True)
     case = distributed.make_case(cfg)
     ref_out, ref_lse = reference.flash_mla_reference(*case.args(), causal=True)
@@ -473,14 +474,14 @@ def test_rank0_check_uses_the_reference_and_the_triangle_bound():
     row = int(np.argmax(case.cache_seqlens))  # a sequence with keys, so its output is not 0
     # 1.5x the abs tolerance on one element: each result still fails the reference check alone
     off = ref_out.copy()
-    off[row, 0, 0, 0] += 1.5 * testing.OUT_ATOL + abs(ref_out[row, 0, 0, 0]) * testing.OUT_RTOL
+    off[row, 0, 0, 0] += 1.5 * testing.out_atol(case) + abs(ref_out[row, 0, 0, 0]) * testing.OUT_RTOL
     bad = distributed._compare(off, ref_lse, ref_out, ref_lse, case)
     assert not bad["ok"] and bad["mismatch"].startswith("parallel vs reference")
     bad = distributed._compare(ref_out, ref_lse, off, ref_lse, case)
     assert not bad["ok"] and bad["mismatch"].startswith("single-GPU vs reference")
     # within tolerance of the reference on opposite sides: 1.8 tolerances apart, inside the 2x bound
     up, down = ref_out.copy(), ref_out.copy()
-    step = 0.9 * (testing.OUT_ATOL + abs(ref_out[row, 0, 0, 0]) * testing.OUT_RTOL)
+    step = 0.9 * (testing.out_atol(case) + abs(ref_out[row, 0, 0, 0]) * testing.OUT_RTOL)
     up[row, 0, 0, 0] += step
     down[row, 0, 0, 0] -= step
     res = distributed._compare(up, ref_lse, down, ref_lse, case)
