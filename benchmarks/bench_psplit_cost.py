@@ -4,12 +4,13 @@
 
 Since 2026-11-26 (ninth session) the Hopper kernels round bf16 P once before P V, as FlashMLA does (DESIGN §6 on
 FlashMLA's inputs: docs/decisions.md); ``MLA_CUPY_PSPLIT=1`` builds the precise variant, P = P_hi + P_lo multiplied
-by V in two products (47% more tensor-core work a tile). Five builds of the seesaw kernel, kernels only (prepared
+by V in two products (47% more tensor-core work a tile). Six builds of the seesaw kernel, kernels only (prepared
 launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU is power-capped here):
 
 * bf16, P rounded once (the default, TMA loads as dispatched);
 * bf16, P rounded once, P_A' stored after warpgroup 0's own P V as in the eighth session (``MLA_DIAG_LATE_PA``: the
   A/B of the ninth session's reordering, timing only);
+* bf16, P rounded once, warpgroup 1 issuing its own P_B V_BR before the P barrier (``MLA_DIAG_WG1_OWN_FIRST``, timing);
 * bf16 with the split (``MLA_CUPY_PSPLIT=1``);
 * fp16 inputs (P in fp16, no split), with TMA loads and with cp.async.
 
@@ -54,20 +55,22 @@ def main(argv=None):
     flops = 2 * b * s_q * h_q * s_k * (576 + 512)
     launches = {}
     shipped_defines = cupy_hopper.defines
-    builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None, False),
-              ("bf16, P_A' after own P V (A/B, timing only)", _arrays.BFLOAT16, "auto", None, True),
-              ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1", False),
-              ("fp16", np.float16, "auto", None, False),
-              ("fp16, cp.async loads", np.float16, "cpasync", None, False))
-    for name, dtype, loads, psplit, late in builds:
+    builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None, None),
+              ("bf16, P_A' after own P V (A/B, timing only)", _arrays.BFLOAT16, "auto", None, "MLA_DIAG_LATE_PA"),
+              ("bf16, WG1's own P V first (A/B, timing only)", _arrays.BFLOAT16, "auto", None,
+               "MLA_DIAG_WG1_OWN_FIRST"),
+              ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1", None),
+              ("fp16", np.float16, "auto", None, None),
+              ("fp16, cp.async loads", np.float16, "cpasync", None, None))
+    for name, dtype, loads, psplit, diag in builds:
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
         os.environ["MLA_SEESAW_LOADS"] = loads
         if psplit is not None:
             os.environ["MLA_CUPY_PSPLIT"] = psplit
-        if late:  # the diagnostic build, through this script only
-            cupy_hopper.defines = lambda fp16: {**shipped_defines(fp16), "MLA_DIAG_LATE_PA": 1}
+        if diag:  # a diagnostic build, through this script only
+            cupy_hopper.defines = lambda fp16, diag=diag: {**shipped_defines(fp16), diag: 1}
         try:
             launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
         finally:

@@ -418,6 +418,15 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+final9b)  # the ninth session's final check (kernel code of run 2 plus the MLA_DIAG_WG1_OWN_FIRST diagnostic, which leaves
+  # the shipped cubins unchanged): both CuPy decode GPU files (the CUDA-graph TMA test fixed), the A/B rows, the FP8 /
+  # sparse table, the few-long shapes (decode and combine apart)
+  t 300 t_cupy tests/test_cupy_gpu.py
+  t 100 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 70 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  r 60 splits_fewlong python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "8,1,16,8192 1,1,128,32768"
+  ;;
 final9)  # issues #4/#5 (2026-11-26, ninth session): the Hopper kernels round bf16 P once (FlashMLA's numerics; the split
   # is MLA_CUPY_PSPLIT=1), the seesaw kernel stores P_A' before its own P V is done: both CuPy decode GPU files (new:
   # FlashMLA's inputs at 8e-4 on every kernel, the split builds at 8e-4 on unit values), the split / reorder A/B, the

@@ -86,6 +86,9 @@
 #ifndef MLA_DIAG_LATE_PA  // diagnostics only (timing A/B, right results): without the split, P_A' still stored after
 #define MLA_DIAG_LATE_PA 0  // P_A V_AL is done (the eighth session's order; benchmarks/bench_psplit_cost.py)
 #endif
+#ifndef MLA_DIAG_WG1_OWN_FIRST  // diagnostics only (timing A/B, right results): without the split, warpgroup 1
+#define MLA_DIAG_WG1_OWN_FIRST 0  // issues its own P_B V_BR before the P barrier, P_A' V_AR after it
+#endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
@@ -517,11 +520,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           m_run0 = mb0;
           m_run1 = mb1;
+          constexpr bool own_first = MLA_DIAG_WG1_OWN_FIRST && !P_SPLIT;
+          if (own_first && has_b) wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
           // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
           named_bar_sync(BAR_P, 256);
           SEESAW_MARK(4);
           seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
-          if (has_b) {
+          if (!own_first && has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);
             wg_wait<1>();
           } else {
