@@ -418,6 +418,15 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded once (the default now), against the two A/B
+  # orders (P_A' late, warpgroup 1's own P V first); and where a small decode call's host time goes (the API loop of
+  # the few-long shapes took 0.21-0.24 ms in run 2 against 0.11-0.12 in the eighth session's run 11)
+  r 60 trace_tma python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
+  r 60 trace_tma_latepa python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1 MLA_DIAG_LATE_PA=1"
+  r 60 trace_tma_wg1own python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1 MLA_DIAG_WG1_OWN_FIRST=1"
+  r 120 profile_host python3 benchmarks/profile_host.py --backends cupy
+  r 90 decode_small python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto --shapes 4,5,1
+  ;;
 final9b)  # the ninth session's final check (kernel code of run 2 plus the MLA_DIAG_WG1_OWN_FIRST diagnostic, which leaves
   # the shipped cubins unchanged): both CuPy decode GPU files (the CUDA-graph TMA test fixed), the A/B rows, the FP8 /
   # sparse table, the few-long shapes (decode and combine apart)
