@@ -4,7 +4,9 @@
 // "hopper-seesaw", and as "auto" picks it above 32 rows a KV head), compute-sanitizer memcheck + racecheck; the
 // CPU emulator (tests/test_hopper_compile.py). backend="cupy" takes it above 32 query rows a KV head on
 // compute capability 9.0 for dense bf16 / fp16 caches (mla/backends/cupy_hopper.py variant). Numbers:
-// benchmarks/BENCHMARKS.md; versions and what did not work: benchmarks/NOTES_cupy.md (sixth session).
+// benchmarks/BENCHMARKS.md; versions and what did not work: benchmarks/NOTES_cupy.md (sixth session). Ninth session:
+// bf16 P rounded once by default (FlashMLA's numerics, docs/decisions.md), P_A' stored before warpgroup 0's own P V:
+// 128,2,128,8192 1.042 ms = 561 TFLOP/s kernels only (1.438 with the split, MLA_P_SPLIT=1).
 //
 // Two builds of the loads. cp.async (MLA_SEESAW_TMA=0), as described below: any page size. TMA build
 // (MLA_SEESAW_TMA=1, the default where a tensor map can describe the cache: mla/backends/cupy_hopper.py
