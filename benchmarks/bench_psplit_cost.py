@@ -4,13 +4,12 @@
 
 Since 2026-11-26 (ninth session) the Hopper kernels round bf16 P once before P V, as FlashMLA does (DESIGN §6 on
 FlashMLA's inputs: docs/decisions.md); ``MLA_CUPY_PSPLIT=1`` builds the precise variant, P = P_hi + P_lo multiplied
-by V in two products (47% more tensor-core work a tile). Six builds of the seesaw kernel, kernels only (prepared
+by V in two products (47% more tensor-core work a tile). Five builds of the seesaw kernel, kernels only (prepared
 launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU is power-capped here):
 
 * bf16, P rounded once (the default, TMA loads as dispatched);
-* bf16, P rounded once, P_A' stored after warpgroup 0's own P V as in the eighth session (``MLA_DIAG_LATE_PA``: the
-  A/B of the ninth session's reordering, timing only);
-* bf16, P rounded once, warpgroup 1 issuing its own P_B V_BR before the P barrier (``MLA_DIAG_WG1_OWN_FIRST``, timing);
+* bf16, P rounded once, warpgroup 0 rescaling P_A to m_B and handing over P_A' as in the ninth session's runs 2-3
+  (``MLA_DIAG_PA_PRIME``: the A/B of the handover, timing only; two other orders timed in run 3 are in git 7cfd4d7);
 * bf16 with the split (``MLA_CUPY_PSPLIT=1``);
 * fp16 inputs (P in fp16, no split), with TMA loads and with cp.async.
 
@@ -56,9 +55,8 @@ def main(argv=None):
     launches = {}
     shipped_defines = cupy_hopper.defines
     builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None, None),
-              ("bf16, P_A' after own P V (A/B, timing only)", _arrays.BFLOAT16, "auto", None, "MLA_DIAG_LATE_PA"),
-              ("bf16, WG1's own P V first (A/B, timing only)", _arrays.BFLOAT16, "auto", None,
-               "MLA_DIAG_WG1_OWN_FIRST"),
+              ("bf16, P_A' handed over in m_B's scale (runs 2-3's order, A/B)", _arrays.BFLOAT16, "auto", None,
+               "MLA_DIAG_PA_PRIME"),
               ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1", None),
               ("fp16", np.float16, "auto", None, None),
               ("fp16, cp.async loads", np.float16, "cpasync", None, None))
