@@ -48,8 +48,8 @@
 // warpgroups run softmax work:
 //
 //   WG0: S_A; m_A -> smem; P_A -> smem (buffer 0's RoPE block); O_L = O_L 2^(m - m_A) + P_A V_AL
-//   ==MA==>                                       WG1: O_R = O_R 2^(m - m_A) + P_A V_AR (smem); m_B -> smem
-//   ==MB==>  WG0: O_L, l to m_B's scale             WG1: P_B -> smem; l to m_B's scale
+//   ==MA==>                                       WG1: m_B -> smem
+//   ==MB==>  WG0: O_L, l to m_B's scale             WG1: O_R = O_R 2^(m - m_A) + P_A V_AR (smem); P_B -> smem
 //   ==P==>   WG0: O_L += P_B V_BL (smem)          WG1: (P_A V_AR done) ==AFREE==> O_R to m_B's scale, += P_B V_BR
 //
 // Shared memory (dynamic, 230560 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 160 B are
@@ -527,8 +527,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           named_bar_sync(BAR_MA, 256);
           SEESAW_MARK(2);
           const float ma0 = sMa[r0], ma1 = sMa[r1];
+          const float mb0 = fmaxf(ma0, mla_quad_max(mx0)), mb1 = fmaxf(ma1, mla_quad_max(mx1));
+          if (quad_lead) {
+            sMb[r0] = mb0;
+            sMb[r1] = mb1;
+          }
+          named_bar_sync(BAR_MB, 256);
+          SEESAW_MARK(3);
           if constexpr (HANDOVER) {
-            // ---- O_R = O_R 2^(m - m_A) + P_A V_AR (P_A from warpgroup 0, in m_A's scale, in buffer 0's RoPE block)
+            // ---- O_R = O_R 2^(m - m_A) + P_A V_AR (P_A from warpgroup 0, in m_A's scale, in buffer 0's RoPE block),
+            // after m_B is published (warpgroup 0 waits for it)
             const float ua0 = ma0 == MLA_NEG_INF ? 0.f : ma0, ua1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
             const float fa0 = fast_exp2(m_run0 - ua0), fa1 = fast_exp2(m_run1 - ua1);
             l_own0 *= fa0;
@@ -537,13 +545,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? fa1 : fa0;
             seesaw_pv_smem_issue<false>(o, k0 + ROPE_AT, 0u, k0 + VR_AT);
           }
-          const float mb0 = fmaxf(ma0, mla_quad_max(mx0)), mb1 = fmaxf(ma1, mla_quad_max(mx1));
-          if (quad_lead) {
-            sMb[r0] = mb0;
-            sMb[r1] = mb1;
-          }
-          named_bar_sync(BAR_MB, 256);
-          SEESAW_MARK(3);
           const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
           if constexpr (HANDOVER) {
             // ---- P_B (m_B's scale) -> smem for warpgroup 0; once P_A V_AR is done: buffer 0 free, O_R and l to
