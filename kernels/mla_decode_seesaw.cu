@@ -43,14 +43,6 @@
 //
 // so one warpgroup's softmax runs while the other's wgmma do (each block's softmax is computed once, no S is
 // swapped). l: each warpgroup sums its own blocks' P (in m_B's scale); the two sums are added at the end.
-// That is the P split build's order (MLA_P_SPLIT=1). The default (bf16 P rounded once; ninth session) hands P_A over
-// earlier, in m_A's scale ("HANDOVER"), so that warpgroup 1's first product fills the tensor pipe while both
-// warpgroups run softmax work:
-//
-//   WG0: S_A; m_A -> smem; P_A -> smem (buffer 0's RoPE block); O_L = O_L 2^(m - m_A) + P_A V_AL
-//   ==MA==>                                       WG1: m_B -> smem
-//   ==MB==>  WG0: O_L, l to m_B's scale             WG1: O_R = O_R 2^(m - m_A) + P_A V_AR (smem); P_B -> smem
-//   ==P==>   WG0: O_L += P_B V_BL (smem)          WG1: (P_A V_AR done) ==AFREE==> O_R to m_B's scale, += P_B V_BR
 //
 // Shared memory (dynamic, 230560 B; mirrored in mla/backends/cupy_hopper.py seesaw_smem_bytes; the last 160 B are
 // the TMA build's 20 mbarriers, allocated in both builds):
@@ -62,7 +54,9 @@
 //   P_A' hi -> buffer 0's RoPE block (block 8: only S_A read it), P_A' lo -> buffer 0's block 0 (V_AL: WG0's
 //   own P V is finished first); P_B hi -> buffer 1's RoPE block, P_B lo -> the 8 KB of its own. Without the split
 //   (the default) P_A' is one block, in the RoPE block, so warpgroup 0 stores it and signals P before its own
-//   P_A V_AL is done (ninth session).
+//   P_A V_AL is done (ninth session; three other orders were timed and were slower or within noise: P_A' after
+//   P_A V_AL; warpgroup 1's own P V first; P_A handed over in m_A's scale with warpgroup 1 rescaling O_R itself, in
+//   git at d8bc7eb / eac1cb9; benchmarks/NOTES_cupy.md, ninth session).
 //
 // Loads (cp.async, zero-filled past the piece): each warpgroup refills the buffer whose scores it computes,
 // with its own 128 threads (a quarter-warp copies one 128-byte line), and waits for its own copies before
@@ -93,9 +87,6 @@
 #ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
 #define MLA_P_SPLIT 0
 #endif
-#ifndef MLA_DIAG_PA_PRIME  // diagnostics only (timing A/B, right results): without the split, the order of runs 2-3 of
-#define MLA_DIAG_PA_PRIME 0  // the ninth session (warpgroup 0 rescales P_A to m_B and hands over P_A'; see HANDOVER;
-#endif                       // two other orders timed there, P_A' after P_A V_AL and WG1's own P V first: git 7cfd4d7)
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
@@ -114,10 +105,6 @@ constexpr int TILE_BYTES = BLOCK_N * D * 2;               // a Q tile or a K buf
 constexpr u32 ROPE_AT = (D / 64 - 1) * SW128_BLOCK_BYTES;  // byte offset of a K buffer's RoPE block (channels 512..)
 constexpr u32 VR_AT = 4 * SW128_BLOCK_BYTES;              // ... of its channels 256.. (V_R)
 constexpr bool P_SPLIT = MLA_P_SPLIT;
-// Without the split (the default) warpgroup 0 hands P_A over in m_A's scale as soon as it has it (before MA), and
-// warpgroup 1 rescales O_R to m_A itself and issues P_A' V_AR before m_B exists: its P V fills the tensor pipe while
-// both warpgroups run softmax work. With the split, P_A' (m_B's scale) as described above.
-constexpr bool HANDOVER = !P_SPLIT && !MLA_DIAG_PA_PRIME;
 constexpr int NPIECES = D / 64;                           // 64-channel pieces of a K buffer (SW128 blocks)
 // (+ 2 x 9 + 2 mbarriers at the end: the TMA build's, allocated in both builds so the size is one)
 constexpr int SMEM_BYTES = 3 * TILE_BYTES + SW128_BLOCK_BYTES + 4 * 64 * 4 + (2 * NPIECES + 2) * 8;
@@ -324,8 +311,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     };
     // keys of tile `tile` past the sequence (L) hold whatever the cache holds there (NaN in the tests): P is 0 for
     // them, but 0 x NaN is not, so their V rows (channel blocks 0-7) are zeroed by the buffer's warpgroup once its
-    // S is done, before any P V reads them (its own after the warpgroup's mbarrier, the other's after BAR_P, or BAR_MA
-    // in the handover). The
+    // S is done, before any P V reads them (its own after the warpgroup's mbarrier, the other's after BAR_P). The
     // warpgroup meets on an mbarrier (128 arrivals), not on a 128-thread named barrier: racecheck loses the order
     // of later barrier-ordered accesses after a named barrier that only one warpgroup runs (false hazards on m_A
     // and l; reproduced by benchmarks/racecheck_mbarrier_probe.py wg_bar_before; benchmarks/NOTES_cupy.md).
@@ -429,10 +415,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? alpha1 : alpha0;
           wg_p_frags<P_SPLIT>(s, p_hi, p_lo);
-          if constexpr (HANDOVER) {  // P_A (m_A's scale) -> buffer 0's RoPE block (only S_A read it), for warpgroup 1
-            seesaw_store_p(sK + ROPE_AT, p_hi, r0, c2);
-            fence_proxy_async();
-          }
           wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k0);
           named_bar_sync(BAR_MA, 256);  // m_A is in sMa (after the P V issue: warpgroup 1 is still in its S)
           SEESAW_MARK(2);
@@ -442,13 +424,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           const float mb0 = sMb[r0], mb1 = sMb[r1];
           const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
           const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-          if constexpr (HANDOVER) {
-            wg_wait<0>();  // P_A V_AL done (handover): O_L can be rescaled, blocks 0-3 of buffer 0 refilled
-            wg_fence_operands(o);
-#if MLA_SEESAW_TMA
-            copy_pieces(ta + 2, 0, 0x00Fu, nxt);  // blocks 0-3 of buffer 0 (V_AL) are read by nobody else
-#endif
-          } else {
 #pragma unroll
           for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           if constexpr (!P_SPLIT) {
@@ -474,24 +449,19 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             named_bar_sync(BAR_P, 256);  // P_A' and P_B are in shared memory
             SEESAW_MARK(4);
           }
-          }
           l_own0 *= sb0;
           l_own1 *= sb1;
 #pragma unroll
           for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;
           m_run0 = mb0;
           m_run1 = mb1;
-          if constexpr (HANDOVER) {
-            named_bar_sync(BAR_P, 256);  // P_B is in shared memory
-            SEESAW_MARK(4);
-          }
           // ---- O_L += P_B V_BL (P_B from warpgroup 1, in smem)
           if (has_b) seesaw_pv_smem_issue<P_SPLIT>(o, k1 + ROPE_AT, plo_addr, k1);
           // ---- refill buffer 0 once warpgroup 1 is done with it
           named_bar_sync(BAR_AFREE, 256);
           SEESAW_MARK(5);
 #if MLA_SEESAW_TMA
-          copy_pieces(ta + 2, 0, HANDOVER ? 0x1F0u : 0x1F1u, nxt);  // blocks (0,) 4-8 ((P_A' lo,) V_AR, P_A / P_A' hi)
+          copy_pieces(ta + 2, 0, 0x1F1u, nxt);  // blocks 0, 4-8 (P_A' lo, V_AR, P_A' hi)
 #else
           if (!MLA_DIAG_NO_RELOAD && ta + 2 < n_tiles) load_tile(ta + 2, sK, nxt);
           cp_async_commit();
@@ -526,51 +496,14 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 #endif
           named_bar_sync(BAR_MA, 256);
           SEESAW_MARK(2);
-          const float ma0 = sMa[r0], ma1 = sMa[r1];
-          const float mb0 = fmaxf(ma0, mla_quad_max(mx0)), mb1 = fmaxf(ma1, mla_quad_max(mx1));
+          const float mb0 = fmaxf(sMa[r0], mla_quad_max(mx0)), mb1 = fmaxf(sMa[r1], mla_quad_max(mx1));
           if (quad_lead) {
             sMb[r0] = mb0;
             sMb[r1] = mb1;
           }
           named_bar_sync(BAR_MB, 256);
           SEESAW_MARK(3);
-          if constexpr (HANDOVER) {
-            // ---- O_R = O_R 2^(m - m_A) + P_A V_AR (P_A from warpgroup 0, in m_A's scale, in buffer 0's RoPE block),
-            // after m_B is published (warpgroup 0 waits for it)
-            const float ua0 = ma0 == MLA_NEG_INF ? 0.f : ma0, ua1 = ma1 == MLA_NEG_INF ? 0.f : ma1;
-            const float fa0 = fast_exp2(m_run0 - ua0), fa1 = fast_exp2(m_run1 - ua1);
-            l_own0 *= fa0;
-            l_own1 *= fa1;
-#pragma unroll
-            for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? fa1 : fa0;
-            seesaw_pv_smem_issue<false>(o, k0 + ROPE_AT, 0u, k0 + VR_AT);
-          }
           const float mu0 = mb0 == MLA_NEG_INF ? 0.f : mb0, mu1 = mb1 == MLA_NEG_INF ? 0.f : mb1;
-          if constexpr (HANDOVER) {
-            // ---- P_B (m_B's scale) -> smem for warpgroup 0; once P_A V_AR is done: buffer 0 free, O_R and l to
-            // m_B's scale, O_R += P_B V_BR (registers)
-            const float sb0 = ma0 == MLA_NEG_INF ? 0.f : fast_exp2(ma0 - mb0);
-            const float sb1 = ma1 == MLA_NEG_INF ? 0.f : fast_exp2(ma1 - mb1);
-            l_own0 *= sb0;
-            l_own1 *= sb1;
-            if (has_b) {
-              wg_exp2_rowsum(s, mu0, mu1, l_own0, l_own1);
-              wg_p_frags<false>(s, p_hi, p_lo);
-              seesaw_store_p(sK + TILE_BYTES + ROPE_AT, p_hi, r0, c2);  // S_B is done with buffer 1's RoPE block
-              fence_proxy_async();
-            }
-            named_bar_sync(BAR_P, 256);
-            SEESAW_MARK(4);
-            wg_wait<0>();  // P_A V_AR done (handover): buffer 0 is free
-            wg_fence_operands(o);
-            named_bar_sync(BAR_AFREE, 256);
-            SEESAW_MARK(5);
-#pragma unroll
-            for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? sb1 : sb0;
-            m_run0 = mb0;
-            m_run1 = mb1;
-            if (has_b) wg_pv_issue<false, true>(o, p_hi, p_lo, k1 + VR_AT);
-          } else {
           const float f0 = fast_exp2(m_run0 - mu0), f1 = fast_exp2(m_run1 - mu1);
           l_own0 *= f0;
           l_own1 *= f1;
@@ -597,7 +530,6 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
           }
           named_bar_sync(BAR_AFREE, 256);
           SEESAW_MARK(5);
-          }
           wg_wait<0>();
           wg_fence_operands(o);
 #if MLA_SEESAW_TMA

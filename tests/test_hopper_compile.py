@@ -46,7 +46,6 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_P_SPLIT": 1})]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1, "MLA_P_SPLIT": p}) for p in (0, 1)]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
-    + [(cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 0, "MLA_DIAG_PA_PRIME": 1})]  # (benchmarks/bench_psplit_cost.py)
     + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
@@ -1096,21 +1095,13 @@ SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (
         ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"), "tma", False, 1),
     "O_L rescaled before P_A V_AL is done": (
         ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"), "tma", False, None),
-    "P_A' not rescaled to m_B (split build)": (
-        ("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
-         "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"), "cpasync", False, 1),
-    "O_R not rescaled to m_A before P_A V_AR": (
-        ("            for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? fa1 : fa0;\n", "\n"), "cpasync", False,
-        None),
-    "buffer 0 refilled before P_A V_AR is done": (
-        ("            wg_wait<0>();  // P_A V_AR done (handover): buffer 0 is free\n", "\n"), "tma", True, None),
-    # (split build: with the handover, warpgroup 1 waits for P_A V_AR right after P, so no interleaving of the emulator
-    # lets warpgroup 0's early refill overtake it; the handover's own hazard is the entry above)
-    "buffer 0 refilled before warpgroup 1 is done with it (split build)": (
+    "P_A not rescaled to m_B": (("          for (int k = 0; k < 32; ++k) s[k] *= ((k >> 1) & 1) ? sb1 : sb0;",
+                                 "          for (int k = 0; k < 32; ++k) s[k] *= 1.f;"), "cpasync", False, None),
+    "buffer 0 refilled before warpgroup 1 is done with it": (
         ("          named_bar_sync(BAR_AFREE, 256);\n          SEESAW_MARK(5);\n#if MLA_SEESAW_TMA\n"
-         "          copy_pieces(ta + 2, 0, HANDOVER ? 0x1F0u : 0x1F1u, nxt);",
-         "          copy_pieces(ta + 2, 0, HANDOVER ? 0x1F0u : 0x1F1u, nxt);\n"
-         "          named_bar_sync(BAR_AFREE, 256);\n          SEESAW_MARK(5);\n#if MLA_SEESAW_TMA\n"), "tma", True, 1),
+         "          copy_pieces(ta + 2, 0, 0x1F1u, nxt);  // blocks 0, 4-8 (P_A' lo, V_AR, P_A' hi)\n",
+         "          copy_pieces(ta + 2, 0, 0x1F1u, nxt);\n          named_bar_sync(BAR_AFREE, 256);\n"
+         "          SEESAW_MARK(5);\n#if MLA_SEESAW_TMA\n"), "tma", True, None),
     "tail rows past the sequence not zeroed": (("          zero_tail(ta, sK);\n", "\n"), "tma", False, None),
 }
 
@@ -1120,9 +1111,8 @@ SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (
 def test_emulator_catches_seesaw_bugs(monkeypatch, edit):
     """Self-test for the seesaw kernel: warpgroup 0 overwriting block 0 of buffer 0 (with P_A' lo, the split build)
     while its own P V still reads it, or rescaling O_L under that P V (the default build; wgmma carried out at the
-    wait, the latest moment), P_A' in the wrong scale (split build), O_R not taken to m_A's scale before P_A V_AR
-    (the default's handover), buffer 0 refilled under P_A V_AR or before warpgroup 1 is done with it, or the tail not
-    zeroed makes the emulated result wrong (at the tolerance the kernel meets: ``testing.out_atol``)."""
+    wait, the latest moment), P_A handed to warpgroup 1 in the wrong scale, a refill too early or the tail not zeroed
+    makes the emulated result wrong (at the tolerance the kernel meets: ``testing.out_atol``)."""
     from mla import reference, testing
 
     rng = np.random.default_rng(5)
