@@ -418,31 +418,17 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
-handover)  # issue #4 (ninth session): the seesaw kernel's handover, the default without the split (warpgroup 0 hands P_A
-  # over in m_A's scale before MA, warpgroup 1 rescales O_R itself and issues P_A V_AR before m_B): both CuPy decode
-  # GPU files, the A/B against runs 2-3's order (MLA_DIAG_PA_PRIME), its timeline, the FP8 / sparse table, every
-  # decode shape
-  t 300 t_cupy tests/test_cupy_gpu.py
-  t 100 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 70 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
-  r 50 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096
-  r 50 trace_handover python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
-  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  r 120 bench_decode python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto \
-    --out "$OUT/bench_decode.md"
-  ;;
-trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded once (the default now), against the two A/B
-  # orders (P_A' late, warpgroup 1's own P V first); and where a small decode call's host time goes (the API loop of
-  # the few-long shapes took 0.21-0.24 ms in run 2 against 0.11-0.12 in the eighth session's run 11)
+trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded once (the default now; run 4 also traced two
+  # A/B orders through diagnostics since removed: git 7cfd4d7, and the handover of runs 6-7: part "handover" at
+  # eac1cb9); and where a small decode call's host time goes (the API loop of the few-long shapes took 0.21-0.24 ms in
+  # run 2 against 0.11-0.12 in the eighth session's run 11)
   r 60 trace_tma python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
-  r 60 trace_tma_latepa python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1 MLA_DIAG_LATE_PA=1"
-  r 60 trace_tma_wg1own python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1 MLA_DIAG_WG1_OWN_FIRST=1"
   r 120 profile_host python3 benchmarks/profile_host.py --backends cupy
   r 90 decode_small python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto --shapes 4,5,1
   ;;
-final9b)  # the ninth session's final check (kernel code of run 2 plus the MLA_DIAG_WG1_OWN_FIRST diagnostic, which leaves
-  # the shipped cubins unchanged): both CuPy decode GPU files (the CUDA-graph TMA test fixed), the A/B rows, the FP8 /
-  # sparse table, the few-long shapes (decode and combine apart)
+final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
+  # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
+  # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)
   t 300 t_cupy tests/test_cupy_gpu.py
   t 100 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   r 70 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
