@@ -418,6 +418,15 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of the few-long shapes' decode kernels (the
+  # narrow kernel at b=8, h_q=16, s_k=8192; the seesaw kernel at b=1, h_q=128, s_k=32768), for the targets they miss
+  NCU="ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
+    --section LaunchStats"
+  r 120 ncu_few_b8 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 8 --h-q 16 --s-k 8192
+  r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
+  r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
+  ;;
 trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded once (the default now; run 4 also traced two
   # A/B orders through diagnostics since removed: git 7cfd4d7, and the handover of runs 6-7: part "handover" at
   # eac1cb9); and where a small decode call's host time goes (the API loop of the few-long shapes took 0.21-0.24 ms in
