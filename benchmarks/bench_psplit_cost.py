@@ -4,12 +4,10 @@
 
 Since 2026-11-26 (ninth session) the Hopper kernels round bf16 P once before P V, as FlashMLA does (DESIGN §6 on
 FlashMLA's inputs: docs/decisions.md); ``MLA_CUPY_PSPLIT=1`` builds the precise variant, P = P_hi + P_lo multiplied
-by V in two products (47% more tensor-core work a tile). Five builds of the seesaw kernel, kernels only (prepared
+by V in two products (47% more tensor-core work a tile). Four builds of the seesaw kernel, kernels only (prepared
 launches, L2 flushed before each rep, CUDA events, medians), in interleaved rounds (the GPU is power-capped here):
 
 * bf16, P rounded once (the default, TMA loads as dispatched);
-* bf16, P rounded once, warpgroup 1 rescaling O_R before the P barrier (``MLA_DIAG_RESCALE_BEFORE_P``: runs 1-8's
-  order, the A/B of run 9, timing only);
 * bf16 with the split (``MLA_CUPY_PSPLIT=1``);
 * fp16 inputs (P in fp16, no split), with TMA loads and with cp.async.
 
@@ -36,7 +34,7 @@ import cupy as cp  # noqa: E402
 
 import mla  # noqa: E402
 from mla import _arrays, api  # noqa: E402
-from mla.backends import cupy_backend, cupy_hopper  # noqa: E402
+from mla.backends import cupy_backend  # noqa: E402
 
 
 def main(argv=None):
@@ -54,28 +52,22 @@ def main(argv=None):
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     flops = 2 * b * s_q * h_q * s_k * (576 + 512)
     launches = {}
-    shipped_defines = cupy_hopper.defines
-    builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None, None),
-              ("bf16, O_R rescaled before P (A/B, timing only)", _arrays.BFLOAT16, "auto", None,
-               "MLA_DIAG_RESCALE_BEFORE_P"),
-              ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1", None),
-              ("fp16", np.float16, "auto", None, None),
-              ("fp16, cp.async loads", np.float16, "cpasync", None, None))
-    for name, dtype, loads, psplit, diag in builds:
+    builds = (("bf16, P rounded once (shipped)", _arrays.BFLOAT16, "auto", None),
+              ("bf16, P split (MLA_CUPY_PSPLIT=1)", _arrays.BFLOAT16, "auto", "1"),
+              ("fp16", np.float16, "auto", None),
+              ("fp16, cp.async loads", np.float16, "cpasync", None))
+    for name, dtype, loads, psplit in builds:
         q, k, table, seqlens = make_inputs(cp, b, s_q, h_q, s_k, dtype)
         sched, splits = mla.get_mla_metadata(seqlens, s_q * h_q, 1)
         problem = api._validate(q, k, table, seqlens, 512, None, False, False, None, None, None, False)
         os.environ["MLA_SEESAW_LOADS"] = loads
         if psplit is not None:
             os.environ["MLA_CUPY_PSPLIT"] = psplit
-        if diag:  # a diagnostic build, through this script only
-            cupy_hopper.defines = lambda fp16, diag=diag: {**shipped_defines(fp16), diag: 1}
         try:
             launches[name] = (cupy_backend._prepare(cp, problem, sched, splits, dev, "hopper")[0], (q, k, table))
         finally:
             os.environ.pop("MLA_SEESAW_LOADS", None)
             os.environ.pop("MLA_CUPY_PSPLIT", None)
-            cupy_hopper.defines = shipped_defines
     times = {name: [] for name in launches}
     for rnd in range(args.rounds):
         for name, (ls, _) in launches.items():

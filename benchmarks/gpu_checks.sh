@@ -418,16 +418,6 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
-rescale)  # issue #4 (ninth session): warpgroup 1 rescales O_R after the P barrier instead of before it (warpgroup 0's
-  # P_B V_BL goes out ~130 cycles earlier): both CuPy decode GPU files, the A/B, the timeline, the FP8 / sparse table
-  t 300 t_cupy tests/test_cupy_gpu.py
-  t 100 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 70 psplit python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3
-  r 50 psplit_4096 python3 benchmarks/bench_psplit_cost.py --reps 20 --rounds 3 --shape 128,1,128,4096
-  r 50 trace python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1"
-  r 50 trace_before python3 benchmarks/seesaw_trace.py --defines "MLA_SEESAW_TMA=1 MLA_DIAG_RESCALE_BEFORE_P=1"
-  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --out "$OUT/bench_fp8_sparse.md"
-  ;;
 ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of the few-long shapes' decode kernels (the
   # narrow kernel at b=8, h_q=16, s_k=8192; the seesaw kernel at b=1, h_q=128, s_k=32768), for the targets they miss
   NCU="ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \

@@ -87,9 +87,6 @@
 #ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
 #define MLA_P_SPLIT 0
 #endif
-#ifndef MLA_DIAG_RESCALE_BEFORE_P  // diagnostics only (timing A/B, right results): warpgroup 1 rescales O_R before
-#define MLA_DIAG_RESCALE_BEFORE_P 0  // the P barrier (runs 1-8 of the ninth session), not after it
-#endif
 #ifndef MLA_DIAG_NO_RELOAD  // diagnostics only (timing, wrong results): the K buffers are never refilled
 #define MLA_DIAG_NO_RELOAD 0
 #endif
@@ -517,20 +514,13 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
             if constexpr (P_SPLIT) seesaw_store_p(sPlo, p_lo, r0, c2);
             fence_proxy_async();
           }
+#pragma unroll
+          for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
           m_run0 = mb0;
           m_run1 = mb1;
-          if constexpr (MLA_DIAG_RESCALE_BEFORE_P) {
-#pragma unroll
-            for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
-          }
-          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first. O_R is
-          // rescaled after P: warpgroup 0 issues its P_B V_BL meanwhile
+          // ---- O_R += P_A' V_AR (smem), then + P_B V_BR (registers); buffer 0 is free after the first
           named_bar_sync(BAR_P, 256);
           SEESAW_MARK(4);
-          if constexpr (!MLA_DIAG_RESCALE_BEFORE_P) {
-#pragma unroll
-            for (int k = 0; k < 128; ++k) o[k] *= ((k >> 1) & 1) ? f1 : f0;
-          }
           seesaw_pv_smem_issue<P_SPLIT>(o, k0 + ROPE_AT, k0, k0 + VR_AT);
           if (has_b) {
             wg_pv_issue<P_SPLIT, true>(o, p_hi, p_lo, k1 + VR_AT);

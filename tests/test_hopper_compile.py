@@ -46,7 +46,6 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_P_SPLIT": 1})]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1, "MLA_P_SPLIT": p}) for p in (0, 1)]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
-    + [(cupy_hopper.SEESAW_SOURCE, {"MLA_FP16": 0, "MLA_DIAG_RESCALE_BEFORE_P": 1})]  # (bench_psplit_cost.py)
     + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 

@@ -25,11 +25,12 @@ builds, and its dense build is the readable lock-step version the seesaw one is 
   FlashMLA's alternating ("seesaw") schedule: each warpgroup scores its own 64-key block of a pair, the two
   exchange row maxima and P through shared memory, so one's softmax runs under the other's wgmma. Dense
   bf16 / fp16 only (FP8 and sparse problems keep the wide kernel's builds). 230560 B of shared memory;
-  128,2,128,8192 (H100, ninth session, bf16 P rounded once): 1.04 ms kernels only, 558-563 TFLOP/s; 1.19 ms in an
-  API loop (the shape runs at the power cap; with the P split, MLA_CUPY_PSPLIT=1: 1.44 ms). Its K pieces come by
-  bulk tensor copies on mbarriers (``_tma``; the default since 2026-11-26, eighth session: -1..+6% kernels only,
-  faster in every API loop, racecheck-clean since zero_tail meets on an mbarrier) or, where a tensor map cannot
-  describe the cache (page not a multiple of 64), by cp.async (``seesaw_loads``, MLA_SEESAW_LOADS).
+  128,2,128,8192 (H100, ninth session, bf16 P rounded once): 1.04 ms kernels only, 547-563 TFLOP/s (median of
+  five runs 559); 1.19 ms in an API loop (the shape runs at the power cap; with the P split, MLA_CUPY_PSPLIT=1:
+  1.44 ms). Its K pieces come by bulk tensor copies on mbarriers (``_tma``; the default since 2026-11-26, eighth
+  session: -1..+6% kernels only, faster in every API loop, racecheck-clean since zero_tail meets on an mbarrier) or,
+  where a tensor map cannot describe the cache (page not a multiple of 64), by cp.async (``seesaw_loads``,
+  MLA_SEESAW_LOADS).
 
 Scope: compute capability 9.0 (the sm_90a code runs nowhere else), bfloat16 / float16, d = 576 and
 d_v = 512; any page size, h_kv, s_q, h_q. Other problems go to the portable kernel
