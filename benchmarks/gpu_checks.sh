@@ -418,6 +418,14 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
   r 60 ntrace_b8 python3 benchmarks/narrow_trace.py --b 8 --s-k 8192
   r 60 ntrace_b128 python3 benchmarks/narrow_trace.py --b 128 --s-k 8192
   ;;
+others9)  # the ninth session's last GPU call: the GPU test files its changes touch only through mla/testing.py and
+  # tests/_sparse_fp8_gpu.py (Numba, prefill, sparse prefill, the wgmma probe), one process each
+  t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
+  t 170 t_numba tests/test_numba_gpu.py
+  t 100 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  t 130 t_prefill tests/test_prefill_gpu.py
+  t 70 t_sparse_prefill tests/test_sparse_prefill_gpu.py
+  ;;
 ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of the few-long shapes' decode kernels (the
   # narrow kernel at b=8, h_q=16, s_k=8192; the seesaw kernel at b=1, h_q=128, s_k=32768), for the targets they miss
   NCU="ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
