@@ -426,6 +426,10 @@ others9)  # the ninth session's last GPU call: the GPU test files its changes to
   t 130 t_prefill tests/test_prefill_gpu.py
   t 70 t_sparse_prefill tests/test_sparse_prefill_gpu.py
   ;;
+others9b)  # others9's two Numba files again with longer limits (run 11 stopped them at 170 / 100 s, no failure so far)
+  t 300 t_numba tests/test_numba_gpu.py
+  t 240 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
+  ;;
 ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of the few-long shapes' decode kernels (the
   # narrow kernel at b=8, h_q=16, s_k=8192; the seesaw kernel at b=1, h_q=128, s_k=32768), for the targets they miss
   NCU="ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
