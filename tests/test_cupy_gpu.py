@@ -269,15 +269,16 @@ def test_decode_step_replays_from_a_cuda_graph(backend):
         graph = stream.end_capture()
     try:
         for seqlens in ([100, 3000, 0, 9000], [7, 64, 0, 5000], [3, 2, 0, 64]):
-            _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens)
+            _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens, split_p=backend == "numba")
     finally:
         cupy_backend.release_graph_buffers()
 
 
-def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens):
+def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens, split_p=False):
     """Write new q values and ``seqlens`` into the captured call's device inputs (in place: the graph holds their
     pointers), replay ``graph`` on ``stream`` while other allocations (which must not reuse the graph's buffers) exist,
-    and compare the graph's outputs ``out`` / ``lse`` (poisoned first) with the reference (causal)."""
+    and compare the graph's outputs ``out`` / ``lse`` (poisoned first) with the reference (causal); split_p: the
+    kernel splits bf16 P (Numba), held to the unscaled 8e-4."""
     cp = _arrays.cupy_module()
     new_q = rng.standard_normal(case.q.shape).astype(np.float32).astype(BF16)
     c.q[...] = cp.asarray(new_q)
@@ -290,7 +291,8 @@ def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens):
     assert all(bool((j == 7.0).all()) for j in junk), "the graph wrote into memory it no longer owns"
     out_ref, lse_ref = reference.flash_mla_reference(new_q, case.k_cache, case.block_table,
                                                      np.array(seqlens, np.int32), 512, causal=True)
-    testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
+    testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.OUT_ATOL if split_p else testing.out_atol(case))
+
 
 @pytest.mark.parametrize("kernel", ["hopper", "hopper-seesaw-tma"])
 @pytest.mark.parametrize("page", [128, 256])
@@ -374,7 +376,8 @@ def test_out_float32_is_the_unrounded_output(kernel, b, seqlen, s_q):
     np.testing.assert_array_equal(cp.asnumpy(lse32), cp.asnumpy(lse16))
     if kernel != "fp8":
         out_ref, lse_ref = reference.flash_mla_reference(*case.args(), causal=case.causal)
-        testing.assert_close(out32, lse32, out_ref, lse_ref, out_atol=testing.out_atol(case))
+        testing.assert_close(out32, lse32, out_ref, lse_ref,
+                             out_atol=testing.OUT_ATOL if kernel == "portable" else testing.out_atol(case))
 
 
 # ---- bad input raises before launch

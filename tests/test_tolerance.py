@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mla import reference, testing
+from mla import _arrays, reference, testing
 
 
 def _bf16(x):
@@ -42,7 +42,7 @@ def _decode_with_bf16_p(case, split: bool):
 
 def _case(values, seed=0):
     return testing.make_decode_case(np.random.default_rng(seed), b=6, s_q=1, h_q=64, d=576, head_dim_v=512,
-                                    page_block_size=64, seqlens=[1, 2, 20, 140, 700, 0], dtype=np.float32,
+                                    page_block_size=64, seqlens=[1, 2, 20, 140, 700, 0], dtype=_arrays.BFLOAT16,
                                     values=values)
 
 
@@ -53,14 +53,18 @@ def _assert_out_close(out, case, atol):
 
 def test_flashmla_values_are_flashmlas_inputs():
     case = _case("flashmla")
-    k = case.k_cache[np.isfinite(case.k_cache)]
+    k = case.k_cache.astype(np.float64)
+    k = k[np.isfinite(k)]
     assert np.abs(case.q).max() <= 1 and np.abs(k).max() <= 1
-    assert 0.09 < k.std() < 0.11 and 0.5 < case.q.std() < 0.9  # N(0, 1) clipped to [-1, 1]: std 0.80
+    assert 0.09 < k.std() < 0.11 and 0.5 < case.q.astype(np.float64).std() < 0.9  # N(0, 1) clipped to ±1: std 0.80
     assert case.value_std == testing.FLASHMLA_VALUE_STD and testing.out_atol(case) == testing.OUT_ATOL
     unit = _case("normal")
     assert unit.value_std == 1.0 and testing.out_atol(unit) == pytest.approx(10 * testing.OUT_ATOL)
-    scaled = testing.make_decode_case(np.random.default_rng(0), b=1, seqlens=[3], scale=0.05)
+    scaled = testing.make_decode_case(np.random.default_rng(0), b=1, seqlens=[3], scale=0.05, dtype=_arrays.BFLOAT16)
     assert testing.out_atol(scaled) == testing.OUT_ATOL  # never below DESIGN §6's value
+    for dtype in (np.float16, np.float32):  # P in fp16 / fp32: no bf16 rounding, the unscaled bound
+        assert testing.out_atol(testing.make_decode_case(np.random.default_rng(0), b=1, seqlens=[3], dtype=dtype)) \
+            == testing.OUT_ATOL
     with pytest.raises(ValueError, match="values"):
         testing.make_decode_case(np.random.default_rng(0), values="uniform")
 
