@@ -23,6 +23,7 @@ dense FP8 row under each FP8 tiling, each first checked on a small poisoned case
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import cupy as cp  # noqa: E402
 
 import mla  # noqa: E402
 from mla import _arrays, api, testing  # noqa: E402
-from mla.backends import cupy_backend, cupy_sparse_fp8  # noqa: E402
+from mla.backends import cupy_backend, cupy_hopper, cupy_sparse_fp8  # noqa: E402
 
 D, DV, PAGE = 576, 512, 64
 BF16 = _arrays.BFLOAT16
@@ -88,13 +89,25 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
     # H100 for <= 16 rows a KV head, else the mma.sync FP8 kernel; MLA_CUPY_FP8_KERNEL forces one)
     kinds = (("bf16 portable", k), ("fp8", k8)) if backend == "numba" else (
         ("bf16 auto", k), ("bf16 portable", k), ("fp8", k8))
+    if backend == "cupy" and s_q * h_q <= 16 and cupy_hopper.device_reason(dev) is None:
+        # the two Hopper FP8 kernels for <= 16 rows, forced (MLA_CUPY_FP8_KERNEL), beside what "auto" runs
+        kinds += (("fp8 narrow", k8), ("fp8 regs", k8))
     for kind, cache in kinds:
-        fp8 = kind == "fp8"
+        fp8 = kind.startswith("fp8")
         problem = api._validate(q, cache, table, seqlens, DV, None, False, fp8, None, None, None, False)
         if backend == "numba":
             launches, cfg = _numba_launches(q, cache, table, seqlens, fp8, None, sched, splits), "numba"
         elif fp8:
-            launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+            forced = kind.split()[1] if " " in kind else os.environ.get("MLA_CUPY_FP8_KERNEL", "auto")
+            saved = os.environ.get("MLA_CUPY_FP8_KERNEL")
+            os.environ["MLA_CUPY_FP8_KERNEL"] = forced
+            try:
+                launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
+            finally:
+                if saved is None:
+                    del os.environ["MLA_CUPY_FP8_KERNEL"]
+                else:
+                    os.environ["MLA_CUPY_FP8_KERNEL"] = saved
             cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
         elif kind == "bf16 auto":
             launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")
@@ -102,7 +115,8 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
             launches, _, _ = cupy_backend._prepare_portable(cp, problem, sched, splits, dev)
             cfg = cupy_backend.portable_config(D, DV, s_q * h_q, cupy_backend._max_smem(dev))
         if backend != "numba" and getattr(launches[0][0], "name", "").startswith(("mla_decode_hopper",
-                                                                                   "mla_decode_seesaw")):
+                                                                                   "mla_decode_seesaw",
+                                                                                   "mla_decode_fp8_regs")):
             cfg = launches[0][0].name  # a Hopper kernel: no tiling tuple
         t = _time(launches, flush, reps)
         token_bytes = 656 if fp8 else 2 * D

@@ -447,6 +447,14 @@ trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded onc
   r 120 profile_host python3 benchmarks/profile_host.py --backends cupy
   r 90 decode_small python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto --shapes 4,5,1
   ;;
+regs)  # issue #5 (2026-11-27, tenth session): the FP8 register kernel (kernels/mla_decode_fp8_regs.cu: raw rows by bulk
+  # copies, codes dequantised straight into wgmma's A registers, alternate tiles a warpgroup): a smoke run, the dense
+  # FP8 rows at 128,1,16,8192 (auto, narrow and regs forced), the FP8 / sparse GPU file (every dense test with it
+  # forced too, its sanitizer launch)
+  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
+  r 90 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

@@ -255,6 +255,29 @@ __device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_
       : "l"(desc_a), "l"(desc_b), "r"(1)
       : "memory");
 }
+// ---- the register-A shapes of kernels/mla_decode_fp8_narrow.cu (FP8 codes dequantised straight into A fragments)
+// D[64 x 16] = A[64 x 16] B[16 x 16]^T (+ D when accumulate): A from registers (the m64nNk16 A fragment), B K-major
+// in shared memory (S^T = K Q^T)
+__device__ __forceinline__ void wg_mma_m64n16k16_rs(float (&d)[8], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b,
+                                                    int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : WG_D8(0)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+// D[64 x 16] += A[64 x 16] B[16 x 16]: A from registers, B MN-major (imm-trans-b = 1; O^T += V^T P^T)
+__device__ __forceinline__ void wg_mma_m64n16k16_rs_t(float (&d)[8], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32" MLA_WG_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"
+      : WG_D8(0)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1)
+      : "memory");
+}
 #undef WG_D8
 #endif  // MLA_HAS_WGMMA
 
@@ -275,6 +298,17 @@ __device__ __forceinline__ void fence_mbar_init() {
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// one arrival, no transaction bytes (a consumer's "done with this buffer")
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// a 1-D bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to shared memory
+// at dst, completing its bytes on bar (PTX "cp.async.bulk")
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 }
 // true once the phase of parity `parity` has completed
 __device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {

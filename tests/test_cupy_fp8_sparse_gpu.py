@@ -50,28 +50,53 @@ def _run(case, on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL, block_t
 # ---- FP8 dense: DeepSeek dims, bf16 q, h_q in {16, 64, 128}, varlen with empty sequences
 
 
+# every dense FP8 test runs as "auto" dispatches and with the FP8 register kernel forced on it
+# (kernels/mla_decode_fp8_regs.cu: any row count, 16 a CTA)
+FP8_DENSE_KERNELS = pytest.mark.parametrize("fp8_kernel", ["auto", "regs"])
+
+
+@pytest.fixture
+def fp8_kernel(request, monkeypatch):
+    monkeypatch.setenv("MLA_CUPY_FP8_KERNEL", request.param)
+    return request.param
+
+
+@FP8_DENSE_KERNELS
 @pytest.mark.parametrize("h_q", [16, 64, 128])
 @pytest.mark.parametrize("s_q,causal", [(1, False), (2, True)])
-def test_fp8_dense_matrix(h_q, s_q, causal):
+def test_fp8_dense_matrix(h_q, s_q, causal, fp8_kernel):
     _run(shared.fp8_dense_matrix_case(h_q, s_q, causal))
 
 
+@FP8_DENSE_KERNELS
 @pytest.mark.parametrize("b,seqlen,h_q", [(1, 20000, 16), (64, 300, 16), (2, 4097, 128)])
-def test_fp8_dense_splits(b, seqlen, h_q):
+def test_fp8_dense_splits(b, seqlen, h_q, fp8_kernel):
     """One long sequence (many splits + combine), many short ones (direct writes)."""
     _run(shared.fp8_dense_splits_case(b, seqlen, h_q))
 
 
+@FP8_DENSE_KERNELS
 @pytest.mark.parametrize("plan", ["arrays", "lazy", "none"])
 @pytest.mark.parametrize("on_device", [True, False], ids=["cupy-in", "numpy-in"])
-def test_fp8_dense_plans_kinds_and_heads(plan, on_device):
+def test_fp8_dense_plans_kinds_and_heads(plan, on_device, fp8_kernel):
     rng = np.random.default_rng(5)
     case = testing.make_decode_case(rng, b=3, s_q=2, h_q=32, h_kv=2, d=576, head_dim_v=512, page_block_size=16,
                                     seqlens=[0, 900, 130], dtype=BF16, causal=True, fp8=True)
     _run(case, on_device=on_device, plan=plan)
 
 
-def test_fp8_dense_large_values():
+@FP8_DENSE_KERNELS
+@pytest.mark.parametrize("page,seqlens", [(32, [333, 1, 64]), (128, [1000, 129, 0]), (256, [700, 300])])
+def test_fp8_dense_pages(page, seqlens, fp8_kernel):
+    """Page sizes other than 64 (a 64-key tile spans pages, or a page holds several tiles), 16 rows."""
+    rng = np.random.default_rng(page)
+    case = testing.make_decode_case(rng, b=len(seqlens), s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=page,
+                                    seqlens=seqlens, dtype=BF16, fp8=True)
+    _run(case)
+
+
+@FP8_DENSE_KERNELS
+def test_fp8_dense_large_values(fp8_kernel):
     """Scales far from 1 (x 2^-20 and x 2^16): both paths of the dequantisation (scale < 2^8, >= 2^8)."""
     for case in shared.fp8_rescaled_cases():  # the stored fp32 scales times a power of two (exact, q unchanged)
         _run(case)
@@ -124,7 +149,7 @@ EVERY_CODE_SCALES = {"pow2": (2.0**-100, 2.0**-9, 1.0, 2.0**7),            # the
 
 
 @pytest.mark.parametrize("scales", list(EVERY_CODE_SCALES), ids=list(EVERY_CODE_SCALES))
-@pytest.mark.parametrize("kernel,h_q", [("narrow", 16), ("wide", 64), ("sparse", 64)])
+@pytest.mark.parametrize("kernel,h_q", [("narrow", 16), ("regs", 16), ("wide", 64), ("sparse", 64)])
 def test_fp8_every_code_is_exact(monkeypatch, kernel, h_q, scales):
     """With a single key P = 1 and l = 1, so every head's out is that key's dequantised value channels: the
     kernels' dequantisation (the fast path's prmt / shift / mask and bf16x2 multiply, E = 0 codes arriving as

@@ -47,6 +47,7 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1, "MLA_P_SPLIT": p}) for p in (0, 1)]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
     + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
+    + [(cupy_hopper.FP8_REGS_SOURCE, {"MLA_FP16": 0})]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])
 
 
@@ -76,7 +77,7 @@ def test_sm90a_compiles_without_spills(name, defines):
 
 @needs_nvrtc
 @pytest.mark.parametrize("name", ["mla_decode_hopper.cu", "mla_decode_hopper_narrow.cu", "mla_decode_seesaw.cu",
-                                  "wgmma_probe.cu"])
+                                  "mla_decode_fp8_regs.cu", "wgmma_probe.cu"])
 def test_sm80_builds_are_trapping_stubs(name):
     """tests/test_cupy_compile.py builds every source for sm_80 too: wgmma code is compiled out there."""
     _, log = _nvrtc.compile_cubin(name, "sm_80", {})
@@ -90,6 +91,9 @@ def test_smem_budget_matches_the_kernel():
     seesaw = _nvrtc.read_source(cupy_hopper.SEESAW_SOURCE)
     assert f"SMEM_BYTES == {cupy_hopper.seesaw_smem_bytes()}" in seesaw
     assert cupy_hopper.seesaw_smem_bytes() == 230560 <= 232448
+    regs = _nvrtc.read_source(cupy_hopper.FP8_REGS_SOURCE)
+    assert f"SMEM_BYTES == {cupy_hopper.FP8_REGS_SMEM_BYTES}" in regs
+    assert cupy_hopper.FP8_REGS_SMEM_BYTES == 224128 <= 232448
 
 
 @pytest.mark.parametrize("defines,n_pv", [({"MLA_FP16": 0}, 16), ({"MLA_FP16": 0, "MLA_P_SPLIT": 1}, 32),
@@ -406,7 +410,7 @@ struct Op {
   int kind;  // 0: m64n32k16, A and B from K-major descriptors; 1: m64n256k16, A from registers, B N-major;
              // 2: m64n16k16, A and B K-major; 3: m64n16k16, A and B MN-major (imm-trans 1, 1); 4: m64n32k16 likewise;
              // 5: m64n64k16 likewise; 6: m64n64k16, A and B K-major; 7: m64n256k16, A K-major from shared memory,
-             // B N-major
+             // B N-major; 8: m64n16k16, A from registers, B K-major; 9: m64n16k16, A from registers, B MN-major
   u64 da, db;
   bool accumulate;
   u32 a[128][4];
@@ -485,9 +489,9 @@ inline int d_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
 
 inline void execute(const Op& op) {
   static float A[64][16], B[256][16];  // B[n][k]
-  const int n = (op.kind == 1 || op.kind == 7) ? 256 : (op.kind == 2 || op.kind == 3) ? 16
+  const int n = (op.kind == 1 || op.kind == 7) ? 256 : (op.kind == 2 || op.kind == 3 || op.kind >= 8) ? 16
                 : (op.kind == 5 || op.kind == 6) ? 64 : 32;
-  const bool b_kmajor = op.kind == 0 || op.kind == 2 || op.kind == 6;
+  const bool b_kmajor = op.kind == 0 || op.kind == 2 || op.kind == 6 || op.kind == 8;
   Desc db = decode_desc(op.db);
   if ((b_kmajor && swap_k) || (!b_kmajor && swap_mn)) std::swap(db.lbo, db.sbo);
   if (op.kind == 6 || op.kind == 7) {  // A K-major from shared memory; B K-major (6) or N-major (7)
@@ -497,7 +501,7 @@ inline void execute(const Op& op) {
       for (int k = 0; k < 16; ++k) A[m][k] = smem_elem(kmajor(da, m, k));
     for (int c = 0; c < n; ++c)
       for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(b_kmajor ? kmajor(db, c, k) : mnmajor(db, c, k));
-  } else if (op.kind >= 2) {  // both operands from shared memory, K-major (2) or MN-major (3, 4, 5)
+  } else if (op.kind >= 2 && op.kind < 8) {  // both operands from shared memory, K-major (2) or MN-major (3, 4, 5)
     Desc da = decode_desc(op.da);
     const bool mn = op.kind >= 3;
     if ((mn && swap_mn) || (!mn && swap_k)) std::swap(da.lbo, da.sbo);
@@ -512,7 +516,7 @@ inline void execute(const Op& op) {
       for (int k = 0; k < 16; ++k) A[m][k] = smem_elem(kmajor(da, m, k));
     for (int c = 0; c < n; ++c)
       for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(kmajor(db, c, k));
-  } else {
+  } else {  // A from registers (1, 8, 9)
     for (int t = 0; t < 128; ++t)
       for (int r = 0; r < 4; ++r) {
         const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * (r % 2), k = 2 * (t % 4) + 8 * (r / 2);
@@ -520,7 +524,7 @@ inline void execute(const Op& op) {
         A[row][k + 1] = hi_f(op.a[t][r]);
       }
     for (int c = 0; c < n; ++c)
-      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(mnmajor(db, c, k));
+      for (int k = 0; k < 16; ++k) B[c][k] = smem_elem(b_kmajor ? kmajor(db, c, k) : mnmajor(db, c, k));
   }
   for (int t = 0; t < 128; ++t)
     for (int i = 0; i < n / 2; ++i) {
@@ -603,6 +607,12 @@ inline void wg_mma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b, int accu
 inline void wg_mma_m64n256k16_ss_nmajor(float (&d)[128], u64 desc_a, u64 desc_b) {
   wgemu::issue(7, d, desc_a, desc_b, 1, 0, 0, 0, 0);
 }
+inline void wg_mma_m64n16k16_rs(float (&d)[8], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b, int accumulate) {
+  wgemu::issue(8, d, 0, desc_b, accumulate, a0, a1, a2, a3);
+}
+inline void wg_mma_m64n16k16_rs_t(float (&d)[8], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+  wgemu::issue(9, d, 0, desc_b, 1, a0, a1, a2, a3);
+}
 inline void named_bar_sync(int id, int n) {
   if (id <= 0 || id >= 16) emu::fail("named barrier id");
   emu::barrier_wait(wgemu::named[id], n, wgemu::OP_NAMED + id);
@@ -627,10 +637,12 @@ inline void named_bar_arrive(int id, int n) {  // counts towards the barrier, do
 // (tests: _emu_tensor_map): [0] address, [1..3] dims (channels, heads, rows), [4] head / [5] row stride in bytes,
 // [6..8] box, [9] swizzle (3: 128 B), [10] element bytes; outside the dims the copy writes zeros.
 namespace tmaemu {
-struct Copy3 {
+struct Copy3 {  // a tensor copy (map) or a 1-D bulk copy (src, bytes)
   u32 dst;
   const u64* map;
   int c0, c1, c2;
+  const unsigned char* src = nullptr;
+  u32 bytes = 8192;
 };
 struct MBar {
   int count = 0, pending = 0;
@@ -647,6 +659,10 @@ inline MBar& at(u32 a) {
   return it->second;
 }
 inline void perform(const Copy3& c) {
+  if (c.src != nullptr) {
+    std::memcpy(emu::smem_at(c.dst, c.bytes, 16), c.src, c.bytes);
+    return;
+  }
   const u64* m = c.map;
   if (m[6] != 64 || m[7] != 1 || m[8] != 64 || m[9] != 3 || m[10] != 2)
     emu::fail("tensor map: only the (64, 1, 64) box of 16-bit elements with the 128-byte swizzle is modelled");
@@ -699,6 +715,27 @@ inline void tma_load_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 ba
     b.copies.push_back(c);
   }
 }
+inline void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  tmaemu::MBar& b = tmaemu::at(bar);
+  if (bytes % 16 || dst % 16 || reinterpret_cast<unsigned long long>(src) % 16) emu::fail("bulk copy: 16-byte rule");
+  emu::smem_at(dst, bytes, 16);
+  tmaemu::Copy3 c{dst, nullptr, 0, 0, 0, static_cast<const unsigned char*>(src), bytes};
+  ++emu::progress;
+  if (emu::eager_copies) {
+    tmaemu::perform(c);
+    b.tx -= bytes;
+    tmaemu::complete(b);
+  } else {
+    b.copies.push_back(c);
+  }
+}
+inline void mbar_arrive(u32 bar) {
+  tmaemu::MBar& b = tmaemu::at(bar);
+  if (b.pending == 0) emu::fail("mbarrier: more arrivals than its count in a phase");
+  --b.pending;
+  ++emu::progress;
+  tmaemu::complete(b);
+}
 inline unsigned long long narrow_globaltimer() {  // (the narrow kernel's trace build, GPU only)
   emu::fail("MLA_NARROW_TRACE is a GPU diagnostic, not emulated");
 }
@@ -708,7 +745,7 @@ inline bool mbar_try_wait(u32 bar, u32 parity) {
   if (b.pending == 0 && !b.copies.empty()) {  // the latest moment: the copies land now
     for (const auto& c : b.copies) {
       tmaemu::perform(c);
-      b.tx -= 8192;
+      b.tx -= c.bytes;
     }
     b.copies.clear();
     tmaemu::complete(b);
@@ -748,7 +785,8 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_fence_operands", "wg_mma_m64n32k16_ss", "wg_mma_m64n256k16_rs_nmajor", "wg_mma_m64n16k16_ss",
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
-            "tensormap_acquire", "tma_load_3d", "narrow_globaltimer"}
+            "tensormap_acquire", "tma_load_3d", "narrow_globaltimer", "wg_mma_m64n16k16_rs",
+            "wg_mma_m64n16k16_rs_t", "bulk_load", "mbar_arrive"}
 
 
 try:
@@ -766,12 +804,15 @@ needs_gxx = pytest.mark.skipif(_cuda_emu is None or _cuda_emu.compiler() is None
 _MODULES: dict = {}
 
 
-def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False, parts=4, seesaw=False):
+def _emu_modules(monkeypatch, defines, source_edit=None, out_float32=False, narrow=False, parts=4, seesaw=False,
+                 regs=False):
     """(decode module, combine function) for the emulator, compiled once per define set.
-    narrow: kernels/mla_decode_hopper_narrow.cu instead of the 64-row mla_decode_hopper.cu."""
+    narrow: kernels/mla_decode_hopper_narrow.cu instead of the 64-row mla_decode_hopper.cu; regs: the FP8 register
+    kernel (kernels/mla_decode_fp8_regs.cu)."""
     emu = _emu()
-    name = cupy_hopper.NARROW_SOURCE if narrow else cupy_hopper.SEESAW_SOURCE if seesaw else cupy_hopper.SOURCE
-    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow, parts, seesaw)
+    name = (cupy_hopper.FP8_REGS_SOURCE if regs else cupy_hopper.NARROW_SOURCE if narrow
+            else cupy_hopper.SEESAW_SOURCE if seesaw else cupy_hopper.SOURCE)
+    key = (tuple(sorted(defines.items())), source_edit, out_float32, narrow, parts, seesaw, regs)
     if key not in _MODULES:
         monkeypatch.setattr(emu, "EMULATED", set(emu.EMULATED) | MODELLED)
         src = _nvrtc.read_source(name)
@@ -798,9 +839,10 @@ def _emu_tensor_map(k_cache):
 
 def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lockstep", eager_wgmma=False,
                   psplit=None, source_edit=None, extra_defines=None, device_plan=False, out_float32=False,
-                  narrow=False, fp8=False, nq=16, seesaw=False, seesaw_loads="tma"):
+                  narrow=False, fp8=False, nq=16, seesaw=False, seesaw_loads="tma", regs=False):
     """Run the emulated decode (+ combine) through cupy_hopper.assemble on NumPy arrays, outputs poisoned.
     narrow: the narrow kernel (16 query rows a CTA, any row count: several row tiles when more).
+    regs: the FP8 register kernel (FP8 caches, the narrow kernel's grid and arguments).
     seesaw: the seesaw kernel, its K pieces by bulk tensor copies (seesaw_loads "tma": the TMA build with the
     emulator's tensor map, _emu_tensor_map) or by cp.async ("cpasync").
     device_plan: allocate partials as for a plan on the device (bound b + workers, combine always run).
@@ -813,8 +855,9 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     defines = {"MLA_FP16": int(fp16)}
     if psplit is not None:
         defines["MLA_P_SPLIT"] = int(psplit)
-    if fp8:
+    if fp8 and not regs:
         defines["MLA_FP8"] = 1
+    narrow = narrow or regs
     if nq != 16:
         defines["MLA_NQ"] = nq
     tma = seesaw and seesaw_loads == "tma"
@@ -824,16 +867,17 @@ def _run_emulated(monkeypatch, case, num_sms, eager_copies=False, schedule="lock
     from mla.backends import cupy_backend
 
     mod, comb = _emu_modules(monkeypatch, defines, source_edit, out_float32, narrow,
-                             cupy_backend.combine_parts(512, case.q.shape[0] * s_q * h_q), seesaw)
+                             cupy_backend.combine_parts(512, case.q.shape[0] * s_q * h_q), seesaw, regs)
     mod.configure(eager_copies, schedule)
     lib = mod._lib
     lib.wgemu_config(int(eager_wgmma))
     lib.wgemu_model(0, 0)
     lib.wgemu_reset()
     lib.wgemu_executed.restype = ctypes.c_long
-    fn = mod.get_function(cupy_hopper.NARROW_FUNCTION if narrow else cupy_hopper.SEESAW_FUNCTION if seesaw
-                          else cupy_hopper.FUNCTION)
-    smem = (cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq) if narrow
+    fn = mod.get_function(cupy_hopper.FP8_REGS_FUNCTION if regs else cupy_hopper.NARROW_FUNCTION if narrow
+                          else cupy_hopper.SEESAW_FUNCTION if seesaw else cupy_hopper.FUNCTION)
+    smem = (cupy_hopper.FP8_REGS_SMEM_BYTES if regs else cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines), nq)
+            if narrow
             else cupy_hopper.seesaw_smem_bytes() if seesaw else cupy_hopper.wide_smem_bytes(fp8))
     fn.max_dynamic_shared_size_bytes = smem
     sched, splits = mla.get_mla_metadata(case.cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
@@ -955,6 +999,46 @@ def test_hopper_fp8_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, s
         scales[::5, 4:6] *= np.float32(2.0 ** 100)
     out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, narrow=nq > 0, fp8=True,
                                               nq=max(nq, 16))
+    assert np.isfinite(out.astype(np.float32)).all()
+    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
+    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6, out_atol=testing.out_atol(case))
+    assert n_wgmma > 0
+
+
+# (b, s_q, h_q, h_kv, page, seqlens, causal, num_sms, schedule, eager copies, odd scales)
+FP8_REGS_CASES = [
+    (3, 1, 16, 1, 64, [150, 0, 64], False, 8, "lockstep", False, False),  # splits + combine, an empty sequence
+    (2, 2, 16, 2, 64, [200, 7], True, 4, "skewed", True, False),          # causal s_q 2, h_kv 2 (8 rows a KV head)
+    (1, 1, 3, 1, 64, [129], False, 1, "reverse", False, True),            # one split: direct write, 3 heads
+    (1, 2, 32, 1, 64, [90], True, 2, "lockstep", True, False),            # 64 rows: 4 row tiles
+    (2, 1, 16, 1, 64, [70, 260], False, 3, "skewed", False, True),        # scales not powers of two / tiny / huge
+    (1, 1, 16, 1, 64, [600], False, 1, "skewed", False, False),           # 10 tiles a piece: stages refilled
+    (3, 1, 16, 1, 64, [65, 300, 129], True, 1, "reverse", True, False),   # one worker, 3 pieces: odd tile counts
+    (2, 1, 16, 1, 32, [333, 45], False, 2, "lockstep", False, True),      # page 32: a tile spans two pages
+    (2, 2, 8, 1, 128, [700, 131], True, 5, "skewed", True, False),        # page 128, splits inside pages
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,page,seqlens,causal,num_sms,schedule,eager,odd", FP8_REGS_CASES,
+                         ids=[f"regs{i}" for i in range(len(FP8_REGS_CASES))])
+def test_fp8_regs_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, page, seqlens, causal, num_sms, schedule,
+                                             eager, odd):
+    """The FP8 register kernel (kernels/mla_decode_fp8_regs.cu: raw rows by bulk copies, codes dequantised into
+    wgmma's A registers, alternate tiles a warpgroup) against the NumPy backend on the same FP8 cache, NaN in the
+    unused slots, outputs poisoned. odd: scales off the fast path, as in test_hopper_fp8_emulated_matches_reference."""
+    import mla
+    from mla import testing
+
+    rng = np.random.default_rng(b * 10 + h_q + s_q + page)
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
+                                    page_block_size=page, seqlens=seqlens, dtype=BF16, causal=causal, fp8=True)
+    if odd:
+        scales = case.k_cache[..., 512:528].view(np.float32)
+        scales[1::2] *= np.float32(1.5)
+        scales[::3, :4] *= np.float32(2.0 ** -110)
+        scales[::5, 4:6] *= np.float32(2.0 ** 100)
+    out, lse, splits, n_wgmma = _run_emulated(monkeypatch, case, num_sms, eager, schedule, fp8=True, regs=True)
     assert np.isfinite(out.astype(np.float32)).all()
     want, lse_want = mla.flash_mla_with_kvcache(*case.args(), causal=causal, is_fp8_kvcache=True, backend="numpy")
     testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6, out_atol=testing.out_atol(case))

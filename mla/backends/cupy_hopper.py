@@ -66,6 +66,14 @@ SEESAW_SOURCE, SEESAW_FUNCTION = "mla_decode_seesaw.cu", "mla_decode_seesaw"
 SEESAW_SMEM_BYTES = 3 * TILE_BYTES + 64 * 128 + 4 * 64 * 4 + (2 * 9 + 2) * 8
 """Dynamic shared memory of the seesaw kernel: Q + 2 K buffers + P_B lo + m_A, m_B, l + 20 mbarriers (230560 B)."""
 SEESAW_LOADS = ("auto", "tma", "cpasync")
+# The FP8 register kernel (kernels/mla_decode_fp8_regs.cu): dense FP8 caches, at most 16 query rows a CTA (the narrow
+# kernel's grid, signature and plan); raw token rows by bulk copies, codes dequantised straight into wgmma's A
+# registers, the warpgroups on alternate tiles.
+FP8_REGS_SOURCE, FP8_REGS_FUNCTION = "mla_decode_fp8_regs.cu", "mla_decode_fp8_regs"
+FP8_REGS_SMEM_BYTES = (4 * 64 * 656 + 2 * (16 * D + 2 * 16 * 64)
+                       + 4 * (2 * 4 * 8 * 128 + 2 * 4 * 16 + 2 * 2 * 16 + 16) + 64)
+"""Dynamic shared memory of the FP8 register kernel: 4 raw stages + Q + 2 P^T + the merge's O exchange + reductions
++ (m, l) + last keys + 8 mbarriers (224128 B)."""
 VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
 
@@ -86,7 +94,7 @@ def narrow_nq(problem) -> int:
     return NARROW_ROWS if problem.s_q * problem.h_q // problem.h_kv <= NARROW_ROWS else 2 * NARROW_ROWS
 
 
-FP8_KERNELS = ("auto", "narrow", "wide", "portable")
+FP8_KERNELS = ("auto", "regs", "narrow", "wide", "portable")
 
 
 def wide_smem_bytes(fp8: bool = False, sparse: bool = False) -> int:
@@ -167,9 +175,16 @@ def fp8_variant(problem, dev: int) -> str | None:
         return None
     if device_reason(dev) is not None:
         return None
-    if forced in ("narrow", "wide"):
+    if forced in ("regs", "narrow", "wide"):
         return forced
-    return "narrow" if problem.s_q * problem.h_q // problem.h_kv <= NARROW_MAX_ROWS else "wide"
+    rows = problem.s_q * problem.h_q // problem.h_kv
+    if rows <= NARROW_ROWS and FP8_REGS_AUTO:
+        return "regs"
+    return "narrow" if rows <= NARROW_MAX_ROWS else "wide"
+
+
+FP8_REGS_AUTO = False
+"""Whether ``fp8_variant`` picks the FP8 register kernel for up to 16 rows a KV head (set from its H100 timing)."""
 
 
 NARROW_MAX_ROWS = 2 * NARROW_ROWS
@@ -302,17 +317,19 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     which = which or (fp8_variant(problem, dev) if fp8 else variant(problem))
     if which == "seesaw" and fp8:
         raise ValueError("the seesaw kernel has no FP8 build: an FP8 cache takes 'narrow' or 'wide' (fp8_variant)")
-    narrow = which == "narrow"
+    if which == "regs" and not fp8:
+        raise ValueError("the FP8 register kernel ('regs') takes FP8 caches only")
+    narrow = which in ("narrow", "regs")
     d = defines(fp16)
-    if fp8:
+    if fp8 and which != "regs":
         d["MLA_FP8"] = 1
-    nq = narrow_nq(problem)
+    nq = NARROW_ROWS if which == "regs" else narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
-    source, function = {"narrow": (NARROW_SOURCE, NARROW_FUNCTION),
+    source, function = {"narrow": (NARROW_SOURCE, NARROW_FUNCTION), "regs": (FP8_REGS_SOURCE, FP8_REGS_FUNCTION),
                         "seesaw": (SEESAW_SOURCE, SEESAW_FUNCTION)}.get(which, (SOURCE, FUNCTION))
-    smem = (narrow_smem_bytes(p_split(d), nq) if narrow else SEESAW_SMEM_BYTES if which == "seesaw"
-            else wide_smem_bytes(fp8))
+    smem = (FP8_REGS_SMEM_BYTES if which == "regs" else narrow_smem_bytes(p_split(d), nq) if narrow
+            else SEESAW_SMEM_BYTES if which == "seesaw" else wide_smem_bytes(fp8))
     arrays = [_cb._to_device(cp, problem.q), _cb._to_device(cp, problem.k_cache),
               _cb._to_device(cp, problem.block_table, np.int32), _cb._to_device(cp, problem.cache_seqlens, np.int32),
               _cb._to_device(cp, metadata, np.int32), _cb._to_device(cp, num_splits, np.int32)]

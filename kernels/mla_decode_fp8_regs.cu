@@ -1,0 +1,480 @@
+// mla_decode_fp8_regs.cu -- dense MLA decode from FlashMLA's FP8 cache (656-byte tokens, kernels/mla_fp8.cuh) on
+// Hopper (sm_90a), at most 16 query rows a KV head (DeepSeek's h_q = 16 decode, the memory-bound case where FP8
+// can be up to 1152 / 656 = 1.76x faster than bf16). Issue #5.
+//
+// What it computes: exactly what the narrow kernel's FP8 build computes (mla_decode_hopper_narrow.cu, MLA_FP8=1;
+// mla/reference.py on the dequantised cache is the spec), same signature, plan, partial layout and combine, for
+// d = 576, d_v = 512, bf16 q; grid (num_workers, h_kv, ceil(M / 16)), 256 threads.
+//
+// Why a second FP8 kernel: the narrow kernel's FP8 build dequantises every tile into a bf16 shared-memory tile
+// (73.7 KB written, then read twice by wgmma) and its two warpgroups work on one tile in lock-step. Here the codes
+// never become a bf16 tile:
+//   1. raw 656-byte token rows land in shared memory by 1-D bulk copies (cp.async.bulk, one per row, any page size
+//      or h_kv) on mbarriers, 4 stages of 64 rows (167936 B) -- up to 4 tiles in flight a CTA;
+//   2. each thread reads the codes it needs with 16-byte shared loads and dequantises them straight into wgmma's
+//      A fragments in registers (the same exact prmt / shift / bf16x2-multiply path as the narrow kernel,
+//      mla_fp8.cuh), so wgmma takes A from registers ("rs") and only the small B operands (Q, P^T) from shared
+//      memory;
+//   3. the warpgroups take alternate tiles (tile G of the CTA: stage G % 4, warpgroup G % 2), each with its own
+//      online softmax (m, l, O^T over all 512 channels), merged through shared memory at the end of a piece. One
+//      warpgroup's softmax runs under the other's wgmma and dequantisation; no CTA barrier inside the tile loop.
+//
+// Per tile of one warpgroup (thread t: warp wq = t / 32, lane group lg = lane / 4, lc = lane % 4):
+//   S^T [64 keys x 16 rows] = K Q^T: 36 k-steps of m64n16k16, A = the keys' channels (rows kA0 = 16 wq + lg and
+//     kA0 + 8), B = Q (K-major, shared memory). The order of the reduction (k) is free as long as A and B agree, so
+//     each thread reads *contiguous* codes -- 32 bytes of a 128-channel block a key, 2 loads -- and Q is stored
+//     with the matching permutation (q_logical): k-step i of block B holds, for lane quad lc, the channels
+//     128 B + 32 lc + 4 i .. + 3 (logical k 2 lc, 2 lc + 1 <- codes 0, 1; 2 lc + 8, + 9 <- codes 2, 3). The RoPE
+//     channels (bf16 in the token) take 4 k-steps the same way, no conversion.
+//   O^T [512 channels x 16 rows] += V^T P^T: 8 channel blocks (m-blocks) x 4 k-steps of m64n16k16, A = V^T from
+//     registers, B = P^T (MN-major, shared memory). Rows (channels) and k (keys) are both free to permute, O^T's
+//     rows only decide where a result is stored: thread (wq, lg) owns the 16 contiguous channels of chunk
+//     8 wq + lg / 2 + 4 (lg % 2) (row lg of m-block mb = channel 2 mb, row lg + 8 = 2 mb + 1 of the chunk), and in
+//     k-step kk lane quad lc owns keys 16 kk + lc + 4 r (r = 0..3 <- logical k 2 lc, 2 lc + 1, 2 lc + 8, 2 lc + 9);
+//     P^T is stored in that key order (p_logical_key). A thread reads 16 bytes (its chunk) of 4 keys a k-step, and
+//     one prmt turns two keys' words into the codes of two A registers. Both choices make every 16-byte shared
+//     load conflict-free (rows are 656 = 5 x 128 + 16 bytes apart: keys lc, lc + 4 .. and chunks lg / 2, + 4).
+//   The A registers of a batch (8 wgmma) are written, fenced (wgmma.fence) and issued; a second batch is converted
+//   while the first runs (wgmma.wait_group 1 before a register set is rewritten).
+//   Softmax as the narrow kernel (a query row is a column of S^T): masked column max over the 64 keys (shuffles,
+//   then the 4 warps through shared memory, a 128-thread named barrier), P = 2^(s - m) rounded once to bf16 (as
+//   FlashMLA), P^T to shared memory (named barrier), O^T *= alpha.
+//   Stage release: each thread arrives on the stage's "empty" mbarrier once it has converted its last codes of the
+//   tile; warp 0 of the warpgroup then waits for it and issues the bulk copies of tile G + 4 into the stage (their
+//   block-table entries were read at the top of tile G). The "full" mbarrier of a stage counts the copies' bytes.
+// Invalid keys (past the piece in its last tile) are never copied: their stale bytes are masked in S^T (-inf) and
+// zeroed (codes 0, scale 1) in V^T, so no NaN of an old buffer reaches O.
+//
+// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES): 4 stages 167936 B + Q 18432 B
+//   + 2 P^T 4096 B + the merge's O exchange 32768 B + reductions 512 B + (m, l) 256 B + last keys 64 B + 8 mbarriers
+//   64 B = 224128 B.
+//   Q       offset(row, logical ch) = (ch / 8) * 128 + (row / 8) * 64 + (row % 8) * 8 + ch % 8   (elements)
+//   P^T     offset(col, logical key) = ((key / 8) * 2 + col / 8) * 64 + (key % 8) * 8 + col % 8
+//   Descriptors: S^T B = Q K-major (LBO 256 B = next 8 channels, SBO 128 B = next 8 rows); O^T B = P^T MN-major
+//   (LBO 256 B = next 8 keys, SBO 128 B = next 8 columns).
+//
+// Compile-time parameters (-D): none of its own (bf16 q, P rounded once); MLA_HAS_WGMMA as mla_wgmma.cuh.
+#include "mla_common.cuh"
+#include "mla_wgmma.cuh"
+
+namespace f8r {
+constexpr int D = 576, DV = 512, NQ = 16, BLOCK_N = 64, NTHREADS = 256, STAGES = 4;
+constexpr int ROW = FP8_BYTES;              // one token: 656 bytes
+constexpr int STAGE_BYTES = BLOCK_N * ROW;  // 41984
+constexpr int Q_EL = NQ * D, P_EL = NQ * BLOCK_N;
+constexpr int XO_FLOATS = 2 * 4 * 8 * 128;  // [from warpgroup][m-block 4][register 8][thread]
+constexpr int RED_FLOATS = 2 * 4 * NQ;      // [warpgroup][warp][col]
+constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][m, l][col]
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * P_EL) + 4 * (XO_FLOATS + RED_FLOATS + ML_FLOATS + NQ) +
+                           8 * 2 * STAGES;
+static_assert(SMEM_BYTES == 224128, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
+static_assert((STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * P_EL) + 4 * (XO_FLOATS + RED_FLOATS + ML_FLOATS + NQ)) % 8 == 0,
+              "mbarriers are 8-byte aligned");
+
+constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;  // Q, K-major
+constexpr u32 P_LBO = NQ * 16, P_SBO = 128;  // P^T, MN-major
+constexpr u64 Q_KSTEP = (2 * Q_LBO) >> 4;    // descriptor step of 16 channels in Q
+constexpr u64 P_KSTEP = (2 * P_LBO) >> 4;    // ... of 16 keys in P^T
+
+__device__ __forceinline__ int q_offset(int row, int ch) { return (ch >> 3) * (NQ * 8) + (row >> 3) * 64 + (row & 7) * 8 + (ch & 7); }
+__device__ __forceinline__ int p_offset(int col, int key) { return ((key >> 3) * (NQ / 8) + (col >> 3)) * 64 + (key & 7) * 8 + (col & 7); }
+// the logical k (position in Q^T's reduction order) of channel p (see the header): NoPE block B = p / 128, lane quad
+// lc = p % 128 / 32, k-step i = p % 32 / 4 of the block; RoPE: quad (p - 512) / 16, k-step (p - 512) % 16 / 4
+__device__ __forceinline__ int q_logical(int p) {
+  int step, quad;
+  if (p < 512) step = 8 * (p >> 7) + ((p >> 2) & 7), quad = (p >> 5) & 3;
+  else step = 32 + (((p - 512) >> 2) & 3), quad = (p - 512) >> 4;
+  const int e = p & 3;
+  return 16 * step + 2 * quad + (e & 1) + 8 * (e >> 1);
+}
+// the logical k of key `key` of a tile in O^T's reduction (P^T's row): keys 16 kk + lc + 4 r -> 16 kk + 2 lc + r % 2
+// + 8 (r / 2)
+__device__ __forceinline__ int p_logical_key(int key) {
+  const int r = (key >> 2) & 3;
+  return (key & ~15) + 2 * (key & 3) + (r & 1) + 8 * (r >> 1);
+}
+// this thread's NCOL = 4 query columns: j -> column c2 + (j & 1) + 8 (j >> 1); S^T / O^T register i holds column jof(i)
+__device__ __forceinline__ int jof(int i) { return (i & 1) | ((i >> 2) << 1); }
+__device__ __forceinline__ int colof(int c2, int j) { return c2 + (j & 1) + 8 * (j >> 1); }
+__device__ __forceinline__ void wg_bar(int wg) {
+  if (wg) named_bar_sync(2, 128);
+  else named_bar_sync(1, 128);
+}
+
+// fp32 code * 2^-120 (e4m3_times_2m120) times a scale, rounded once as dequant8 does
+__device__ __forceinline__ float scaled(float f, float scale) {
+  return scale < 256.f ? mul_rn(f, mul_rn(scale, 0x1p120f)) : mul_rn(mul_rn(f, 0x1p120f), scale);
+}
+// the bf16x2 multiplier of a pair of scales with fp8_pow2_ok (low half: s0's)
+__device__ __forceinline__ u32 pair_mult(float s0, float s1) {
+  return (fp8_pow2_mult(s0) & 0xFFFFu) | (fp8_pow2_mult(s1) & 0xFFFF0000u);
+}
+// four e4m3 codes (word w) -> lo = bf16x2 of codes 0, 1, hi = codes 2, 3, dequantised exactly: codes 0 and 2 times
+// s0, 1 and 3 times s1. FAST (both scales fp8_pow2_ok): mult = pair_mult(s0, s1).
+template <bool FAST>
+__device__ __forceinline__ void dq4(u32 w, u32 mult, float s0, float s1, u32& lo, u32& hi) {
+  if constexpr (FAST) {
+    e4m3x4_to_bf16x4_2m120(w, lo, hi);
+    lo = bf16x2_mul(lo, mult);
+    hi = bf16x2_mul(hi, mult);
+  } else {
+    lo = pack2(scaled(e4m3_times_2m120<0>(w), s0), scaled(e4m3_times_2m120<1>(w), s1));
+    hi = pack2(scaled(e4m3_times_2m120<2>(w), s0), scaled(e4m3_times_2m120<3>(w), s1));
+  }
+}
+__device__ __forceinline__ u32 word(const uint4& v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
+
+// S^T A fragments of one 128-channel block: a = key kA0's 32 codes (8 words), b = kA0 + 8's, scales sa, sb
+template <bool FAST>
+__device__ __forceinline__ void st_frags(const uint4 (&a)[2], const uint4 (&b)[2], float sa, float sb, u32 (&f)[8][4]) {
+  const u32 ma = FAST ? pair_mult(sa, sa) : 0u, mb = FAST ? pair_mult(sb, sb) : 0u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    dq4<FAST>(word(a[i >> 2], i & 3), ma, sa, sa, f[i][0], f[i][2]);
+    dq4<FAST>(word(b[i >> 2], i & 3), mb, sb, sb, f[i][1], f[i][3]);
+  }
+}
+// V^T A fragments of one k-step: x[r] = this thread's 16 codes (its chunk) of key 16 kk + lc + 4 r, sv[r] its scale.
+// m-block mb: word mb / 2, bytes 2 (mb % 2), + 1 (rows lg, lg + 8) of keys r = 0, 1 (registers 0, 1) and 2, 3
+// (registers 2, 3): one prmt gathers [key r ch, key r' ch, key r ch + 1, key r' ch + 1].
+template <bool FAST>
+__device__ __forceinline__ void vt_frags(const uint4 (&x)[4], const float (&sv)[4], u32 (&f)[8][4]) {
+  const u32 m01 = FAST ? pair_mult(sv[0], sv[1]) : 0u, m23 = FAST ? pair_mult(sv[2], sv[3]) : 0u;
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb) {
+    const u32 sel = (mb & 1) ? 0x7362u : 0x5140u;
+    const u32 u01 = __byte_perm(word(x[0], mb >> 1), word(x[1], mb >> 1), sel);
+    const u32 u23 = __byte_perm(word(x[2], mb >> 1), word(x[3], mb >> 1), sel);
+    dq4<FAST>(u01, m01, sv[0], sv[1], f[mb][0], f[mb][1]);
+    dq4<FAST>(u23, m23, sv[2], sv[3], f[mb][2], f[mb][3]);
+  }
+}
+__device__ __forceinline__ uint4 lds128(const unsigned char* p) { return *reinterpret_cast<const uint4*>(p); }
+}  // namespace f8r
+
+extern "C" __global__ void __launch_bounds__(f8r::NTHREADS, 1)
+mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k_cache_v,
+                    const int* __restrict__ block_table, int bt_stride, const int* __restrict__ seqlens,
+                    const int* __restrict__ sched, const int* __restrict__ num_splits, float* __restrict__ o_part,
+                    float* __restrict__ lse_part, mla_elem_t* __restrict__ out, float* __restrict__ lse_out, int s_q,
+                    int h_q, int h_kv, int page, float scale_log2, int causal, int force_partials) {
+#if MLA_HAS_WGMMA
+  using namespace f8r;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sStage = smem_raw;                                                    // [STAGES][64 rows][656 B]
+  mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw + STAGES * STAGE_BYTES);    // [Q_EL]
+  mla_elem_t* sP = sQ + Q_EL;                                                          // [2][P_EL]: warpgroup w's P^T
+  float* sXO = reinterpret_cast<float*>(sP + 2 * P_EL);                                // [2][4][8][128]
+  float* sRed = sXO + XO_FLOATS;                                                       // [2][4][NQ]
+  float* sML = sRed + RED_FLOATS;                                                      // [2][2][NQ]
+  int* sLim = reinterpret_cast<int*>(sML + ML_FLOATS);                                 // [NQ]: a column's last key
+  const u32 bars = smem_u32(sLim + NQ);  // full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // warpgroup (from lane 0: ptxas then sees a warp-uniform value and keeps the wgmma unserialised), warp in it
+  const int wg = __shfl_sync(0xffffffff, tid >> 7, 0), t = tid & 127, wq = warp & 3;
+  const int g = blockIdx.y, qt = blockIdx.z;
+  const int group = h_q / h_kv, M = s_q * group;
+  const int lg = lane >> 2, lc = lane & 3, c2 = 2 * lc;
+  const int kA0 = 16 * wq + lg;                         // S^T rows (keys) kA0, kA0 + 8
+  const int chunk = 8 * wq + (lg >> 1) + 4 * (lg & 1);  // V^T: channels 16 chunk .. 16 chunk + 15 (block wq)
+  const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
+  const u32 stage_addr = smem_u32(sStage), sQ_addr = smem_u32(sQ), myP_addr = smem_u32(sP) + wg * P_EL * 2;
+  mla_elem_t* myP = sP + wg * P_EL;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bars + 8 * s, 1);                  // full: the issuing lane's arrive.expect_tx + the bytes
+      mbar_init(bars + 8 * (STAGES + s), 128);     // empty: every thread of the owning warpgroup
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  const MlaWork work = mla_work(sched, blockIdx.x);
+  int base = 0;  // tiles of this CTA before the piece: tile tt of the piece is the CTA's tile G = base + tt
+  for (int i = work.begin_b; i <= work.end_b; ++i) {
+    const int L = seqlens[i];
+    const MlaPiece pc = mla_piece(work, num_splits, i, L);
+    const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
+    int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
+    if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
+    const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
+    if (tid < NQ) {  // read after the barrier below; free again after the piece's last
+      const int m = qt * NQ + tid;
+      sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
+    }
+    // the token row of row `row` of piece tile `tt` (-1 past the piece); the valid rows of tile tt
+    auto tok_of = [&](int tt, int row) {
+      const int pos = start + tt * BLOCK_N + row;
+      return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] * page + pos % page : -1;
+    };
+    auto n_valid = [&](int tt) { return min(BLOCK_N, stop_eff - start - tt * BLOCK_N); };
+    // (warp 0 of a warpgroup) tile tt's rows -> stage (base + tt) % 4; lane l copies rows l (token tk0), l + 32 (tk1)
+    auto issue = [&](int tt, int tk0, int tk1) {
+      const int s = (base + tt) & (STAGES - 1);
+      const u32 full = bars + 8 * s, dst = stage_addr + s * STAGE_BYTES;
+      if (lane == 0) mbar_arrive_expect_tx(full, n_valid(tt) * ROW);
+      __syncwarp();
+      if (tk0 >= 0) bulk_load(dst + lane * ROW, kc8 + ((long long)tk0 * h_kv + g) * ROW, ROW, full);
+      if (tk1 >= 0) bulk_load(dst + (lane + 32) * ROW, kc8 + ((long long)tk1 * h_kv + g) * ROW, ROW, full);
+    };
+
+    float o[8][8];
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) o[mb][k] = 0.f;
+    float m_run[4], l_part[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
+
+    if (n_tiles > 0) {
+      // the piece's first tiles (their stages' last use ended before the previous piece's last barrier)
+      if (wq == 0) {
+        for (int tt = 0; tt < min(STAGES, n_tiles); ++tt)
+          if (((base + tt) & 1) == wg) issue(tt, tok_of(tt, lane), tok_of(tt, lane + 32));
+      }
+      // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; channels in q_logical order
+      for (int x = tid; x < NQ * D / 2; x += NTHREADS) {
+        const int r = x / (D / 2), p = 2 * (x % (D / 2)), m = qt * NQ + r;
+        u32 v = 0;
+        if (m < M)
+          v = *reinterpret_cast<const u32*>(q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + p);
+        *reinterpret_cast<u32*>(sQ + q_offset(r, q_logical(p))) = v;
+      }
+      fence_proxy_async();  // Q -> the tensor cores' (async proxy) reads
+    }
+    __syncthreads();  // Q and sLim in place
+
+    const u64 dq = wg_desc(sQ_addr, Q_LBO, Q_SBO), dp = wg_desc(myP_addr, P_LBO, P_SBO);
+    for (int tt = (wg ^ base) & 1; tt < n_tiles; tt += 2) {
+      const int G = base + tt, s = G & (STAGES - 1);
+      const u32 par = (G >> 2) & 1, full = bars + 8 * s, empty = bars + 8 * (STAGES + s);
+      const bool refill = tt + STAGES < n_tiles;
+      int tk0 = -1, tk1 = -1;
+      if (wq == 0 && refill) tk0 = tok_of(tt + STAGES, lane), tk1 = tok_of(tt + STAGES, lane + 32);
+      const int nv = n_valid(tt);
+      const unsigned char* st = sStage + s * STAGE_BYTES;
+      mbar_wait(full, par);
+
+      // ---- S^T = K Q^T: 4 code blocks of 8 k-steps, then the RoPE channels' 4
+      float sacc[8];
+      {
+        const unsigned char* ra = st + kA0 * ROW + 32 * lc;
+        const unsigned char* rb = ra + 8 * ROW;
+        const float4 sca = *reinterpret_cast<const float4*>(st + kA0 * ROW + FP8_SCALES_AT);
+        const float4 scb = *reinterpret_cast<const float4*>(st + (kA0 + 8) * ROW + FP8_SCALES_AT);
+        const bool ok = fp8_pow2_ok(sca.x) && fp8_pow2_ok(sca.y) && fp8_pow2_ok(sca.z) && fp8_pow2_ok(sca.w) &&
+                        fp8_pow2_ok(scb.x) && fp8_pow2_ok(scb.y) && fp8_pow2_ok(scb.z) && fp8_pow2_ok(scb.w);
+        const bool fast = __all_sync(0xffffffff, ok);
+        u32 f[2][8][4];
+#pragma unroll
+        for (int B = 0; B < 5; ++B) {
+          const int at = B < 4 ? 128 * B : FP8_ROPE_AT;  // this quad's 32 bytes of block B / of the RoPE channels
+          const uint4 a[2] = {lds128(ra + at), lds128(ra + at + 16)};
+          const uint4 b[2] = {lds128(rb + at), lds128(rb + at + 16)};
+          if (B >= 2) wg_wait<1>();  // the batch that read f[B % 2] is done
+          u32 (&fb)[8][4] = f[B & 1];
+          if (B < 4) {
+            const float sa = B == 0 ? sca.x : B == 1 ? sca.y : B == 2 ? sca.z : sca.w;
+            const float sb = B == 0 ? scb.x : B == 1 ? scb.y : B == 2 ? scb.z : scb.w;
+            if (fast) st_frags<true>(a, b, sa, sb, fb);
+            else st_frags<false>(a, b, sa, sb, fb);
+          } else {  // RoPE (bf16): k-step i' takes words 2 i' (k 2 lc, + 1) and 2 i' + 1 (k 2 lc + 8, + 9)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              fb[k][0] = word(a[k >> 1], 2 * (k & 1));
+              fb[k][2] = word(a[k >> 1], 2 * (k & 1) + 1);
+              fb[k][1] = word(b[k >> 1], 2 * (k & 1));
+              fb[k][3] = word(b[k >> 1], 2 * (k & 1) + 1);
+            }
+          }
+          if (B == 0) wg_fence_operands(sacc);
+          wg_fence();
+#pragma unroll
+          for (int k = 0; k < (B < 4 ? 8 : 4); ++k)
+            wg_mma_m64n16k16_rs(sacc, fb[k][0], fb[k][1], fb[k][2], fb[k][3], dq + (8 * B + k) * Q_KSTEP,
+                                (B | k) != 0);
+          wg_commit();
+        }
+        wg_wait<0>();
+        wg_fence_operands(sacc);
+      }
+
+      // ---- scale to base 2, mask, column max over the tile's 64 keys (a query row is a column of S^T)
+      const int pos0 = start + tt * BLOCK_N + kA0;
+      float mx[4];
+      int lim[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mx[j] = MLA_NEG_INF, lim[j] = sLim[colof(c2, j)];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int j = jof(k);
+        const float v = pos0 + 8 * ((k >> 1) & 1) <= lim[j] ? sacc[k] * scale_log2 : MLA_NEG_INF;
+        sacc[k] = v;
+        mx[j] = fmaxf(mx[j], v);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // the 8 lanes with the same lane % 4 hold the same columns
+        mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 4));
+        mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 8));
+        mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffff, mx[j], 16));
+      }
+      if (lane < 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = mx[j];
+      }
+      wg_bar(wg);
+      float mu[4], alpha[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = colof(c2, j);
+        float tmax = sRed[(wg * 4) * NQ + col];
+#pragma unroll
+        for (int w = 1; w < 4; ++w) tmax = fmaxf(tmax, sRed[(wg * 4 + w) * NQ + col]);
+        const float mn = fmaxf(m_run[j], tmax);
+        mu[j] = mn == MLA_NEG_INF ? 0.f : mn;  // a column with no key yet: 2^(-inf - 0) = 0
+        alpha[j] = fast_exp2(m_run[j] - mu[j]);
+        m_run[j] = mn;
+        l_part[j] *= alpha[j];
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        sacc[k] = fast_exp2(sacc[k] - mu[jof(k)]);
+        l_part[jof(k)] += sacc[k];
+      }
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[mb][k] *= alpha[jof(k)];
+      // P^T (bf16, rounded once) -> this warpgroup's buffer at the keys' logical positions; columns c2, c2 + 1 adjacent
+#pragma unroll
+      for (int k = 0; k < 8; k += 2) {
+        const int key = kA0 + 8 * ((k >> 1) & 1), col = c2 + 8 * (k >> 2);
+        *reinterpret_cast<u32*>(myP + p_offset(col, p_logical_key(key))) = pack2(sacc[k], sacc[k + 1]);
+      }
+      fence_proxy_async();
+      wg_bar(wg);  // P^T complete (and everyone has read the column maxima)
+
+      // ---- O^T += V^T P^T: 4 k-steps of 8 m-blocks
+      {
+        const unsigned char* vb = st + 16 * chunk;
+        u32 f[2][8][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          uint4 x[4];
+          float sv[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int key = 16 * kk + lc + 4 * r;
+            if (key < nv) {
+              x[r] = lds128(vb + key * ROW);
+              sv[r] = *reinterpret_cast<const float*>(st + key * ROW + FP8_SCALES_AT + 4 * wq);
+            } else {  // never copied: codes 0, scale 1 (P is 0 there; stale bytes could be NaN)
+              x[r] = make_uint4(0u, 0u, 0u, 0u);
+              sv[r] = 1.f;
+            }
+          }
+          const bool fast = __all_sync(0xffffffff, fp8_pow2_ok(sv[0]) && fp8_pow2_ok(sv[1]) && fp8_pow2_ok(sv[2]) &&
+                                                       fp8_pow2_ok(sv[3]));
+          if (kk >= 2) wg_wait<1>();  // the batch that read f[kk % 2] is done
+          u32 (&fb)[8][4] = f[kk & 1];
+          if (fast) vt_frags<true>(x, sv, fb);
+          else vt_frags<false>(x, sv, fb);
+          if (kk == 3) mbar_arrive(empty);  // this thread's last read of the stage
+          if (kk == 0) {
+#pragma unroll
+            for (int mb = 0; mb < 8; ++mb) wg_fence_operands(o[mb]);
+          }
+          wg_fence();
+#pragma unroll
+          for (int mb = 0; mb < 8; ++mb)
+            wg_mma_m64n16k16_rs_t(o[mb], fb[mb][0], fb[mb][1], fb[mb][2], fb[mb][3], dp + kk * P_KSTEP);
+          wg_commit();
+        }
+      }
+      if (wq == 0 && refill) {  // the stage is free once all 128 threads have arrived: tile tt + 4 into it
+        mbar_wait(empty, par);
+        issue(tt + STAGES, tk0, tk1);
+      }
+      wg_wait<0>();
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb) wg_fence_operands(o[mb]);
+    }
+
+    // ---- finish the piece: l of each warpgroup (sum over its threads), then the two warpgroups' (m, l, O) merged:
+    // warpgroup w finishes m-blocks 4 w .. 4 w + 3 (channels 16 chunk + 8 w .. + 7 of each thread's chunk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 4);
+      l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 8);
+      l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 16);
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = l_part[j];
+    }
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb)  // the other warpgroup's m-blocks of this thread's O^T
+      if ((mb >> 2) != wg) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sXO[((wg * 4 + (mb & 3)) * 8 + k) * 128 + t] = o[mb][k];
+      }
+    wg_bar(wg);
+    if (wq == 0 && lane < 4) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = colof(c2, j);
+        sML[(wg * 2) * NQ + col] = m_run[j];
+        sML[(wg * 2 + 1) * NQ + col] =
+            sRed[(wg * 4) * NQ + col] + sRed[(wg * 4 + 1) * NQ + col] + sRed[(wg * 4 + 2) * NQ + col] +
+            sRed[(wg * 4 + 3) * NQ + col];
+      }
+    }
+    __syncthreads();
+    const bool direct = nsplit == 1 && !force_partials;
+    const int p = lo + split;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = colof(c2, j), m = qt * NQ + col;
+      const float m0 = sML[col], l0 = sML[NQ + col], m1 = sML[2 * NQ + col], l1 = sML[3 * NQ + col];
+      const float mxx = fmaxf(m0, m1), mu = mxx == MLA_NEG_INF ? 0.f : mxx;
+      const float e0 = fast_exp2(m0 - mu), e1 = fast_exp2(m1 - mu);
+      const float l = l0 * e0 + l1 * e1;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float e_self = (wg ? e1 : e0) * inv, e_other = (wg ? e0 : e1) * inv;
+      if (m >= M) continue;
+      int r = 0, h = 0;
+      const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
+      if (wg == 0 && wq == 0 && lane < 4)
+        mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, mla_row_lse(mxx, l));
+      float v[8];  // channels 16 chunk + 8 wg + e, e = 2 (mb % 4) + half
+      const int k0 = (j & 1) + 4 * (j >> 1);  // the register of column j, row lg (k0 + 2: row lg + 8)
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb)
+        if ((mb >> 2) == wg) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int k = k0 + 2 * half;
+            v[2 * (mb & 3) + half] =
+                o[mb][k] * e_self + sXO[(((1 - wg) * 4 + (mb & 3)) * 8 + k) * 128 + t] * e_other;
+          }
+        }
+      const long long at = orow + 16 * chunk + 8 * wg;
+      if (direct) {
+        *reinterpret_cast<uint4*>(out + at) =
+            make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+      } else {
+        *reinterpret_cast<float4*>(o_part + at) = make_float4(v[0], v[1], v[2], v[3]);
+        *reinterpret_cast<float4*>(o_part + at + 4) = make_float4(v[4], v[5], v[6], v[7]);
+      }
+    }
+    __syncthreads();  // sXO, sML, sRed, sQ and the stages are free for the next piece
+    base += n_tiles;
+  }
+#else
+  __trap();  // built for a target without wgmma (sm_90a only): never launched there
+#endif
+}
