@@ -455,6 +455,17 @@ regs)  # issue #5 (2026-11-27, tenth session): the FP8 register kernel (kernels/
   r 90 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
   t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   ;;
+regsncu)  # issue #5 (tenth session): why the FP8 register kernel is slower than predicted (0.416 ms, not ~0.27): its time
+  # with the keys L2-resident (no DRAM), Nsight Compute's stall reasons a SASS instruction, racecheck after the merge fix
+  r 60 bench_resident python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --resident 64
+  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  r 150 ncu_regs_details env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  t 100 t_sanitizers tests/test_cupy_fp8_sparse_gpu.py -k "sanitizer or dense_matrix"
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

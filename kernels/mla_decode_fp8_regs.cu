@@ -64,7 +64,7 @@ constexpr int STAGE_BYTES = BLOCK_N * ROW;  // 41984
 constexpr int Q_EL = NQ * D, P_EL = NQ * BLOCK_N;
 constexpr int XO_FLOATS = 2 * 4 * 8 * 128;  // [from warpgroup][m-block 4][register 8][thread]
 constexpr int RED_FLOATS = 2 * 4 * NQ;      // [warpgroup][warp][col]
-constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][m, l][col]
+constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][col]: m (and as many floats spare)
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * P_EL) + 4 * (XO_FLOATS + RED_FLOATS + ML_FLOATS + NQ) +
                            8 * 2 * STAGES;
 static_assert(SMEM_BYTES == 224128, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
@@ -166,7 +166,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
   mla_elem_t* sP = sQ + Q_EL;                                                          // [2][P_EL]: warpgroup w's P^T
   float* sXO = reinterpret_cast<float*>(sP + 2 * P_EL);                                // [2][4][8][128]
   float* sRed = sXO + XO_FLOATS;                                                       // [2][4][NQ]
-  float* sML = sRed + RED_FLOATS;                                                      // [2][2][NQ]
+  float* sML = sRed + RED_FLOATS;                                                      // [2][NQ] (m)
   int* sLim = reinterpret_cast<int*>(sML + ML_FLOATS);                                 // [NQ]: a column's last key
   const u32 bars = smem_u32(sLim + NQ);  // full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
 
@@ -404,8 +404,11 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       for (int mb = 0; mb < 8; ++mb) wg_fence_operands(o[mb]);
     }
 
-    // ---- finish the piece: l of each warpgroup (sum over its threads), then the two warpgroups' (m, l, O) merged:
-    // warpgroup w finishes m-blocks 4 w .. 4 w + 3 (channels 16 chunk + 8 w .. + 7 of each thread's chunk)
+    // ---- finish the piece: the two warpgroups' (m, l, O) merged through shared memory. Each writes its per-warp l
+    // sums, its m and the other warpgroup's m-blocks of its O^T, then its named barrier, then the CTA's: every write
+    // precedes a named barrier, so racecheck sees the CTA barrier order them (a write right after a one-warpgroup
+    // named barrier and read after a CTA barrier is reported as a race: benchmarks/racecheck_mbarrier_probe.py).
+    // Warpgroup w finishes m-blocks 4 w .. 4 w + 3 (channels 16 chunk + 8 w .. + 7 of each thread's chunk).
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 4);
@@ -414,7 +417,10 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
     }
     if (lane < 4) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = l_part[j];
+      for (int j = 0; j < 4; ++j) {
+        sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = l_part[j];
+        if (wq == 0) sML[wg * NQ + colof(c2, j)] = m_run[j];
+      }
     }
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb)  // the other warpgroup's m-blocks of this thread's O^T
@@ -423,23 +429,15 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
         for (int k = 0; k < 8; ++k) sXO[((wg * 4 + (mb & 3)) * 8 + k) * 128 + t] = o[mb][k];
       }
     wg_bar(wg);
-    if (wq == 0 && lane < 4) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = colof(c2, j);
-        sML[(wg * 2) * NQ + col] = m_run[j];
-        sML[(wg * 2 + 1) * NQ + col] =
-            sRed[(wg * 4) * NQ + col] + sRed[(wg * 4 + 1) * NQ + col] + sRed[(wg * 4 + 2) * NQ + col] +
-            sRed[(wg * 4 + 3) * NQ + col];
-      }
-    }
     __syncthreads();
     const bool direct = nsplit == 1 && !force_partials;
     const int p = lo + split;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int col = colof(c2, j), m = qt * NQ + col;
-      const float m0 = sML[col], l0 = sML[NQ + col], m1 = sML[2 * NQ + col], l1 = sML[3 * NQ + col];
+      const float m0 = sML[col], m1 = sML[NQ + col];
+      const float l0 = sRed[col] + sRed[NQ + col] + sRed[2 * NQ + col] + sRed[3 * NQ + col];
+      const float l1 = sRed[4 * NQ + col] + sRed[5 * NQ + col] + sRed[6 * NQ + col] + sRed[7 * NQ + col];
       const float mxx = fmaxf(m0, m1), mu = mxx == MLA_NEG_INF ? 0.f : mxx;
       const float e0 = fast_exp2(m0 - mu), e1 = fast_exp2(m1 - mu);
       const float l = l0 * e0 + l1 * e1;
