@@ -9,8 +9,9 @@
 // Why a second FP8 kernel: the narrow kernel's FP8 build dequantises every tile into a bf16 shared-memory tile
 // (73.7 KB written, then read twice by wgmma) and its two warpgroups work on one tile in lock-step. Here the codes
 // never become a bf16 tile:
-//   1. raw 656-byte token rows land in shared memory by 1-D bulk copies (cp.async.bulk, one per row, any page size
-//      or h_kv) on mbarriers, 4 stages of 64 rows (167936 B) -- up to 4 tiles in flight a CTA;
+//   1. raw 656-byte token rows land in shared memory by 1-D bulk copies (cp.async.bulk) on mbarriers, one copy per run
+//      of rows contiguous in the cache (a page's rows when h_kv = 1, else a row; any page size), 4 stages of 64 rows
+//      (167936 B) -- up to 4 tiles in flight a CTA;
 //   2. each thread reads the codes it needs with 16-byte shared loads and dequantises them straight into wgmma's
 //      A fragments in registers (the same exact prmt / shift / bf16x2-multiply path as the narrow kernel,
 //      mla_fp8.cuh), so wgmma takes A from registers ("rs") and only the small B operands (Q, P^T) from shared
@@ -205,20 +206,36 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       const int m = qt * NQ + tid;
       sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
     }
-    // the token row of row `row` of piece tile `tt` (-1 past the piece); the valid rows of tile tt
-    auto tok_of = [&](int tt, int row) {
-      const int pos = start + tt * BLOCK_N + row;
-      return pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] * page + pos % page : -1;
-    };
     auto n_valid = [&](int tt) { return min(BLOCK_N, stop_eff - start - tt * BLOCK_N); };
-    // (warp 0 of a warpgroup) tile tt's rows -> stage (base + tt) % 4; lane l copies rows l (token tk0), l + 32 (tk1)
-    auto issue = [&](int tt, int tk0, int tk1) {
+    // Copies of piece tile tt: runs of rows contiguous in the cache. With h_kv = 1 a page's rows are contiguous, so
+    // run r is the part of the tile in its r-th page (one run for a 64-key tile inside a page of 64 or more); with
+    // h_kv > 1 run r is row r. run(): the run's first token row (tok), its first row in the tile (row) and its
+    // length in rows (0: no such run). Bulk-copy operands live in uniform registers, so a warp issues its lanes'
+    // copies one lane at a time (the first version copied row by row: 64 serialised copies a tile on warp 0, which
+    // the other warps waited for at the tile's first wgmma -- 27% of the stall samples, H100, 2026-11-27).
+    struct Run {
+      int tok, row, len;
+    };
+    auto run = [&](int tt, int r) {
+      const int p0 = start + tt * BLOCK_N, p1 = p0 + n_valid(tt);
+      Run x{0, 0, 0};
+      if (h_kv == 1) {
+        const int pg = p0 / page + r, a = max(p0, pg * page), e = min(p1, (pg + 1) * page);
+        if (a < e) x = Run{block_table[(long long)i * bt_stride + pg] * page + (a - pg * page), a - p0, e - a};
+      } else if (p0 + r < p1) {
+        const int a = p0 + r;
+        x = Run{block_table[(long long)i * bt_stride + a / page] * page + a % page, r, 1};
+      }
+      return x;
+    };
+    // (warp 0 of a warpgroup) tile tt -> stage (base + tt) % 4; lane l issues runs l (ra) and l + 32 (rb)
+    auto issue = [&](int tt, const Run& ra, const Run& rb) {
       const int s = (base + tt) & (STAGES - 1);
       const u32 full = bars + 8 * s, dst = stage_addr + s * STAGE_BYTES;
       if (lane == 0) mbar_arrive_expect_tx(full, n_valid(tt) * ROW);
       __syncwarp();
-      if (tk0 >= 0) bulk_load(dst + lane * ROW, kc8 + ((long long)tk0 * h_kv + g) * ROW, ROW, full);
-      if (tk1 >= 0) bulk_load(dst + (lane + 32) * ROW, kc8 + ((long long)tk1 * h_kv + g) * ROW, ROW, full);
+      if (ra.len > 0) bulk_load(dst + ra.row * ROW, kc8 + ((long long)ra.tok * h_kv + g) * ROW, ra.len * ROW, full);
+      if (rb.len > 0) bulk_load(dst + rb.row * ROW, kc8 + ((long long)rb.tok * h_kv + g) * ROW, rb.len * ROW, full);
     };
 
     float o[8][8];
@@ -234,7 +251,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       // the piece's first tiles (their stages' last use ended before the previous piece's last barrier)
       if (wq == 0) {
         for (int tt = 0; tt < min(STAGES, n_tiles); ++tt)
-          if (((base + tt) & 1) == wg) issue(tt, tok_of(tt, lane), tok_of(tt, lane + 32));
+          if (((base + tt) & 1) == wg) issue(tt, run(tt, lane), run(tt, lane + 32));
       }
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; channels in q_logical order
       for (int x = tid; x < NQ * D / 2; x += NTHREADS) {
@@ -253,8 +270,8 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       const int G = base + tt, s = G & (STAGES - 1);
       const u32 par = (G >> 2) & 1, full = bars + 8 * s, empty = bars + 8 * (STAGES + s);
       const bool refill = tt + STAGES < n_tiles;
-      int tk0 = -1, tk1 = -1;
-      if (wq == 0 && refill) tk0 = tok_of(tt + STAGES, lane), tk1 = tok_of(tt + STAGES, lane + 32);
+      Run ra{0, 0, 0}, rb{0, 0, 0};  // the runs of tile tt + 4 (warp 0), issued at the end of this tile
+      if (wq == 0 && refill) ra = run(tt + STAGES, lane), rb = run(tt + STAGES, lane + 32);
       const int nv = n_valid(tt);
       const unsigned char* st = sStage + s * STAGE_BYTES;
       mbar_wait(full, par);
@@ -397,7 +414,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       }
       if (wq == 0 && refill) {  // the stage is free once all 128 threads have arrived: tile tt + 4 into it
         mbar_wait(empty, par);
-        issue(tt + STAGES, tk0, tk1);
+        issue(tt + STAGES, ra, rb);
       }
       wg_wait<0>();
 #pragma unroll
