@@ -63,14 +63,17 @@ constexpr int D = 576, DV = 512, NQ = 16, BLOCK_N = 64, NTHREADS = 256, STAGES =
 constexpr int ROW = FP8_BYTES;              // one token: 656 bytes
 constexpr int STAGE_BYTES = BLOCK_N * ROW;  // 41984
 constexpr int Q_EL = NQ * D, P_EL = NQ * BLOCK_N;
-constexpr int XO_FLOATS = 2 * 4 * 8 * 128;  // [from warpgroup][m-block 4][register 8][thread]
+constexpr int XO_FLOATS = 4 * 8 * 128;      // the merge: [m-block 4][register 8][thread], in the warpgroup's stage
 constexpr int RED_FLOATS = 2 * 4 * NQ;      // [warpgroup][warp][col]
 constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][col]: m (and as many floats spare)
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * P_EL) + 4 * (XO_FLOATS + RED_FLOATS + ML_FLOATS + NQ) +
+constexpr int NPT = 4;                      // P^T copies a warpgroup: times each 128-channel block's scales
+constexpr float P_BIAS = 0x1p112f, O_UNBIAS = 0x1p8f;  // V^T codes * 2^-120, P^T * scale * 2^112: O * 2^-8
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * NPT * P_EL) + 4 * (RED_FLOATS + ML_FLOATS + NQ) +
                            8 * 2 * STAGES;
-static_assert(SMEM_BYTES == 224128, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
-static_assert((STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * P_EL) + 4 * (XO_FLOATS + RED_FLOATS + ML_FLOATS + NQ)) % 8 == 0,
+static_assert(SMEM_BYTES == 203648, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
+static_assert((STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * NPT * P_EL) + 4 * (RED_FLOATS + ML_FLOATS + NQ)) % 8 == 0,
               "mbarriers are 8-byte aligned");
+static_assert(4 * XO_FLOATS <= STAGE_BYTES, "the merge's exchange fits a stage");
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;  // Q, K-major
 constexpr u32 P_LBO = NQ * 16, P_SBO = 128;  // P^T, MN-major
@@ -88,18 +91,19 @@ __device__ __forceinline__ int q_logical(int p) {
   const int e = p & 3;
   return 16 * step + 2 * quad + (e & 1) + 8 * (e >> 1);
 }
-// the logical k of key `key` of a tile in O^T's reduction (P^T's row): keys 16 kk + lc + 4 r -> 16 kk + 2 lc + r % 2
-// + 8 (r / 2)
-__device__ __forceinline__ int p_logical_key(int key) {
-  const int r = (key >> 2) & 3;
-  return (key & ~15) + 2 * (key & 3) + (r & 1) + 8 * (r >> 1);
-}
 // this thread's NCOL = 4 query columns: j -> column c2 + (j & 1) + 8 (j >> 1); S^T / O^T register i holds column jof(i)
 __device__ __forceinline__ int jof(int i) { return (i & 1) | ((i >> 2) << 1); }
 __device__ __forceinline__ int colof(int c2, int j) { return c2 + (j & 1) + 8 * (j >> 1); }
 __device__ __forceinline__ void wg_bar(int wg) {
   if (wg) named_bar_sync(2, 128);
   else named_bar_sync(1, 128);
+}
+// wg_bar that also ORs pred over the warpgroup
+__device__ __forceinline__ bool wg_bar_or(int wg, bool pred) { return named_bar_red_or(wg ? 2 : 1, 128, pred); }
+// V^T's fast path takes scale s when s * 2^112 is a finite bf16 and s * 2^-8 no flush risk: 0 or 2^-100 <= |s| < 2^15
+__device__ __forceinline__ bool vt_scale_ok(float s) {
+  const float a = fabsf(s);
+  return a == 0.f || (a >= 0x1p-100f && a < 0x1p15f);
 }
 
 // fp32 code * 2^-120 (e4m3_times_2m120) times a scale, rounded once as dequant8 does
@@ -123,6 +127,11 @@ __device__ __forceinline__ void dq4(u32 w, u32 mult, float s0, float s1, u32& lo
     hi = pack2(scaled(e4m3_times_2m120<2>(w), s0), scaled(e4m3_times_2m120<3>(w), s1));
   }
 }
+// code byte j of w as fp32 = its value * 2^-120 (e4m3_times_2m120 with a run-time byte)
+__device__ __forceinline__ float e4m3_byte_2m120(u32 w, int j) {
+  const int x = static_cast<int>(w << (24 - 8 * j));
+  return __uint_as_float(static_cast<u32>(x >> 4) & 0x87F00000u);
+}
 __device__ __forceinline__ u32 word(const uint4& v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
 
 // S^T A fragments of one 128-channel block: a = key kA0's 32 codes (8 words), b = kA0 + 8's, scales sa, sb
@@ -135,19 +144,25 @@ __device__ __forceinline__ void st_frags(const uint4 (&a)[2], const uint4 (&b)[2
     dq4<FAST>(word(b[i >> 2], i & 3), mb, sb, sb, f[i][1], f[i][3]);
   }
 }
-// V^T A fragments of one k-step: x[r] = this thread's 16 codes (its chunk) of key 16 kk + lc + 4 r, sv[r] its scale.
-// m-block mb: word mb / 2, bytes 2 (mb % 2), + 1 (rows lg, lg + 8) of keys r = 0, 1 (registers 0, 1) and 2, 3
-// (registers 2, 3): one prmt gathers [key r ch, key r' ch, key r ch + 1, key r' ch + 1].
+// V^T A fragments of one k-step: w[r][B] = this thread's 4 codes (channels 128 B + 32 wq + 4 lg .. + 3) of key
+// 16 kk + 2 lc + r % 2 + 8 (r / 2) (r = 0..3: logical k 2 lc, 2 lc + 1, 2 lc + 8, 2 lc + 9). m-block mb covers block
+// B = mb / 2; its rows lg, lg + 8 are channels j0 = 2 (mb % 2) and j0 + 1 of the 4. FAST: codes * 2^-120 (no scale:
+// P^T carries it); else codes * scale * 2^-8 (sv[r][B]; exact products, rounded once), the same scale of O.
 template <bool FAST>
-__device__ __forceinline__ void vt_frags(const uint4 (&x)[4], const float (&sv)[4], u32 (&f)[8][4]) {
-  const u32 m01 = FAST ? pair_mult(sv[0], sv[1]) : 0u, m23 = FAST ? pair_mult(sv[2], sv[3]) : 0u;
+__device__ __forceinline__ void vt_frags(const u32 (&w)[4][4], const float (&sv)[4][4], u32 (&f)[8][4]) {
 #pragma unroll
   for (int mb = 0; mb < 8; ++mb) {
-    const u32 sel = (mb & 1) ? 0x7362u : 0x5140u;
-    const u32 u01 = __byte_perm(word(x[0], mb >> 1), word(x[1], mb >> 1), sel);
-    const u32 u23 = __byte_perm(word(x[2], mb >> 1), word(x[3], mb >> 1), sel);
-    dq4<FAST>(u01, m01, sv[0], sv[1], f[mb][0], f[mb][1]);
-    dq4<FAST>(u23, m23, sv[2], sv[3], f[mb][2], f[mb][3]);
+    const int B = mb >> 1, j0 = 2 * (mb & 1);
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const int j = j0 + (reg & 1), r0 = 2 * (reg >> 1);
+      if constexpr (FAST) {
+        f[mb][reg] = e4m3_pair_to_bf16x2_2m120(w[r0][B], w[r0 + 1][B], fp8_pair_sel(j));
+      } else {
+        const float c0 = mul_rn(e4m3_byte_2m120(w[r0][B], j), P_BIAS), c1 = mul_rn(e4m3_byte_2m120(w[r0 + 1][B], j), P_BIAS);
+        f[mb][reg] = pack2(mul_rn(c0, sv[r0][B]), mul_rn(c1, sv[r0 + 1][B]));
+      }
+    }
   }
 }
 __device__ __forceinline__ uint4 lds128(const unsigned char* p) { return *reinterpret_cast<const uint4*>(p); }
@@ -164,9 +179,8 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* sStage = smem_raw;                                                    // [STAGES][64 rows][656 B]
   mla_elem_t* sQ = reinterpret_cast<mla_elem_t*>(smem_raw + STAGES * STAGE_BYTES);    // [Q_EL]
-  mla_elem_t* sP = sQ + Q_EL;                                                          // [2][P_EL]: warpgroup w's P^T
-  float* sXO = reinterpret_cast<float*>(sP + 2 * P_EL);                                // [2][4][8][128]
-  float* sRed = sXO + XO_FLOATS;                                                       // [2][4][NQ]
+  mla_elem_t* sP = sQ + Q_EL;                                                          // [2][NPT][P_EL]: warpgroup w's
+  float* sRed = reinterpret_cast<float*>(sP + 2 * NPT * P_EL);                         // [2][4][NQ]
   float* sML = sRed + RED_FLOATS;                                                      // [2][NQ] (m)
   int* sLim = reinterpret_cast<int*>(sML + ML_FLOATS);                                 // [NQ]: a column's last key
   const u32 bars = smem_u32(sLim + NQ);  // full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
@@ -178,10 +192,10 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
   const int group = h_q / h_kv, M = s_q * group;
   const int lg = lane >> 2, lc = lane & 3, c2 = 2 * lc;
   const int kA0 = 16 * wq + lg;                         // S^T rows (keys) kA0, kA0 + 8
-  const int chunk = 8 * wq + (lg >> 1) + 4 * (lg & 1);  // V^T: channels 16 chunk .. 16 chunk + 15 (block wq)
+  const int vch = 32 * wq + 4 * lg;                     // V^T: channels 128 B + vch .. + 3 of each block B
   const unsigned char* kc8 = static_cast<const unsigned char*>(k_cache_v);
-  const u32 stage_addr = smem_u32(sStage), sQ_addr = smem_u32(sQ), myP_addr = smem_u32(sP) + wg * P_EL * 2;
-  mla_elem_t* myP = sP + wg * P_EL;
+  const u32 stage_addr = smem_u32(sStage), sQ_addr = smem_u32(sQ), myP_addr = smem_u32(sP) + wg * NPT * P_EL * 2;
+  mla_elem_t* myP = sP + wg * NPT * P_EL;
 
   if (tid == 0) {
 #pragma unroll
@@ -254,13 +268,15 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
           if (((base + tt) & 1) == wg) issue(tt, run(tt, lane), run(tt, lane + 32));
       }
       // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; channels in q_logical order
+      // (4-byte cp.async: the copies overlap; loads into registers waited for each other, 5% of the stall samples)
       for (int x = tid; x < NQ * D / 2; x += NTHREADS) {
         const int r = x / (D / 2), p = 2 * (x % (D / 2)), m = qt * NQ + r;
-        u32 v = 0;
-        if (m < M)
-          v = *reinterpret_cast<const u32*>(q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + p);
-        *reinterpret_cast<u32*>(sQ + q_offset(r, q_logical(p))) = v;
+        const mla_elem_t* src = q;
+        if (m < M) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + p;
+        cp_async4(sQ + q_offset(r, q_logical(p)), src, m < M);
       }
+      cp_async_commit();
+      cp_async_wait<0>();
       fence_proxy_async();  // Q -> the tensor cores' (async proxy) reads
     }
     __syncthreads();  // Q and sLim in place
@@ -278,11 +294,12 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
 
       // ---- S^T = K Q^T: 4 code blocks of 8 k-steps, then the RoPE channels' 4
       float sacc[8];
+      // the 4 scales of this thread's S^T keys kA0 (sca) and kA0 + 8 (scb): S^T's dequantisation, P^T's copies
+      const float4 sca = *reinterpret_cast<const float4*>(st + kA0 * ROW + FP8_SCALES_AT);
+      const float4 scb = *reinterpret_cast<const float4*>(st + (kA0 + 8) * ROW + FP8_SCALES_AT);
       {
         const unsigned char* ra = st + kA0 * ROW + 32 * lc;
         const unsigned char* rb = ra + 8 * ROW;
-        const float4 sca = *reinterpret_cast<const float4*>(st + kA0 * ROW + FP8_SCALES_AT);
-        const float4 scb = *reinterpret_cast<const float4*>(st + (kA0 + 8) * ROW + FP8_SCALES_AT);
         const bool ok = fp8_pow2_ok(sca.x) && fp8_pow2_ok(sca.y) && fp8_pow2_ok(sca.z) && fp8_pow2_ok(sca.w) &&
                         fp8_pow2_ok(scb.x) && fp8_pow2_ok(scb.y) && fp8_pow2_ok(scb.z) && fp8_pow2_ok(scb.w);
         const bool fast = __all_sync(0xffffffff, ok);
@@ -343,7 +360,12 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
 #pragma unroll
         for (int j = 0; j < 4; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = mx[j];
       }
-      wg_bar(wg);
+      // V^T's path for this tile, the same in the whole warpgroup (the barrier ORs it): the fast one unless a valid
+      // key has a scale outside vt_scale_ok (each thread checks its two S^T keys: all 64 keys between them)
+      const bool ok_a = kA0 >= nv || (vt_scale_ok(sca.x) && vt_scale_ok(sca.y) && vt_scale_ok(sca.z) && vt_scale_ok(sca.w));
+      const bool ok_b = kA0 + 8 >= nv ||
+                        (vt_scale_ok(scb.x) && vt_scale_ok(scb.y) && vt_scale_ok(scb.z) && vt_scale_ok(scb.w));
+      const bool vt_slow = wg_bar_or(wg, !(ok_a && ok_b));
       float mu[4], alpha[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -366,40 +388,56 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
         for (int k = 0; k < 8; ++k) o[mb][k] *= alpha[jof(k)];
-      // P^T (bf16, rounded once) -> this warpgroup's buffer at the keys' logical positions; columns c2, c2 + 1 adjacent
+      // P^T copy B = bf16(P * scale[key][B] * 2^112) (rounded once; exact scaling for power-of-two scales) for the
+      // m-blocks of channel block B, or bf16(P) on V^T's slow path; 0 for keys never copied (their scales are stale)
+      float pm[2][4];
 #pragma unroll
-      for (int k = 0; k < 8; k += 2) {
-        const int key = kA0 + 8 * ((k >> 1) & 1), col = c2 + 8 * (k >> 2);
-        *reinterpret_cast<u32*>(myP + p_offset(col, p_logical_key(key))) = pack2(sacc[k], sacc[k + 1]);
+      for (int half = 0; half < 2; ++half) {
+        const float4 sc = half ? scb : sca;
+        const bool valid = kA0 + 8 * half < nv;
+        pm[half][0] = !valid ? 0.f : vt_slow ? 1.f : sc.x * P_BIAS;
+        pm[half][1] = !valid ? 0.f : vt_slow ? 1.f : sc.y * P_BIAS;
+        pm[half][2] = !valid ? 0.f : vt_slow ? 1.f : sc.z * P_BIAS;
+        pm[half][3] = !valid ? 0.f : vt_slow ? 1.f : sc.w * P_BIAS;
+      }
+#pragma unroll
+      for (int k = 0; k < 8; k += 2) {  // columns c2, c2 + 1 adjacent: one 32-bit store a copy
+        const int half = (k >> 1) & 1, key = kA0 + 8 * half, col = c2 + 8 * (k >> 2);
+#pragma unroll
+        for (int B = 0; B < NPT; ++B)
+          *reinterpret_cast<u32*>(myP + B * P_EL + p_offset(col, key)) = pack2(sacc[k] * pm[half][B], sacc[k + 1] * pm[half][B]);
       }
       fence_proxy_async();
       wg_bar(wg);  // P^T complete (and everyone has read the column maxima)
 
-      // ---- O^T += V^T P^T: 4 k-steps of 8 m-blocks
+      // ---- O^T += V^T P^T: 4 k-steps of 8 m-blocks (m-block mb reads P^T copy mb / 2)
       {
-        const unsigned char* vb = st + 16 * chunk;
+        const unsigned char* vb = st + vch;
         u32 f[2][8][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          uint4 x[4];
-          float sv[4];
+          u32 w[4][4];
+          float sv[4][4];
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int key = 16 * kk + lc + 4 * r;
-            if (key < nv) {
-              x[r] = lds128(vb + key * ROW);
-              sv[r] = *reinterpret_cast<const float*>(st + key * ROW + FP8_SCALES_AT + 4 * wq);
-            } else {  // never copied: codes 0, scale 1 (P is 0 there; stale bytes could be NaN)
-              x[r] = make_uint4(0u, 0u, 0u, 0u);
-              sv[r] = 1.f;
-            }
+            const int key = 16 * kk + c2 + (r & 1) + 8 * (r >> 1);
+#pragma unroll
+            for (int B = 0; B < 4; ++B) w[r][B] = *reinterpret_cast<const u32*>(vb + key * ROW + 128 * B);
           }
-          const bool fast = __all_sync(0xffffffff, fp8_pow2_ok(sv[0]) && fp8_pow2_ok(sv[1]) && fp8_pow2_ok(sv[2]) &&
-                                                       fp8_pow2_ok(sv[3]));
           if (kk >= 2) wg_wait<1>();  // the batch that read f[kk % 2] is done
           u32 (&fb)[8][4] = f[kk & 1];
-          if (fast) vt_frags<true>(x, sv, fb);
-          else vt_frags<false>(x, sv, fb);
+          if (!vt_slow) {
+            vt_frags<true>(w, sv, fb);
+          } else {  // codes * scale * 2^-8; keys never copied: scale 0 (their codes decode to finite values)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const int key = 16 * kk + c2 + (r & 1) + 8 * (r >> 1);
+#pragma unroll
+              for (int B = 0; B < 4; ++B)
+                sv[r][B] = key < nv ? *reinterpret_cast<const float*>(st + key * ROW + FP8_SCALES_AT + 4 * B) : 0.f;
+            }
+            vt_frags<false>(w, sv, fb);
+          }
           if (kk == 3) mbar_arrive(empty);  // this thread's last read of the stage
           if (kk == 0) {
 #pragma unroll
@@ -408,7 +446,8 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
           wg_fence();
 #pragma unroll
           for (int mb = 0; mb < 8; ++mb)
-            wg_mma_m64n16k16_rs_t(o[mb], fb[mb][0], fb[mb][1], fb[mb][2], fb[mb][3], dp + kk * P_KSTEP);
+            wg_mma_m64n16k16_rs_t(o[mb], fb[mb][0], fb[mb][1], fb[mb][2], fb[mb][3],
+                                  dp + (((mb >> 1) * P_EL * 2) >> 4) + kk * P_KSTEP);
           wg_commit();
         }
       }
@@ -425,7 +464,9 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
     // sums, its m and the other warpgroup's m-blocks of its O^T, then its named barrier, then the CTA's: every write
     // precedes a named barrier, so racecheck sees the CTA barrier order them (a write right after a one-warpgroup
     // named barrier and read after a CTA barrier is reported as a race: benchmarks/racecheck_mbarrier_probe.py).
-    // Warpgroup w finishes m-blocks 4 w .. 4 w + 3 (channels 16 chunk + 8 w .. + 7 of each thread's chunk).
+    // Warpgroup w finishes m-blocks 4 w .. 4 w + 3 (channel blocks 2 w, 2 w + 1) and hands the others over in its own
+    // stage (stage w: its last tile there is done; the next piece's copies come after the CTA barrier below, and
+    // fence.proxy.async orders these generic writes before them).
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       l_part[j] += __shfl_xor_sync(0xffffffff, l_part[j], 4);
@@ -439,12 +480,15 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
         if (wq == 0) sML[wg * NQ + colof(c2, j)] = m_run[j];
       }
     }
+    float* myXO = reinterpret_cast<float*>(sStage + wg * STAGE_BYTES);  // [m-block 4][register 8][thread]
+    const float* otherXO = reinterpret_cast<const float*>(sStage + (1 - wg) * STAGE_BYTES);
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb)  // the other warpgroup's m-blocks of this thread's O^T
       if ((mb >> 2) != wg) {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) sXO[((wg * 4 + (mb & 3)) * 8 + k) * 128 + t] = o[mb][k];
+        for (int k = 0; k < 8; ++k) myXO[((mb & 3) * 8 + k) * 128 + t] = o[mb][k];
       }
+    fence_proxy_async();
     wg_bar(wg);
     __syncthreads();
     const bool direct = nsplit == 1 && !force_partials;
@@ -459,13 +503,13 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       const float e0 = fast_exp2(m0 - mu), e1 = fast_exp2(m1 - mu);
       const float l = l0 * e0 + l1 * e1;
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float e_self = (wg ? e1 : e0) * inv, e_other = (wg ? e0 : e1) * inv;
+      const float e_self = (wg ? e1 : e0) * inv * O_UNBIAS, e_other = (wg ? e0 : e1) * inv * O_UNBIAS;
       if (m >= M) continue;
       int r = 0, h = 0;
       const long long orow = mla_row_offset(m, group, g, i, p, s_q, h_q, DV, direct, r, h);
       if (wg == 0 && wq == 0 && lane < 4)
         mla_store_lse(lse_out, lse_part, direct, i, p, r, h, s_q, h_q, mla_row_lse(mxx, l));
-      float v[8];  // channels 16 chunk + 8 wg + e, e = 2 (mb % 4) + half
+      float v[8];  // [block 2 wg + (mb % 4) / 2][channel vch + 2 (mb % 2) + half]
       const int k0 = (j & 1) + 4 * (j >> 1);  // the register of column j, row lg (k0 + 2: row lg + 8)
 #pragma unroll
       for (int mb = 0; mb < 8; ++mb)
@@ -473,20 +517,18 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int k = k0 + 2 * half;
-            v[2 * (mb & 3) + half] =
-                o[mb][k] * e_self + sXO[(((1 - wg) * 4 + (mb & 3)) * 8 + k) * 128 + t] * e_other;
+            v[2 * (mb & 3) + half] = o[mb][k] * e_self + otherXO[((mb & 3) * 8 + k) * 128 + t] * e_other;
           }
         }
-      const long long at = orow + 16 * chunk + 8 * wg;
-      if (direct) {
-        *reinterpret_cast<uint4*>(out + at) =
-            make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-      } else {
-        *reinterpret_cast<float4*>(o_part + at) = make_float4(v[0], v[1], v[2], v[3]);
-        *reinterpret_cast<float4*>(o_part + at + 4) = make_float4(v[4], v[5], v[6], v[7]);
+#pragma unroll
+      for (int bb = 0; bb < 2; ++bb) {
+        const long long at = orow + 128 * (2 * wg + bb) + vch;
+        if (direct) *reinterpret_cast<uint2*>(out + at) = make_uint2(pack2(v[4 * bb], v[4 * bb + 1]),
+                                                                      pack2(v[4 * bb + 2], v[4 * bb + 3]));
+        else *reinterpret_cast<float4*>(o_part + at) = make_float4(v[4 * bb], v[4 * bb + 1], v[4 * bb + 2], v[4 * bb + 3]);
       }
     }
-    __syncthreads();  // sXO, sML, sRed, sQ and the stages are free for the next piece
+    __syncthreads();  // the exchange, sML, sRed, sQ and the stages are free for the next piece
     base += n_tiles;
   }
 #else

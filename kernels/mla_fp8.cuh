@@ -74,6 +74,17 @@ __device__ __forceinline__ void e4m3x4_to_bf16x4_2m120(u32 w, u32& lo, u32& hi) 
   lo = (a << 4) & 0x87F087F0u;
   hi = (b << 4) & 0x87F087F0u;
 }
+// codes x.byte J and y.byte J of two words (two keys' codes of one channel) -> bf16x2 of each value * 2^-120, exactly
+// (low half: x's). sel = fp8_pair_sel(J): one prmt with sign replication builds [sign(y_J) y_J sign(x_J) x_J], then
+// << 4 and & 0x87F087F0 as above.
+__device__ __forceinline__ constexpr u32 fp8_pair_sel(int j) {
+  return (u32)j | (u32)(j | 8) << 4 | (u32)(4 + j) << 8 | (u32)((4 + j) | 8) << 12;
+}
+__device__ __forceinline__ u32 e4m3_pair_to_bf16x2_2m120(u32 x, u32 y, u32 sel) {
+  u32 a;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(a) : "r"(x), "r"(y), "r"(sel));
+  return (a << 4) & 0x87F087F0u;
+}
 // bf16x2 product, round to nearest even (sm_90)
 __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
   u32 r;

@@ -299,6 +299,16 @@ __device__ __forceinline__ void fence_mbar_init() {
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// a named barrier of nthreads that also ORs a predicate over them (barrier.red.or.pred): true when any thread's is
+__device__ __forceinline__ bool named_bar_red_or(int id, int nthreads, bool pred) {
+  u32 r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %3, 0;\nbarrier.red.or.pred q, %1, %2, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(id), "r"(nthreads), "r"((u32)pred)
+      : "memory");
+  return r != 0;
+}
 // one arrival, no transaction bytes (a consumer's "done with this buffer")
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");

@@ -98,13 +98,6 @@ static_assert(FWD_WARPS == 4 || FWD_WARPS == 8, "PF_FWD_WARPS must be 4 or 8");
 
 // ------------------------------------------------------------------------------------------ small helpers
 
-// 4-byte global -> shared async copy; pred false zero-fills (nothing is read)
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
-  int n = pred ? 4 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n)
-               : "memory");
-}
-
 // p[0] += a, p[1] += b in global memory (fp32; p 8-byte aligned), result unused
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #if __CUDA_ARCH__ >= 900

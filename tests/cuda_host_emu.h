@@ -76,6 +76,7 @@ struct float4 {
   float x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 // CUDA's __byte_perm (PTX prmt, default mode): byte n of the result is byte (s >> 4 n) & 7 of [y:x] (x = bytes 0-3)
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
@@ -356,6 +357,16 @@ inline float lo_f(u32 x) { return emu::e2f((unsigned short)(x & 0xffff)); }
 inline float hi_f(u32 x) { return emu::e2f((unsigned short)(x >> 16)); }
 inline mla_elem_t to_elem(float x) { return emu::f2e(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }
+// prmt.b32 (default mode: selector nibble bits 0-2 pick a byte of [y:x], bit 3 replicates its sign), << 4, & mask
+inline u32 e4m3_pair_to_bf16x2_2m120(u32 x, u32 y, u32 sel) {
+  const unsigned long long v = ((unsigned long long)y << 32) | x;
+  u32 a = 0;
+  for (int n = 0; n < 4; ++n) {
+    const u32 nib = (sel >> (4 * n)) & 15u, byte = (u32)(v >> (8 * (nib & 7u))) & 0xffu;
+    a |= ((nib & 8u) ? ((byte & 0x80u) ? 0xffu : 0u) : byte) << (8 * n);
+  }
+  return (a << 4) & 0x87F087F0u;
+}
 inline void e4m3x4_to_bf16x4_2m120(u32 w, u32& lo, u32& hi) {  // prmt (sign fill), << 4, & 0x87F087F0, twice
   auto bf = [](u32 c) { return ((c & 0x7Fu) << 4) | ((c & 0x80u) << 8); };  // value * 2^-120 as bf16 bits
   lo = bf(w & 0xFF) | (bf((w >> 8) & 0xFF) << 16);
