@@ -26,7 +26,8 @@ from mla.backends import _nvrtc
 HERE = Path(__file__).resolve().parent
 EMULATED = {"smem_u32", "pack2", "lo_f", "hi_f", "to_elem", "fast_exp2", "mul_rn", "cp_async16", "cp_async4",
             "cp_async_commit", "cp_async_wait", "red_add2", "ldsm_x4", "ldsm_x2", "ldsm_x4_t", "mma16816",
-            "e4m3x4_to_bf16x4_2m120", "e4m3_pair_to_bf16x2_2m120", "bf16x2_mul", "ldg_nc_v2", "ldg_nc_v4", "ldg_nc_f32_or1", "ldg_nc_i32_or"}
+            "e4m3x4_to_bf16x4_2m120", "e4m3_pair_to_bf16x2_2m120", "bf16x2_mul", "ldg_nc_v2", "ldg_nc_v4",
+            "ldg_nc_f32_or1", "ldg_nc_i32_or"}
 
 SCHEDULES = ("lockstep", "skewed", "reverse")
 
