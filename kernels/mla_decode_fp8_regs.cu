@@ -69,8 +69,8 @@ constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][col]: m (and as many 
 constexpr int NPT = 4;                      // P^T copies a warpgroup: times each 128-channel block's scales
 constexpr float P_BIAS = 0x1p112f, O_UNBIAS = 0x1p8f;  // V^T codes * 2^-120, P^T * scale * 2^112: O * 2^-8
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * NPT * P_EL) + 4 * (RED_FLOATS + ML_FLOATS + NQ) +
-                           8 * 2 * STAGES;
-static_assert(SMEM_BYTES == 203648, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
+                           8 * (2 * STAGES + 2);
+static_assert(SMEM_BYTES == 203664, "mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES");
 static_assert((STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * NPT * P_EL) + 4 * (RED_FLOATS + ML_FLOATS + NQ)) % 8 == 0,
               "mbarriers are 8-byte aligned");
 static_assert(4 * XO_FLOATS <= STAGE_BYTES, "the merge's exchange fits a stage");
@@ -183,7 +183,8 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
   float* sRed = reinterpret_cast<float*>(sP + 2 * NPT * P_EL);                         // [2][4][NQ]
   float* sML = sRed + RED_FLOATS;                                                      // [2][NQ] (m)
   int* sLim = reinterpret_cast<int*>(sML + ML_FLOATS);                                 // [NQ]: a column's last key
-  const u32 bars = smem_u32(sLim + NQ);  // full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
+  // mbarriers: full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s), done[wg] at bars + 8 (2 STAGES + wg)
+  const u32 bars = smem_u32(sLim + NQ);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // warpgroup (from lane 0: ptxas then sees a warp-uniform value and keeps the wgmma unserialised), warp in it
@@ -203,11 +204,14 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       mbar_init(bars + 8 * s, 1);                  // full: the issuing lane's arrive.expect_tx + the bytes
       mbar_init(bars + 8 * (STAGES + s), 128);     // empty: every thread of the owning warpgroup
     }
+    mbar_init(bars + 8 * (2 * STAGES), 128);  // done[wg]: the warpgroup's threads at the end of a piece
+    mbar_init(bars + 8 * (2 * STAGES + 1), 128);
     fence_mbar_init();
   }
   __syncthreads();
 
   const MlaWork work = mla_work(sched, blockIdx.x);
+  int npiece = 0;  // pieces of this CTA before this one (the phase of the merge's mbarriers)
   int base = 0;  // tiles of this CTA before the piece: tile tt of the piece is the CTA's tile G = base + tt
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const int L = seqlens[i];
@@ -282,11 +286,14 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
     __syncthreads();  // Q and sLim in place
 
     const u64 dq = wg_desc(sQ_addr, Q_LBO, Q_SBO), dp = wg_desc(myP_addr, P_LBO, P_SBO);
+    int pend_tt = -1;  // a refill (of piece tile pend_tt, runs pend_a / pend_b) left for this warpgroup's next tile
+    Run pend_a{0, 0, 0}, pend_b{0, 0, 0};
     for (int tt = (wg ^ base) & 1; tt < n_tiles; tt += 2) {
       const int G = base + tt, s = G & (STAGES - 1);
       const u32 par = (G >> 2) & 1, full = bars + 8 * s, empty = bars + 8 * (STAGES + s);
+      (void)empty;
       const bool refill = tt + STAGES < n_tiles;
-      Run ra{0, 0, 0}, rb{0, 0, 0};  // the runs of tile tt + 4 (warp 0), issued at the end of this tile
+      Run ra{0, 0, 0}, rb{0, 0, 0};  // the runs of tile tt + 4 (warp 0)
       if (wq == 0 && refill) ra = run(tt + STAGES, lane), rb = run(tt + STAGES, lane + 32);
       const int nv = n_valid(tt);
       const unsigned char* st = sStage + s * STAGE_BYTES;
@@ -304,11 +311,16 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
                         fp8_pow2_ok(scb.x) && fp8_pow2_ok(scb.y) && fp8_pow2_ok(scb.z) && fp8_pow2_ok(scb.w);
         const bool fast = __all_sync(0xffffffff, ok);
         u32 f[2][8][4];
+        uint4 ka[2][2], kb[2][2];  // the codes of blocks B (ka[B % 2]) and B + 1, loaded a block ahead
+        auto ld = [&](int B, uint4 (&x)[2], uint4 (&y)[2]) {
+          const int at = B < 4 ? 128 * B : FP8_ROPE_AT;  // this quad's 32 bytes of block B / of the RoPE channels
+          x[0] = lds128(ra + at), x[1] = lds128(ra + at + 16), y[0] = lds128(rb + at), y[1] = lds128(rb + at + 16);
+        };
+        ld(0, ka[0], kb[0]);
 #pragma unroll
         for (int B = 0; B < 5; ++B) {
-          const int at = B < 4 ? 128 * B : FP8_ROPE_AT;  // this quad's 32 bytes of block B / of the RoPE channels
-          const uint4 a[2] = {lds128(ra + at), lds128(ra + at + 16)};
-          const uint4 b[2] = {lds128(rb + at), lds128(rb + at + 16)};
+          const uint4 (&a)[2] = ka[B & 1];
+          const uint4 (&b)[2] = kb[B & 1];
           if (B >= 2) wg_wait<1>();  // the batch that read f[B % 2] is done
           u32 (&fb)[8][4] = f[B & 1];
           if (B < 4) {
@@ -332,10 +344,30 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
             wg_mma_m64n16k16_rs(sacc, fb[k][0], fb[k][1], fb[k][2], fb[k][3], dq + (8 * B + k) * Q_KSTEP,
                                 (B | k) != 0);
           wg_commit();
+          if (B < 4) ld(B + 1, ka[(B + 1) & 1], kb[(B + 1) & 1]);  // the next block's codes, under this batch
+          if (B == 0 && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by this warpgroup's previous tile,
+            // under the first batch (at the end of that tile warp 0 waited for the others; here they wait for it)
+            const int Gp = base + pend_tt - STAGES;  // the released use of the stage
+            mbar_wait(bars + 8 * (STAGES + (Gp & (STAGES - 1))), (Gp >> 2) & 1);
+            issue(pend_tt, pend_a, pend_b);
+          }
         }
+        pend_tt = -1;
         wg_wait<0>();
         wg_fence_operands(sacc);
       }
+      // this thread's V^T codes of k-step 0 (w[0]; the loop below loads k-step kk + 1 while converting kk)
+      const unsigned char* vb = st + vch;
+      u32 w[2][4][4];
+      auto ld_vt = [&](int kk, u32 (&x)[4][4]) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int key = 16 * kk + c2 + (r & 1) + 8 * (r >> 1);
+#pragma unroll
+          for (int B = 0; B < 4; ++B) x[r][B] = *reinterpret_cast<const u32*>(vb + key * ROW + 128 * B);
+        }
+      };
+      ld_vt(0, w[0]);
 
       // ---- scale to base 2, mask, column max over the tile's 64 keys (a query row is a column of S^T)
       const int pos0 = start + tt * BLOCK_N + kA0;
@@ -412,22 +444,16 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
 
       // ---- O^T += V^T P^T: 4 k-steps of 8 m-blocks (m-block mb reads P^T copy mb / 2)
       {
-        const unsigned char* vb = st + vch;
         u32 f[2][8][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          u32 w[4][4];
+          if (kk < 3) ld_vt(kk + 1, w[(kk + 1) & 1]);
+          const u32 (&wk)[4][4] = w[kk & 1];
           float sv[4][4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int key = 16 * kk + c2 + (r & 1) + 8 * (r >> 1);
-#pragma unroll
-            for (int B = 0; B < 4; ++B) w[r][B] = *reinterpret_cast<const u32*>(vb + key * ROW + 128 * B);
-          }
           if (kk >= 2) wg_wait<1>();  // the batch that read f[kk % 2] is done
           u32 (&fb)[8][4] = f[kk & 1];
           if (!vt_slow) {
-            vt_frags<true>(w, sv, fb);
+            vt_frags<true>(wk, sv, fb);
           } else {  // codes * scale * 2^-8; keys never copied: scale 0 (their codes decode to finite values)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
@@ -436,7 +462,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
               for (int B = 0; B < 4; ++B)
                 sv[r][B] = key < nv ? *reinterpret_cast<const float*>(st + key * ROW + FP8_SCALES_AT + 4 * B) : 0.f;
             }
-            vt_frags<false>(w, sv, fb);
+            vt_frags<false>(wk, sv, fb);
           }
           if (kk == 3) mbar_arrive(empty);  // this thread's last read of the stage
           if (kk == 0) {
@@ -451,10 +477,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
           wg_commit();
         }
       }
-      if (wq == 0 && refill) {  // the stage is free once all 128 threads have arrived: tile tt + 4 into it
-        mbar_wait(empty, par);
-        issue(tt + STAGES, ra, rb);
-      }
+      if (refill) pend_tt = tt + STAGES, pend_a = ra, pend_b = rb;  // (warp 0 issues it under the next tile's S^T)
       wg_wait<0>();
 #pragma unroll
       for (int mb = 0; mb < 8; ++mb) wg_fence_operands(o[mb]);
@@ -480,6 +503,10 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
         if (wq == 0) sML[wg * NQ + colof(c2, j)] = m_run[j];
       }
     }
+    // the warpgroup meets on its mbarrier first: its warps' last reads of the stage are done (racecheck reads an
+    // mbarrier's order; the wgmma that all 4 warps issued after their reads orders them too, but implicitly)
+    mbar_arrive(bars + 8 * (2 * STAGES + wg));
+    mbar_wait(bars + 8 * (2 * STAGES + wg), npiece & 1);
     float* myXO = reinterpret_cast<float*>(sStage + wg * STAGE_BYTES);  // [m-block 4][register 8][thread]
     const float* otherXO = reinterpret_cast<const float*>(sStage + (1 - wg) * STAGE_BYTES);
 #pragma unroll
@@ -530,6 +557,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
     }
     __syncthreads();  // the exchange, sML, sRed, sQ and the stages are free for the next piece
     base += n_tiles;
+    ++npiece;
   }
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there

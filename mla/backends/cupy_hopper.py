@@ -70,9 +70,9 @@ SEESAW_LOADS = ("auto", "tma", "cpasync")
 # kernel's grid, signature and plan); raw token rows by bulk copies, codes dequantised straight into wgmma's A
 # registers, the warpgroups on alternate tiles.
 FP8_REGS_SOURCE, FP8_REGS_FUNCTION = "mla_decode_fp8_regs.cu", "mla_decode_fp8_regs"
-FP8_REGS_SMEM_BYTES = 4 * 64 * 656 + 2 * (16 * D + 2 * 4 * 16 * 64) + 4 * (2 * 4 * 16 + 2 * 2 * 16 + 16) + 64
+FP8_REGS_SMEM_BYTES = 4 * 64 * 656 + 2 * (16 * D + 2 * 4 * 16 * 64) + 4 * (2 * 4 * 16 + 2 * 2 * 16 + 16) + 80
 """Dynamic shared memory of the FP8 register kernel: 4 raw stages (the piece-end merge exchanges O through two of them)
-+ Q + 2 x 4 P^T copies + reductions + m + last keys + 8 mbarriers (203648 B)."""
++ Q + 2 x 4 P^T copies + reductions + m + last keys + 10 mbarriers (203664 B)."""
 VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
 
