@@ -497,6 +497,16 @@ regsv4)  # issue #5 (tenth session): v4 of the FP8 register kernel (the refill u
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
   ;;
+regsab)  # issue #5 (tenth session): the FP8 register kernel with O *= alpha skipped where the maxima did not move, compact
+  # slow paths; an A/B of where warp 0 issues the refill (MLA_FP8_REGS_REFILL: after S^T batch 0, 1 or 2), two rounds
+  for round in 1 2; do
+    for refill in 0 1 2; do
+      r 40 "bench_refill${refill}_r$round" env MLA_FP8_REGS_REFILL=$refill python3 benchmarks/bench_fp8_sparse.py \
+        --dense-only --reps 50
+    done
+  done
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

@@ -58,6 +58,11 @@
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 
+// Timing knob (benchmarks only): the S^T batch after which warp 0 issues the refill its warpgroup's previous tile left
+#ifndef MLA_FP8_REGS_REFILL
+#define MLA_FP8_REGS_REFILL 0
+#endif
+
 namespace f8r {
 constexpr int D = 576, DV = 512, NQ = 16, BLOCK_N = 64, NTHREADS = 256, STAGES = 4;
 constexpr int ROW = FP8_BYTES;              // one token: 656 bytes
@@ -106,10 +111,9 @@ __device__ __forceinline__ bool vt_scale_ok(float s) {
   return a == 0.f || (a >= 0x1p-100f && a < 0x1p15f);
 }
 
-// fp32 code * 2^-120 (e4m3_times_2m120) times a scale, rounded once as dequant8 does
-__device__ __forceinline__ float scaled(float f, float scale) {
-  return scale < 256.f ? mul_rn(f, mul_rn(scale, 0x1p120f)) : mul_rn(mul_rn(f, 0x1p120f), scale);
-}
+// fp32 code * 2^-120 (e4m3_times_2m120) times a scale, rounded once (f * 2^120 is the code's value, exactly): the
+// same real number and rounding as dequant8's
+__device__ __forceinline__ float scaled(float f, float scale) { return mul_rn(mul_rn(f, 0x1p120f), scale); }
 // the bf16x2 multiplier of a pair of scales with fp8_pow2_ok (low half: s0's)
 __device__ __forceinline__ u32 pair_mult(float s0, float s1) {
   return (fp8_pow2_mult(s0) & 0xFFFFu) | (fp8_pow2_mult(s1) & 0xFFFF0000u);
@@ -345,7 +349,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
                                 (B | k) != 0);
           wg_commit();
           if (B < 4) ld(B + 1, ka[(B + 1) & 1], kb[(B + 1) & 1]);  // the next block's codes, under this batch
-          if (B == 0 && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by this warpgroup's previous tile,
+          if (B == MLA_FP8_REGS_REFILL && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by the previous tile,
             // under the first batch (at the end of that tile warp 0 waited for the others; here they wait for it)
             const int Gp = base + pend_tt - STAGES;  // the released use of the stage
             mbar_wait(bars + 8 * (STAGES + (Gp & (STAGES - 1))), (Gp >> 2) & 1);
@@ -416,10 +420,13 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
         sacc[k] = fast_exp2(sacc[k] - mu[jof(k)]);
         l_part[jof(k)] += sacc[k];
       }
+      // O^T *= alpha, skipped by a warp whose alphas are all 1 (the running maxima rarely move after the first tiles)
+      if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f || alpha[2] != 1.f || alpha[3] != 1.f)) {
 #pragma unroll
-      for (int mb = 0; mb < 8; ++mb)
+        for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
-        for (int k = 0; k < 8; ++k) o[mb][k] *= alpha[jof(k)];
+          for (int k = 0; k < 8; ++k) o[mb][k] *= alpha[jof(k)];
+      }
       // P^T copy B = bf16(P * scale[key][B] * 2^112) (rounded once; exact scaling for power-of-two scales) for the
       // m-blocks of channel block B, or bf16(P) on V^T's slow path; 0 for keys never copied (their scales are stale)
       float pm[2][4];

@@ -322,6 +322,8 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     d = defines(fp16)
     if fp8 and which != "regs":
         d["MLA_FP8"] = 1
+    if which == "regs" and os.environ.get("MLA_FP8_REGS_REFILL"):  # timing knob (mla_decode_fp8_regs.cu)
+        d["MLA_FP8_REGS_REFILL"] = int(os.environ["MLA_FP8_REGS_REFILL"])
     nq = NARROW_ROWS if which == "regs" else narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
