@@ -507,6 +507,17 @@ regsab)  # issue #5 (tenth session): the FP8 register kernel with O *= alpha ski
   done
   t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   ;;
+regsv5)  # issue #5 (tenth session): v5 of the FP8 register kernel (S^T codes unscaled, block partials folded with the
+  # scales in fp32, Q rows normalised by a power of two; no S^T slow path): smoke, dense rows twice, the FP8 / sparse
+  # GPU file, stall samples
+  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
+  r 60 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
+  r 60 bench_fp8_dense2 python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50
+  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

@@ -70,7 +70,7 @@ constexpr int STAGE_BYTES = BLOCK_N * ROW;  // 41984
 constexpr int Q_EL = NQ * D, P_EL = NQ * BLOCK_N;
 constexpr int XO_FLOATS = 4 * 8 * 128;      // the merge: [m-block 4][register 8][thread], in the warpgroup's stage
 constexpr int RED_FLOATS = 2 * 4 * NQ;      // [warpgroup][warp][col]
-constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][col]: m (and as many floats spare)
+constexpr int ML_FLOATS = 2 * 2 * NQ;       // [warpgroup][col]: m; then [col]: Q's row factor (and spare)
 constexpr int NPT = 4;                      // P^T copies a warpgroup: times each 128-channel block's scales
 constexpr float P_BIAS = 0x1p112f, O_UNBIAS = 0x1p8f;  // V^T codes * 2^-120, P^T * scale * 2^112: O * 2^-8
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * (Q_EL + 2 * NPT * P_EL) + 4 * (RED_FLOATS + ML_FLOATS + NQ) +
@@ -111,26 +111,6 @@ __device__ __forceinline__ bool vt_scale_ok(float s) {
   return a == 0.f || (a >= 0x1p-100f && a < 0x1p15f);
 }
 
-// fp32 code * 2^-120 (e4m3_times_2m120) times a scale, rounded once (f * 2^120 is the code's value, exactly): the
-// same real number and rounding as dequant8's
-__device__ __forceinline__ float scaled(float f, float scale) { return mul_rn(mul_rn(f, 0x1p120f), scale); }
-// the bf16x2 multiplier of a pair of scales with fp8_pow2_ok (low half: s0's)
-__device__ __forceinline__ u32 pair_mult(float s0, float s1) {
-  return (fp8_pow2_mult(s0) & 0xFFFFu) | (fp8_pow2_mult(s1) & 0xFFFF0000u);
-}
-// four e4m3 codes (word w) -> lo = bf16x2 of codes 0, 1, hi = codes 2, 3, dequantised exactly: codes 0 and 2 times
-// s0, 1 and 3 times s1. FAST (both scales fp8_pow2_ok): mult = pair_mult(s0, s1).
-template <bool FAST>
-__device__ __forceinline__ void dq4(u32 w, u32 mult, float s0, float s1, u32& lo, u32& hi) {
-  if constexpr (FAST) {
-    e4m3x4_to_bf16x4_2m120(w, lo, hi);
-    lo = bf16x2_mul(lo, mult);
-    hi = bf16x2_mul(hi, mult);
-  } else {
-    lo = pack2(scaled(e4m3_times_2m120<0>(w), s0), scaled(e4m3_times_2m120<1>(w), s1));
-    hi = pack2(scaled(e4m3_times_2m120<2>(w), s0), scaled(e4m3_times_2m120<3>(w), s1));
-  }
-}
 // code byte j of w as fp32 = its value * 2^-120 (e4m3_times_2m120 with a run-time byte)
 __device__ __forceinline__ float e4m3_byte_2m120(u32 w, int j) {
   const int x = static_cast<int>(w << (24 - 8 * j));
@@ -138,16 +118,6 @@ __device__ __forceinline__ float e4m3_byte_2m120(u32 w, int j) {
 }
 __device__ __forceinline__ u32 word(const uint4& v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
 
-// S^T A fragments of one 128-channel block: a = key kA0's 32 codes (8 words), b = kA0 + 8's, scales sa, sb
-template <bool FAST>
-__device__ __forceinline__ void st_frags(const uint4 (&a)[2], const uint4 (&b)[2], float sa, float sb, u32 (&f)[8][4]) {
-  const u32 ma = FAST ? pair_mult(sa, sa) : 0u, mb = FAST ? pair_mult(sb, sb) : 0u;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    dq4<FAST>(word(a[i >> 2], i & 3), ma, sa, sa, f[i][0], f[i][2]);
-    dq4<FAST>(word(b[i >> 2], i & 3), mb, sb, sb, f[i][1], f[i][3]);
-  }
-}
 // V^T A fragments of one k-step: w[r][B] = this thread's 4 codes (channels 128 B + 32 wq + 4 lg .. + 3) of key
 // 16 kk + 2 lc + r % 2 + 8 (r / 2) (r = 0..3: logical k 2 lc, 2 lc + 1, 2 lc + 8, 2 lc + 9). m-block mb covers block
 // B = mb / 2; its rows lg, lg + 8 are channels j0 = 2 (mb % 2) and j0 + 1 of the 4. FAST: codes * 2^-120 (no scale:
@@ -186,6 +156,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
   mla_elem_t* sP = sQ + Q_EL;                                                          // [2][NPT][P_EL]: warpgroup w's
   float* sRed = reinterpret_cast<float*>(sP + 2 * NPT * P_EL);                         // [2][4][NQ]
   float* sML = sRed + RED_FLOATS;                                                      // [2][NQ] (m)
+  float* sQfac = sML + 2 * NQ;                                                         // [NQ]: 2^-qshift of Q's row
   int* sLim = reinterpret_cast<int*>(sML + ML_FLOATS);                                 // [NQ]: a column's last key
   // mbarriers: full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s), done[wg] at bars + 8 (2 STAGES + wg)
   const u32 bars = smem_u32(sLim + NQ);
@@ -275,16 +246,31 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
         for (int tt = 0; tt < min(STAGES, n_tiles); ++tt)
           if (((base + tt) & 1) == wg) issue(tt, run(tt, lane), run(tt, lane + 32));
       }
-      // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; channels in q_logical order
-      // (4-byte cp.async: the copies overlap; loads into registers waited for each other, 5% of the stall samples)
-      for (int x = tid; x < NQ * D / 2; x += NTHREADS) {
-        const int r = x / (D / 2), p = 2 * (x % (D / 2)), m = qt * NQ + r;
-        const mla_elem_t* src = q;
-        if (m < M) src = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D + p;
-        cp_async4(sQ + q_offset(r, q_logical(p)), src, m < M);
+      // Q rows m -> (r, h) = (m / group, g group + m % group), rows >= M zero; channels in q_logical order. Row r
+      // is stored times 2^qshift (a power of two bringing its largest |q| into [2^14, 2^15), clamped to 2^+-100;
+      // exact): S^T's codes are code * 2^-120, and the products must stay clear of fp32's subnormal range in the
+      // tensor cores' sums. sQfac[r] = 2^-qshift undoes it. Thread tid loads row tid / 16, pairs tid % 16 + 16 j.
+      {
+        const int r = tid >> 4, l16 = tid & 15, m = qt * NQ + r;
+        const mla_elem_t* qrow = q + ((long long)(i * s_q + m / group) * h_q + g * group + m % group) * D;
+        u32 qv[D / 32];
+        u32 mag = 0;  // the largest |q| of the row as bf16 magnitude bits (monotone; NaN above Inf)
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k)
+          qv[k] = m < M ? *reinterpret_cast<const u32*>(qrow + 2 * (l16 + 16 * k)) : 0u;
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k) mag = max(mag, max(qv[k] & 0x7FFFu, (qv[k] >> 16) & 0x7FFFu));
+#pragma unroll
+        for (int d = 1; d < 16; d <<= 1) mag = max(mag, __float_as_uint(__shfl_xor_sync(0xffffffff, __uint_as_float(mag), d)));
+        const int qshift = min(100, max(-100, 141 - (int)(mag >> 7)));  // 14 - (E - 127)
+        const float up = __uint_as_float((u32)(127 + qshift) << 23);
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k) {
+          const int p = 2 * (l16 + 16 * k);
+          *reinterpret_cast<u32*>(sQ + q_offset(r, q_logical(p))) = pack2(lo_f(qv[k]) * up, hi_f(qv[k]) * up);
+        }
+        if (l16 == 0) sQfac[r] = __uint_as_float((u32)(127 - qshift) << 23);
       }
-      cp_async_commit();
-      cp_async_wait<0>();
       fence_proxy_async();  // Q -> the tensor cores' (async proxy) reads
     }
     __syncthreads();  // Q and sLim in place
@@ -303,52 +289,63 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       const unsigned char* st = sStage + s * STAGE_BYTES;
       mbar_wait(full, par);
 
-      // ---- S^T = K Q^T: 4 code blocks of 8 k-steps, then the RoPE channels' 4
+      // ---- S^T = K Q^T: 4 code blocks of 8 k-steps, then the RoPE channels' 4. The codes go to the A registers as
+      // code * 2^-120 (no scale); block B's partial (its own accumulator, acc[B % 2]) is folded into sacc in fp32 as
+      // partial * (2^120 * scale[key][B]) once its batch is done -- exact scaling, one rounding, any scale.
       float sacc[8];
-      // the 4 scales of this thread's S^T keys kA0 (sca) and kA0 + 8 (scb): S^T's dequantisation, P^T's copies
+      // the 4 scales of this thread's S^T keys kA0 (sca) and kA0 + 8 (scb): S^T's blocks, P^T's copies
       const float4 sca = *reinterpret_cast<const float4*>(st + kA0 * ROW + FP8_SCALES_AT);
       const float4 scb = *reinterpret_cast<const float4*>(st + (kA0 + 8) * ROW + FP8_SCALES_AT);
       {
         const unsigned char* ra = st + kA0 * ROW + 32 * lc;
         const unsigned char* rb = ra + 8 * ROW;
-        const bool ok = fp8_pow2_ok(sca.x) && fp8_pow2_ok(sca.y) && fp8_pow2_ok(sca.z) && fp8_pow2_ok(sca.w) &&
-                        fp8_pow2_ok(scb.x) && fp8_pow2_ok(scb.y) && fp8_pow2_ok(scb.z) && fp8_pow2_ok(scb.w);
-        const bool fast = __all_sync(0xffffffff, ok);
+        // 2^120 * scale as one factor where that is finite (scale < 2^8; else two exact steps), warp-uniform
+        const bool one_step = __all_sync(0xffffffff, fmaxf(fmaxf(fmaxf(fabsf(sca.x), fabsf(sca.y)), fmaxf(fabsf(sca.z),
+                                                           fabsf(sca.w))), fmaxf(fmaxf(fabsf(scb.x), fabsf(scb.y)),
+                                                           fmaxf(fabsf(scb.z), fabsf(scb.w)))) < 256.f);
         u32 f[2][8][4];
-        uint4 ka[2][2], kb[2][2];  // the codes of blocks B (ka[B % 2]) and B + 1, loaded a block ahead
-        auto ld = [&](int B, uint4 (&x)[2], uint4 (&y)[2]) {
-          const int at = B < 4 ? 128 * B : FP8_ROPE_AT;  // this quad's 32 bytes of block B / of the RoPE channels
-          x[0] = lds128(ra + at), x[1] = lds128(ra + at + 16), y[0] = lds128(rb + at), y[1] = lds128(rb + at + 16);
+        float acc[2][8];
+        uint4 ka[2], kb[2];
+        auto fold = [&](int B) {  // sacc (+)= block B's partial times 2^120 scale (B = 4: the RoPE channels, as is)
+          wg_fence_operands(acc[B & 1]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const float4 sc = (k >> 1) & 1 ? scb : sca;
+            const float sk = B == 0 ? sc.x : B == 1 ? sc.y : B == 2 ? sc.z : sc.w;
+            float v = acc[B & 1][k];
+            if (B < 4) v = one_step ? v * (sk * 0x1p120f) : (v * 0x1p120f) * sk;
+            sacc[k] = B == 0 ? v : sacc[k] + v;
+          }
         };
-        ld(0, ka[0], kb[0]);
 #pragma unroll
         for (int B = 0; B < 5; ++B) {
-          const uint4 (&a)[2] = ka[B & 1];
-          const uint4 (&b)[2] = kb[B & 1];
-          if (B >= 2) wg_wait<1>();  // the batch that read f[B % 2] is done
+          const int at = B < 4 ? 128 * B : FP8_ROPE_AT;  // this quad's 32 bytes of block B / of the RoPE channels
+          ka[0] = lds128(ra + at), ka[1] = lds128(ra + at + 16), kb[0] = lds128(rb + at), kb[1] = lds128(rb + at + 16);
+          if (B >= 2) {  // batch B - 2 done: its partial folded, f[B % 2] and acc[B % 2] free
+            wg_wait<1>();
+            fold(B - 2);
+          }
           u32 (&fb)[8][4] = f[B & 1];
           if (B < 4) {
-            const float sa = B == 0 ? sca.x : B == 1 ? sca.y : B == 2 ? sca.z : sca.w;
-            const float sb = B == 0 ? scb.x : B == 1 ? scb.y : B == 2 ? scb.z : scb.w;
-            if (fast) st_frags<true>(a, b, sa, sb, fb);
-            else st_frags<false>(a, b, sa, sb, fb);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              e4m3x4_to_bf16x4_2m120(word(ka[k >> 2], k & 3), fb[k][0], fb[k][2]);
+              e4m3x4_to_bf16x4_2m120(word(kb[k >> 2], k & 3), fb[k][1], fb[k][3]);
+            }
           } else {  // RoPE (bf16): k-step i' takes words 2 i' (k 2 lc, + 1) and 2 i' + 1 (k 2 lc + 8, + 9)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-              fb[k][0] = word(a[k >> 1], 2 * (k & 1));
-              fb[k][2] = word(a[k >> 1], 2 * (k & 1) + 1);
-              fb[k][1] = word(b[k >> 1], 2 * (k & 1));
-              fb[k][3] = word(b[k >> 1], 2 * (k & 1) + 1);
+              fb[k][0] = word(ka[k >> 1], 2 * (k & 1));
+              fb[k][2] = word(ka[k >> 1], 2 * (k & 1) + 1);
+              fb[k][1] = word(kb[k >> 1], 2 * (k & 1));
+              fb[k][3] = word(kb[k >> 1], 2 * (k & 1) + 1);
             }
           }
-          if (B == 0) wg_fence_operands(sacc);
           wg_fence();
 #pragma unroll
           for (int k = 0; k < (B < 4 ? 8 : 4); ++k)
-            wg_mma_m64n16k16_rs(sacc, fb[k][0], fb[k][1], fb[k][2], fb[k][3], dq + (8 * B + k) * Q_KSTEP,
-                                (B | k) != 0);
+            wg_mma_m64n16k16_rs(acc[B & 1], fb[k][0], fb[k][1], fb[k][2], fb[k][3], dq + (8 * B + k) * Q_KSTEP, k > 0);
           wg_commit();
-          if (B < 4) ld(B + 1, ka[(B + 1) & 1], kb[(B + 1) & 1]);  // the next block's codes, under this batch
           if (B == MLA_FP8_REGS_REFILL && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by the previous tile,
             // under the first batch (at the end of that tile warp 0 waited for the others; here they wait for it)
             const int Gp = base + pend_tt - STAGES;  // the released use of the stage
@@ -357,8 +354,10 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
           }
         }
         pend_tt = -1;
+        wg_wait<1>();
+        fold(3);
         wg_wait<0>();
-        wg_fence_operands(sacc);
+        fold(4);
       }
       // this thread's V^T codes of k-step 0 (w[0]; the loop below loads k-step kk + 1 while converting kk)
       const unsigned char* vb = st + vch;
@@ -377,12 +376,14 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
       const int pos0 = start + tt * BLOCK_N + kA0;
       float mx[4];
       int lim[4];
+      float cfac[4];  // the softmax scale (base 2) times 2^-qshift of the column's Q row
 #pragma unroll
-      for (int j = 0; j < 4; ++j) mx[j] = MLA_NEG_INF, lim[j] = sLim[colof(c2, j)];
+      for (int j = 0; j < 4; ++j)
+        mx[j] = MLA_NEG_INF, lim[j] = sLim[colof(c2, j)], cfac[j] = scale_log2 * sQfac[colof(c2, j)];
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const int j = jof(k);
-        const float v = pos0 + 8 * ((k >> 1) & 1) <= lim[j] ? sacc[k] * scale_log2 : MLA_NEG_INF;
+        const float v = pos0 + 8 * ((k >> 1) & 1) <= lim[j] ? sacc[k] * cfac[j] : MLA_NEG_INF;
         sacc[k] = v;
         mx[j] = fmaxf(mx[j], v);
       }

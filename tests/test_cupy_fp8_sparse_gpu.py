@@ -96,6 +96,20 @@ def test_fp8_dense_pages(page, seqlens, fp8_kernel):
 
 
 @FP8_DENSE_KERNELS
+@pytest.mark.parametrize("q_scale", [2.0 ** -60, 2.0 ** 30, 0.0])
+def test_fp8_dense_q_range(q_scale, fp8_kernel):
+    """Query rows of tiny, huge and zero values beside ordinary ones (the FP8 register kernel scales each Q row by a
+    power of two; exact)."""
+    rng = np.random.default_rng(23)
+    case = testing.make_decode_case(rng, b=3, s_q=1, h_q=16, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[700, 65, 1], dtype=BF16, fp8=True)
+    q = case.q.astype(np.float32)
+    q[:, :, ::2] *= np.float32(q_scale)
+    case.q = q.astype(BF16)
+    _run(case)
+
+
+@FP8_DENSE_KERNELS
 def test_fp8_dense_large_values(fp8_kernel):
     """Scales far from 1 (x 2^-20 and x 2^16): both paths of the dequantisation (scale < 2^8, >= 2^8)."""
     for case in shared.fp8_rescaled_cases():  # the stored fp32 scales times a power of two (exact, q unchanged)

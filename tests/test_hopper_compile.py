@@ -1056,6 +1056,25 @@ def test_fp8_regs_emulated_matches_reference(monkeypatch, b, s_q, h_q, h_kv, pag
 
 
 @needs_gxx
+@pytest.mark.parametrize("q_scale", [2.0 ** -60, 2.0 ** 30, 0.0])
+def test_fp8_regs_emulated_q_range(monkeypatch, q_scale):
+    """The FP8 register kernel stores each Q row times a power of two that brings its largest |q| to [2^14, 2^15)
+    (S^T's codes are code * 2^-120): rows of tiny, huge and zero q against the NumPy backend."""
+    import mla
+    from mla import testing
+
+    rng = np.random.default_rng(17)
+    case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, h_kv=1, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[130, 70], dtype=BF16, causal=False, fp8=True)
+    q = case.q.astype(np.float32)
+    q[:, :, ::2] *= np.float32(q_scale)  # every other head (the rest unscaled: rows of different ranges in one CTA)
+    case.q = q.astype(BF16)
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 2, False, "skewed", fp8=True, regs=True)
+    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), is_fp8_kvcache=True, backend="numpy")
+    testing.assert_close(out, lse, want, lse_want, lse_atol=4e-6, out_atol=testing.out_atol(case))
+
+
+@needs_gxx
 @pytest.mark.parametrize("device_plan", [False, True])
 def test_emulated_out_float32_is_the_unrounded_output(monkeypatch, device_plan):
     """out_dtype=float32 (force_partials + the MLA_OUT_F32 combine): every row, single-split ones
