@@ -248,6 +248,7 @@ def main():
                     help="only time the dense FP8 memory-bound row under these FP8 tilings")
     ap.add_argument("--dense-only", action="store_true", help="only the dense rows, at b=128, s_q=1, s_k=8192")
     ap.add_argument("--h-q", type=int, default=None, help="with --dense-only: this h_q (default 16)")
+    ap.add_argument("--b", type=int, default=128, help="with --dense-only: this batch (default 128)")
     ap.add_argument("--resident", type=int, default=None, metavar="N",
                     help="diagnostics: keys from the first N blocks only, no L2 flush (the kernels' time without "
                          "DRAM: N = 64 is 4.7 MB of bf16 keys)")
@@ -267,7 +268,7 @@ def main():
             "vs bf16 |", "|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     if args.dense_only:
-        bench_dense(128, 1, args.h_q or 16, 8192, args.reps, flush, rows, args.backend)
+        bench_dense(args.b, 1, args.h_q or 16, 8192, args.reps, flush, rows, args.backend)
         if args.out:
             args.out.write_text("\n".join(rows) + "\n")
         return

@@ -461,6 +461,7 @@ regsncu)  # issue #5 (tenth session): why the FP8 register kernel is slower than
   r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
   r 150 ncu_regs_details env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
@@ -474,6 +475,7 @@ regsruns)  # issue #5 (tenth session): the FP8 register kernel copying runs of c
   r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
   ;;
 regsv3)  # issue #5 (tenth session): the FP8 register kernel with unscaled V^T codes (P^T copies carry the scales), Q by
   # cp.async: smoke, dense rows (DRAM and L2-resident), the FP8 / sparse GPU file (sanitizers, every code exact),
@@ -485,6 +487,7 @@ regsv3)  # issue #5 (tenth session): the FP8 register kernel with unscaled V^T c
   r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
   ;;
 regsv4)  # issue #5 (tenth session): v4 of the FP8 register kernel (the refill under the next tile's first batch, codes
   # loaded a block / k-step ahead, the merge behind an mbarrier for racecheck): smoke, dense rows, the FP8 / sparse
@@ -496,6 +499,7 @@ regsv4)  # issue #5 (tenth session): v4 of the FP8 register kernel (the refill u
   r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
   ;;
 regsab)  # issue #5 (tenth session): the FP8 register kernel with O *= alpha skipped where the maxima did not move, compact
   # slow paths; an A/B of where warp 0 issues the refill (MLA_FP8_REGS_REFILL: after S^T batch 0, 1 or 2), two rounds
@@ -517,6 +521,16 @@ regsv5)  # issue #5 (tenth session): v5 of the FP8 register kernel (S^T codes un
   r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
     --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
+  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
+  ;;
+final10)  # the tenth session's final check (issue #5: "auto" takes the FP8 register kernel for <= 16 rows a KV head):
+  # the FP8 / sparse GPU file (every dense test through auto, regs and narrow; sanitizers), the other GPU tests that
+  # run FP8 caches through the CuPy backend, the FP8 / sparse table with its check, few-long FP8 shapes
+  t 200 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  t 90 t_cupy_fp8_other tests/test_cupy_gpu.py -k "out_float32"
+  t 60 t_cache_api tests/test_cache.py tests/test_api.py
+  r 80 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --check --out "$OUT/bench_fp8_sparse.md"
+  r 40 bench_fp8_b8 python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --h-q 16 --b 8
   ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B

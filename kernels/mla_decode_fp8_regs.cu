@@ -1,60 +1,76 @@
 // mla_decode_fp8_regs.cu -- dense MLA decode from FlashMLA's FP8 cache (656-byte tokens, kernels/mla_fp8.cuh) on
 // Hopper (sm_90a), at most 16 query rows a KV head (DeepSeek's h_q = 16 decode, the memory-bound case where FP8
-// can be up to 1152 / 656 = 1.76x faster than bf16). Issue #5.
+// can be up to 1152 / 656 = 1.76x faster than bf16). Issue #5; "auto" takes it for <= 16 rows a KV head on an H100.
 //
-// What it computes: exactly what the narrow kernel's FP8 build computes (mla_decode_hopper_narrow.cu, MLA_FP8=1;
+// What it computes: what the narrow kernel's FP8 build computes (mla_decode_hopper_narrow.cu, MLA_FP8=1;
 // mla/reference.py on the dequantised cache is the spec), same signature, plan, partial layout and combine, for
-// d = 576, d_v = 512, bf16 q; grid (num_workers, h_kv, ceil(M / 16)), 256 threads.
+// d = 576, d_v = 512, bf16 q; grid (num_workers, h_kv, ceil(M / 16)), 256 threads. P is rounded to bf16 once, as
+// FlashMLA does; the scales are applied in fp32 (S^T) or to P (O^T), see below.
+// H100, 128,1,16,8192 (2026-11-27, tenth session): 0.263-0.266 ms = 1.58x the bf16 narrow kernel (0.419), against
+// the narrow FP8 build's 0.362-0.365 (benchmarks/BENCHMARKS.md, NOTES_cupy.md for the versions v1-v5).
 //
 // Why a second FP8 kernel: the narrow kernel's FP8 build dequantises every tile into a bf16 shared-memory tile
-// (73.7 KB written, then read twice by wgmma) and its two warpgroups work on one tile in lock-step. Here the codes
-// never become a bf16 tile:
+// (73.7 KB written, then read twice by wgmma) and its two warpgroups work on one tile in lock-step; with the keys
+// L2-resident it takes as long as from DRAM (0.37 ms): the work inside the SM is the limit. Here the codes never
+// become a bf16 tile:
 //   1. raw 656-byte token rows land in shared memory by 1-D bulk copies (cp.async.bulk) on mbarriers, one copy per run
 //      of rows contiguous in the cache (a page's rows when h_kv = 1, else a row; any page size), 4 stages of 64 rows
 //      (167936 B) -- up to 4 tiles in flight a CTA;
-//   2. each thread reads the codes it needs with 16-byte shared loads and dequantises them straight into wgmma's
-//      A fragments in registers (the same exact prmt / shift / bf16x2-multiply path as the narrow kernel,
-//      mla_fp8.cuh), so wgmma takes A from registers ("rs") and only the small B operands (Q, P^T) from shared
-//      memory;
+//   2. each thread reads the codes it needs with shared loads and turns them straight into wgmma's A fragments in
+//      registers (bf16 code * 2^-120: one prmt with sign replication, a shift, a mask, 3 instructions a register),
+//      so wgmma takes A from registers ("rs") and only the small B operands (Q, P^T) from shared memory. No scale is
+//      multiplied into A: S^T applies each 128-channel block's scale to that block's fp32 partial, O^T takes it
+//      through P^T (4 copies, one a block);
 //   3. the warpgroups take alternate tiles (tile G of the CTA: stage G % 4, warpgroup G % 2), each with its own
 //      online softmax (m, l, O^T over all 512 channels), merged through shared memory at the end of a piece. One
-//      warpgroup's softmax runs under the other's wgmma and dequantisation; no CTA barrier inside the tile loop.
+//      warpgroup's softmax runs under the other's wgmma and conversion; no CTA barrier inside the tile loop.
 //
-// Per tile of one warpgroup (thread t: warp wq = t / 32, lane group lg = lane / 4, lc = lane % 4):
-//   S^T [64 keys x 16 rows] = K Q^T: 36 k-steps of m64n16k16, A = the keys' channels (rows kA0 = 16 wq + lg and
-//     kA0 + 8), B = Q (K-major, shared memory). The order of the reduction (k) is free as long as A and B agree, so
-//     each thread reads *contiguous* codes -- 32 bytes of a 128-channel block a key, 2 loads -- and Q is stored
-//     with the matching permutation (q_logical): k-step i of block B holds, for lane quad lc, the channels
-//     128 B + 32 lc + 4 i .. + 3 (logical k 2 lc, 2 lc + 1 <- codes 0, 1; 2 lc + 8, + 9 <- codes 2, 3). The RoPE
-//     channels (bf16 in the token) take 4 k-steps the same way, no conversion.
-//   O^T [512 channels x 16 rows] += V^T P^T: 8 channel blocks (m-blocks) x 4 k-steps of m64n16k16, A = V^T from
-//     registers, B = P^T (MN-major, shared memory). Rows (channels) and k (keys) are both free to permute, O^T's
-//     rows only decide where a result is stored: thread (wq, lg) owns the 16 contiguous channels of chunk
-//     8 wq + lg / 2 + 4 (lg % 2) (row lg of m-block mb = channel 2 mb, row lg + 8 = 2 mb + 1 of the chunk), and in
-//     k-step kk lane quad lc owns keys 16 kk + lc + 4 r (r = 0..3 <- logical k 2 lc, 2 lc + 1, 2 lc + 8, 2 lc + 9);
-//     P^T is stored in that key order (p_logical_key). A thread reads 16 bytes (its chunk) of 4 keys a k-step, and
-//     one prmt turns two keys' words into the codes of two A registers. Both choices make every 16-byte shared
-//     load conflict-free (rows are 656 = 5 x 128 + 16 bytes apart: keys lc, lc + 4 .. and chunks lg / 2, + 4).
-//   The A registers of a batch (8 wgmma) are written, fenced (wgmma.fence) and issued; a second batch is converted
-//   while the first runs (wgmma.wait_group 1 before a register set is rewritten).
+// Per tile of one warpgroup (thread t: warp wq = t / 32, lane group lg = lane / 4, lc = lane % 4, c2 = 2 lc):
+//   S^T [64 keys x 16 rows] = K Q^T: 4 code blocks of 8 k-steps + 4 RoPE k-steps of m64n16k16, A = the keys'
+//     channels (rows kA0 = 16 wq + lg and kA0 + 8), B = Q (K-major, shared memory). The order of the reduction (k)
+//     is free as long as A and B agree, so each thread reads *contiguous* codes -- 32 bytes of a 128-channel block a
+//     key, 2 loads -- and Q is stored with the matching permutation (q_logical): k-step i of block B holds, for lane
+//     quad lc, the channels 128 B + 32 lc + 4 i .. + 3 (logical k 2 lc, 2 lc + 1 <- codes 0, 1; 2 lc + 8, + 9 <-
+//     codes 2, 3). Block B accumulates alone (acc[B % 2]) and is folded into S^T in fp32 as partial * 2^120 *
+//     scale[key][B] once its batch is done (exact scaling, one rounding, any scale). The RoPE channels (bf16 in
+//     the token) take 4 k-steps the same way, no conversion. Q's row r is stored times 2^qshift[r] (largest |q| into
+//     [2^14, 2^15)), so that q * code * 2^-120 stays clear of fp32's subnormal range; the softmax scale undoes it.
+//   O^T [512 channels x 16 rows] += V^T P^T: 8 m-blocks (64 channels; m-block mb lies in channel block mb / 2) x
+//     4 k-steps of m64n16k16, A = V^T from registers, B = P^T copy mb / 2 (MN-major, shared memory). O^T's rows
+//     only decide where a result is stored: thread (wq, lg) owns channels 128 B + 32 wq + 4 lg .. + 3 of each block
+//     (row lg of m-block mb = channel j0 = 2 (mb % 2) of those 4, row lg + 8 = j0 + 1), and in k-step kk lane quad
+//     lc the keys of its natural k, 16 kk + c2, + 1, + 8, + 9. It reads 4 bytes a key and block (16 loads a k-step,
+//     conflict-free: rows are 656 = 5 x 128 + 16 bytes apart, so keys c2 + .. of the 4 quads sit 32 bytes apart),
+//     and one prmt builds a register from two keys' words. P^T copy B = bf16(P * scale[key][B] * 2^112), so O^T
+//     accumulates O * 2^-8 (undone at the end); a tile with a scale outside [2^-100, 2^15) (0 allowed) takes the
+//     exact slow path instead: A = codes * scale * 2^-8 (fp32 products, rounded once), P^T = bf16(P) -- chosen for
+//     the whole warpgroup by the OR of a named barrier (barrier.red.or).
+//   The A registers of a batch (8 wgmma) are written, fenced (wgmma.fence) and issued; the next batch is converted
+//   while it runs (wgmma.wait_group 1 before a register set is rewritten); codes are loaded a block / k-step ahead.
 //   Softmax as the narrow kernel (a query row is a column of S^T): masked column max over the 64 keys (shuffles,
-//   then the 4 warps through shared memory, a 128-thread named barrier), P = 2^(s - m) rounded once to bf16 (as
-//   FlashMLA), P^T to shared memory (named barrier), O^T *= alpha.
+//   then the 4 warps through shared memory, the named barrier), P = 2^(s - m), P^T copies to shared memory (named
+//   barrier), O^T *= alpha (skipped by a warp whose maxima did not move).
 //   Stage release: each thread arrives on the stage's "empty" mbarrier once it has converted its last codes of the
-//   tile; warp 0 of the warpgroup then waits for it and issues the bulk copies of tile G + 4 into the stage (their
-//   block-table entries were read at the top of tile G). The "full" mbarrier of a stage counts the copies' bytes.
-// Invalid keys (past the piece in its last tile) are never copied: their stale bytes are masked in S^T (-inf) and
-// zeroed (codes 0, scale 1) in V^T, so no NaN of an old buffer reaches O.
+//   tile; under the warpgroup's next tile's first S^T batch, warp 0 waits for it and issues the bulk copies of tile
+//   G + 4 into the stage (their block-table entries were read at the top of tile G). The "full" mbarrier of a stage
+//   counts the copies' bytes.
+// Invalid keys (past the piece in its last tile) are never copied: stale codes decode to finite values (the bit
+// trick has no NaN), S^T masks them (-inf), their P^T entries are 0 and their stale scales are never multiplied in.
 //
-// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES): 4 stages 167936 B + Q 18432 B
-//   + 2 P^T 4096 B + the merge's O exchange 32768 B + reductions 512 B + (m, l) 256 B + last keys 64 B + 8 mbarriers
-//   64 B = 224128 B.
+// Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py FP8_REGS_SMEM_BYTES): 4 stages 167936 B (the
+//   piece-end merge hands O over in each warpgroup's first stage) + Q 18432 B + 2 x 4 P^T copies 16384 B +
+//   reductions 512 B + m and Q's row factors 256 B + last keys 64 B + 10 mbarriers 80 B = 203664 B.
 //   Q       offset(row, logical ch) = (ch / 8) * 128 + (row / 8) * 64 + (row % 8) * 8 + ch % 8   (elements)
-//   P^T     offset(col, logical key) = ((key / 8) * 2 + col / 8) * 64 + (key % 8) * 8 + col % 8
+//   P^T     offset(col, key) = ((key / 8) * 2 + col / 8) * 64 + (key % 8) * 8 + col % 8
 //   Descriptors: S^T B = Q K-major (LBO 256 B = next 8 channels, SBO 128 B = next 8 rows); O^T B = P^T MN-major
-//   (LBO 256 B = next 8 keys, SBO 128 B = next 8 columns).
+//   (LBO 256 B = next 8 keys, SBO 128 B = next 8 columns), copy B 2048 B further.
+// Versions (H100, 128,1,16,8192, benchmarks/NOTES_cupy.md): v1 one bulk copy a row, 0.416 ms (warp 0's 64 serialised
+// copies held its warpgroup at the first wgmma); v2 one copy a run, 0.311; v3 unscaled V^T codes + P^T copies, Q by
+// cp.async, 0.283; v4 refill under the next tile's first batch, codes loaded ahead, 0.285; v5 S^T scales on the
+// fp32 block partials, Q rows normalised, 0.263-0.266.
 //
-// Compile-time parameters (-D): none of its own (bf16 q, P rounded once); MLA_HAS_WGMMA as mla_wgmma.cuh.
+// Compile-time parameters (-D): MLA_FP8_REGS_REFILL (0: the S^T batch after which warp 0 issues the refill; a timing
+// knob, 0-2 measured the same); bf16 q only; MLA_HAS_WGMMA as mla_wgmma.cuh.
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
 

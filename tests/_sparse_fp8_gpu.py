@@ -186,12 +186,13 @@ def random_sparse_case(kind, b, s_q, h_kv, group, page, max_len, topk, invalid, 
 
 def sanitize_script(backend, topk_length=None):
     """The compute-sanitizer script (a representative subset, outputs poisoned): two FP8 dense launches (varlen with
-    an empty sequence; causal, s_q = 2, h_q = 16: 32 rows a KV head; s_q = 1, h_q = 16: 16 rows: the CuPy narrow
-    kernel's 16-row build; CuPy: that one again through the FP8 register kernel), then a sparse one on a bf16 and
+    an empty sequence; causal, s_q = 2, h_q = 16: 32 rows a KV head; s_q = 1, h_q = 16: 16 rows: the CuPy FP8
+    register kernel; CuPy: that one again through the narrow kernel's 16-row FP8 build), then a sparse one on a bf16 and
     on an FP8 cache (h_q = 128, topk 300 with half the indices -1, an empty sequence, attn_sink). backend: "numba"
     or "cupy"; topk_length: the two sequences' topk_length in the sparse launches (else none)."""
-    # CuPy: the last FP8 dense problem again with the FP8 register kernel forced (kernels/mla_decode_fp8_regs.cu)
-    regs = ("import os; os.environ['MLA_CUPY_FP8_KERNEL'] = 'regs'; "
+    # CuPy: the last FP8 dense problem (16 rows: "auto" takes the FP8 register kernel, kernels/mla_decode_fp8_regs.cu)
+    # again with the narrow kernel's 16-row FP8 build forced
+    narrow16 = ("import os; os.environ['MLA_CUPY_FP8_KERNEL'] = 'narrow'; "
             "mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())[0].get(); "
             "del os.environ['MLA_CUPY_FP8_KERNEL']") if backend == "cupy" else ""
     tl = "" if topk_length is None else f"topk_length=cp.asarray(np.array({list(topk_length)}, np.int32)), "
@@ -210,7 +211,7 @@ def sanitize_script(backend, topk_length=None):
                                         seqlens=[70, 0, 700], dtype=bf, fp8=True)
         c = testing.to_device(case)
         mla.flash_mla_with_kvcache(*c.args(), backend='{backend}', **c.kwargs())[0].get()
-        {regs}
+        {narrow16}
         for fp8 in (False, True):
             case = testing.make_decode_case(rng, b=2, s_q=2, h_q=128, d=576, head_dim_v=512, page_block_size=64,
                                             seqlens=[500, 0], dtype=bf, fp8=fp8)

@@ -50,9 +50,10 @@ def _run(case, on_device=True, plan="arrays", lse_atol=testing.LSE_ATOL, block_t
 # ---- FP8 dense: DeepSeek dims, bf16 q, h_q in {16, 64, 128}, varlen with empty sequences
 
 
-# every dense FP8 test runs as "auto" dispatches and with the FP8 register kernel forced on it
-# (kernels/mla_decode_fp8_regs.cu: any row count, 16 a CTA)
-FP8_DENSE_KERNELS = pytest.mark.parametrize("fp8_kernel", ["auto", "regs"])
+# every dense FP8 test runs as "auto" dispatches (on an H100: the FP8 register kernel up to 16 rows a KV head, the
+# narrow kernel's FP8 build up to 32, the wide one's above) and with the register kernel and the narrow build forced
+# (both take any row count, 16 a CTA)
+FP8_DENSE_KERNELS = pytest.mark.parametrize("fp8_kernel", ["auto", "regs", "narrow"])
 
 
 @pytest.fixture

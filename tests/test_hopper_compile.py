@@ -324,11 +324,13 @@ def test_seesaw_has_no_fp8_build(monkeypatch):
 
 
 @pytest.mark.parametrize("s_q,h_q,forced,want", [
-    (1, 16, None, "narrow"), (2, 16, None, "narrow"), (1, 32, None, "narrow"), (1, 64, None, "wide"),
-    (2, 128, None, "wide"), (1, 16, "wide", "wide"), (2, 128, "narrow", "narrow"), (1, 16, "portable", None)])
+    (1, 16, None, "regs"), (2, 8, None, "regs"), (1, 3, None, "regs"), (2, 16, None, "narrow"), (1, 32, None, "narrow"),
+    (1, 64, None, "wide"), (2, 128, None, "wide"), (1, 16, "wide", "wide"), (1, 16, "narrow", "narrow"),
+    (2, 128, "narrow", "narrow"), (2, 128, "regs", "regs"), (1, 16, "portable", None)])
 def test_fp8_variant(monkeypatch, s_q, h_q, forced, want):
-    """Dense FP8 on an H100: the narrow kernel's FP8 build up to 32 rows a KV head, the wide one's above, the
-    mma.sync kernel (None) when forced; never for sparse problems, fp16 q, other dims or other GPUs."""
+    """Dense FP8 on an H100: the FP8 register kernel up to 16 rows a KV head, the narrow kernel's FP8 build up to
+    32, the wide one's above, the mma.sync kernel (None) when forced; never for sparse problems, fp16 q, other dims
+    or other GPUs."""
     import types
 
     monkeypatch.setattr(cupy_hopper, "device_reason", lambda dev: None)

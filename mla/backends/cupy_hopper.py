@@ -8,7 +8,12 @@ plan, partial buffers and combine kernel:
   ``narrow_nq``) query rows of a KV head on N (S^T = K Q^T, O^T = V^T P^T), 128-byte swizzled K tiles; both
   warpgroups on one tile while the next loads. Launch: grid (workers, h_kv, ceil(rows / nq)), 256 threads,
   ``narrow_smem_bytes`` of shared memory. 96–99% of the copy bandwidth at 128,1,16,8192 (0.42 ms) and 95%
-  with 32 rows (128,2,16,8192: 0.43 ms). Its FP8 build (``fp8_variant``) takes dense FP8 caches.
+  with 32 rows (128,2,16,8192: 0.43 ms). Its FP8 build (``fp8_variant``) takes dense FP8 caches with 17-32 rows.
+* **FP8 register kernel** -- ``kernels/mla_decode_fp8_regs.cu``: dense FP8 caches with at most 16 query rows a KV
+  head (the narrow kernel's grid, signature and plan): raw 656-byte rows by bulk copies into 4 stages, the codes
+  dequantised straight into wgmma's A registers (never a bf16 tile), the scales carried by fp32 block partials
+  (S^T) and by 4 scaled copies of P^T (O^T), the two warpgroups on alternate tiles. 203664 B of shared memory;
+  128,1,16,8192: 0.263-0.266 ms = 1.58x the bf16 narrow kernel (2026-11-27).
 * **wide** -- ``kernels/mla_decode_hopper.cu``: 64 query rows a CTA on M, two warpgroups splitting the
   64 x 512 output, 128-byte swizzled K tiles. Grid (workers, h_kv, ceil(rows / 64)), 256 threads, 229376 B
   of shared memory. Faster than the portable kernel above 16 rows a KV head (128,2,128,8192: 1.94 ms,
@@ -159,12 +164,13 @@ def sparse_ok(problem, dev: int) -> bool:
 
 
 def fp8_variant(problem, dev: int) -> str | None:
-    """The Hopper kernel whose FP8 build takes this dense FP8-cache problem on device ``dev`` (compute
-    capability 9.0, bf16 q): "narrow" up to NARROW_MAX_ROWS (32) query rows a KV head, "wide" above; None
-    (the mma.sync FP8 kernel of cupy_sparse_fp8) elsewhere. H100 (FP8 v2, register stages, prmt dequantisation;
-    the mma.sync times are the third session's): 128,1,16: narrow 0.377 ms vs mma.sync 0.796; 128,1,32: narrow
+    """The Hopper kernel that takes this dense FP8-cache problem on device ``dev`` (compute capability 9.0, bf16 q):
+    "regs" (the FP8 register kernel, kernels/mla_decode_fp8_regs.cu) up to NARROW_ROWS (16) query rows a KV head,
+    the narrow kernel's FP8 build ("narrow") up to NARROW_MAX_ROWS (32), the wide kernel's ("wide") above; None (the
+    mma.sync FP8 kernel of cupy_sparse_fp8) elsewhere. H100: 128,1,16,8192: regs 0.263-0.266 ms = 1.58x the bf16
+    narrow kernel's 0.419 (2026-11-27, tenth session), narrow FP8 0.362-0.365, mma.sync 0.796; 128,1,32: narrow
     0.514 (wide 0.556, mma.sync 0.888); 128,2,128: wide 2.09 vs 4.82.
-    MLA_CUPY_FP8_KERNEL=portable|narrow|wide forces one (narrow / wide: any row count)."""
+    MLA_CUPY_FP8_KERNEL=portable|regs|narrow|wide forces one (regs / narrow / wide: any row count)."""
     forced = os.environ.get("MLA_CUPY_FP8_KERNEL", "auto") or "auto"
     if forced not in FP8_KERNELS:
         raise ValueError(f"MLA_CUPY_FP8_KERNEL must be one of {FP8_KERNELS}, got {forced!r}")
@@ -182,8 +188,9 @@ def fp8_variant(problem, dev: int) -> str | None:
     return "narrow" if rows <= NARROW_MAX_ROWS else "wide"
 
 
-FP8_REGS_AUTO = False
-"""Whether ``fp8_variant`` picks the FP8 register kernel for up to 16 rows a KV head (set from its H100 timing)."""
+FP8_REGS_AUTO = True
+"""Whether ``fp8_variant`` picks the FP8 register kernel for up to 16 rows a KV head (H100, 2026-11-27: 0.263-0.266 ms
+against the narrow kernel's FP8 build's 0.362-0.365 at 128,1,16,8192; benchmarks/BENCHMARKS.md)."""
 
 
 NARROW_MAX_ROWS = 2 * NARROW_ROWS
