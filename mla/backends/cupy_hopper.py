@@ -214,7 +214,7 @@ def variant(problem) -> str:
     set, else "narrow" when a KV head has at most NARROW_MAX_ROWS (32) query rows (s_q * h_q / h_kv), else
     "seesaw" (the wide kernel's tile on FlashMLA's schedule; H100, 2026-11-26, same calls: 128,2,128,8192
     1.65-1.68 ms in a loop against the wide kernel's 2.01-2.10, 128,1,128,4096 0.46-0.47 against 0.56;
-    benchmarks/BENCHMARKS.md). FP8 caches take the wide kernel's FP8 build (``fp8_variant``)."""
+    benchmarks/BENCHMARKS.md). FP8 caches take the kernel ``fp8_variant`` names."""
     forced = _forced_variant()
     if forced != "auto":
         return forced
