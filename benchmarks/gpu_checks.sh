@@ -447,70 +447,8 @@ trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded onc
   r 120 profile_host python3 benchmarks/profile_host.py --backends cupy
   r 90 decode_small python3 benchmarks/bench_decode.py --versions= --reps 30 --cupy-kernels auto --shapes 4,5,1
   ;;
-regs)  # issue #5 (2026-11-27, tenth session): the FP8 register kernel (kernels/mla_decode_fp8_regs.cu: raw rows by bulk
-  # copies, codes dequantised straight into wgmma's A registers, alternate tiles a warpgroup): a smoke run, the dense
-  # FP8 rows at 128,1,16,8192 (auto, narrow and regs forced), the FP8 / sparse GPU file (every dense test with it
-  # forced too, its sanitizer launch)
-  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
-  r 90 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  ;;
-regsncu)  # issue #5 (tenth session): why the FP8 register kernel is slower than predicted (0.416 ms, not ~0.27): its time
-  # with the keys L2-resident (no DRAM), Nsight Compute's stall reasons a SASS instruction, racecheck after the merge fix
-  r 60 bench_resident python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --resident 64
-  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
-  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
-  r 150 ncu_regs_details env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
-  t 100 t_sanitizers tests/test_cupy_fp8_sparse_gpu.py -k "sanitizer or dense_matrix"
-  ;;
-regsruns)  # issue #5 (tenth session): the FP8 register kernel copying runs of contiguous rows (one copy a page part, not
-  # one a row): smoke, the dense rows (DRAM, then L2-resident keys), Nsight Compute's stall samples a SASS instruction
-  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
-  r 60 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
-  r 60 bench_resident python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --resident 64
-  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
-  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
-  ;;
-regsv3)  # issue #5 (tenth session): the FP8 register kernel with unscaled V^T codes (P^T copies carry the scales), Q by
-  # cp.async: smoke, dense rows (DRAM and L2-resident), the FP8 / sparse GPU file (sanitizers, every code exact),
-  # Nsight Compute's stall samples
-  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
-  r 60 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
-  r 60 bench_resident python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --resident 64
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
-  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
-  ;;
-regsv4)  # issue #5 (tenth session): v4 of the FP8 register kernel (the refill under the next tile's first batch, codes
-  # loaded a block / k-step ahead, the merge behind an mbarrier for racecheck): smoke, dense rows, the FP8 / sparse
-  # GPU file, stall samples
-  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
-  r 60 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
-  r 60 bench_resident python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --resident 64
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  r 150 ncu_regs env MLA_CUPY_FP8_KERNEL=regs ncu --clock-control none -k regex:mla_decode --launch-skip 2 \
-    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-    --page source --csv --print-source sass python3 benchmarks/profile_kernel.py --kernel fp8 --b 128 --h-q 16 --s-k 8192
-  python3 benchmarks/ncu_stalls.py "$OUT/ncu_regs.txt" > "$OUT/ncu_regs_summary.txt" && rm "$OUT/ncu_regs.txt"
-  ;;
-regsab)  # issue #5 (tenth session): the FP8 register kernel with O *= alpha skipped where the maxima did not move, compact
-  # slow paths; an A/B of where warp 0 issues the refill (MLA_FP8_REGS_REFILL: after S^T batch 0, 1 or 2), two rounds
-  for round in 1 2; do
-    for refill in 0 1 2; do
-      r 40 "bench_refill${refill}_r$round" env MLA_FP8_REGS_REFILL=$refill python3 benchmarks/bench_fp8_sparse.py \
-        --dense-only --reps 50
-    done
-  done
-  t 150 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
-  ;;
+# (the tenth session's one-off parts regs, regsncu, regsruns, regsv3, regsv4 and regsab -- runs 1-6 of
+# benchmarks/runs/2026-11-27j-h100 -- are in git history, up to commit dffcbb2)
 regsv5)  # issue #5 (tenth session): v5 of the FP8 register kernel (S^T codes unscaled, block partials folded with the
   # scales in fp32, Q rows normalised by a power of two; no S^T slow path): smoke, dense rows twice, the FP8 / sparse
   # GPU file, stall samples

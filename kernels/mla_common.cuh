@@ -165,6 +165,17 @@ __device__ __forceinline__ MlaPiece mla_piece(const MlaWork& w, const int* __res
                   lo, num_splits[i + 1] - lo};
 }
 
+// The key tiles [start, stop_eff) of a piece [start, stop) for a CTA whose last query row is m_last (rows m of a KV
+// head: query row m / group of s_q): causal, no row sees keys past L - s_q + r_max, so stop_eff <= stop; returns
+// ceil((stop_eff - start) / BLOCK_N_) (0: no key).
+template <int BLOCK_N_>
+__device__ __forceinline__ int mla_piece_tiles(int start, int stop, int L, int s_q, int causal, int m_last, int group,
+                                               int& stop_eff) {
+  stop_eff = stop;
+  if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, m_last / group) + 1);
+  return stop_eff > start ? (stop_eff - start + BLOCK_N_ - 1) / BLOCK_N_ : 0;
+}
+
 // ---- where a finished query row of a split-KV decode goes. Row m of KV head g is (r, h) =
 // (m / group, g group + m % group); a sequence with one split writes out / lse directly (direct),
 // otherwise partial p's o_part / lse_part row. Returns the element offset of the row's first channel

@@ -235,9 +235,8 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     const int L = seqlens[i];
     const MlaPiece pc = mla_piece(work, num_splits, i, L);
     const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
-    int stop_eff = stop;  // causal: no column of this CTA sees keys past L - s_q + r_max
-    if (causal) stop_eff = min(stop, L - s_q + min(s_q - 1, (qt * NQ + NQ - 1) / group) + 1);
-    const int n_tiles = stop_eff > start ? (stop_eff - start + BLOCK_N - 1) / BLOCK_N : 0;
+    int stop_eff;  // causal: no column of this CTA sees keys past L - s_q + r_max
+    const int n_tiles = mla_piece_tiles<BLOCK_N>(start, stop, L, s_q, causal, qt * NQ + NQ - 1, group, stop_eff);
     if (tid < NQ) {  // read after the first barrier of the piece's tile loop; free again after the piece's last
       const int m = qt * NQ + tid;
       sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
@@ -399,18 +398,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         }
         wg_bar(wg);
         float mu[NCOL], alpha[NCOL];
-#pragma unroll
-        for (int j = 0; j < NCOL; ++j) {
-          const int col = colof(c2, j);
-          float tmax = sRed[(wg * 4) * NQ + col];
-#pragma unroll
-          for (int w = 1; w < 4; ++w) tmax = fmaxf(tmax, sRed[(wg * 4 + w) * NQ + col]);
-          const float mn = fmaxf(m_run[j], tmax);
-          mu[j] = mn == MLA_NEG_INF ? 0.f : mn;  // a column with no key yet: 2^(-inf - 0) = 0
-          alpha[j] = fast_exp2(m_run[j] - mu[j]);
-          m_run[j] = mn;
-          l_part[j] *= alpha[j];
-        }
+        cols_online_max<NCOL, NQ>(sRed, wg, c2, m_run, l_part, mu, alpha);
         // ---- P = 2^(s - m), this thread's part of l, O *= alpha
 #pragma unroll
         for (int k = 0; k < SREG; ++k) {

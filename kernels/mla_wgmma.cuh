@@ -345,6 +345,27 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const void* map, int c0, in
       : "memory");
 }
 
+// The narrow kernels' column softmax step (mla_decode_hopper_narrow.cu, mla_decode_fp8_regs.cu: a query row is a
+// column of S^T): a thread's NCOL columns c2 + (j & 1) + 8 (j >> 1) take their tile maximum from red[wg][w][col]
+// (the maxima of warpgroup wg's 4 warps, NQ columns), then m_run moves to it, mu is the exponent offset (0 for a
+// column with no key yet: 2^(-inf - 0) = 0) and l_part is rescaled by alpha = 2^(m_run_old - mu).
+template <int NCOL, int NQ_>
+__device__ __forceinline__ void cols_online_max(const float* red, int wg, int c2, float (&m_run)[NCOL],
+                                                float (&l_part)[NCOL], float (&mu)[NCOL], float (&alpha)[NCOL]) {
+#pragma unroll
+  for (int j = 0; j < NCOL; ++j) {
+    const int col = c2 + (j & 1) + 8 * (j >> 1);
+    float tmax = red[(wg * 4) * NQ_ + col];
+#pragma unroll
+    for (int w = 1; w < 4; ++w) tmax = fmaxf(tmax, red[(wg * 4 + w) * NQ_ + col]);
+    const float mn = fmaxf(m_run[j], tmax);
+    mu[j] = mn == MLA_NEG_INF ? 0.f : mn;
+    alpha[j] = fast_exp2(m_run[j] - mu[j]);
+    m_run[j] = mn;
+    l_part[j] *= alpha[j];
+  }
+}
+
 // a compile-time bool as a value (generic lambdas taking it choose a code path with if constexpr)
 template <bool B>
 struct MlaBool {
