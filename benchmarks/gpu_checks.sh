@@ -470,6 +470,12 @@ final10)  # the tenth session's final check (issue #5: "auto" takes the FP8 regi
   r 80 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --check --out "$OUT/bench_fp8_sparse.md"
   r 40 bench_fp8_b8 python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --h-q 16 --b 8
   ;;
+final10b)  # the tenth session's last GPU call (the final code: every shipped cubin byte-identical to run 8's; the
+  # sanitizer script now also runs the register kernel with h_kv = 2 on pages of 32): the FP8 / sparse GPU file, and the
+  # dense FP8 row once more
+  t 200 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 40 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

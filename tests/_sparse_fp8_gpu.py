@@ -187,14 +187,22 @@ def random_sparse_case(kind, b, s_q, h_kv, group, page, max_len, topk, invalid, 
 def sanitize_script(backend, topk_length=None):
     """The compute-sanitizer script (a representative subset, outputs poisoned): two FP8 dense launches (varlen with
     an empty sequence; causal, s_q = 2, h_q = 16: 32 rows a KV head; s_q = 1, h_q = 16: 16 rows: the CuPy FP8
-    register kernel; CuPy: that one again through the narrow kernel's 16-row FP8 build), then a sparse one on a bf16 and
+    register kernel; CuPy: that one again through the narrow kernel's 16-row FP8 build, and h_kv = 2 on pages of 32
+    through the register kernel), then a sparse one on a bf16 and
     on an FP8 cache (h_q = 128, topk 300 with half the indices -1, an empty sequence, attn_sink). backend: "numba"
     or "cupy"; topk_length: the two sequences' topk_length in the sparse launches (else none)."""
     # CuPy: the last FP8 dense problem (16 rows: "auto" takes the FP8 register kernel, kernels/mla_decode_fp8_regs.cu)
     # again with the narrow kernel's 16-row FP8 build forced
+    # and a problem whose 16 rows a KV head take the register kernel's other copy path: h_kv = 2 (one bulk copy a
+    # token row) on pages of 32 (a tile spans pages), with a partial last tile and a split
     narrow16 = ("import os; os.environ['MLA_CUPY_FP8_KERNEL'] = 'narrow'; "
-            "mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())[0].get(); "
-            "del os.environ['MLA_CUPY_FP8_KERNEL']") if backend == "cupy" else ""
+                "mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())[0].get(); "
+                "del os.environ['MLA_CUPY_FP8_KERNEL']; "
+                "c = testing.to_device(testing.make_decode_case(rng, b=2, s_q=1, h_q=32, h_kv=2, d=576, "
+                "head_dim_v=512, page_block_size=32, seqlens=[333, 5], dtype=bf, fp8=True)); "
+                "mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())[0].get()")
+    if backend != "cupy":
+        narrow16 = ""
     tl = "" if topk_length is None else f"topk_length=cp.asarray(np.array({list(topk_length)}, np.int32)), "
     return textwrap.dedent(f"""
         import numpy as np, cupy as cp, mla
