@@ -3,6 +3,7 @@ few-long-sequence shapes of issue #4: does a plan with fewer, longer splits (les
 cheaper combine) beat one worker an SM?
 
     python3 benchmarks/bench_splits.py [--reps 30] [--parts] [--shapes "8,1,16,2048 8,1,16,8192"] [--null]
+        [--contiguous]
 
 Prints one markdown row a (shape, SM basis): num_sms passed to mla.get_mla_metadata (132 = the H100's count,
 the default), the resulting workers and partials, kernel ms (decode + combine, L2 flushed, median).
@@ -24,6 +25,9 @@ def main(argv=None):
     ap.add_argument("--parts", action="store_true",
                     help="at the default SM basis only, also time the decode kernel and the combine alone")
     ap.add_argument("--shapes", default=None, help="b,s_q,h_q,s_k shapes, space-separated (default: SHAPES)")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="block tables in order (sequence i's pages one after another) instead of a random permutation:"
+                         " does page locality (TLB reach, DRAM rows) matter?")
     ap.add_argument("--null", action="store_true",
                     help="first time an empty kernel (132 CTAs of 256 threads) with the same harness: its floor")
     args = ap.parse_args(argv)
@@ -49,7 +53,8 @@ def main(argv=None):
         blocks = b * s_k // PAGE
         q = cupy_backend._random_device(cp, (b, s_q, h_q, D), _arrays.BFLOAT16)
         k = cupy_backend._random_device(cp, (blocks, PAGE, 1, D), _arrays.BFLOAT16)
-        table = cp.asarray(rng.permutation(blocks).astype(np.int32).reshape(b, s_k // PAGE))
+        order = np.arange(blocks) if args.contiguous else rng.permutation(blocks)
+        table = cp.asarray(order.astype(np.int32).reshape(b, s_k // PAGE))
         seqlens = cp.full((b,), s_k, dtype=cp.int32)
         problem = api._validate(q, k, table, seqlens, DV, None, False, False, None, None, None, False)
         nbytes = b * (s_q * h_q * D * 2 + s_k * D * 2 + s_q * h_q * DV * 2)

@@ -476,6 +476,15 @@ final10b)  # the tenth session's last GPU call (the final code: every shipped cu
   t 200 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
   r 40 bench_fp8_dense python3 benchmarks/bench_fp8_sparse.py --dense-only --reps 50 --out "$OUT/bench_fp8_dense.md"
   ;;
+pages10)  # issue #4 (tenth session): do the few-long shapes lose to page scatter? The same shapes with the block tables
+  # in order and permuted (kernels only, decode and combine apart), interleaved, with the long shape as control
+  for round in 1 2; do
+    r 50 "splits_perm_r$round" python3 benchmarks/bench_splits.py --parts --reps 30 \
+      --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
+    r 50 "splits_contig_r$round" python3 benchmarks/bench_splits.py --parts --reps 30 --contiguous \
+      --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
+  done
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)
