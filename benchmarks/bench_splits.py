@@ -3,7 +3,7 @@ few-long-sequence shapes of issue #4: does a plan with fewer, longer splits (les
 cheaper combine) beat one worker an SM?
 
     python3 benchmarks/bench_splits.py [--reps 30] [--parts] [--shapes "8,1,16,2048 8,1,16,8192"] [--null]
-        [--contiguous]
+        [--contiguous] [--clean-flush]
 
 Prints one markdown row a (shape, SM basis): num_sms passed to mla.get_mla_metadata (132 = the H100's count,
 the default), the resulting workers and partials, kernel ms (decode + combine, L2 flushed, median).
@@ -28,6 +28,9 @@ def main(argv=None):
     ap.add_argument("--contiguous", action="store_true",
                     help="block tables in order (sequence i's pages one after another) instead of a random permutation:"
                          " does page locality (TLB reach, DRAM rows) matter?")
+    ap.add_argument("--clean-flush", action="store_true",
+                    help="flush the L2 by reading 256 MB instead of rewriting it (no dirty lines for the launches to"
+                         " write back: cupy_backend.time_launches)")
     ap.add_argument("--null", action="store_true",
                     help="first time an empty kernel (132 CTAs of 256 threads) with the same harness: its floor")
     args = ap.parse_args(argv)
@@ -47,7 +50,8 @@ def main(argv=None):
         empty = cp.RawKernel('extern "C" __global__ void empty() {}', "empty")
         empty.max_dynamic_shared_size_bytes = 182848
         for smem in (0, 182848):
-            t = cupy_backend.time_launches(cp, [(empty, (132,), (256,), (), smem)], flush, args.reps)
+            t = cupy_backend.time_launches(cp, [(empty, (132,), (256,), (), smem)], flush, args.reps,
+                                                 args.clean_flush)
             print(f"| empty kernel, {smem} B dynamic smem | 132 CTAs | | | {t * 1e3:.4f} | |", flush=True)
     for b, s_q, h_q, s_k in shapes:
         blocks = b * s_k // PAGE
@@ -61,13 +65,13 @@ def main(argv=None):
         for sms in (132,) if args.parts else (132, 110, 88, 66, 44):
             sched, splits = mla.get_mla_metadata(seqlens.get(), s_q * h_q, 1, num_sms=sms)
             launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")
-            t = cupy_backend.time_launches(cp, launches, flush, args.reps)
+            t = cupy_backend.time_launches(cp, launches, flush, args.reps, args.clean_flush)
             print(f"| {b}, {s_q}, {h_q}, {s_k} | {sms} | {sched.shape[0]} | {int(splits[-1])} | {t * 1e3:.4f} | "
                   f"{nbytes / t / 1e9:.0f} |", flush=True)
             if args.parts:  # the decode alone, the combine alone (on the decode's partials), each L2-flushed
                 for name, part in (("decode alone", launches[:1]), ("combine alone", launches[1:])):
                     if part:
-                        tp = cupy_backend.time_launches(cp, part, flush, args.reps)
+                        tp = cupy_backend.time_launches(cp, part, flush, args.reps, args.clean_flush)
                         print(f"| {b}, {s_q}, {h_q}, {s_k} | {name} | | | {tp * 1e3:.4f} | |", flush=True)
 
 

@@ -485,6 +485,16 @@ pages10)  # issue #4 (tenth session): do the few-long shapes lose to page scatte
       --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
   done
   ;;
+flush10)  # issue #4 (tenth session): the harness rewrites a 256 MB buffer to flush the L2, which leaves it full of dirty
+  # lines the timed kernels' first reads must write back. The few-long and long shapes with that flush and with a
+  # read-only one (clean lines), interleaved, plus the empty kernel's floor under each
+  for round in 1 2; do
+    r 50 "splits_dirty_r$round" python3 benchmarks/bench_splits.py --parts --reps 30 --null \
+      --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
+    r 50 "splits_clean_r$round" python3 benchmarks/bench_splits.py --parts --reps 30 --null --clean-flush \
+      --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
+  done
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)

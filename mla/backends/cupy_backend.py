@@ -392,12 +392,18 @@ def _random_device(cp, shape, dtype):
     return bits.view(dtype)
 
 
-def time_launches(cp, launches, flush, reps: int) -> float:
+def time_launches(cp, launches, flush, reps: int, clean_flush: bool = False) -> float:
     """Median seconds of one pass over ``launches`` ((fn, grid, block, args, smem) tuples): CUDA
-    events, the L2 flushed by rewriting ``flush`` before every rep, 3 warm-up reps dropped."""
+    events, the L2 flushed by rewriting ``flush`` before every rep (as FlashMLA's benchmark zeroes a buffer), 3
+    warm-up reps dropped. clean_flush: flush by *reading* ``flush`` instead (a sum), so that the L2 holds clean lines
+    when the launches start: rewriting leaves up to the L2's 50 MB dirty, and the launches' first reads then pay
+    for writing them back (benchmarks/BENCHMARKS.md, 2026-11-27)."""
     times = []
     for rep in range(reps + 3):
-        flush.fill(rep & 0xFF)
+        if clean_flush:
+            flush.view(cp.uint64).sum()
+        else:
+            flush.fill(rep & 0xFF)
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         start.record()
         for fn, grid, block, args, smem in launches:
