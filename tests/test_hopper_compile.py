@@ -1205,6 +1205,38 @@ def test_emulator_catches_narrow_kernel_bugs(monkeypatch, edit):
         testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
 
 
+REGS_EDITS = {  # planted bugs the emulator must catch in the FP8 register kernel: (old, new) source text, replace-all
+    "a V^T register from the other channel": ("fp8_pair_sel(j))", "fp8_pair_sel(j ^ 1))"),
+    "P^T copy of the wrong channel block": ("dp + (((mb >> 1) * P_EL * 2) >> 4)",
+                                            "dp + ((((mb >> 1) ^ 1) * P_EL * 2) >> 4)"),
+    "Q's row factor not undone": ("cfac[j] = scale_log2 * sQfac[colof(c2, j)]", "cfac[j] = scale_log2"),
+    "O's 2^-8 not undone": ("* inv * O_UNBIAS, e_other = (wg ? e0 : e1) * inv * O_UNBIAS",
+                            "* inv, e_other = (wg ? e0 : e1) * inv"),
+    "a block's scale not applied in S^T": ("if (B < 4) v = one_step ?", "if (B < 3) v = one_step ?"),
+}
+# (Not here: the refill's wait for the stage's readers. The emulator, like the hardware, makes all 4 warps of a
+# warpgroup meet at each wgmma, and warp 0 issues the refill after the next tile's first one, so no reader can lag;
+# the mbarrier makes that order explicit for the memory model and for racecheck.)
+
+
+@needs_gxx
+@pytest.mark.parametrize("edit", list(REGS_EDITS))
+def test_emulator_catches_fp8_regs_bugs(monkeypatch, edit):
+    """Self-test for the FP8 register kernel: each planted bug (a wrong fragment byte, the wrong block's P^T copy, a
+    scale factor left out) makes the emulated result wrong, so the passing runs test these."""
+    import mla
+    from mla import testing
+
+    rng = np.random.default_rng(9)
+    case = testing.make_decode_case(rng, b=2, s_q=1, h_q=16, h_kv=1, d=576, head_dim_v=512, page_block_size=64,
+                                    seqlens=[700, 300], dtype=BF16, causal=False, fp8=True)
+    want, lse_want = mla.flash_mla_with_kvcache(*case.args(), is_fp8_kvcache=True, backend="numpy")
+    out, lse, _, _ = _run_emulated(monkeypatch, case, 1, True, "skewed", fp8=True, regs=True,
+                                   source_edit=REGS_EDITS[edit])
+    with pytest.raises(AssertionError):
+        testing.assert_close(out, lse, want, lse_want, out_atol=testing.out_atol(case))
+
+
 SEESAW_EDITS = {  # planted bugs the emulator must catch in the seesaw kernel: (edit, loads, eager copies, P split)
     "P_A' lo written before P_A V_AL is done (split build)": (
         ("          wg_wait<0>();  // P_A V_AL done", "          // P_A V_AL done"), "tma", False, 1),
