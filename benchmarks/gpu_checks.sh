@@ -495,6 +495,11 @@ flush10)  # issue #4 (tenth session): the harness rewrites a 256 MB buffer to fl
       --shapes "8,1,16,8192 1,1,128,32768 128,1,16,8192"
   done
   ;;
+final10c)  # the tenth session's changes to mla/backends/cupy_hopper.py (dispatch) and cupy_backend.py (time_launches) reach
+  # the bf16 / fp16 paths too: the whole CuPy decode GPU file, and the wgmma probes
+  t 420 t_cupy tests/test_cupy_gpu.py
+  t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)
