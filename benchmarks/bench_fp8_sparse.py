@@ -23,7 +23,6 @@ dense FP8 row under each FP8 tiling, each first checked on a small poisoned case
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
     kinds = (("bf16 portable", k), ("fp8", k8)) if backend == "numba" else (
         ("bf16 auto", k), ("bf16 portable", k), ("fp8", k8))
     if backend == "cupy" and s_q * h_q <= 16 and cupy_hopper.device_reason(dev) is None:
-        # the two Hopper FP8 kernels for <= 16 rows, forced (MLA_CUPY_FP8_KERNEL), beside what "auto" runs
+        # the two Hopper FP8 kernels for <= 16 rows, each forced, beside what "auto" runs
         kinds += (("fp8 narrow", k8), ("fp8 regs", k8))
     for kind, cache in kinds:
         fp8 = kind.startswith("fp8")
@@ -98,16 +97,10 @@ def bench_dense(b, s_q, h_q, s_k, reps, flush, rows, backend="cupy"):
         if backend == "numba":
             launches, cfg = _numba_launches(q, cache, table, seqlens, fp8, None, sched, splits), "numba"
         elif fp8:
-            forced = kind.split()[1] if " " in kind else os.environ.get("MLA_CUPY_FP8_KERNEL", "auto")
-            saved = os.environ.get("MLA_CUPY_FP8_KERNEL")
-            os.environ["MLA_CUPY_FP8_KERNEL"] = forced
-            try:
+            if " " in kind:  # a Hopper FP8 kernel forced by name
+                launches, _, _ = cupy_hopper.prepare(cp, problem, sched, splits, dev, kind.split()[1])
+            else:
                 launches, _, _ = cupy_sparse_fp8.prepare(problem, sched, splits, dev)
-            finally:
-                if saved is None:
-                    del os.environ["MLA_CUPY_FP8_KERNEL"]
-                else:
-                    os.environ["MLA_CUPY_FP8_KERNEL"] = saved
             cfg = cupy_sparse_fp8.config(D, DV, s_q * h_q, cupy_backend._max_smem(dev), True, False)
         elif kind == "bf16 auto":
             launches, _, _ = cupy_backend._prepare(cp, problem, sched, splits, dev, "auto")

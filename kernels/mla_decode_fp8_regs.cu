@@ -69,15 +69,10 @@
 // cp.async, 0.283; v4 refill under the next tile's first batch, codes loaded ahead, 0.285; v5 S^T scales on the
 // fp32 block partials, Q rows normalised, 0.263-0.266.
 //
-// Compile-time parameters (-D): MLA_FP8_REGS_REFILL (0: the S^T batch after which warp 0 issues the refill; a timing
-// knob, 0-2 measured the same); bf16 q only; MLA_HAS_WGMMA as mla_wgmma.cuh.
+// Compile-time parameters (-D): none of its own (bf16 q only); MLA_HAS_WGMMA as mla_wgmma.cuh. (Where warp 0 issues
+// the refill -- after S^T batch 0, 1 or 2 -- measured the same, run 6: batch 0.)
 #include "mla_common.cuh"
 #include "mla_wgmma.cuh"
-
-// Timing knob (benchmarks only): the S^T batch after which warp 0 issues the refill its warpgroup's previous tile left
-#ifndef MLA_FP8_REGS_REFILL
-#define MLA_FP8_REGS_REFILL 0
-#endif
 
 namespace f8r {
 constexpr int D = 576, DV = 512, NQ = 16, BLOCK_N = 64, NTHREADS = 256, STAGES = 4;
@@ -361,7 +356,7 @@ mla_decode_fp8_regs(const mla_elem_t* __restrict__ q, const void* __restrict__ k
           for (int k = 0; k < (B < 4 ? 8 : 4); ++k)
             wg_mma_m64n16k16_rs(acc[B & 1], fb[k][0], fb[k][1], fb[k][2], fb[k][3], dq + (8 * B + k) * Q_KSTEP, k > 0);
           wg_commit();
-          if (B == MLA_FP8_REGS_REFILL && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by the previous tile,
+          if (B == 0 && wq == 0 && pend_tt >= 0) {  // warp 0: the refill left by the previous tile,
             // under the first batch (at the end of that tile warp 0 waited for the others; here they wait for it)
             const int Gp = base + pend_tt - STAGES;  // the released use of the stage
             mbar_wait(bars + 8 * (STAGES + (Gp & (STAGES - 1))), (Gp >> 2) & 1);

@@ -255,7 +255,7 @@ __device__ __forceinline__ void wg_mma_m64n64k16_ss_tt(float (&d)[32], u64 desc_
       : "l"(desc_a), "l"(desc_b), "r"(1)
       : "memory");
 }
-// ---- the register-A shapes of kernels/mla_decode_fp8_narrow.cu (FP8 codes dequantised straight into A fragments)
+// ---- the register-A shapes of kernels/mla_decode_fp8_regs.cu (FP8 codes dequantised straight into A fragments)
 // D[64 x 16] = A[64 x 16] B[16 x 16]^T (+ D when accumulate): A from registers (the m64nNk16 A fragment), B K-major
 // in shared memory (S^T = K Q^T)
 __device__ __forceinline__ void wg_mma_m64n16k16_rs(float (&d)[8], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b,

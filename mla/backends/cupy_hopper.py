@@ -71,17 +71,16 @@ SEESAW_SOURCE, SEESAW_FUNCTION = "mla_decode_seesaw.cu", "mla_decode_seesaw"
 SEESAW_SMEM_BYTES = 3 * TILE_BYTES + 64 * 128 + 4 * 64 * 4 + (2 * 9 + 2) * 8
 """Dynamic shared memory of the seesaw kernel: Q + 2 K buffers + P_B lo + m_A, m_B, l + 20 mbarriers (230560 B)."""
 SEESAW_LOADS = ("auto", "tma", "cpasync")
+FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 # The FP8 register kernel (kernels/mla_decode_fp8_regs.cu): dense FP8 caches, at most 16 query rows a CTA (the narrow
 # kernel's grid, signature and plan); raw token rows by bulk copies, codes dequantised straight into wgmma's A
 # registers, the warpgroups on alternate tiles.
 FP8_REGS_SOURCE, FP8_REGS_FUNCTION = "mla_decode_fp8_regs.cu", "mla_decode_fp8_regs"
-FP8_REGS_SMEM_BYTES = 4 * 64 * 656 + 2 * (16 * D + 2 * 4 * 16 * 64) + 4 * (2 * 4 * 16 + 2 * 2 * 16 + 16) + 80
+FP8_REGS_SMEM_BYTES = 4 * 64 * FP8_BYTES + 2 * (16 * D + 2 * 4 * 16 * 64) + 4 * (2 * 4 * 16 + 2 * 2 * 16 + 16) + 80
 """Dynamic shared memory of the FP8 register kernel: 4 raw stages (the piece-end merge exchanges O through two of them)
 + Q + 2 x 4 P^T copies + reductions + m + last keys + 10 mbarriers (203664 B)."""
 VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
-
-FP8_BYTES = 656  # one token of FlashMLA's FP8 cache (kernels/mla_fp8.cuh)
 
 
 def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
@@ -183,14 +182,7 @@ def fp8_variant(problem, dev: int) -> str | None:
     if forced in ("regs", "narrow", "wide"):
         return forced
     rows = problem.s_q * problem.h_q // problem.h_kv
-    if rows <= NARROW_ROWS and FP8_REGS_AUTO:
-        return "regs"
-    return "narrow" if rows <= NARROW_MAX_ROWS else "wide"
-
-
-FP8_REGS_AUTO = True
-"""Whether ``fp8_variant`` picks the FP8 register kernel for up to 16 rows a KV head (H100, 2026-11-27: 0.263-0.266 ms
-against the narrow kernel's FP8 build's 0.362-0.365 at 128,1,16,8192; benchmarks/BENCHMARKS.md)."""
+    return "regs" if rows <= NARROW_ROWS else "narrow" if rows <= NARROW_MAX_ROWS else "wide"
 
 
 NARROW_MAX_ROWS = 2 * NARROW_ROWS
@@ -329,8 +321,6 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     d = defines(fp16)
     if fp8 and which != "regs":
         d["MLA_FP8"] = 1
-    if which == "regs" and os.environ.get("MLA_FP8_REGS_REFILL"):  # timing knob (mla_decode_fp8_regs.cu)
-        d["MLA_FP8_REGS_REFILL"] = int(os.environ["MLA_FP8_REGS_REFILL"])
     nq = NARROW_ROWS if which == "regs" else narrow_nq(problem)
     if narrow and nq != NARROW_ROWS:
         d["MLA_NQ"] = nq
