@@ -500,6 +500,11 @@ final10c)  # the tenth session's changes to mla/backends/cupy_hopper.py (dispatc
   t 420 t_cupy tests/test_cupy_gpu.py
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
   ;;
+review10)  # the tenth session's review (the bench forces a Hopper FP8 kernel through prepare's which=; cubins unchanged):
+  # smoke, the dense FP8 rows, the FP8 / sparse table with its check
+  r 40 smoke python3 benchmarks/fp8_regs_smoke.py
+  r 60 bench_fp8_sparse python3 benchmarks/bench_fp8_sparse.py --reps 20 --check --out "$OUT/bench_fp8_sparse.md"
+  ;;
 final9b)  # the ninth session's final check (run 3 at ff670a4; the final commit's shipped cubins are byte-identical):
   # both CuPy decode GPU files (the CUDA-graph TMA test fixed), the P split / fp16 rows (run 3 also timed two A/B
   # diagnostics since removed), the FP8 / sparse table, the few-long shapes (decode and combine apart)
