@@ -439,6 +439,17 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+few11a)  # issue #4 (eleventh session): where the few-long shapes' time goes with a clean L2 (read-flushed), the tight plan
+  # under that flush, and whether a cooperative launch + grid barrier (a combine fused into the decode) is cheap
+  r 60 coop_probe python3 benchmarks/coop_probe.py --reps 50
+  r 60 splits_rewrite python3 benchmarks/bench_splits.py --parts --shapes "8,1,16,8192 1,1,128,32768" --reps 30
+  r 60 splits_clean python3 benchmarks/bench_splits.py --parts --shapes "8,1,16,8192 1,1,128,32768" --reps 30 \
+    --clean-flush --null
+  r 60 splits_clean_tight env MLA_PLAN_TIGHT=1 python3 benchmarks/bench_splits.py --parts --shapes "8,1,16,8192" \
+    --reps 30 --clean-flush
+  r 60 trace_clean python3 benchmarks/narrow_trace.py --b 8 --clean-flush
+  r 60 trace_rewrite python3 benchmarks/narrow_trace.py --b 8
+  ;;
 trace9)  # issue #4 (ninth session): the seesaw timeline with bf16 P rounded once (the default now; run 4 also traced two
   # A/B orders through diagnostics since removed: git 7cfd4d7, and the handover of runs 6-7: part "handover" at
   # eac1cb9); and where a small decode call's host time goes (the API loop of the few-long shapes took 0.21-0.24 ms in
