@@ -66,6 +66,7 @@
 // Compile-time parameters (-D): MLA_FP16 (0 = bf16), MLA_P_SPLIT (default 0: bf16 P rounded once, as FlashMLA;
 //   1: P_hi + P_lo), MLA_FP8 (0).
 #include "mla_common.cuh"
+#include "mla_fused_combine.cuh"
 #include "mla_wgmma.cuh"
 
 #ifndef MLA_FP8
@@ -227,6 +228,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][0] = narrow_globaltimer();
 #endif
   const MlaWork work = mla_work(sched, blockIdx.x);
+  const bool force = force_partials & MLA_MODE_PARTIALS, fused = force_partials & MLA_MODE_FUSED;
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const bool trace_on =
@@ -462,7 +464,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       for (int j = 0; j < NCOL; ++j) sRed[(wg * 4 + wq) * NQ + colof(c2, j)] = l_part[j];
     }
     wg_bar(wg);
-    const bool direct = nsplit == 1 && !force_partials;
+    const bool direct = nsplit == 1 && !force;
     const int p = lo + split;
     long long orow[NCOL];
     float inv[NCOL];
@@ -490,8 +492,13 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         if (direct) out[orow[j] + ch] = to_elem(v);
         else o_part[orow[j] + ch] = v;
       }
-    __syncthreads();  // sRed is free for the next piece
+    __syncthreads();  // sRed is free for the next piece (and this piece's partial rows are all written)
+    if (fused && !direct) {  // (fused launches never force partials: not direct means split)
+      if (tid == 0) mla_fused_arrive(mla_fused_counters(sched, gridDim.x, blockIdx.x, split, i));
+    }
   }
+  if (fused)  // (after every arrival of this CTA: see mla_fused_combine.cuh)
+    mla_fused_merge_all<DV, NTHREADS>(work, sched, o_part, lse_part, num_splits, out, lse_out, s_q, h_q);
 #if MLA_NARROW_TRACE
   if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][1] = narrow_globaltimer();
 #endif

@@ -82,6 +82,7 @@
 // (bar.arrive); compute-sanitizer's racecheck reported hazards for those orderings (as for the wide kernel's S
 // exchange, 2026-11-25), and the full syncs were not slower (1.61-1.89 against 1.82-2.05 ms).
 #include "mla_common.cuh"
+#include "mla_fused_combine.cuh"
 #include "mla_wgmma.cuh"
 
 #ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
@@ -219,6 +220,7 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 
   if (k0 & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
   const MlaWork work = mla_work(sched, blockIdx.x);
+  const bool force = force_partials & MLA_MODE_PARTIALS, fused = force_partials & MLA_MODE_FUSED;
 #if MLA_SEESAW_TMA
   if (tid == 0) {
     for (int b = 0; b < 2 * NPIECES; ++b) mbar_init(bars + 8 * b, 1);
@@ -560,9 +562,16 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
     __syncthreads();  // sL is read before anyone's next piece writes it
     const float inv0 = l_run0 > 0.f ? 1.f / l_run0 : 0.f, inv1 = l_run1 > 0.f ? 1.f / l_run1 : 0.f;
     const float lse0 = mla_row_lse(m_run0, l_run0), lse1 = mla_row_lse(m_run1, l_run1);
-    wg_store_rows(o, inv0, inv1, lse0, lse1, m0, M, group, g, i, pc.lo + pc.split, s_q, h_q,
-                  pc.nsplit == 1 && !force_partials, wg, lane, out, o_part, lse_out, lse_part);
+    const bool direct = pc.nsplit == 1 && !force;
+    wg_store_rows(o, inv0, inv1, lse0, lse1, m0, M, group, g, i, pc.lo + pc.split, s_q, h_q, direct, wg, lane, out,
+                  o_part, lse_out, lse_part);
+    if (fused && !direct) {  // (fused launches never force partials: not direct means split)
+      __syncthreads();       // this piece's partial rows are all written
+      if (tid == 0) mla_fused_arrive(mla_fused_counters(sched, gridDim.x, blockIdx.x, pc.split, i));
+    }
   }
+  if (fused)  // (after every arrival of this CTA: see mla_fused_combine.cuh)
+    mla_fused_merge_all<DV, NTHREADS>(work, sched, o_part, lse_part, num_splits, out, lse_out, s_q, h_q);
 #else
   __trap();  // built for a target without wgmma (sm_90a only): never launched there
 #endif

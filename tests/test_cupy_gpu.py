@@ -7,6 +7,7 @@ tolerances, every kernel of the backend over the case matrix, plus hypothesis ov
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import textwrap
@@ -294,6 +295,76 @@ def _replay_and_check(graph, stream, rng, case, c, out, lse, seqlens, split_p=Fa
     testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.OUT_ATOL if split_p else testing.out_atol(case))
 
 
+FUSED_CASES = [(1, [20000], 1, 16, 1, False), (4, [3000, 65, 9000, 1], 1, 16, 2, False),
+               (3, [5000, 0, 7000], 2, 128, 1, True), (5, [4097, 300, 12000, 64, 2500], 1, 64, 1, False),
+               (2, [8192, 8192], 2, 16, 1, True)]
+
+
+@pytest.mark.parametrize("kernel", ["hopper", "hopper-narrow", "hopper-seesaw", "hopper-seesaw-tma"])
+@pytest.mark.parametrize("b,seqlens,s_q,h_q,h_kv,causal", FUSED_CASES,
+                         ids=[f"b{c[0]}-sq{c[2]}-hq{c[3]}-hkv{c[4]}" for c in FUSED_CASES])
+def test_fused_merge_matches_the_combine_kernel(monkeypatch, kernel, b, seqlens, s_q, h_q, h_kv, causal):
+    """The narrow and seesaw kernels merge their own split sequences (kernels/mla_fused_combine.cuh, a cooperative
+    launch and no combine kernel): the same bits as their builds followed by mla_combine.cu (MLA_CUPY_FUSED_COMBINE=0;
+    both sum the splits in order), the reference's answer, one launch instead of two, and the plan's counter words
+    back at 0 after every call, so that the next call with the same device plan (a model's next layer) works."""
+    cp = _arrays.cupy_module()
+    rng = np.random.default_rng(b * 1000 + h_q)
+    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=seqlens, dtype=BF16, causal=causal)
+    c = testing.to_device(case)
+    sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * h_q // h_kv, h_kv)  # a device plan
+    assert int(splits[-1].get()) > b  # some sequence is split: something to merge
+    plan_before = sched.get()
+    launched = []
+    run = cupy_backend.run_launches
+    monkeypatch.setattr(cupy_backend, "run_launches", lambda cp_, launches: (launched.append(len(launches)),
+                                                                             run(cp_, launches)))
+    monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
+    results = {}
+    for fused in ("1", "0", "1"):
+        monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", fused)
+        out, lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
+        results.setdefault(fused, []).append((out.view(cp.uint16).get(), lse.get()))
+        np.testing.assert_array_equal(sched.get(), plan_before)  # the counters (words 5, 6) are 0 again
+    assert launched == [1, 2, 1]
+    (fused_out, fused_lse), (again_out, again_lse) = results["1"]
+    plain_out, plain_lse = results["0"][0]
+    np.testing.assert_array_equal(fused_out, plain_out)
+    np.testing.assert_array_equal(fused_lse, plain_lse)
+    np.testing.assert_array_equal(again_out, fused_out)
+    np.testing.assert_array_equal(again_lse, fused_lse)
+    out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
+                                                     causal=causal)
+    testing.assert_close(fused_out.view(BF16), fused_lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
+
+
+def test_fused_merge_reasons(monkeypatch):
+    """Where the fused merge is declined (cupy_hopper.fused_reason): FP8 caches, out_dtype=float32, other kernels,
+    grids larger than one CTA an SM (a cooperative launch would be shrunk by CuPy), and MLA_CUPY_FUSED_COMBINE=0."""
+    from mla import api
+    from mla.backends import cupy_hopper
+
+    cp = _arrays.cupy_module()
+    dev = cp.cuda.Device().id
+    sms = cp.cuda.Device(dev).attributes["MultiProcessorCount"]
+    case = testing.make_decode_case(np.random.default_rng(3), b=2, h_q=16, d=576, head_dim_v=512,
+                                    page_block_size=64, seqlens=[4000, 50], dtype=BF16)
+    problem = api._validate(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512, None, False, False,
+                            None, None, None, True)
+    assert cupy_hopper.fused_reason(problem, "narrow", sms, dev) is None
+    assert cupy_hopper.fused_reason(problem, "seesaw", sms, dev) is None
+    assert "cannot be resident" in cupy_hopper.fused_reason(problem, "narrow", sms + 1, dev)
+    assert "not 'wide'" in cupy_hopper.fused_reason(problem, "wide", 8, dev)
+    problem32 = dataclasses.replace(problem, out_dtype=np.dtype(np.float32))
+    assert "float32" in cupy_hopper.fused_reason(problem32, "narrow", 8, dev)
+    monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "0")
+    assert cupy_hopper.fused_reason(problem, "narrow", 8, dev) == "MLA_CUPY_FUSED_COMBINE=0"
+    monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "2")
+    with pytest.raises(ValueError, match="MLA_CUPY_FUSED_COMBINE"):
+        cupy_hopper.fused_reason(problem, "narrow", 8, dev)
+
+
 @pytest.mark.parametrize("kernel", ["hopper", "hopper-seesaw-tma"])
 @pytest.mark.parametrize("page", [128, 256])
 def test_seesaw_tma_on_larger_pages(kernel, page):
@@ -474,7 +545,10 @@ _SANITIZE = textwrap.dedent("""
     rng = np.random.default_rng(0)
     for kw in (dict(d=576, head_dim_v=512, page_block_size=64, h_q=16, s_q=1, seqlens=[0, 70, 130]),
                dict(d=576, head_dim_v=512, page_block_size=64, h_q=64, s_q=2, seqlens=[100, 1], causal=True),
-               dict(d=40, head_dim_v=33, page_block_size=7, h_q=6, h_kv=3, s_q=2, seqlens=[0, 50])):
+               dict(d=40, head_dim_v=33, page_block_size=7, h_q=6, h_kv=3, s_q=2, seqlens=[0, 50]),
+               # split sequences: the narrow and seesaw kernels merge them themselves (kernels/mla_fused_combine.cuh)
+               dict(d=576, head_dim_v=512, page_block_size=64, h_q=16, s_q=1, seqlens=[5000, 70]),
+               dict(d=576, head_dim_v=512, page_block_size=64, h_q=128, s_q=1, seqlens=[3000])):
         case = testing.make_decode_case(rng, b=len(kw['seqlens']), dtype=mla._arrays.BFLOAT16, **kw)
         c = testing.to_device(case)
         out, lse = mla.flash_mla_with_kvcache(*c.args(), backend='cupy', **c.kwargs())

@@ -751,6 +751,11 @@ inline void mbar_arrive(u32 bar) {
 inline unsigned long long narrow_globaltimer() {  // (the narrow kernel's trace build, GPU only)
   emu::fail("MLA_NARROW_TRACE is a GPU diagnostic, not emulated");
 }
+// The fused merge (kernels/mla_fused_combine.cuh) has the CTAs of a sequence wait for each other; the emulator runs
+// one CTA at a time, so it cannot: the emulated launches never set MLA_MODE_FUSED (GPU-tested: test_cupy_gpu.py)
+inline void mla_fused_arrive(int*) { emu::fail("the fused merge needs every CTA resident: GPU only, not emulated"); }
+inline void mla_fused_wait(const int*, int) { emu::fail("the fused merge is GPU only, not emulated"); }
+inline void mla_fused_depart(int*, int) { emu::fail("the fused merge is GPU only, not emulated"); }
 inline bool mbar_try_wait(u32 bar, u32 parity) {
   tmaemu::MBar& b = tmaemu::at(bar);
   if ((b.phase & 1u) != parity) return true;
@@ -798,7 +803,8 @@ MODELLED = {"fence_proxy_async", "named_bar_sync", "named_bar_arrive", "wg_fence
             "wg_mma_m64n16k16_ss_tt", "wg_mma_m64n32k16_ss_tt", "wg_mma_m64n64k16_ss_tt", "wg_mma_m64n64k16_ss",
             "wg_mma_m64n256k16_ss_nmajor", "mbar_init", "fence_mbar_init", "mbar_arrive_expect_tx", "mbar_try_wait",
             "tensormap_acquire", "tma_load_3d", "narrow_globaltimer", "wg_mma_m64n16k16_rs",
-            "wg_mma_m64n16k16_rs_t", "bulk_load", "mbar_arrive", "named_bar_red_or"}
+            "wg_mma_m64n16k16_rs_t", "bulk_load", "mbar_arrive", "named_bar_red_or", "mla_fused_arrive",
+            "mla_fused_wait", "mla_fused_depart"}
 
 
 try:

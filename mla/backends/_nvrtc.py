@@ -134,19 +134,24 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 @functools.cache
-def _load(name: str, function: str, defines: tuple, arch: str | None, device_id: int):
+def _load(name: str, function: str, defines: tuple, arch: str | None, device_id: int, cooperative: bool):
     import cupy
 
-    module = cupy.RawModule(code=read_source(name), options=options(arch, dict(defines)), backend="nvrtc")
+    module = cupy.RawModule(code=read_source(name), options=options(arch, dict(defines)), backend="nvrtc",
+                            enable_cooperative_groups=cooperative)
     return module.get_function(function)
 
 
-def load_function(name: str, function: str, defines: dict | None = None, arch: str | None = None):
+def load_function(name: str, function: str, defines: dict | None = None, arch: str | None = None,
+                  cooperative: bool = False):
     """A ``cupy.RawKernel``-like function compiled for the current device (cached).
 
-    arch None lets CuPy pick the device's architecture; pass "sm_90a" for wgmma kernels.
+    arch None lets CuPy pick the device's architecture; pass "sm_90a" for wgmma kernels. cooperative: calls launch
+    it cooperatively (every CTA of the grid resident at once; CuPy 14 compiles the same code for it). Beware: CuPy
+    then *shrinks* a grid larger than the device holds (with a warning) instead of failing, so the caller must launch
+    only grids that fit (``cupy_hopper.fused_reason``).
     """
     import cupy
 
     key = tuple(sorted((defines or {}).items()))
-    return _load(name, function, key, arch, cupy.cuda.Device().id)
+    return _load(name, function, key, arch, cupy.cuda.Device().id, bool(cooperative))

@@ -325,6 +325,11 @@ def combine_function(dv: int, fp16: bool, out_float32: bool, rows: int):
     return _nvrtc.load_function("mla_combine.cu", "mla_combine", defines)
 
 
+MODE_FUSED = 2
+"""Bit 1 of the decode kernels' force_partials argument: the launch merges its own split sequences
+(kernels/mla_fused_combine.cuh, MLA_MODE_FUSED); bit 0 is force_partials proper."""
+
+
 def allocate_outputs(xp, problem, q_dtype, partial_rows: int, out_float32: bool, poison: bool):
     """out [b, s_q, h_q, d_v] (q's dtype, or float32 when out_float32), lse f32 [b, h_q, s_q] and the
     partial buffers o_part f32 [partial_rows, s_q, h_q, d_v], lse_part f32 [partial_rows, s_q, h_q]
@@ -343,7 +348,7 @@ def allocate_outputs(xp, problem, q_dtype, partial_rows: int, out_float32: bool,
 
 
 def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, block_m: int, threads: int, smem: int,
-                   poison: bool = False):
+                   poison: bool = False, fused_fn=None):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] of a dense decode kernel
     with the portable kernel's signature (mla_decode_portable.cu, mla_decode_hopper.cu) + mla_combine.cu.
 
@@ -353,6 +358,9 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     b + num_workers rows are allocated and the combine always launched (it skips single-split rows).
     ``problem.out_float32``: out is float32, the decode kernel writes every piece as a partial
     (force_partials) and the combine (built with MLA_OUT_F32) merges every row.
+    ``fused_fn``: the decode kernel loaded for cooperative launches, when it can merge its own split sequences
+    (kernels/mla_fused_combine.cuh; the caller checked ``cupy_hopper.fused_reason``): then, if anything needs a
+    merge, it is launched with bit 1 (MLA_MODE_FUSED) of force_partials set and no combine kernel follows.
     """
     q, k_cache, block_table, seqlens, sched, splits = arrays
     b, s_q, h_q = problem.b, problem.s_q, problem.h_q
@@ -363,14 +371,16 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     total = int(host_splits[-1]) if host_plan else b + num_workers
     force = problem.out_float32
     needs_combine = (not host_plan) or total > b or force
+    fused = fused_fn is not None and needs_combine and not force
     out, lse, o_part, lse_part = allocate_outputs(xp, problem, q.dtype, total, force, poison)
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     grid = (num_workers, h_kv, -(-rows // block_m))
+    mode = int(force) | (MODE_FUSED if fused else 0)
     args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
             out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
-            scale_log2, np.int32(bool(problem.causal)), np.int32(force))
-    launches = [(decode_fn, grid, (threads,), args, smem)]
-    if needs_combine:
+            scale_log2, np.int32(bool(problem.causal)), np.int32(mode))
+    launches = [(fused_fn if fused else decode_fn, grid, (threads,), args, smem)]
+    if needs_combine and not fused:
         launches.append((combine_fn, (-(-(s_q * h_q) // 4), b, combine_parts(problem.head_dim_v, b * s_q * h_q)),
                          (128,),
                          (o_part, lse_part, splits, out, lse, np.int32(s_q), np.int32(h_q), np.int32(force)), 0))

@@ -279,19 +279,20 @@ def p_split(d: dict) -> bool:
 
 def assemble(xp, decode_fn, combine_fn, problem, q, k_cache, block_table, seqlens, sched, splits, host_splits=None,
              poison: bool = False, narrow: bool = False, smem: int | None = None, nq: int = NARROW_ROWS,
-             seesaw: bool = False, k_map=None):
+             seesaw: bool = False, k_map=None, fused_fn=None):
     """Outputs, partial buffers and the launch list [(fn, grid, block, args, smem)] for arrays of the array
     module ``xp`` (CuPy; NumPy for the CPU emulator in the tests): the portable kernel's
     ``cupy_backend.assemble_dense`` with the 64-row kernel's tile, 256 threads and shared memory, or
     (narrow) the narrow kernel's 16-row tile and ``smem`` bytes (``narrow_smem_bytes``). seesaw: the seesaw
     kernel's last parameter, ``k_map`` (its TMA build's tensor map in device memory; None: a null pointer, the
-    cp.async build)."""
+    cp.async build). fused_fn: the decode kernel loaded for cooperative launches, which merges its own split
+    sequences (``fused_reason``; ``cupy_backend.assemble_dense``)."""
     from .cupy_backend import assemble_dense
 
     block_m, smem = (nq, smem) if narrow else (BLOCK_M, smem or SMEM_BYTES)
     launches, out, lse = assemble_dense(xp, decode_fn, combine_fn, problem,
                                         (q, k_cache, block_table, seqlens, sched, splits), host_splits, block_m,
-                                        THREADS, smem, poison)
+                                        THREADS, smem, poison, fused_fn)
     if not narrow:  # the wide kernel takes the sparse kernel's parameter list (its sparse build shares it)
         fn, grid, block, a, sm = launches[0]
         null = np.uint64(0)
@@ -341,7 +342,46 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     fn = _nvrtc.load_function(source, function, d, arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
+    ctas = int(arrays[4].shape[0]) * problem.h_kv * -(-(problem.s_q * problem.h_q // problem.h_kv) // (
+        nq if narrow else BLOCK_M))
+    fused_fn = None
+    if fused_reason(problem, which, ctas, dev) is None:
+        fused_fn = _nvrtc.load_function(source, function, d, arch=ARCH, cooperative=True)
+        if fused_fn.max_dynamic_shared_size_bytes < smem:
+            fused_fn.max_dynamic_shared_size_bytes = smem
     comb = _cb.combine_function(DV, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)
     host_splits = num_splits if isinstance(num_splits, np.ndarray) else None
     return assemble(cp, fn, comb, problem, *arrays, host_splits=host_splits, poison=_cb.POISON_OUTPUTS,
-                    narrow=narrow, smem=smem, nq=nq, seesaw=which == "seesaw", k_map=k_map)
+                    narrow=narrow, smem=smem, nq=nq, seesaw=which == "seesaw", k_map=k_map, fused_fn=fused_fn)
+
+
+FUSED_KERNELS = ("narrow", "seesaw")
+
+
+def fused_combine_enabled() -> bool:
+    """MLA_CUPY_FUSED_COMBINE (0 / 1, default 1): whether the narrow and seesaw kernels may merge their own split
+    sequences (kernels/mla_fused_combine.cuh) instead of launching the combine kernel after them."""
+    value = os.environ.get("MLA_CUPY_FUSED_COMBINE", "1") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"MLA_CUPY_FUSED_COMBINE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def fused_reason(problem, which: str, ctas: int, dev: int) -> str | None:
+    """Why a decode of ``problem`` with kernel ``which`` on a grid of ``ctas`` CTAs may not merge its own split
+    sequences (None when it may; kernels/mla_fused_combine.cuh, docs/decisions.md 2026-11-27 eleventh session).
+    The CTAs of a sequence wait for each other, so all of them must be resident at once: a cooperative launch, and a
+    grid of at most one CTA an SM (these kernels' shared memory allows one; CuPy would silently shrink a larger
+    cooperative grid). FP8 caches and out_dtype=float32 keep the combine kernel."""
+    if not fused_combine_enabled():
+        return "MLA_CUPY_FUSED_COMBINE=0"
+    if which not in FUSED_KERNELS:
+        return f"only the {' and '.join(FUSED_KERNELS)} kernels merge their own splits, not {which!r}"
+    if problem.is_fp8_kvcache:
+        return "FP8 caches keep the combine kernel"
+    if problem.out_float32:
+        return "out_dtype=float32 keeps the combine kernel (every piece is a partial)"
+    sms = _arrays.cupy_module().cuda.Device(dev).attributes["MultiProcessorCount"]
+    if ctas > sms:
+        return f"a grid of {ctas} CTAs cannot be resident at once on {sms} SMs (one CTA an SM)"
+    return None
