@@ -439,6 +439,21 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+fused11b)  # issue #4 (eleventh session): the fused merge v2 (a warp a row's 128 channels, float4, the first 16 splits'
+  # values loaded before the lse; only up to FUSED_MAX_ROWS by default): tests, then fused against the combine kernel
+  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
+  for round in 1 2; do
+    for f in 0 all; do
+      r 40 "splits_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
+        --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 32,1,16,4096"
+      r 40 "splits_clean_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts \
+        --reps 30 --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 32,1,16,4096"
+    done
+  done
+  for f in 0 all; do
+    r 40 "bench_f$f" env MLA_CUPY_FUSED_COMBINE=$f MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  done
+  ;;
 fused11)  # issue #4 (eleventh session): the narrow and seesaw kernels merge their own split sequences (cooperative
   # launch, kernels/mla_fused_combine.cuh): its tests, then the few-long shapes and the issue's shapes, fused against
   # the combine kernel (MLA_CUPY_FUSED_COMBINE=0), interleaved, both L2 flushes

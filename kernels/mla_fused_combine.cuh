@@ -12,8 +12,8 @@
 //   1. every such CTA, once its partial rows of i are written (its own barrier after them), adds 1 to the
 //      sequence's arrival counter (release, GPU scope);
 //   2. after its last piece, it waits until the counter reads N (acquire), then merges its share of i's rows:
-//      the s_q h_q x MLA_FUSED_PARTS units of mla_combine_row (one row, DV / MLA_FUSED_PARTS channels, one warp
-//      each) dealt round-robin over the N CTAs' warps (rank = (split * gridDim.z + z) * gridDim.y + y);
+//      the s_q h_q x DV / MLA_FUSED_CHUNK units (one row's 128 channels, one warp each) dealt round-robin over the
+//      N CTAs' warps (rank = (split * gridDim.z + z) * gridDim.y + y);
 //   3. it adds 1 to the departure counter; the CTA that brings it to N (everyone has passed step 2) sets both
 //      counters back to 0, so the next launch finds them as the plan left them.
 // The counters are words 5 and 6 (documented as 0, mla/scheduler.py) of the plan row of the sequence's "home"
@@ -25,12 +25,13 @@
 // A CTA's arrivals all come before its waits, so no CTA waits for one that waits. A plan whose num_splits does not
 // match its rows would wait forever: the wait gives up after ~0.1-1 s and traps (a launch error, not a hang).
 #pragma once
-#include "mla_combine.cuh"
+#include "mla_common.cuh"
 
 #define MLA_MODE_PARTIALS 1  // force_partials bit 0: every piece written as a partial (out_dtype=float32)
 #define MLA_MODE_FUSED 2     // bit 1: this launch merges its own split sequences (cooperative launch)
 
-constexpr int MLA_FUSED_PARTS = 16;  // a unit: one row's DV / 16 channels (32 at DV = 512), one warp
+constexpr int MLA_FUSED_CHUNK = 128;  // a unit of the merge: one row's 128 channels, one warp
+constexpr int MLA_FUSED_BATCH = 16;   // splits' values a lane loads before it adds any
 
 // the counters of sequence i in the plan row of its home worker (worker - split of a piece of i); traps on a plan
 // whose home row does not hold split 0 of i as its last piece (not what mla.get_mla_metadata makes)
@@ -68,23 +69,72 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
   }
 }
 
-// Steps 2-3 for one sequence i (split `split` of nsplit is this CTA's), by the whole CTA (NTHREADS threads).
+// Steps 2-3 for one sequence i (split `split` of nsplit is this CTA's), by the whole CTA (NTHREADS threads). A unit
+// is one row's MLA_FUSED_CHUNK channels, one warp (4 channels a lane, float4 loads): the row's lse and split
+// weights as mla_combine_row computes them (the same expressions in the same order: the combine kernel's bits), then
+// the weighted sum over the splits in order, with the first MLA_FUSED_BATCH splits' values loaded before the lse
+// (they do not depend on it) so that one L2 round trip, not three, stands between the last arrival and the output.
 template <int DV, int NTHREADS>
 __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit,
                                                 const float* __restrict__ o_part, const float* __restrict__ lse_part,
                                                 const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q) {
-  constexpr int NWARPS = NTHREADS / 32;
+  constexpr int NWARPS = NTHREADS / 32, CHUNKS = DV / MLA_FUSED_CHUNK, BATCH = MLA_FUSED_BATCH;
+  static_assert(DV % MLA_FUSED_CHUNK == 0, "a unit's channels must tile DV");
   const int n_ctas = nsplit * gridDim.y * gridDim.z;
   if (threadIdx.x == 0) mla_fused_wait(counters, n_ctas);
   __syncthreads();  // every split's partials are visible to the whole CTA (thread 0's acquire, then the barrier)
   const int rank = (split * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
-  const int units = s_q * h_q * MLA_FUSED_PARTS;
+  const int rows = s_q * h_q, lo = num_splits[i], n = nsplit;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int u = rank * NWARPS + warp; u < units; u += n_ctas * NWARPS)
-    mla_combine_row<DV, false, mla_elem_t, MLA_FUSED_PARTS>(o_part, lse_part, num_splits, nullptr, out, lse_out,
-                                                            s_q, h_q, i, u / MLA_FUSED_PARTS, lane, 0,
-                                                            u % MLA_FUSED_PARTS);
+  for (int u = rank * NWARPS + warp; u < rows * CHUNKS; u += n_ctas * NWARPS) {
+    const int row = u / CHUNKS, col = (u % CHUNKS) * MLA_FUSED_CHUNK + 4 * lane;
+    auto value = [&](int s) {  // split s's 4 channels of this lane
+      return *reinterpret_cast<const float4*>(o_part + ((long long)(lo + s) * rows + row) * DV + col);
+    };
+    float4 v[BATCH];
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) v[k] = k < n ? value(k) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float m = MLA_NEG_INF;
+    for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    const float mu = m == MLA_NEG_INF ? 0.f : m;
+    float total = 0.f;
+    for (int s = lane; s < n; s += 32) total += expf(lse_part[(long long)(lo + s) * rows + row] - mu);
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
+    const bool empty = !(total > 0.f);
+    const float lse = empty ? MLA_NEG_INF : mu + logf(total);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (!empty) {
+      for (int s0 = 0; s0 < n; s0 += 32) {
+        float w = 0.f;  // lane j: the weight of split s0 + j
+        if (s0 + lane < n) {
+          const float ls = lse_part[(long long)(lo + s0 + lane) * rows + row];
+          if (ls != MLA_NEG_INF) w = expf(ls - lse);
+        }
+        const int cnt = min(32, n - s0);
+        for (int j0 = 0; j0 < cnt; j0 += BATCH) {
+          if (s0 + j0 > 0) {  // (the first batch was loaded above)
+#pragma unroll
+            for (int k = 0; k < BATCH; ++k)
+              v[k] = j0 + k < cnt ? value(s0 + j0 + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+#pragma unroll
+          for (int k = 0; k < BATCH; ++k) {
+            const float wl = __shfl_sync(0xffffffff, w, (j0 + k) & 31);
+            const float wj = j0 + k < cnt ? wl : 0.f;
+            acc[0] += wj != 0.f ? wj * v[k].x : 0.f;
+            acc[1] += wj != 0.f ? wj * v[k].y : 0.f;
+            acc[2] += wj != 0.f ? wj * v[k].z : 0.f;
+            acc[3] += wj != 0.f ? wj * v[k].w : 0.f;
+          }
+        }
+      }
+    }
+    mla_elem_t* dst = out + ((long long)i * rows + row) * DV + col;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc[0], acc[1]), pack2(acc[2], acc[3]));
+    if (lane == 0 && col == 0) lse_out[((long long)i * h_q + row % h_q) * s_q + row / h_q] = empty ? MLA_POS_INF : lse;
+  }
   if (threadIdx.x == 0) mla_fused_depart(counters, n_ctas);
 }
 

@@ -316,19 +316,30 @@ def test_fused_merge_matches_the_combine_kernel(monkeypatch, kernel, b, seqlens,
     sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * h_q // h_kv, h_kv)  # a device plan
     assert int(splits[-1].get()) > b  # some sequence is split: something to merge
     plan_before = sched.get()
+    from mla import api
+    from mla.backends import cupy_hopper
+
+    monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "all")
+    problem = api._validate(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None, causal, False, None, None,
+                            None, True)
+    which = cupy_hopper.variant(problem)  # (MLA_HOPPER_VARIANT, set by the fixture)
+    reason = cupy_hopper.fused_reason(problem, which, cupy_hopper.grid_ctas(problem, which, sched.shape[0]),
+                                      cp.cuda.Device().id)
+    # the narrow kernel forced on many rows runs several 16-row tiles a worker: more CTAs than SMs, not fused
+    assert (reason is None) == (which != "narrow" or s_q * h_q // h_kv <= 32), reason
     launched = []
     run = cupy_backend.run_launches
     monkeypatch.setattr(cupy_backend, "run_launches", lambda cp_, launches: (launched.append(len(launches)),
                                                                              run(cp_, launches)))
     monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
     results = {}
-    for fused in ("1", "0", "1"):
+    for fused in ("all", "0", "all"):  # ("all": at any size, FUSED_MAX_ROWS aside)
         monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", fused)
         out, lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
         results.setdefault(fused, []).append((out.view(cp.uint16).get(), lse.get()))
         np.testing.assert_array_equal(sched.get(), plan_before)  # the counters (words 5, 6) are 0 again
-    assert launched == [1, 2, 1]
-    (fused_out, fused_lse), (again_out, again_lse) = results["1"]
+    assert launched == ([1, 2, 1] if reason is None else [2, 2, 2])
+    (fused_out, fused_lse), (again_out, again_lse) = results["all"]
     plain_out, plain_lse = results["0"][0]
     np.testing.assert_array_equal(fused_out, plain_out)
     np.testing.assert_array_equal(fused_lse, plain_lse)
@@ -340,8 +351,9 @@ def test_fused_merge_matches_the_combine_kernel(monkeypatch, kernel, b, seqlens,
 
 
 def test_fused_merge_reasons(monkeypatch):
-    """Where the fused merge is declined (cupy_hopper.fused_reason): FP8 caches, out_dtype=float32, other kernels,
-    grids larger than one CTA an SM (a cooperative launch would be shrunk by CuPy), and MLA_CUPY_FUSED_COMBINE=0."""
+    """Where the fused merge is declined (cupy_hopper.fused_reason): out_dtype=float32, other kernels, grids larger
+    than one CTA an SM (a cooperative launch would be shrunk by CuPy), more than FUSED_MAX_ROWS query rows unless
+    MLA_CUPY_FUSED_COMBINE=all, and MLA_CUPY_FUSED_COMBINE=0."""
     from mla import api
     from mla.backends import cupy_hopper
 
@@ -358,6 +370,10 @@ def test_fused_merge_reasons(monkeypatch):
     assert "not 'wide'" in cupy_hopper.fused_reason(problem, "wide", 8, dev)
     problem32 = dataclasses.replace(problem, out_dtype=np.dtype(np.float32))
     assert "float32" in cupy_hopper.fused_reason(problem32, "narrow", 8, dev)
+    big = dataclasses.replace(problem, b=cupy_hopper.FUSED_MAX_ROWS // 16 + 1)
+    assert "FUSED_MAX_ROWS" in cupy_hopper.fused_reason(big, "narrow", 8, dev)
+    monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "all")
+    assert cupy_hopper.fused_reason(big, "narrow", 8, dev) is None
     monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "0")
     assert cupy_hopper.fused_reason(problem, "narrow", 8, dev) == "MLA_CUPY_FUSED_COMBINE=0"
     monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "2")

@@ -342,10 +342,8 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
     fn = _nvrtc.load_function(source, function, d, arch=ARCH)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    ctas = int(arrays[4].shape[0]) * problem.h_kv * -(-(problem.s_q * problem.h_q // problem.h_kv) // (
-        nq if narrow else BLOCK_M))
     fused_fn = None
-    if fused_reason(problem, which, ctas, dev) is None:
+    if fused_reason(problem, which, grid_ctas(problem, which, int(arrays[4].shape[0])), dev) is None:
         fused_fn = _nvrtc.load_function(source, function, d, arch=ARCH, cooperative=True)
         if fused_fn.max_dynamic_shared_size_bytes < smem:
             fused_fn.max_dynamic_shared_size_bytes = smem
@@ -358,13 +356,28 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
 FUSED_KERNELS = ("narrow", "seesaw")
 
 
-def fused_combine_enabled() -> bool:
-    """MLA_CUPY_FUSED_COMBINE (0 / 1, default 1): whether the narrow and seesaw kernels may merge their own split
-    sequences (kernels/mla_fused_combine.cuh) instead of launching the combine kernel after them."""
+def grid_ctas(problem, which: str, num_workers: int) -> int:
+    """CTAs of the grid of kernel ``which`` for ``problem`` on a plan of ``num_workers`` workers: workers x h_kv x
+    the row tiles of a KV head (16 or 32 rows for "narrow" / "regs", ``narrow_nq``; 64 otherwise)."""
+    tile = (NARROW_ROWS if which == "regs" else narrow_nq(problem)) if which in ("narrow", "regs") else BLOCK_M
+    return num_workers * problem.h_kv * -(-(problem.s_q * problem.h_q // problem.h_kv) // tile)
+
+
+FUSED_MAX_ROWS = 512
+"""The fused merge is taken up to this many query rows in all (b s_q h_q): it saves the combine kernel's launch and
+ramp, a few microseconds, which matter to small calls; its merge runs on the split sequences' own CTAs only, so on a
+large batch (few CTAs a sequence, many rows) the combine kernel, which spreads over the whole GPU, is as fast or
+faster (benchmarks/NOTES_cupy.md, 2026-11-27 eleventh session)."""
+
+
+def fused_combine_mode() -> str:
+    """MLA_CUPY_FUSED_COMBINE: "1" (default) -- the narrow and seesaw kernels merge their own split sequences
+    (kernels/mla_fused_combine.cuh) when the call has at most FUSED_MAX_ROWS query rows; "all" -- at any size
+    (benchmarks); "0" -- never (the combine kernel after them)."""
     value = os.environ.get("MLA_CUPY_FUSED_COMBINE", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"MLA_CUPY_FUSED_COMBINE must be 0 or 1, got {value!r}")
-    return value == "1"
+    if value not in ("0", "1", "all"):
+        raise ValueError(f"MLA_CUPY_FUSED_COMBINE must be 0, 1 or all, got {value!r}")
+    return value
 
 
 def fused_reason(problem, which: str, ctas: int, dev: int) -> str | None:
@@ -372,9 +385,14 @@ def fused_reason(problem, which: str, ctas: int, dev: int) -> str | None:
     sequences (None when it may; kernels/mla_fused_combine.cuh, docs/decisions.md 2026-11-27 eleventh session).
     The CTAs of a sequence wait for each other, so all of them must be resident at once: a cooperative launch, and a
     grid of at most one CTA an SM (these kernels' shared memory allows one; CuPy would silently shrink a larger
-    cooperative grid). FP8 caches and out_dtype=float32 keep the combine kernel."""
-    if not fused_combine_enabled():
+    cooperative grid). FP8 caches, out_dtype=float32 and calls of more than FUSED_MAX_ROWS query rows keep the
+    combine kernel (``fused_combine_mode``)."""
+    mode = fused_combine_mode()
+    if mode == "0":
         return "MLA_CUPY_FUSED_COMBINE=0"
+    rows = problem.b * problem.s_q * problem.h_q
+    if mode == "1" and rows > FUSED_MAX_ROWS:
+        return f"{rows} query rows: above FUSED_MAX_ROWS ({FUSED_MAX_ROWS}) the combine kernel is as fast"
     if which not in FUSED_KERNELS:
         return f"only the {' and '.join(FUSED_KERNELS)} kernels merge their own splits, not {which!r}"
     if problem.is_fp8_kvcache:
