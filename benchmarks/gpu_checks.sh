@@ -439,6 +439,20 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+fused11c)  # issue #4 (eleventh session): test_cupy_gpu.py whole (the narrow and seesaw kernels merge their own split
+  # sequences up to FUSED_MAX_ROWS), then the merge unit (64 or 128 channels a warp) against the combine kernel
+  t 260 t_cupy tests/test_cupy_gpu.py
+  for round in 1 2; do
+    for v in "0 128" "1 128" "1 64"; do
+      set -- $v
+      r 30 "splits_f$1_c$2_r$round" env MLA_CUPY_FUSED_COMBINE=$1 MLA_DIAG_FUSED_CHUNK=$2 python3 \
+        benchmarks/bench_splits.py --parts --reps 30 --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
+      r 30 "splits_clean_f$1_c$2_r$round" env MLA_CUPY_FUSED_COMBINE=$1 MLA_DIAG_FUSED_CHUNK=$2 python3 \
+        benchmarks/bench_splits.py --parts --reps 30 --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
+    done
+  done
+  r 40 bench_default env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  ;;
 fused11b)  # issue #4 (eleventh session): the fused merge v2 (a warp a row's 128 channels, float4, the first 16 splits'
   # values loaded before the lse; only up to FUSED_MAX_ROWS by default): tests, then fused against the combine kernel
   t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"

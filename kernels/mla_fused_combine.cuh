@@ -30,8 +30,15 @@
 #define MLA_MODE_PARTIALS 1  // force_partials bit 0: every piece written as a partial (out_dtype=float32)
 #define MLA_MODE_FUSED 2     // bit 1: this launch merges its own split sequences (cooperative launch)
 
-constexpr int MLA_FUSED_CHUNK = 128;  // a unit of the merge: one row's 128 channels, one warp
-constexpr int MLA_FUSED_BATCH = 16;   // splits' values a lane loads before it adds any
+#ifndef MLA_FUSED_CHUNK
+#define MLA_FUSED_CHUNK 128  // a unit of the merge: one row's MLA_FUSED_CHUNK channels (64 or 128), one warp
+#endif
+constexpr int MLA_FUSED_BATCH = 16;  // splits' values a lane loads before it adds any
+
+template <int N>
+struct alignas(4 * N) MlaFloats {  // N consecutive floats, loaded as one vector
+  float v[N];
+};
 
 // the counters of sequence i in the plan row of its home worker (worker - split of a piece of i); traps on a plan
 // whose home row does not hold split 0 of i as its last piece (not what mla.get_mla_metadata makes)
@@ -70,7 +77,7 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 }
 
 // Steps 2-3 for one sequence i (split `split` of nsplit is this CTA's), by the whole CTA (NTHREADS threads). A unit
-// is one row's MLA_FUSED_CHUNK channels, one warp (4 channels a lane, float4 loads): the row's lse and split
+// is one row's MLA_FUSED_CHUNK channels, one warp (2 or 4 a lane, vector loads): the row's lse and split
 // weights as mla_combine_row computes them (the same expressions in the same order: the combine kernel's bits), then
 // the weighted sum over the splits in order, with the first MLA_FUSED_BATCH splits' values loaded before the lse
 // (they do not depend on it) so that one L2 round trip, not three, stands between the last arrival and the output.
@@ -80,7 +87,8 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
                                                 const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q) {
   constexpr int NWARPS = NTHREADS / 32, CHUNKS = DV / MLA_FUSED_CHUNK, BATCH = MLA_FUSED_BATCH;
-  static_assert(DV % MLA_FUSED_CHUNK == 0, "a unit's channels must tile DV");
+  constexpr int VEC = MLA_FUSED_CHUNK / 32;  // channels a lane
+  static_assert(DV % MLA_FUSED_CHUNK == 0 && (VEC == 2 || VEC == 4), "a unit's channels must tile DV");
   const int n_ctas = nsplit * gridDim.y * gridDim.z;
   if (threadIdx.x == 0) mla_fused_wait(counters, n_ctas);
   __syncthreads();  // every split's partials are visible to the whole CTA (thread 0's acquire, then the barrier)
@@ -88,13 +96,17 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
   const int rows = s_q * h_q, lo = num_splits[i], n = nsplit;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int u = rank * NWARPS + warp; u < rows * CHUNKS; u += n_ctas * NWARPS) {
-    const int row = u / CHUNKS, col = (u % CHUNKS) * MLA_FUSED_CHUNK + 4 * lane;
-    auto value = [&](int s) {  // split s's 4 channels of this lane
-      return *reinterpret_cast<const float4*>(o_part + ((long long)(lo + s) * rows + row) * DV + col);
-    };
-    float4 v[BATCH];
+    const int row = u / CHUNKS, col = (u % CHUNKS) * MLA_FUSED_CHUNK + VEC * lane;
+    auto value = [&](int s) {  // split s's VEC channels of this lane (s < n), or zeros
+      MlaFloats<VEC> x;
 #pragma unroll
-    for (int k = 0; k < BATCH; ++k) v[k] = k < n ? value(k) : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int c = 0; c < VEC; ++c) x.v[c] = 0.f;
+      if (s < n) x = *reinterpret_cast<const MlaFloats<VEC>*>(o_part + ((long long)(lo + s) * rows + row) * DV + col);
+      return x;
+    };
+    MlaFloats<VEC> v[BATCH];
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) v[k] = value(k);
     float m = MLA_NEG_INF;
     for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
@@ -104,7 +116,9 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
     const bool empty = !(total > 0.f);
     const float lse = empty ? MLA_NEG_INF : mu + logf(total);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[VEC];
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
     if (!empty) {
       for (int s0 = 0; s0 < n; s0 += 32) {
         float w = 0.f;  // lane j: the weight of split s0 + j
@@ -116,23 +130,23 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
         for (int j0 = 0; j0 < cnt; j0 += BATCH) {
           if (s0 + j0 > 0) {  // (the first batch was loaded above)
 #pragma unroll
-            for (int k = 0; k < BATCH; ++k)
-              v[k] = j0 + k < cnt ? value(s0 + j0 + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int k = 0; k < BATCH; ++k) v[k] = value(j0 + k < cnt ? s0 + j0 + k : n);
           }
 #pragma unroll
           for (int k = 0; k < BATCH; ++k) {
             const float wl = __shfl_sync(0xffffffff, w, (j0 + k) & 31);
             const float wj = j0 + k < cnt ? wl : 0.f;
-            acc[0] += wj != 0.f ? wj * v[k].x : 0.f;
-            acc[1] += wj != 0.f ? wj * v[k].y : 0.f;
-            acc[2] += wj != 0.f ? wj * v[k].z : 0.f;
-            acc[3] += wj != 0.f ? wj * v[k].w : 0.f;
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[c] += wj != 0.f ? wj * v[k].v[c] : 0.f;
           }
         }
       }
     }
     mla_elem_t* dst = out + ((long long)i * rows + row) * DV + col;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc[0], acc[1]), pack2(acc[2], acc[3]));
+    if constexpr (VEC == 4)
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc[0], acc[1]), pack2(acc[2], acc[3]));
+    else
+      *reinterpret_cast<u32*>(dst) = pack2(acc[0], acc[1]);
     if (lane == 0 && col == 0) lse_out[((long long)i * h_q + row % h_q) * s_q + row / h_q] = empty ? MLA_POS_INF : lse;
   }
   if (threadIdx.x == 0) mla_fused_depart(counters, n_ctas);
