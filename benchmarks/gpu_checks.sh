@@ -439,50 +439,22 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
-fused11c)  # issue #4 (eleventh session): test_cupy_gpu.py whole (the narrow and seesaw kernels merge their own split
-  # sequences up to FUSED_MAX_ROWS), then the merge unit (64 or 128 channels a warp) against the combine kernel
-  t 260 t_cupy tests/test_cupy_gpu.py
-  for round in 1 2; do
-    for v in "0 128" "1 128" "1 64"; do
-      set -- $v
-      r 30 "splits_f$1_c$2_r$round" env MLA_CUPY_FUSED_COMBINE=$1 MLA_DIAG_FUSED_CHUNK=$2 python3 \
-        benchmarks/bench_splits.py --parts --reps 30 --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
-      r 30 "splits_clean_f$1_c$2_r$round" env MLA_CUPY_FUSED_COMBINE=$1 MLA_DIAG_FUSED_CHUNK=$2 python3 \
-        benchmarks/bench_splits.py --parts --reps 30 --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
-    done
-  done
-  r 40 bench_default env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
-  ;;
-fused11b)  # issue #4 (eleventh session): the fused merge v2 (a warp a row's 128 channels, float4, the first 16 splits'
-  # values loaded before the lse; only up to FUSED_MAX_ROWS by default): tests, then fused against the combine kernel
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for round in 1 2; do
-    for f in 0 all; do
-      r 40 "splits_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 32,1,16,4096"
-      r 40 "splits_clean_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 32,1,16,4096"
-    done
-  done
-  for f in 0 all; do
-    r 40 "bench_f$f" env MLA_CUPY_FUSED_COMBINE=$f MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
-  done
-  ;;
-fused11)  # issue #4 (eleventh session): the narrow and seesaw kernels merge their own split sequences (cooperative
-  # launch, kernels/mla_fused_combine.cuh): its tests, then the few-long shapes and the issue's shapes, fused against
-  # the combine kernel (MLA_CUPY_FUSED_COMBINE=0), interleaved, both L2 flushes
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
+# (the eleventh session's parts fused11, fused11b and fused11c -- runs 2-4 of benchmarks/runs/2026-11-27k-h100, the
+# fused merge's versions and its A/B of 64- and 128-channel units -- are in git history, up to commit 0a1b2c3)
+final11)  # issue #4 (eleventh session), the final code: the fused merge (units of 64 or 128 channels chosen by the
+  # kernel), its tests and test_cupy_gpu.py's sanitizer / graph tests, the few-long shapes against the combine kernel
+  # (both L2 flushes, interleaved), the issue's table
+  t 120 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer or splits or out_float32"
   for round in 1 2; do
     for f in 0 1; do
-      r 40 "splits_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
+      r 30 "splits_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
         --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
-      r 40 "splits_clean_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts \
+      r 30 "splits_clean_f${f}_r$round" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts \
         --reps 30 --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
     done
   done
-  for f in 0 1; do
-    r 40 "bench_f$f" env MLA_CUPY_FUSED_COMBINE=$f MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
-  done
+  r 40 bench_default env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  r 60 bench_fp8 python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
   ;;
 few11a)  # issue #4 (eleventh session): where the few-long shapes' time goes with a clean L2 (read-flushed), the tight plan
   # under that flush, and whether a cooperative launch + grid barrier (a combine fused into the decode) is cheap

@@ -228,7 +228,8 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][0] = narrow_globaltimer();
 #endif
   const MlaWork work = mla_work(sched, blockIdx.x);
-  const bool force = force_partials & MLA_MODE_PARTIALS, fused = force_partials & MLA_MODE_FUSED;
+  // (the FP8 build is never launched fused -- cupy_hopper.fused_reason -- and compiles no merge: its registers)
+  const bool force = force_partials & MLA_MODE_PARTIALS, fused = !FP8 && (force_partials & MLA_MODE_FUSED);
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const bool trace_on =

@@ -12,8 +12,8 @@
 //   1. every such CTA, once its partial rows of i are written (its own barrier after them), adds 1 to the
 //      sequence's arrival counter (release, GPU scope);
 //   2. after its last piece, it waits until the counter reads N (acquire), then merges its share of i's rows:
-//      the s_q h_q x DV / MLA_FUSED_CHUNK units (one row's 128 channels, one warp each) dealt round-robin over the
-//      N CTAs' warps (rank = (split * gridDim.z + z) * gridDim.y + y);
+//      the units (one row's 64 or 128 channels, one warp each) dealt round-robin over the N CTAs' warps
+//      (rank = (split * gridDim.z + z) * gridDim.y + y);
 //   3. it adds 1 to the departure counter; the CTA that brings it to N (everyone has passed step 2) sets both
 //      counters back to 0, so the next launch finds them as the plan left them.
 // The counters are words 5 and 6 (documented as 0, mla/scheduler.py) of the plan row of the sequence's "home"
@@ -30,9 +30,6 @@
 #define MLA_MODE_PARTIALS 1  // force_partials bit 0: every piece written as a partial (out_dtype=float32)
 #define MLA_MODE_FUSED 2     // bit 1: this launch merges its own split sequences (cooperative launch)
 
-#ifndef MLA_FUSED_CHUNK
-#define MLA_FUSED_CHUNK 128  // a unit of the merge: one row's MLA_FUSED_CHUNK channels (64 or 128), one warp
-#endif
 constexpr int MLA_FUSED_BATCH = 16;  // splits' values a lane loads before it adds any
 
 template <int N>
@@ -76,27 +73,24 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
   }
 }
 
-// Steps 2-3 for one sequence i (split `split` of nsplit is this CTA's), by the whole CTA (NTHREADS threads). A unit
-// is one row's MLA_FUSED_CHUNK channels, one warp (2 or 4 a lane, vector loads): the row's lse and split
-// weights as mla_combine_row computes them (the same expressions in the same order: the combine kernel's bits), then
-// the weighted sum over the splits in order, with the first MLA_FUSED_BATCH splits' values loaded before the lse
-// (they do not depend on it) so that one L2 round trip, not three, stands between the last arrival and the output.
-template <int DV, int NTHREADS>
-__device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit,
-                                                const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                                                const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
-                                                float* __restrict__ lse_out, int s_q, int h_q) {
-  constexpr int NWARPS = NTHREADS / 32, CHUNKS = DV / MLA_FUSED_CHUNK, BATCH = MLA_FUSED_BATCH;
-  constexpr int VEC = MLA_FUSED_CHUNK / 32;  // channels a lane
-  static_assert(DV % MLA_FUSED_CHUNK == 0 && (VEC == 2 || VEC == 4), "a unit's channels must tile DV");
-  const int n_ctas = nsplit * gridDim.y * gridDim.z;
-  if (threadIdx.x == 0) mla_fused_wait(counters, n_ctas);
-  __syncthreads();  // every split's partials are visible to the whole CTA (thread 0's acquire, then the barrier)
-  const int rank = (split * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
-  const int rows = s_q * h_q, lo = num_splits[i], n = nsplit;
+// The merge of rows x DV outputs of sequence i by this CTA's warps, rank `rank` of n_ctas CTAs. A unit is one row's
+// 32 VEC channels, one warp (VEC = 2 or 4 a lane, vector loads): the row's lse and split weights as mla_combine_row
+// computes them (the same expressions in the same order: the combine kernel's bits), then the weighted sum over the
+// splits in order, with the first MLA_FUSED_BATCH splits' values loaded before the lse (they do not depend on it),
+// so that one L2 round trip, not three, stands between the last arrival and the output.
+template <int DV, int NTHREADS, int VEC>
+__device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_ctas, int n,
+                                                      const float* __restrict__ o_part,
+                                                      const float* __restrict__ lse_part,
+                                                      const int* __restrict__ num_splits,
+                                                      mla_elem_t* __restrict__ out, float* __restrict__ lse_out,
+                                                      int s_q, int h_q) {
+  constexpr int NWARPS = NTHREADS / 32, CHUNK = 32 * VEC, CHUNKS = DV / CHUNK, BATCH = MLA_FUSED_BATCH;
+  static_assert(DV % CHUNK == 0 && (VEC == 2 || VEC == 4), "a unit's channels must tile DV");
+  const int rows = s_q * h_q, lo = num_splits[i];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int u = rank * NWARPS + warp; u < rows * CHUNKS; u += n_ctas * NWARPS) {
-    const int row = u / CHUNKS, col = (u % CHUNKS) * MLA_FUSED_CHUNK + VEC * lane;
+    const int row = u / CHUNKS, col = (u % CHUNKS) * CHUNK + VEC * lane;
     auto value = [&](int s) {  // split s's VEC channels of this lane (s < n), or zeros
       MlaFloats<VEC> x;
 #pragma unroll
@@ -149,6 +143,27 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
       *reinterpret_cast<u32*>(dst) = pack2(acc[0], acc[1]);
     if (lane == 0 && col == 0) lse_out[((long long)i * h_q + row % h_q) * s_q + row / h_q] = empty ? MLA_POS_INF : lse;
   }
+}
+
+// Steps 2-3 for one sequence i (split `split` of nsplit is this CTA's), by the whole CTA (NTHREADS threads). Units
+// of 64 channels when there are warps enough for one each (more warps load at once), else of 128 (fewer rounds):
+// H100, 2026-11-27, 64 against 128: b = 1, h_q = 128, 64 splits -1.9 us; b = 8, h_q = 16, 16 splits +2.2 us
+// (128 units of 64 on 120 warps: two rounds for some; benchmarks/NOTES_cupy.md).
+template <int DV, int NTHREADS>
+__device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit,
+                                                const float* __restrict__ o_part, const float* __restrict__ lse_part,
+                                                const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
+                                                float* __restrict__ lse_out, int s_q, int h_q) {
+  const int n_ctas = nsplit * gridDim.y * gridDim.z;
+  if (threadIdx.x == 0) mla_fused_wait(counters, n_ctas);
+  __syncthreads();  // every split's partials are visible to the whole CTA (thread 0's acquire, then the barrier)
+  const int rank = (split * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
+  if (s_q * h_q * (DV / 64) <= n_ctas * (NTHREADS / 32))
+    mla_fused_merge_units<DV, NTHREADS, 2>(i, rank, n_ctas, nsplit, o_part, lse_part, num_splits, out, lse_out, s_q,
+                                           h_q);
+  else
+    mla_fused_merge_units<DV, NTHREADS, 4>(i, rank, n_ctas, nsplit, o_part, lse_part, num_splits, out, lse_out, s_q,
+                                           h_q);
   if (threadIdx.x == 0) mla_fused_depart(counters, n_ctas);
 }
 
