@@ -440,7 +440,7 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
 # (the eleventh session's parts fused11, fused11b and fused11c -- runs 2-4 of benchmarks/runs/2026-11-27k-h100, the
-# fused merge's versions and its A/B of 64- and 128-channel units -- are in git history, up to commit 5ae8ecd)
+# fused merge's versions and its A/B of 64- and 128-channel units -- are in git history, up to commit 35ed372)
 final11)  # issue #4 (eleventh session), the final code: the fused merge (units of 64 or 128 channels chosen by the
   # kernel), its tests and test_cupy_gpu.py's sanitizer / graph tests, the few-long shapes against the combine kernel
   # (both L2 flushes, interleaved), the issue's table
