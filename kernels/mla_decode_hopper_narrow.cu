@@ -78,6 +78,9 @@
 #if MLA_FP8 && MLA_FP16
 #error "the FP8 cache's RoPE part is bf16: MLA_FP8 needs bf16 (MLA_FP16=0)"
 #endif
+#if MLA_FP8 && MLA_FUSED
+#error "FP8 caches keep the combine kernel (cupy_hopper.fused_reason)"
+#endif
 
 // diagnostics (A/B timing only, wrong results): the bf16 build loads no key tile after the first, which times its
 // chain without memory (H100, 128,1,16,8192: 0.204 ms against 0.420 with the loads; benchmarks/NOTES_cupy.md)
@@ -228,8 +231,8 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][0] = narrow_globaltimer();
 #endif
   const MlaWork work = mla_work(sched, blockIdx.x);
-  // (the FP8 build is never launched fused -- cupy_hopper.fused_reason -- and compiles no merge: its registers)
-  const bool force = force_partials & MLA_MODE_PARTIALS, fused = !FP8 && (force_partials & MLA_MODE_FUSED);
+  const bool force = MLA_FUSED ? (force_partials & MLA_MODE_PARTIALS) != 0 : force_partials != 0;
+  const bool fused = MLA_FUSED && (force_partials & MLA_MODE_FUSED);
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const bool trace_on =

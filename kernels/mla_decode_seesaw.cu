@@ -220,7 +220,8 @@ mla_decode_seesaw(const mla_elem_t* __restrict__ q, const void* __restrict__ k_c
 
   if (k0 & 1023) __trap();  // the SW128 K buffers must be 1024-byte aligned (see mla_wgmma.cuh)
   const MlaWork work = mla_work(sched, blockIdx.x);
-  const bool force = force_partials & MLA_MODE_PARTIALS, fused = force_partials & MLA_MODE_FUSED;
+  const bool force = MLA_FUSED ? (force_partials & MLA_MODE_PARTIALS) != 0 : force_partials != 0;
+  const bool fused = MLA_FUSED && (force_partials & MLA_MODE_FUSED);
 #if MLA_SEESAW_TMA
   if (tid == 0) {
     for (int b = 0; b < 2 * NPIECES; ++b) mbar_init(bars + 8 * b, 1);

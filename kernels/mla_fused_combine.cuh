@@ -27,6 +27,12 @@
 #pragma once
 #include "mla_common.cuh"
 
+// -DMLA_FUSED=1: the build that may merge (cupy_hopper loads it for cooperative launches only); 0: the merge and the
+// arrivals compile away (the plain launches' cubins are those of the kernels before the fused merge existed)
+#ifndef MLA_FUSED
+#define MLA_FUSED 0
+#endif
+
 #define MLA_MODE_PARTIALS 1  // force_partials bit 0: every piece written as a partial (out_dtype=float32)
 #define MLA_MODE_FUSED 2     // bit 1: this launch merges its own split sequences (cooperative launch)
 

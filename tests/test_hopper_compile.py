@@ -46,6 +46,10 @@ COMPILE_CASES = (
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_P_SPLIT": 1})]
     + [(cupy_hopper.SOURCE, {"MLA_FP16": 0, "MLA_SPARSE": 1, "MLA_FP8": 1, "MLA_P_SPLIT": p}) for p in (0, 1)]
     + [(cupy_hopper.SEESAW_SOURCE, d) for d in cupy_hopper.compile_variants()]
+    # the builds that merge their own split sequences (cooperative launches: cupy_hopper.prepare's fused_fn)
+    + [(src, {**d, "MLA_FUSED": 1}) for src in (cupy_hopper.NARROW_SOURCE, cupy_hopper.SEESAW_SOURCE)
+       for d in cupy_hopper.compile_variants()]
+    + [(cupy_hopper.NARROW_SOURCE, {**d, "MLA_NQ": 32, "MLA_FUSED": 1}) for d in cupy_hopper.compile_variants()]
     + [(cupy_hopper.NARROW_SOURCE, {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1})]  # (benchmarks/narrow_trace.py)
     + [(cupy_hopper.FP8_REGS_SOURCE, {"MLA_FP16": 0})]
     + [("wgmma_probe.cu", {"MLA_FP16": 0}), ("wgmma_probe.cu", {"MLA_FP16": 1})])

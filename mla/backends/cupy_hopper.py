@@ -344,7 +344,7 @@ def prepare(cp, problem, metadata, num_splits, dev, which: str | None = None):
         fn.max_dynamic_shared_size_bytes = smem
     fused_fn = None
     if fused_reason(problem, which, grid_ctas(problem, which, int(arrays[4].shape[0])), dev) is None:
-        fused_fn = _nvrtc.load_function(source, function, d, arch=ARCH, cooperative=True)
+        fused_fn = _nvrtc.load_function(source, function, {**d, "MLA_FUSED": 1}, arch=ARCH, cooperative=True)
         if fused_fn.max_dynamic_shared_size_bytes < smem:
             fused_fn.max_dynamic_shared_size_bytes = smem
     comb = _cb.combine_function(DV, fp16, problem.out_float32, problem.b * problem.s_q * problem.h_q)
