@@ -28,6 +28,10 @@ sequence ``i`` in that range it processes key positions ``[start, stop)`` with::
 Tokens are counted in sequence order (logical positions, before the block table), and split
 boundaries fall on multiples of ``block_n`` tokens (64), so a page-64 kernel sees whole pages.
 
+Words 5-7 are 0. During a decode by the CuPy narrow / seesaw kernels' fused builds (kernels/mla_fused_combine.cuh)
+words 5 and 6 of a split sequence's first worker count its CTAs' arrivals and departures; the last CTA sets them back
+to 0, so the plan is unchanged after the call -- but two decodes must not share one plan at the same time.
+
 ``num_splits [b + 1]``: cumulative split counts; sequence ``i`` has
 ``n_i = num_splits[i+1] - num_splits[i] >= 1`` splits, and its split ``s`` is partial number
 ``num_splits[i] + s`` (of ``num_splits[b]`` in total, never more than ``b + num_workers``).
