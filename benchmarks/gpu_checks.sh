@@ -439,6 +439,19 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+review11)  # the eleventh session's review: the lse of a row's splits is one helper (mla_splits_lse) for the combine
+  # kernels and the fused merge (the dense combine and fused cubins byte-identical; the sparse sink combine's changes),
+  # the merge reads partials without __restrict__ (cubins identical), device attributes read once; coop_probe's check
+  t 130 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer or splits or out_float32"
+  t 120 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  r 30 coop_probe python3 benchmarks/coop_probe.py --reps 50
+  r 60 bench_fp8 python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  for f in 0 1; do
+    r 30 "splits_f$f" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --reps 30 \
+      --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384"
+  done
+  r 40 bench_default env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  ;;
 # (the eleventh session's parts fused11, fused11b and fused11c -- runs 2-4 of benchmarks/runs/2026-11-27k-h100, the
 # fused merge's versions and its A/B of 64- and 128-channel units -- are in git history, up to commit 35ed372)
 final11)  # issue #4 (eleventh session), the final code: the fused merge (units of 64 or 128 channels chosen by the

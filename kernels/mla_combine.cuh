@@ -11,6 +11,23 @@
 #pragma once
 #include "mla_common.cuh"
 
+// lse = log sum_s exp(lse_s) of query row `row` over its n splits lo .. lo + n - 1, by one warp (lane-strided sums,
+// then butterflies: every lane gets the same bits); empty: no split has a key (lse -inf). Shared with the decode
+// kernels' fused merge (mla_fused_combine.cuh), which must produce this combine's bits.
+__device__ __forceinline__ float mla_splits_lse(const float* lse_part, int lo, int n, int rows, int row, int lane,
+                                                bool& empty) {
+  // m = max_s lse_s, total = sum_s exp(lse_s - m)
+  float m = MLA_NEG_INF;
+  for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+  const float mu = m == MLA_NEG_INF ? 0.f : m;
+  float total = 0.f;
+  for (int s = lane; s < n; s += 32) total += expf(lse_part[(long long)(lo + s) * rows + row] - mu);
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
+  empty = !(total > 0.f);
+  return empty ? MLA_NEG_INF : mu + logf(total);
+}
+
 // the output element: q's 16-bit type (rounded) or float (kept)
 __device__ __forceinline__ void mla_store_out(mla_elem_t* dst, float x) { *dst = to_elem(x); }
 __device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
@@ -39,16 +56,8 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
   if (n < 1 || (n == 1 && !all_rows)) return;  // single split: written by the decode kernel
   const int r = row / h_q, h = row % h_q;
 
-  // m = max_s lse_s, total = sum_s exp(lse_s - m)
-  float m = MLA_NEG_INF;
-  for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-  const float mu = m == MLA_NEG_INF ? 0.f : m;
-  float total = 0.f;
-  for (int s = lane; s < n; s += 32) total += expf(lse_part[(long long)(lo + s) * rows + row] - mu);
-  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
-  const bool empty = !(total > 0.f);
-  const float lse = empty ? MLA_NEG_INF : mu + logf(total);
+  bool empty;
+  const float lse = mla_splits_lse(lse_part, lo, n, rows, row, lane, empty);
   float sink = 1.f;
   if constexpr (SINK) {
     if (attn_sink != nullptr && !empty) sink = 1.f / (1.f + expf(attn_sink[h] - lse));

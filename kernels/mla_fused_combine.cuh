@@ -21,11 +21,13 @@
 // workers), and a worker is home to at most one split sequence (the last one it starts). So the state lives with
 // the plan: two decodes sharing one plan must not run at the same time (one stream, as a model's layers do).
 // Waiting is safe only when every CTA of the grid is resident at once: a cooperative launch guarantees that (the
-// driver refuses a grid that cannot be), and the host launches so only grids of at most one CTA an SM.
+// driver refuses a grid that cannot be), and the host launches only grids of at most one CTA an SM.
+// The partials are read with plain loads after the acquire (no __restrict__ on them here: other CTAs of this launch
+// wrote them, so the read-only, non-coherent cache path must not be used).
 // A CTA's arrivals all come before its waits, so no CTA waits for one that waits. A plan whose num_splits does not
 // match its rows would wait forever: the wait gives up after ~0.1-1 s and traps (a launch error, not a hang).
 #pragma once
-#include "mla_common.cuh"
+#include "mla_combine.cuh"
 
 // -DMLA_FUSED=1: the build that may merge (cupy_hopper loads it for cooperative launches only); 0: the merge and the
 // arrivals compile away (the plain launches' cubins are those of the kernels before the fused merge existed)
@@ -86,8 +88,7 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 // so that one L2 round trip, not three, stands between the last arrival and the output.
 template <int DV, int NTHREADS, int VEC>
 __device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_ctas, int n,
-                                                      const float* __restrict__ o_part,
-                                                      const float* __restrict__ lse_part,
+                                                      const float* o_part, const float* lse_part,
                                                       const int* __restrict__ num_splits,
                                                       mla_elem_t* __restrict__ out, float* __restrict__ lse_out,
                                                       int s_q, int h_q) {
@@ -107,15 +108,8 @@ __device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_cta
     MlaFloats<VEC> v[BATCH];
 #pragma unroll
     for (int k = 0; k < BATCH; ++k) v[k] = value(k);
-    float m = MLA_NEG_INF;
-    for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_part[(long long)(lo + s) * rows + row]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    const float mu = m == MLA_NEG_INF ? 0.f : m;
-    float total = 0.f;
-    for (int s = lane; s < n; s += 32) total += expf(lse_part[(long long)(lo + s) * rows + row] - mu);
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
-    const bool empty = !(total > 0.f);
-    const float lse = empty ? MLA_NEG_INF : mu + logf(total);
+    bool empty;
+    const float lse = mla_splits_lse(lse_part, lo, n, rows, row, lane, empty);
     float acc[VEC];
 #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
@@ -157,7 +151,7 @@ __device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_cta
 // (128 units of 64 on 120 warps: two rounds for some; benchmarks/NOTES_cupy.md).
 template <int DV, int NTHREADS>
 __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit,
-                                                const float* __restrict__ o_part, const float* __restrict__ lse_part,
+                                                const float* o_part, const float* lse_part,
                                                 const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q) {
   const int n_ctas = nsplit * gridDim.y * gridDim.z;
@@ -177,8 +171,7 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
 // (begin_b, begin_split) and its last (end_b, split 0) can be split (a piece between them is a whole sequence).
 template <int DV, int NTHREADS>
 __device__ __forceinline__ void mla_fused_merge_all(const MlaWork& work, const int* sched,
-                                                    const float* __restrict__ o_part,
-                                                    const float* __restrict__ lse_part,
+                                                    const float* o_part, const float* lse_part,
                                                     const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                     float* __restrict__ lse_out, int s_q, int h_q) {
   for (int k = 0; k < 2; ++k) {

@@ -21,6 +21,7 @@ problems go to ``mla.backends.cupy_sparse_fp8`` (issue #5; verified on an H100 o
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -94,9 +95,19 @@ def _capability(device_id: int) -> tuple[int, int]:
     return int(cc[:-1]), int(cc[-1])
 
 
+@functools.cache
+def _device_attributes(device_id: int) -> dict:
+    """CuPy's attribute dict of device ``device_id``, read once: building it queries every attribute, and the launch
+    path asks for some on every call."""
+    return dict(_arrays.cupy_module().cuda.Device(device_id).attributes)
+
+
 def _max_smem(device_id: int) -> int:
-    cp = _arrays.cupy_module()
-    return int(cp.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+    return int(_device_attributes(device_id)["MaxSharedMemoryPerBlockOptin"])
+
+
+def _num_sms(device_id: int) -> int:
+    return int(_device_attributes(device_id)["MultiProcessorCount"])
 
 
 def _round_up(x: int, m: int) -> int:

@@ -399,7 +399,9 @@ def fused_reason(problem, which: str, ctas: int, dev: int) -> str | None:
         return "FP8 caches keep the combine kernel"
     if problem.out_float32:
         return "out_dtype=float32 keeps the combine kernel (every piece is a partial)"
-    sms = _arrays.cupy_module().cuda.Device(dev).attributes["MultiProcessorCount"]
+    from . import cupy_backend as _cb
+
+    sms = _cb._num_sms(dev)
     if ctas > sms:
         return f"a grid of {ctas} CTAs cannot be resident at once on {sms} SMs (one CTA an SM)"
     return None
