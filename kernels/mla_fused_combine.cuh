@@ -78,8 +78,62 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
   if (old == n_ctas - 1) {
     asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters) : "memory");
     asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters + 1) : "memory");
+    asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters + 2) : "memory");  // tile sharing's counter
   }
 }
+
+// ---- Tile sharing (bit 2 of force_partials, MLA_MODE_SHARE; the narrow kernel's fused build, one KV head and one
+// row tile). The plan cuts a split sequence into equal pieces, but CTAs with the same tiles do not finish together:
+// with the L2 flushed by reading, b = 8, h_q = 16, s_k = 8192 on the H100, the last CTA ended 6 us after the median
+// one, with the same 9 tiles (benchmarks/NOTES_cupy.md, eleventh session). Shared, a sequence's CTAs (its splits:
+// N = nsplit) take its key tiles as they go, so a slow CTA takes fewer. Each still writes one partial, of the tiles it
+// took (none: lse = -inf), so the partials, the merge and its counters are as before -- but which keys go into which
+// partial depends on timing, so the last bits of a shared sequence's output may differ from call to call.
+// Tiles: a CTA that starts with the sequence (every split but a split 0 whose worker began with another sequence)
+// has rank r among the n_static such CTAs and first takes tiles r, r + n_static, r + 2 n_static (MLA_SHARE_STATIC
+// tiles known without waiting for anyone: its first loads go out at once); every further tile, and every tile of a
+// split 0 that arrives from another sequence, is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter,
+// fetched and added by one (or 3 at a split 0's start). The counter is word 7 of the home worker's plan row, set back
+// to 0 by the last departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so
+// the first one past the sequence's last ends its piece. Claims run 3 tiles ahead of the tile being computed (the
+// loads' pipeline: tile tt + 1 loading, tt + 2's block-table entries fetched), so near the end of a sequence a CTA
+// still computes up to 3 tiles it took earlier.
+#define MLA_MODE_SHARE 4  // bit 2: the narrow kernel's split sequences share their tiles (with MLA_MODE_FUSED)
+#if MLA_FUSED  // (only there: the plain builds' cubins stay those of the kernels before tile sharing)
+constexpr int MLA_SHARE_STATIC = 3;
+
+struct MlaShare {
+  int* ctr;  // the sequence's tile counter (word 7 of its home plan row); null: the piece is not shared
+  int rank, n_static;  // this CTA's rank among the n_static that start with the sequence (-1: claims every tile)
+};
+
+// the sharing of piece (i, split of nsplit) of a CTA working on `work`; on: the launch shares and nsplit > 1
+__device__ __forceinline__ MlaShare mla_share(bool on, const int* sched, int num_workers, int worker,
+                                              const MlaWork& work, int i, int split, int nsplit) {
+  if (!on) return MlaShare{nullptr, 0, 0};
+  int* c = mla_fused_counters(sched, num_workers, worker, split, i);
+  const int s0 = c[-5] == i ? 0 : 1;  // 1: split 0's worker begins with an earlier sequence (it arrives late)
+  return MlaShare{c + 2, i == work.begin_b ? split - s0 : -1, nsplit - s0};
+}
+
+// the sequence tile of the piece's tile tt: static, or claimed (sTile[tt % 4], written by thread 0 before a barrier)
+__device__ __forceinline__ int mla_share_tile(const MlaShare& sh, const int* sTile, int tt) {
+  return sh.rank >= 0 && tt < MLA_SHARE_STATIC ? sh.rank + tt * sh.n_static : sTile[tt & 3];
+}
+
+// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-2 of its piece
+__device__ __forceinline__ void mla_share_first(const MlaShare& sh, int* sTile) {
+  const int c = MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, MLA_SHARE_STATIC);
+#pragma unroll
+  for (int k = 0; k < MLA_SHARE_STATIC; ++k) sTile[k] = c + k;
+}
+
+// thread 0 at tile tt: claims the piece's tile tt + 3 (n_tiles, i.e. none, once tile tt + 2 is past the sequence)
+__device__ __forceinline__ int mla_share_claim(const MlaShare& sh, const int* sTile, int tt, int n_tiles) {
+  return mla_share_tile(sh, sTile, tt + 2) < n_tiles ? MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, 1)
+                                                     : n_tiles;
+}
+#endif  // MLA_FUSED
 
 // The merge of rows x DV outputs of sequence i by this CTA's warps, rank `rank` of n_ctas CTAs. A unit is one row's
 // 32 VEC channels, one warp (VEC = 2 or 4 a lane, vector loads): the row's lse and split weights as mla_combine_row
