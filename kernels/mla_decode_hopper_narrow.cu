@@ -37,7 +37,7 @@
 //
 // Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes): Q 18432 B
 //   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B + last keys 64 B
-//   (182848 B bf16 and FP8).
+//   + the fused build's ring of shared tiles 16 B (178768 B bf16 and FP8; 182864 B with the P split).
 //   Layouts: the K tiles are 128-byte swizzled (mla_wgmma.cuh, "128-byte swizzled tiles": a quarter-warp
 //   copies a whole 128-byte line, conflict-free); Q and P^T are small, unswizzled 8 x 16 B core matrices:
 //   K tile  byte(key, ch)    = (ch / 64) * 8192 + key * 128 + (((ch % 64) / 8) ^ (key % 8)) * 16 + (ch % 8) * 2
@@ -132,8 +132,10 @@ constexpr bool FP8 = MLA_FP8;
 // FP8: both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
 // would spill, one half at a time (loaded half a tile ahead)
 constexpr bool FP8_TWO_STAGES = NQ == 16;
-constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ);
-static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)),
+constexpr int SHARE_INTS = 4;  // the fused build's tile ring (sTile, after sLim; no static shared memory: it would
+                               // move the dynamic base off the 1024-byte alignment the SW128 tiles need)
+constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ + SHARE_INTS);
+static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182864 : 178768) : (P_SPLIT ? 218256 : 210064)),
               "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
@@ -237,7 +239,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   // tile sharing (mla_fused_combine.cuh, "Tile sharing"): one KV head and one row tile (the sequence's CTAs all read
   // the same keys for the same rows), fused launches that ask for it
   const bool share_ok = fused && (force_partials & MLA_MODE_SHARE) && gridDim.y * gridDim.z == 1;
-  __shared__ int sTile[4];  // shared pieces: the sequence tile of piece tile tt in sTile[tt % 4] (claimed ones)
+  int* sTile = sLim + NQ;  // [SHARE_INTS] shared pieces: the sequence tile of piece tile tt in sTile[tt % 4]
 #endif
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
