@@ -1,12 +1,14 @@
 """Where a tile's time goes in the narrow kernel, and when its CTAs start and end (diagnostics, GPU only).
 
-    python3 benchmarks/narrow_trace.py [--b 8 --h-q 16 --s-k 8192]
+    python3 benchmarks/narrow_trace.py [--b 8 --h-q 16 --s-k 8192] [--clean-flush] [--fused]
 
 Builds kernels/mla_decode_hopper_narrow.cu with -DMLA_NARROW_TRACE=1: thread 0 of CTAs 0..3 stores clock64() at 7
 points of each of its first 128 tiles (top; tile landed (cp.async wait + barrier); S^T done; S^T swapped; P^T
 stored; O^T done; end barrier), and every CTA its globaltimer (ns) at entry and exit. Runs one decode after the L2
 is flushed (as the kernels-only benchmarks) and prints, for CTA 0..3, each tile's cycles from its top to each point
-and to the next tile's top, then the CTAs' start and end times (µs from the first start).
+and to the next tile's top, then the CTAs' start and end times (µs from the first start). --fused: the build that
+merges its own split sequences (-DMLA_FUSED=1, launched cooperatively; its tile sharing as MLA_CUPY_SHARE_TILES
+says), whose CTAs end after the merge.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--s-k", type=int, default=8192)
     ap.add_argument("--clean-flush", action="store_true",
                     help="flush the L2 by reading 256 MB instead of rewriting it (no dirty lines to write back)")
+    ap.add_argument("--fused", action="store_true",
+                    help="the fused build (merges its split sequences; tile sharing per MLA_CUPY_SHARE_TILES)")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -44,9 +48,10 @@ def main(argv=None):
     cache = cp.asarray(rng.standard_normal((args.b * nblk, page, 1, d), np.float32)).astype(_arrays.BFLOAT16)
     table = cp.asarray(rng.permutation(args.b * nblk).astype(np.int32).reshape(args.b, nblk))
     lens = cp.full((args.b,), args.s_k, cp.int32)
-    defines = {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1}
+    defines = {"MLA_FP16": 0, "MLA_NARROW_TRACE": 1, **({"MLA_FUSED": 1} if args.fused else {})}
     module = cp.RawModule(code=_nvrtc.read_source(cupy_hopper.NARROW_SOURCE),
-                          options=_nvrtc.options(cupy_hopper.ARCH, defines), backend="nvrtc")
+                          options=_nvrtc.options(cupy_hopper.ARCH, defines), backend="nvrtc",
+                          enable_cooperative_groups=args.fused)
     fn = module.get_function(cupy_hopper.NARROW_FUNCTION)
     smem = cupy_hopper.narrow_smem_bytes(cupy_hopper.p_split(defines))
     fn.max_dynamic_shared_size_bytes = smem
@@ -54,7 +59,8 @@ def main(argv=None):
     sched, splits = mla.get_mla_metadata(lens.get(), args.h_q, 1)
     comb = cupy_backend.combine_function(dv, False, False, args.b * args.h_q)
     launches, out, lse = cupy_hopper.assemble(cp, fn, comb, problem, q, cache, table, lens, cp.asarray(sched),
-                                              cp.asarray(splits), host_splits=splits, narrow=True, smem=smem)
+                                              cp.asarray(splits), host_splits=splits, narrow=True, smem=smem,
+                                              fused_fn=fn if args.fused else None)
     flush = cp.empty(256 << 20, dtype=cp.uint8)
     for _ in range(3):  # warm-up, then the traced run after an L2 flush
         if args.clean_flush:
@@ -80,8 +86,9 @@ def main(argv=None):
     t0 = start.min()
     print(f"CTA start (µs after the first): median {np.median(start - t0) / 1e3:.2f}, "
           f"max {(start - t0).max() / 1e3:.2f}")
-    print(f"CTA end   (µs after the first start): min {(end - t0).min() / 1e3:.2f}, median "
-          f"{np.median(end - t0) / 1e3:.2f}, max {(end - t0).max() / 1e3:.2f}")
+    pct = np.percentile(end - t0, [0, 10, 50, 90, 100]) / 1e3
+    print("CTA end   (µs after the first start): min {:.2f}, p10 {:.2f}, median {:.2f}, p90 {:.2f}, max {:.2f}"
+          .format(*pct))
     print("CTA 0..3 start / end (µs):", [(round((start[c] - t0) / 1e3, 2), round((end[c] - t0) / 1e3, 2))
                                         for c in range(4)])
 

@@ -252,7 +252,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     const int split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
 #if MLA_FUSED
     // a shared piece walks the sequence's tiles [0, L) that it takes (MlaShare), not the plan's [start, stop)
-    const MlaShare sh = mla_share(share_ok && nsplit > 1, sched, gridDim.x, blockIdx.x, work, i, split, nsplit);
+    const MlaShare sh = mla_share(share_ok && nsplit > 1, sched, gridDim.x, blockIdx.x, split, nsplit);
     if (sh.ctr) start = 0, stop = L;
 #endif
     int stop_eff;  // causal: no column of this CTA sees keys past L - s_q + r_max

@@ -89,11 +89,11 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 // N = nsplit) take its key tiles as they go, so a slow CTA takes fewer. Each still writes one partial, of the tiles it
 // took (none: lse = -inf), so the partials, the merge and its counters are as before -- but which keys go into which
 // partial depends on timing, so the last bits of a shared sequence's output may differ from call to call.
-// Tiles: a CTA that starts with the sequence (every split but a split 0 whose worker began with another sequence)
-// has rank r among the n_static such CTAs and first takes tiles r, r + n_static, r + 2 n_static (MLA_SHARE_STATIC
-// tiles known without waiting for anyone: its first loads go out at once); every further tile, and every tile of a
-// split 0 that arrives from another sequence, is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter,
-// fetched and added by one (or 3 at a split 0's start). The counter is word 7 of the home worker's plan row, set back
+// Tiles: split s >= 1 (whose CTA starts with the sequence) has rank r = s - 1 among the n_static = nsplit - 1 such
+// CTAs and first takes tiles r, r + n_static, r + 2 n_static (MLA_SHARE_STATIC tiles known without waiting for
+// anyone: its first loads go out at once); every further tile, and every tile of split 0 (whose CTA may come from an
+// earlier sequence, late), is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter, fetched and
+// added by one (by 3 at split 0's start). The counter is word 7 of the home worker's plan row, set back
 // to 0 by the last departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so
 // the first one past the sequence's last ends its piece. Claims run 3 tiles ahead of the tile being computed (the
 // loads' pipeline: tile tt + 1 loading, tt + 2's block-table entries fetched), so near the end of a sequence a CTA
@@ -104,16 +104,18 @@ constexpr int MLA_SHARE_STATIC = 3;
 
 struct MlaShare {
   int* ctr;  // the sequence's tile counter (word 7 of its home plan row); null: the piece is not shared
-  int rank, n_static;  // this CTA's rank among the n_static that start with the sequence (-1: claims every tile)
+  int rank, n_static;  // this CTA's rank among the n_static splits with static tiles (-1: split 0, claims all)
 };
 
-// the sharing of piece (i, split of nsplit) of a CTA working on `work`; on: the launch shares and nsplit > 1
-__device__ __forceinline__ MlaShare mla_share(bool on, const int* sched, int num_workers, int worker,
-                                              const MlaWork& work, int i, int split, int nsplit) {
+// the sharing of piece (i, split of nsplit) of CTA `worker`; on: the launch shares and nsplit > 1. No load: the
+// counter's row is worker - split (checked against the plan when the CTA arrives, mla_fused_counters), so that the
+// first tile's loads wait for nothing more than before.
+__device__ __forceinline__ MlaShare mla_share(bool on, const int* sched, int num_workers, int worker, int split,
+                                              int nsplit) {
   if (!on) return MlaShare{nullptr, 0, 0};
-  int* c = mla_fused_counters(sched, num_workers, worker, split, i);
-  const int s0 = c[-5] == i ? 0 : 1;  // 1: split 0's worker begins with an earlier sequence (it arrives late)
-  return MlaShare{c + 2, i == work.begin_b ? split - s0 : -1, nsplit - s0};
+  const int home = worker - split;
+  if (home < 0 || home >= num_workers) __trap();
+  return MlaShare{const_cast<int*>(sched) + home * 8 + 7, split - 1, nsplit - 1};
 }
 
 // the sequence tile of the piece's tile tt: static, or claimed (sTile[tt % 4], written by thread 0 before a barrier)

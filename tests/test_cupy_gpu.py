@@ -387,17 +387,19 @@ def test_fused_tile_sharing(monkeypatch, b, seqlens, s_q, h_q, causal, dtype):
         shared.append(lse.get())
     monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "0")
     _, plain_lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
-    n_split = np.diff(splits.get())
-    # a split sequence whose CTAs take 2+ tiles each: shared, they are strided / claimed, not the plan's ranges
-    assert any(n > 1 and -(-length // 64) >= 2 * n for n, length in zip(n_split, seqlens)), n_split
+    # every case has a split sequence whose CTAs take 2+ tiles: shared, those are strided or claimed, not the plan's
+    # contiguous ranges, so the partials' sums round differently
     assert any(not np.array_equal(x, plain_lse.get()) for x in shared), "no sign of shared tiles"
     monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "1")
     # a CUDA graph with the device plan: every replay claims from the counter the last one set back to 0
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        g_out, g_lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
-        graph = stream.end_capture()
+        try:
+            g_out, g_lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", validate=False,
+                                                      **c.kwargs())
+        finally:
+            graph = stream.end_capture()
     try:
         for _ in range(3):
             g_out.fill(cp.nan)
