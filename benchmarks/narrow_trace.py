@@ -89,6 +89,10 @@ def main(argv=None):
     pct = np.percentile(end - t0, [0, 10, 50, 90, 100]) / 1e3
     print("CTA end   (µs after the first start): min {:.2f}, p10 {:.2f}, median {:.2f}, p90 {:.2f}, max {:.2f}"
           .format(*pct))
+    begin_b = np.asarray(sched)[:, 0]
+    by_seq = [(i, (end[begin_b == i] - t0) / 1e3) for i in range(args.b) if (begin_b == i).any()]
+    print("end by first sequence (µs, median / max, CTAs):",
+          "; ".join(f"{i}: {np.median(e):.2f} / {e.max():.2f} ({len(e)})" for i, e in by_seq))
     print("CTA 0..3 start / end (µs):", [(round((start[c] - t0) / 1e3, 2), round((end[c] - t0) / 1e3, 2))
                                         for c in range(4)])
 

@@ -353,6 +353,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         if (NARROW_TILE_OK(1)) fetch_blk(1, blk_next);
       }
 
+#if MLA_FUSED
+      int claimed = 0;  // thread 0 of a shared piece: the tile it claimed during the last tile (mla_share_claim)
+#endif
       for (int tt = 0; NARROW_TILE_OK(tt); ++tt) {
         NARROW_MARK(0);
         if constexpr (FP8) {
@@ -370,13 +373,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           if (NARROW_TILE_OK(tt + 2)) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
           cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
-          __syncthreads();      // everyone's copies of tile tt are in
+#if MLA_FUSED  // shared piece: the tile claimed during tile tt - 1 is piece tile tt + 3 (its slot held tile tt - 1)
+          if (sh.ctr && tid == 0 && tt > 0) sTile[(tt + 3) & 3] = claimed;
+#endif
+          __syncthreads();      // everyone's copies of tile tt are in (shared pieces: tile tt + 3 is known)
         }
         NARROW_MARK(1);
-#if MLA_FUSED
-        int claimed = 0;  // thread 0 of a shared piece: the tile it takes for piece tile tt + 3, read at the end
-        if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
-#endif
         const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
 
         // ---- S^T = K Q^T: this warpgroup's half of the channels, then the halves swap through smem
@@ -461,6 +463,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
+#if MLA_FUSED
+        // shared piece: thread 0 claims piece tile tt + 4 here, after the tile's last wgmma issue: its result is not
+        // needed before the next tile's top, and no wgmma fence comes in between (a fence waits for the atomic's
+        // register: claimed before S^T, it held every tile's S^T back by its latency, ~1,300 cycles; run 3)
+        if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
+#endif
         if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
           // stages) or half a (one) of tile tt + 2 into the registers
           if (tt + 1 < n_tiles) {
@@ -480,11 +488,8 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
           fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
         }
-#if MLA_FUSED
-        if (sh.ctr && tid == 0) sTile[(tt + 3) & 3] = claimed;  // (slot of tile tt - 1: read by now)
-#endif
         __syncthreads();  // both warpgroups are done with this K buffer, the S^T swap area and P^T (FP8: and
-                          // tile tt + 1 is complete; shared pieces: tile tt + 3 is known)
+                          // tile tt + 1 is complete)
         NARROW_MARK(6);
       }
     }

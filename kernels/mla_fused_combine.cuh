@@ -90,17 +90,17 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 // took (none: lse = -inf), so the partials, the merge and its counters are as before -- but which keys go into which
 // partial depends on timing, so the last bits of a shared sequence's output may differ from call to call.
 // Tiles: split s >= 1 (whose CTA starts with the sequence) has rank r = s - 1 among the n_static = nsplit - 1 such
-// CTAs and first takes tiles r, r + n_static, r + 2 n_static (MLA_SHARE_STATIC tiles known without waiting for
-// anyone: its first loads go out at once); every further tile, and every tile of split 0 (whose CTA may come from an
-// earlier sequence, late), is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter, fetched and
-// added by one (by 3 at split 0's start). The counter is word 7 of the home worker's plan row, set back
-// to 0 by the last departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so
-// the first one past the sequence's last ends its piece. Claims run 3 tiles ahead of the tile being computed (the
-// loads' pipeline: tile tt + 1 loading, tt + 2's block-table entries fetched), so near the end of a sequence a CTA
-// still computes up to 3 tiles it took earlier.
+// CTAs and first takes tiles r + k n_static, k < MLA_SHARE_STATIC (known without waiting for anyone: its first loads
+// go out at once); every further tile, and every tile of split 0 (whose CTA may come from an earlier sequence, late),
+// is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter, fetched and added by one (by
+// MLA_SHARE_STATIC at split 0's start). The counter is word 7 of the home worker's plan row, set back to 0 by the last
+// departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so the first one
+// past the sequence's last ends its piece. Claims run 4 tiles ahead of the tile being computed (the loads' pipeline:
+// tile tt + 1 loading, tt + 2's block-table entries fetched, tt + 3 known, tt + 4 being claimed: the atomic's latency
+// hides under a tile), so when a sequence's tiles run out a CTA still computes up to 3 tiles it took earlier.
 #define MLA_MODE_SHARE 4  // bit 2: the narrow kernel's split sequences share their tiles (with MLA_MODE_FUSED)
 #if MLA_FUSED  // (only there: the plain builds' cubins stay those of the kernels before tile sharing)
-constexpr int MLA_SHARE_STATIC = 3;
+constexpr int MLA_SHARE_STATIC = 4;
 
 struct MlaShare {
   int* ctr;  // the sequence's tile counter (word 7 of its home plan row); null: the piece is not shared
@@ -123,16 +123,16 @@ __device__ __forceinline__ int mla_share_tile(const MlaShare& sh, const int* sTi
   return sh.rank >= 0 && tt < MLA_SHARE_STATIC ? sh.rank + tt * sh.n_static : sTile[tt & 3];
 }
 
-// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-2 of its piece
+// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-3 of its piece
 __device__ __forceinline__ void mla_share_first(const MlaShare& sh, int* sTile) {
   const int c = MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, MLA_SHARE_STATIC);
 #pragma unroll
   for (int k = 0; k < MLA_SHARE_STATIC; ++k) sTile[k] = c + k;
 }
 
-// thread 0 at tile tt: claims the piece's tile tt + 3 (n_tiles, i.e. none, once tile tt + 2 is past the sequence)
+// thread 0 at tile tt: claims the piece's tile tt + 4 (n_tiles, i.e. none, once tile tt + 3 is past the sequence)
 __device__ __forceinline__ int mla_share_claim(const MlaShare& sh, const int* sTile, int tt, int n_tiles) {
-  return mla_share_tile(sh, sTile, tt + 2) < n_tiles ? MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, 1)
+  return mla_share_tile(sh, sTile, tt + 3) < n_tiles ? MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, 1)
                                                      : n_tiles;
 }
 #endif  // MLA_FUSED

@@ -385,12 +385,22 @@ def test_fused_tile_sharing(monkeypatch, b, seqlens, s_q, h_q, causal, dtype):
         np.testing.assert_array_equal(sched.get(), plan_before)
         testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
         shared.append(lse.get())
-    monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "0")
-    _, plain_lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
-    # every case has a split sequence whose CTAs take 2+ tiles: shared, those are strided or claimed, not the plan's
-    # contiguous ranges, so the partials' sums round differently
-    assert any(not np.array_equal(x, plain_lse.get()) for x in shared), "no sign of shared tiles"
-    monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "1")
+    # evidence that the tiles were regrouped: every case has a split sequence whose CTAs take 2+ tiles; shared, a
+    # split's keys are strided or claimed, not the plan's contiguous range, so the splits' own lse (lse_part) differ
+    from mla import api
+    from mla.backends import cupy_hopper
+
+    problem = api._validate(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None, causal, False, None, None,
+                            None, True)
+    lse_part = {}
+    for share in ("0", "1"):
+        monkeypatch.setenv("MLA_CUPY_SHARE_TILES", share)
+        launches, _, _ = cupy_hopper.prepare(cp, problem, sched, splits, cp.cuda.Device().id, "narrow")
+        assert len(launches) == 1  # fused: no combine kernel
+        cupy_backend.run_launches(cp, launches)
+        lse_part[share] = launches[0][3][8][:int(splits[-1].get())].get()  # (args: ..., o_part, lse_part, ...)
+    finite = np.isfinite(lse_part["0"]) & np.isfinite(lse_part["1"])
+    assert np.abs(lse_part["0"] - lse_part["1"])[finite].max() > 1e-3, "no sign of shared tiles"
     # a CUDA graph with the device plan: every replay claims from the counter the last one set back to 0
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
