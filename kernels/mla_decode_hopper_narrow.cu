@@ -463,12 +463,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 
         // ---- O^T += V^T P^T, this warpgroup's channels
         ot_issue(o, kt, myP_addr, wg);
-#if MLA_FUSED
-        // shared piece: thread 0 claims piece tile tt + 4 here, after the tile's last wgmma issue: its result is not
-        // needed before the next tile's top, and no wgmma fence comes in between (a fence waits for the atomic's
-        // register: claimed before S^T, it held every tile's S^T back by its latency, ~1,300 cycles; run 3)
-        if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
-#endif
         if constexpr (FP8) {  // while it runs: half b of tile tt + 1 -> the other buffer, then half b (two
           // stages) or half a (one) of tile tt + 2 into the registers
           if (tt + 1 < n_tiles) {
@@ -484,6 +478,13 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         NARROW_MARK(5);
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
+#if MLA_FUSED
+        // shared piece: thread 0 claims piece tile tt + 4 here, after the tile's last wgmma wait: its result is
+        // stored at the next tile's top, and no wgmma instruction comes in between (a wgmma fence or wait holds the
+        // warp until the atomic's register is written: claimed before S^T it held S^T back, ~1,300 cycles a tile, run
+        // 3; claimed after O^T's issue, O^T's wait, ~650, run 4)
+        if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
+#endif
         if constexpr (FP8) {
           if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
           fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores
