@@ -439,6 +439,25 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+share12e)  # issue #4 (twelfth session): tile sharing v5 (the claim issued at the tile's top, its round trip under the wait
+  # for the tile's keys: run 5's trace showed the end barrier waiting for the atomic), SM-basis sweeps with and without
+  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
+  for s in 0 1; do
+    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
+  done
+  for round in 1 2; do
+    for s in 0 1; do
+      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
+        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
+      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
+        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
+    done
+  done
+  for s in 0 1; do
+    r 60 "sweep_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --reps 30 \
+      --shapes "8,1,16,8192 4,1,16,16384 8,2,16,8192"
+  done
+  ;;
 share12d)  # issue #4 (twelfth session): tile sharing v4 (the claim issued after the tile's O^T wait: run 4's trace showed
   # O^T's wgmma wait held by the claim's register), with the plan's SM-basis sweep with and without sharing
   t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"

@@ -353,9 +353,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         if (NARROW_TILE_OK(1)) fetch_blk(1, blk_next);
       }
 
-#if MLA_FUSED
-      int claimed = 0;  // thread 0 of a shared piece: the tile it claimed during the last tile (mla_share_claim)
-#endif
       for (int tt = 0; NARROW_TILE_OK(tt); ++tt) {
         NARROW_MARK(0);
         if constexpr (FP8) {
@@ -367,14 +364,21 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
             __syncthreads();      // ... everyone's
           }
         } else {
+#if MLA_FUSED
+          // shared piece: thread 0 claims piece tile tt + 3 first thing, so that the atomic's round trip overlaps the
+          // wait for tile tt's keys below: a barrier (and a wgmma fence or wait) waits for it to complete, and
+          // issued later in the tile it held the tile back by its latency, ~700-1,300 cycles (runs 3-5)
+          int claimed = 0;
+          if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
+#endif
           // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
           if (!MLA_DIAG_NO_KLOAD && NARROW_TILE_OK(tt + 1)) load_k(tt + 1, blk_next);
           cp_async_commit();
           if (NARROW_TILE_OK(tt + 2)) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
           cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
-#if MLA_FUSED  // shared piece: the tile claimed during tile tt - 1 is piece tile tt + 3 (its slot held tile tt - 1)
-          if (sh.ctr && tid == 0 && tt > 0) sTile[(tt + 3) & 3] = claimed;
+#if MLA_FUSED  // (the slot of piece tile tt + 3 held tile tt - 1, read by everyone before the barrier that ended it)
+          if (sh.ctr && tid == 0) sTile[(tt + 3) & 3] = claimed;
 #endif
           __syncthreads();      // everyone's copies of tile tt are in (shared pieces: tile tt + 3 is known)
         }
@@ -478,13 +482,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         NARROW_MARK(5);
 #pragma unroll
         for (int mb = 0; mb < MBLOCKS_WG; ++mb) wg_fence_operands(o[mb]);
-#if MLA_FUSED
-        // shared piece: thread 0 claims piece tile tt + 4 here, after the tile's last wgmma wait: its result is
-        // stored at the next tile's top, and no wgmma instruction comes in between (a wgmma fence or wait holds the
-        // warp until the atomic's register is written: claimed before S^T it held S^T back, ~1,300 cycles a tile, run
-        // 3; claimed after O^T's issue, O^T's wait, ~650, run 4)
-        if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
-#endif
         if constexpr (FP8) {
           if constexpr (!FP8_TWO_STAGES) cp_async_wait<0>();  // the RoPE copies of tile tt + 1
           fence_proxy_async();  // this thread's part of tile tt + 1 -> visible to the tensor cores

@@ -95,12 +95,12 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 // is MLA_SHARE_STATIC n_static + the value of the sequence's tile counter, fetched and added by one (by
 // MLA_SHARE_STATIC at split 0's start). The counter is word 7 of the home worker's plan row, set back to 0 by the last
 // departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so the first one
-// past the sequence's last ends its piece. Claims run 4 tiles ahead of the tile being computed (the loads' pipeline:
-// tile tt + 1 loading, tt + 2's block-table entries fetched, tt + 3 known, tt + 4 being claimed: the atomic's latency
-// hides under a tile), so when a sequence's tiles run out a CTA still computes up to 3 tiles it took earlier.
+// past the sequence's last ends its piece. Claims run 3 tiles ahead of the tile being computed (the loads' pipeline:
+// tile tt + 1 loading, tt + 2's block-table entries fetched, tt + 3 being claimed while tile tt's keys are awaited),
+// so when a sequence's tiles run out a CTA still computes up to 3 tiles it took earlier.
 #define MLA_MODE_SHARE 4  // bit 2: the narrow kernel's split sequences share their tiles (with MLA_MODE_FUSED)
 #if MLA_FUSED  // (only there: the plain builds' cubins stay those of the kernels before tile sharing)
-constexpr int MLA_SHARE_STATIC = 4;
+constexpr int MLA_SHARE_STATIC = 3;
 
 struct MlaShare {
   int* ctr;  // the sequence's tile counter (word 7 of its home plan row); null: the piece is not shared
@@ -123,16 +123,16 @@ __device__ __forceinline__ int mla_share_tile(const MlaShare& sh, const int* sTi
   return sh.rank >= 0 && tt < MLA_SHARE_STATIC ? sh.rank + tt * sh.n_static : sTile[tt & 3];
 }
 
-// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-3 of its piece
+// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-2 of its piece
 __device__ __forceinline__ void mla_share_first(const MlaShare& sh, int* sTile) {
   const int c = MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, MLA_SHARE_STATIC);
 #pragma unroll
   for (int k = 0; k < MLA_SHARE_STATIC; ++k) sTile[k] = c + k;
 }
 
-// thread 0 at tile tt: claims the piece's tile tt + 4 (n_tiles, i.e. none, once tile tt + 3 is past the sequence)
+// thread 0 at tile tt: claims the piece's tile tt + 3 (n_tiles, i.e. none, once tile tt + 2 is past the sequence)
 __device__ __forceinline__ int mla_share_claim(const MlaShare& sh, const int* sTile, int tt, int n_tiles) {
-  return mla_share_tile(sh, sTile, tt + 3) < n_tiles ? MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, 1)
+  return mla_share_tile(sh, sTile, tt + 2) < n_tiles ? MLA_SHARE_STATIC * sh.n_static + atomicAdd(sh.ctr, 1)
                                                      : n_tiles;
 }
 #endif  // MLA_FUSED
