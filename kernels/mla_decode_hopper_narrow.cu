@@ -252,13 +252,14 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     const int split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
 #if MLA_FUSED
     // a shared piece walks the sequence's tiles [0, L) that it takes (MlaShare), not the plan's [start, stop)
-    const MlaShare sh = mla_share(share_ok && nsplit > 1, sched, gridDim.x, blockIdx.x, split, nsplit);
+    MlaShare sh = mla_share(share_ok && nsplit > 1, sched, gridDim.x, blockIdx.x, split, nsplit);
     if (sh.ctr) start = 0, stop = L;
 #endif
     int stop_eff;  // causal: no column of this CTA sees keys past L - s_q + r_max
     const int n_tiles = mla_piece_tiles<BLOCK_N>(start, stop, L, s_q, causal, qt * NQ + NQ - 1, group, stop_eff);
     // piece tile tt: its first key and whether it is one of the piece's
 #if MLA_FUSED
+    if (sh.ctr) mla_share_static(sh, n_tiles);
     auto tile_of = [&](int tt) { return sh.ctr ? mla_share_tile(sh, sTile, tt) : tt; };
     auto tile_base = [&](int tt) { return start + tile_of(tt) * BLOCK_N; };
 #define NARROW_TILE_OK(tt) (tile_of(tt) < n_tiles)
