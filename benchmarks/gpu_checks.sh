@@ -439,6 +439,20 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+share12g)  # issue #4 (twelfth session): tile sharing v7 -- each CTA's static tiles consecutive (run 7: strided, every
+  # tile waited ~600 cycles longer for its keys, claims or not); reserves 2, 3, 4 against no sharing
+  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
+  r 40 trace_clean_s1 python3 benchmarks/narrow_trace.py --fused --clean-flush
+  SH="8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
+  for round in 1 2; do
+    for v in s0 r2 r3 r4; do
+      case $v in s0) e="MLA_CUPY_SHARE_TILES=0";; *) e="MLA_NVRTC_DEFINES=MLA_SHARE_RESERVE=${v#r}";; esac
+      r 40 "splits_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "$SH"
+      r 40 "splits_clean_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --clean-flush \
+        --shapes "$SH"
+    done
+  done
+  ;;
 share12f)  # issue #4 (twelfth session): tile sharing v6 -- static tiles first (each CTA's share less MLA_SHARE_RESERVE),
   # then a pool of claimed tiles (run 6: a claim costs its CTA ~600 cycles); reserves 1, 3 (default), 6 and 100 (=
   # v5: claims from tile 3 on) against no sharing, both flushes, two interleaved rounds

@@ -90,7 +90,9 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
 // took (none: lse = -inf), so the partials, the merge and its counters are as before -- but which keys go into which
 // partial depends on timing, so the last bits of a shared sequence's output may differ from call to call.
 // Tiles: split s >= 1 (whose CTA starts with the sequence) has rank r = s - 1 among the n_static = nsplit - 1 such
-// CTAs and first takes tiles r + k n_static, k < n_first (known without waiting for anyone); n_first is the CTAs' equal
+// CTAs and first takes tiles r n_first + k, k < n_first (known without waiting for anyone; consecutive, so that their
+// block-table entries share cache lines: strided, r + k n_static, each tile waited ~600 cycles longer, run 7, as a
+// barrier waits for the entries' loads to complete, from L2 instead of L1); n_first is the CTAs' equal
 // share less MLA_SHARE_RESERVE tiles, at least MLA_SHARE_STATIC (the pipeline's depth). Every further tile, and every
 // tile of split 0 (whose CTA may come from an earlier sequence, late), is n_first n_static + the value of the
 // sequence's tile counter, fetched and added by one (by MLA_SHARE_STATIC at split 0's start). Claims are not free: a
@@ -132,7 +134,7 @@ __device__ __forceinline__ void mla_share_static(MlaShare& sh, int n_tiles) {
 
 // the sequence tile of the piece's tile tt: static, or claimed (sTile[tt % 4], written by thread 0 before a barrier)
 __device__ __forceinline__ int mla_share_tile(const MlaShare& sh, const int* sTile, int tt) {
-  return sh.rank >= 0 && tt < sh.n_first ? sh.rank + tt * sh.n_static : sTile[tt & 3];
+  return sh.rank >= 0 && tt < sh.n_first ? sh.rank * sh.n_first + tt : sTile[tt & 3];
 }
 
 // thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-2 of its piece
