@@ -439,6 +439,17 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+share12h)  # issue #4 (twelfth session): when each CTA's last piece is done (before the merge), with and without
+  # tile sharing, both flushes; the plain build too (its CTAs end there)
+  for s in 0 1; do
+    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
+    r 40 "trace_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused
+  done
+  r 40 trace_clean_plain python3 benchmarks/narrow_trace.py --clean-flush
+  r 40 trace_clean_s1_b4 python3 benchmarks/narrow_trace.py --fused --clean-flush --b 4 --s-k 16384
+  r 40 trace_clean_s0_b4 env MLA_CUPY_SHARE_TILES=0 python3 benchmarks/narrow_trace.py --fused --clean-flush --b 4 \
+    --s-k 16384
+  ;;
 share12g)  # issue #4 (twelfth session): tile sharing v7 -- each CTA's static tiles consecutive (run 7: strided, every
   # tile waited ~600 cycles longer for its keys, claims or not); reserves 2, 3, 4 against no sharing
   t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"

@@ -71,7 +71,7 @@ def main(argv=None):
             f(grid, block, a, shared_mem=sm)
     cp.cuda.Device().synchronize()
     trace = cp.ndarray((4, 128, 8), cp.int64, module.get_global("narrow_trace")).get()
-    span = cp.ndarray((1024, 2), cp.uint64, module.get_global("narrow_span")).get().astype(np.int64)
+    span = cp.ndarray((1024, 3), cp.uint64, module.get_global("narrow_span")).get().astype(np.int64)
     workers = int(sched.shape[0])
     print(f"shape b={args.b} h_q={args.h_q} s_k={args.s_k}; {workers} workers; cycles from each tile's top "
           f"(columns: {', '.join(POINTS[1:])}; next = to the next tile's top)")
@@ -86,6 +86,10 @@ def main(argv=None):
     t0 = start.min()
     print(f"CTA start (µs after the first): median {np.median(start - t0) / 1e3:.2f}, "
           f"max {(start - t0).max() / 1e3:.2f}")
+    busy = np.asarray(sched)[:workers, 0] <= np.asarray(sched)[:workers, 2]  # workers with a piece
+    done = span[:workers, 2]
+    print("CTA last piece done (µs, workers with a piece): min {:.2f}, p10 {:.2f}, median {:.2f}, p90 {:.2f}, "
+          "max {:.2f}".format(*(np.percentile(done[busy] - t0, [0, 10, 50, 90, 100]) / 1e3)))
     pct = np.percentile(end - t0, [0, 10, 50, 90, 100]) / 1e3
     print("CTA end   (µs after the first start): min {:.2f}, p10 {:.2f}, median {:.2f}, p90 {:.2f}, max {:.2f}"
           .format(*pct))

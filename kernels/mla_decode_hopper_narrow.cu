@@ -93,13 +93,14 @@
 #endif
 
 // Diagnostics only (benchmarks/narrow_trace.py): thread 0 of CTAs (x, 0, 0), x < 4, stores clock64() at 7 points of
-// each of its first 128 tiles (of its first piece), and every CTA (x, 0, 0) its globaltimer at entry and exit
+// each of its first 128 tiles (of its first piece), and every CTA (x, 0, 0) its globaltimer at entry, exit and after its
+// last piece
 #ifndef MLA_NARROW_TRACE
 #define MLA_NARROW_TRACE 0
 #endif
 #if MLA_NARROW_TRACE
 __device__ long long narrow_trace[4][128][8];
-__device__ unsigned long long narrow_span[1024][2];
+__device__ unsigned long long narrow_span[1024][3];  // entry, exit, last piece done (before the merge)
 __device__ __forceinline__ unsigned long long narrow_globaltimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
@@ -539,6 +540,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
       if (tid == 0) mla_fused_arrive(mla_fused_counters(sched, gridDim.x, blockIdx.x, split, i));
     }
   }
+#if MLA_NARROW_TRACE
+  if (tid == 0 && blockIdx.y + blockIdx.z == 0 && blockIdx.x < 1024) narrow_span[blockIdx.x][2] = narrow_globaltimer();
+#endif
   if (fused)  // (after every arrival of this CTA: see mla_fused_combine.cuh)
     mla_fused_merge_all<DV, NTHREADS>(work, sched, o_part, lse_part, num_splits, out, lse_out, s_q, h_q);
 #if MLA_NARROW_TRACE
