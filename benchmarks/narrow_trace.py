@@ -7,8 +7,8 @@ points of each of its first 128 tiles (top; tile landed (cp.async wait + barrier
 stored; O^T done; end barrier), and every CTA its globaltimer (ns) at entry and exit. Runs one decode after the L2
 is flushed (as the kernels-only benchmarks) and prints, for CTA 0..3, each tile's cycles from its top to each point
 and to the next tile's top, then the CTAs' start and end times (µs from the first start). --fused: the build that
-merges its own split sequences (-DMLA_FUSED=1, launched cooperatively; its tile sharing as MLA_CUPY_SHARE_TILES
-says), whose CTAs end after the merge.
+merges its own split sequences (-DMLA_FUSED=1, launched cooperatively), whose CTAs end after the merge; every CTA's
+last-piece-done time (before any merge) is printed too.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--clean-flush", action="store_true",
                     help="flush the L2 by reading 256 MB instead of rewriting it (no dirty lines to write back)")
     ap.add_argument("--fused", action="store_true",
-                    help="the fused build (merges its split sequences; tile sharing per MLA_CUPY_SHARE_TILES)")
+                    help="the fused build (merges its split sequences)")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)

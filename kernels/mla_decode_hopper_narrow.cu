@@ -37,7 +37,7 @@
 //
 // Shared memory (dynamic, mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes): Q 18432 B
 //   + 2 K tiles 147456 B + 2 P^T tiles 2 * NPV * 128 B + S^T swap 8192 B + reductions 512 B + last keys 64 B
-//   + the fused build's ring of shared tiles 16 B (178768 B bf16 and FP8; 182864 B with the P split).
+//   (182848 B bf16 and FP8).
 //   Layouts: the K tiles are 128-byte swizzled (mla_wgmma.cuh, "128-byte swizzled tiles": a quarter-warp
 //   copies a whole 128-byte line, conflict-free); Q and P^T are small, unswizzled 8 x 16 B core matrices:
 //   K tile  byte(key, ch)    = (ch / 64) * 8192 + key * 128 + (((ch % 64) / 8) ^ (key % 8)) * 16 + (ch % 8) * 2
@@ -133,10 +133,8 @@ constexpr bool FP8 = MLA_FP8;
 // FP8: both halves of the next tile in registers (loaded a whole tile ahead), or, at 32 rows where that
 // would spill, one half at a time (loaded half a tile ahead)
 constexpr bool FP8_TWO_STAGES = NQ == 16;
-constexpr int SHARE_INTS = 4;  // the fused build's tile ring (sTile, after sLim; no static shared memory: it would
-                               // move the dynamic base off the 1024-byte alignment the SW128 tiles need)
-constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ + SHARE_INTS);
-static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182864 : 178768) : (P_SPLIT ? 218256 : 210064)),
+constexpr int SMEM_BYTES = 2 * (Q_EL + 2 * TILE_EL + 2 * P_EL) + 4 * (X_FLOATS + RED_FLOATS + NQ);
+static_assert(SMEM_BYTES == (NQ == 16 ? (P_SPLIT ? 182848 : 178752) : (P_SPLIT ? 218240 : 210048)),
               "mirrored in mla/backends/cupy_hopper.py narrow_smem_bytes");
 
 constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
@@ -236,12 +234,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
   const MlaWork work = mla_work(sched, blockIdx.x);
   const bool force = MLA_FUSED ? (force_partials & MLA_MODE_PARTIALS) != 0 : force_partials != 0;
   const bool fused = MLA_FUSED && (force_partials & MLA_MODE_FUSED);
-#if MLA_FUSED
-  // tile sharing (mla_fused_combine.cuh, "Tile sharing"): one KV head and one row tile (the sequence's CTAs all read
-  // the same keys for the same rows), fused launches that ask for it
-  const bool share_ok = fused && (force_partials & MLA_MODE_SHARE) && gridDim.y * gridDim.z == 1;
-  int* sTile = sLim + NQ;  // [SHARE_INTS] shared pieces: the sequence tile of piece tile tt in sTile[tt % 4]
-#endif
 
   for (int i = work.begin_b; i <= work.end_b; ++i) {
     const bool trace_on =
@@ -249,29 +241,9 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
     (void)trace_on;
     const int L = seqlens[i];
     const MlaPiece pc = mla_piece(work, num_splits, i, L);
-    int start = pc.start, stop = pc.stop;
-    const int split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
-#if MLA_FUSED
-    // a shared piece walks the sequence's tiles [0, L) that it takes (MlaShare), not the plan's [start, stop)
-    MlaShare sh = mla_share(share_ok && nsplit > 1, sched, gridDim.x, blockIdx.x, split, nsplit);
-    if (sh.ctr) start = 0, stop = L;
-#endif
+    const int start = pc.start, stop = pc.stop, split = pc.split, lo = pc.lo, nsplit = pc.nsplit;
     int stop_eff;  // causal: no column of this CTA sees keys past L - s_q + r_max
     const int n_tiles = mla_piece_tiles<BLOCK_N>(start, stop, L, s_q, causal, qt * NQ + NQ - 1, group, stop_eff);
-    // piece tile tt: its first key and whether it is one of the piece's
-#if MLA_FUSED
-    if (sh.ctr) mla_share_static(sh, n_tiles);
-    auto tile_of = [&](int tt) { return sh.ctr ? mla_share_tile(sh, sTile, tt) : tt; };
-    auto tile_base = [&](int tt) { return start + tile_of(tt) * BLOCK_N; };
-#define NARROW_TILE_OK(tt) (tile_of(tt) < n_tiles)
-    if (sh.ctr && sh.rank < 0) {  // (uniform) claims its first tiles (mla_share_tile)
-      if (tid == 0) mla_share_first(sh, sTile);
-      __syncthreads();
-    }
-#else
-    auto tile_base = [&](int tt) { return start + tt * BLOCK_N; };
-#define NARROW_TILE_OK(tt) ((tt) < n_tiles)  // (a macro: a lambda here changes the plain build's code)
-#endif
     if (tid < NQ) {  // read after the first barrier of the piece's tile loop; free again after the piece's last
       const int m = qt * NQ + tid;
       sLim[tid] = causal ? min(stop - 1, L - s_q + m / group) : stop - 1;
@@ -286,12 +258,12 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
 #pragma unroll
     for (int j = 0; j < NCOL; ++j) m_run[j] = MLA_NEG_INF, l_part[j] = 0.f;
 
-    if (NARROW_TILE_OK(0)) {
+    if (n_tiles > 0) {
       // bf16: the block-table entries of this thread's rows of key tile `tile` (0 past the piece: never used)
       auto fetch_blk = [&](int tile, int (&blk)[2]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int pos = tile_base(tile) + ld_row + 32 * h;
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
           blk[h] = pos < stop_eff ? block_table[(long long)i * bt_stride + pos / page] : 0;
         }
       };
@@ -300,7 +272,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int pos = tile_base(tile) + ld_row + 32 * h;
+          const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
           const bool valid = pos < stop_eff;
           const mla_elem_t* src = k_cache;
           if (valid) src = k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D;
@@ -352,10 +324,10 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         fetch_blk(0, blk_next);
         load_k(0, blk_next);
         cp_async_commit();  // group: Q + tile 0
-        if (NARROW_TILE_OK(1)) fetch_blk(1, blk_next);
+        if (n_tiles > 1) fetch_blk(1, blk_next);
       }
 
-      for (int tt = 0; NARROW_TILE_OK(tt); ++tt) {
+      for (int tt = 0; tt < n_tiles; ++tt) {
         NARROW_MARK(0);
         if constexpr (FP8) {
           // tile tt was dequantised into buffer tt % 2 during tile tt - 1 (fenced and complete at the barrier
@@ -366,23 +338,13 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
             __syncthreads();      // ... everyone's
           }
         } else {
-#if MLA_FUSED
-          // shared piece: thread 0 claims piece tile tt + 3 first thing, so that the atomic's round trip overlaps the
-          // wait for tile tt's keys below: a barrier (and a wgmma fence or wait) waits for it to complete, and
-          // issued later in the tile it held the tile back by its latency, ~700-1,300 cycles (runs 3-5)
-          int claimed = 0;
-          if (sh.ctr && tid == 0) claimed = mla_share_claim(sh, sTile, tt, n_tiles);
-#endif
           // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
-          if (!MLA_DIAG_NO_KLOAD && NARROW_TILE_OK(tt + 1)) load_k(tt + 1, blk_next);
+          if (!MLA_DIAG_NO_KLOAD && tt + 1 < n_tiles) load_k(tt + 1, blk_next);
           cp_async_commit();
-          if (NARROW_TILE_OK(tt + 2)) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
+          if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
           cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
-#if MLA_FUSED  // (the slot of piece tile tt + 3 held tile tt - 1, read by everyone before the barrier that ended it)
-          if (sh.ctr && tid == 0) sTile[(tt + 3) & 3] = claimed;
-#endif
-          __syncthreads();      // everyone's copies of tile tt are in (shared pieces: tile tt + 3 is known)
+          __syncthreads();      // everyone's copies of tile tt are in
         }
         NARROW_MARK(1);
         const u32 kt = sK_addr + (tt & 1) * TILE_EL * 2;
@@ -419,7 +381,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
         for (int k = 0; k < SREG; ++k) s[k] += sX[((1 - wg) * SREG + k) * 128 + t];  // a + b == b + a: same bits in both
 
         // ---- scale to base 2, mask, column max over the tile's 64 keys
-        const int pos0 = tile_base(tt) + key0;
+        const int pos0 = start + tt * BLOCK_N + key0;
         float mx[NCOL];
         int lim[NCOL];  // last key each of this thread's columns sees
 #pragma unroll

@@ -78,79 +78,8 @@ __device__ __forceinline__ void mla_fused_depart(int* counters, int n_ctas) {
   if (old == n_ctas - 1) {
     asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters) : "memory");
     asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters + 1) : "memory");
-    asm volatile("st.relaxed.gpu.global.s32 [%0], 0;" ::"l"(counters + 2) : "memory");  // tile sharing's counter
   }
 }
-
-// ---- Tile sharing (bit 2 of force_partials, MLA_MODE_SHARE; the narrow kernel's fused build, one KV head and one
-// row tile). The plan cuts a split sequence into equal pieces, but CTAs with the same tiles do not finish together:
-// with the L2 flushed by reading, b = 8, h_q = 16, s_k = 8192 on the H100, the last CTA ended 6 us after the median
-// one, with the same 9 tiles (benchmarks/NOTES_cupy.md, eleventh session). Shared, a sequence's CTAs (its splits:
-// N = nsplit) take its key tiles as they go, so a slow CTA takes fewer. Each still writes one partial, of the tiles it
-// took (none: lse = -inf), so the partials, the merge and its counters are as before -- but which keys go into which
-// partial depends on timing, so the last bits of a shared sequence's output may differ from call to call.
-// Tiles: split s >= 1 (whose CTA starts with the sequence) has rank r = s - 1 among the n_static = nsplit - 1 such
-// CTAs and first takes tiles r n_first + k, k < n_first (known without waiting for anyone; consecutive, so that their
-// block-table entries share cache lines: strided, r + k n_static, each tile waited ~600 cycles longer, run 7, as a
-// barrier waits for the entries' loads to complete, from L2 instead of L1); n_first is the CTAs' equal
-// share less MLA_SHARE_RESERVE tiles, at least MLA_SHARE_STATIC (the pipeline's depth). Every further tile, and every
-// tile of split 0 (whose CTA may come from an earlier sequence, late), is n_first n_static + the value of the
-// sequence's tile counter, fetched and added by one (by MLA_SHARE_STATIC at split 0's start). Claims are not free: a
-// barrier waits for the thread's atomic to complete, ~2,300 cycles under the decode's load, so each claim costs its
-// CTA ~600 cycles past the wait for the tile's keys it overlaps (H100, run 6) -- hence the static tiles first and a
-// pool of about MLA_SHARE_RESERVE tiles a CTA at the end, where the CTAs' different paces show. The counter is word 7 of the home worker's plan row, set back to 0 by the last
-// departing CTA with the others (every claim precedes its CTA's arrival). A CTA's tiles increase, so the first one
-// past the sequence's last ends its piece. Claims run 3 tiles ahead of the tile being computed (the loads' pipeline:
-// tile tt + 1 loading, tt + 2's block-table entries fetched, tt + 3 being claimed while tile tt's keys are awaited),
-// so when a sequence's tiles run out a CTA still computes up to 3 tiles it took earlier.
-#define MLA_MODE_SHARE 4  // bit 2: the narrow kernel's split sequences share their tiles (with MLA_MODE_FUSED)
-#if MLA_FUSED  // (only there: the plain builds' cubins stay those of the kernels before tile sharing)
-constexpr int MLA_SHARE_STATIC = 3;
-#ifndef MLA_SHARE_RESERVE
-#define MLA_SHARE_RESERVE 3
-#endif
-
-struct MlaShare {
-  int* ctr;  // the sequence's tile counter (word 7 of its home plan row); null: the piece is not shared
-  int rank, n_static;  // this CTA's rank among the n_static splits with static tiles (-1: split 0, claims all)
-  int n_first;         // static tiles of each of them; the pool of claimed tiles starts at n_first n_static
-};
-
-// the sharing of piece (i, split of nsplit) of CTA `worker`; on: the launch shares and nsplit > 1. No load: the
-// counter's row is worker - split (checked against the plan when the CTA arrives, mla_fused_counters), so that the
-// first tile's loads wait for nothing more than before.
-__device__ __forceinline__ MlaShare mla_share(bool on, const int* sched, int num_workers, int worker, int split,
-                                              int nsplit) {
-  if (!on) return MlaShare{nullptr, 0, 0};
-  const int home = worker - split;
-  if (home < 0 || home >= num_workers) __trap();
-  return MlaShare{const_cast<int*>(sched) + home * 8 + 7, split - 1, nsplit - 1, MLA_SHARE_STATIC};
-}
-
-// n_first for a sequence of n_tiles tiles (the same in all its CTAs)
-__device__ __forceinline__ void mla_share_static(MlaShare& sh, int n_tiles) {
-  sh.n_first = max(MLA_SHARE_STATIC, n_tiles / (sh.n_static + 1) - MLA_SHARE_RESERVE);
-}
-
-// the sequence tile of the piece's tile tt: static, or claimed (sTile[tt % 4], written by thread 0 before a barrier)
-__device__ __forceinline__ int mla_share_tile(const MlaShare& sh, const int* sTile, int tt) {
-  return sh.rank >= 0 && tt < sh.n_first ? sh.rank * sh.n_first + tt : sTile[tt & 3];
-}
-
-// thread 0 of a CTA with rank -1, before its first tile: claims tiles 0-2 of its piece
-__device__ __forceinline__ void mla_share_first(const MlaShare& sh, int* sTile) {
-  const int c = sh.n_first * sh.n_static + atomicAdd(sh.ctr, MLA_SHARE_STATIC);
-#pragma unroll
-  for (int k = 0; k < MLA_SHARE_STATIC; ++k) sTile[k] = c + k;
-}
-
-// thread 0 at tile tt: claims the piece's tile tt + 3 (n_tiles, i.e. none, once tile tt + 2 is past the sequence;
-// 0, unused, while tile tt + 3 is static)
-__device__ __forceinline__ int mla_share_claim(const MlaShare& sh, const int* sTile, int tt, int n_tiles) {
-  if (sh.rank >= 0 && tt + 3 < sh.n_first) return 0;
-  return mla_share_tile(sh, sTile, tt + 2) < n_tiles ? sh.n_first * sh.n_static + atomicAdd(sh.ctr, 1) : n_tiles;
-}
-#endif  // MLA_FUSED
 
 // The merge of rows x DV outputs of sequence i by this CTA's warps, rank `rank` of n_ctas CTAs. A unit is one row's
 // 32 VEC channels, one warp (VEC = 2 or 4 a lane, vector loads): the row's lse and split weights as mla_combine_row

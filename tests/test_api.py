@@ -385,18 +385,6 @@ def test_plan_tight_env(monkeypatch):
         scheduler.tight_payload()
 
 
-def test_share_tiles_env(monkeypatch):
-    from mla.backends import cupy_backend
-
-    monkeypatch.delenv("MLA_CUPY_SHARE_TILES", raising=False)
-    assert cupy_backend.share_tiles()  # the default
-    monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "0")
-    assert not cupy_backend.share_tiles()
-    monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "on")
-    with pytest.raises(ValueError, match="MLA_CUPY_SHARE_TILES"):
-        cupy_backend.share_tiles()
-
-
 @pytest.mark.parametrize("tight", [0, 1])
 @pytest.mark.parametrize("lengths,workers", [([8192] * 8, 132), ([0], 1), ([5000, 10, 0, 300], 16),
                                              (list(range(0, 9000, 70)), 132), ([64 * 1000], 100)])

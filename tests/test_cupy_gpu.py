@@ -332,7 +332,6 @@ def test_fused_merge_matches_the_combine_kernel(monkeypatch, kernel, b, seqlens,
     monkeypatch.setattr(cupy_backend, "run_launches", lambda cp_, launches: (launched.append(len(launches)),
                                                                              run(cp_, launches)))
     monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
-    monkeypatch.setenv("MLA_CUPY_SHARE_TILES", "0")  # each CTA the plan's tiles: the combine kernel's bits
     results = {}
     for fused in ("all", "0", "all"):  # ("all": at any size, FUSED_MAX_ROWS aside)
         monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", fused)
@@ -349,77 +348,6 @@ def test_fused_merge_matches_the_combine_kernel(monkeypatch, kernel, b, seqlens,
     out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
                                                      causal=causal)
     testing.assert_close(fused_out.view(BF16), fused_lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
-
-
-SHARE_CASES = [(1, [20000], 1, 16, False), (2, [8192, 8192], 2, 16, True), (3, [9000, 40, 13000], 1, 16, True),
-               (4, [3000, 65, 9000, 1], 1, 16, False), (2, [130, 5000], 1, 8, False),
-               (6, [64] * 5 + [30000], 1, 16, True)]
-
-
-@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("b,seqlens,s_q,h_q,causal", SHARE_CASES,
-                         ids=[f"b{c[0]}-sq{c[2]}-hq{c[3]}-{'causal' if c[4] else 'full'}" for c in SHARE_CASES])
-def test_fused_tile_sharing(monkeypatch, b, seqlens, s_q, h_q, causal, dtype):
-    """Tile sharing (kernels/mla_fused_combine.cuh, MLA_CUPY_SHARE_TILES=1, the default): the CTAs of a split sequence
-    take its key tiles as they go. Every tile must be taken exactly once (a tile skipped or taken twice moves the
-    softmax far past the tolerance; NaN in the cache past every length shows a read beyond it), the plan must be
-    unchanged after each call (word 7 back at 0: the next call starts its claims from 0), repeated calls and a CUDA
-    graph's replays must agree with the reference, and the answer must differ from the plan's grouping somewhere in
-    the lse's last bits -- evidence that the tiles were in fact regrouped (with only static tiles the partials would
-    hold the plan's contiguous ranges)."""
-    cp = _arrays.cupy_module()
-    rng = np.random.default_rng(7 * b + s_q)
-    case = testing.make_decode_case(rng, b=b, s_q=s_q, h_q=h_q, h_kv=1, d=576, head_dim_v=512, page_block_size=64,
-                                    seqlens=seqlens, dtype=dtype, causal=causal)
-    c = testing.to_device(case)
-    sched, splits = mla.get_mla_metadata(c.cache_seqlens, s_q * h_q, 1)
-    plan_before = sched.get()
-    monkeypatch.setenv("MLA_CUPY_KERNEL", "hopper")
-    monkeypatch.setenv("MLA_HOPPER_VARIANT", "narrow")
-    monkeypatch.setenv("MLA_CUPY_FUSED_COMBINE", "all")
-    out_ref, lse_ref = reference.flash_mla_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, 512,
-                                                     causal=causal)
-    shared = []
-    for _ in range(3):
-        out, lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", **c.kwargs())
-        np.testing.assert_array_equal(sched.get(), plan_before)
-        testing.assert_close(out, lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
-        shared.append(lse.get())
-    # evidence that the tiles were regrouped: every case has a split sequence whose CTAs take 2+ tiles; shared, a
-    # split's keys are strided or claimed, not the plan's contiguous range, so the splits' own lse (lse_part) differ
-    from mla import api
-    from mla.backends import cupy_hopper
-
-    problem = api._validate(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None, causal, False, None, None,
-                            None, True)
-    lse_part = {}
-    for share in ("0", "1"):
-        monkeypatch.setenv("MLA_CUPY_SHARE_TILES", share)
-        launches, _, _ = cupy_hopper.prepare(cp, problem, sched, splits, cp.cuda.Device().id, "narrow")
-        assert len(launches) == 1  # fused: no combine kernel
-        cupy_backend.run_launches(cp, launches)
-        lse_part[share] = launches[0][3][8][:int(splits[-1].get())].get()  # (args: ..., o_part, lse_part, ...)
-    finite = np.isfinite(lse_part["0"]) & np.isfinite(lse_part["1"])
-    assert np.abs(lse_part["0"] - lse_part["1"])[finite].max() > 1e-3, "no sign of shared tiles"
-    # a CUDA graph with the device plan: every replay claims from the counter the last one set back to 0
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        try:
-            g_out, g_lse = mla.flash_mla_with_kvcache(*c.args(), sched, splits, backend="cupy", validate=False,
-                                                      **c.kwargs())
-        finally:
-            graph = stream.end_capture()
-    try:
-        for _ in range(3):
-            g_out.fill(cp.nan)
-            g_lse.fill(cp.nan)
-            graph.launch(stream)
-            stream.synchronize()
-            testing.assert_close(g_out, g_lse, out_ref, lse_ref, out_atol=testing.out_atol(case))
-            np.testing.assert_array_equal(sched.get(), plan_before)
-    finally:
-        cupy_backend.release_graph_buffers()
 
 
 def test_fused_merge_reasons(monkeypatch):

@@ -340,21 +340,6 @@ MODE_FUSED = 2
 """Bit 1 of the decode kernels' force_partials argument: the launch merges its own split sequences
 (kernels/mla_fused_combine.cuh, MLA_MODE_FUSED); bit 0 is force_partials proper."""
 
-MODE_SHARE = 4
-"""Bit 2 (with MODE_FUSED): the narrow kernel's split sequences share their key tiles among their CTAs
-(kernels/mla_fused_combine.cuh, "Tile sharing", MLA_MODE_SHARE; ``share_tiles``)."""
-
-
-def share_tiles() -> bool:
-    """MLA_CUPY_SHARE_TILES: "1" (default) -- in a fused launch (``cupy_hopper.fused_reason``) the CTAs of a split
-    sequence take its key tiles as they go, so that a slow CTA takes fewer (the narrow kernel with one KV head and
-    at most 32 query rows a head: kernels/mla_fused_combine.cuh); the last bits of such a sequence's output then
-    depend on timing. "0" -- each CTA takes the plan's tiles: the same bits every call (and the combine kernel's)."""
-    value = os.environ.get("MLA_CUPY_SHARE_TILES", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"MLA_CUPY_SHARE_TILES must be 0 or 1, got {value!r}")
-    return value == "1"
-
 
 def allocate_outputs(xp, problem, q_dtype, partial_rows: int, out_float32: bool, poison: bool):
     """out [b, s_q, h_q, d_v] (q's dtype, or float32 when out_float32), lse f32 [b, h_q, s_q] and the
@@ -386,8 +371,7 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     (force_partials) and the combine (built with MLA_OUT_F32) merges every row.
     ``fused_fn``: the decode kernel loaded for cooperative launches, when it can merge its own split sequences
     (kernels/mla_fused_combine.cuh; the caller checked ``cupy_hopper.fused_reason``): then, if anything needs a
-    merge, it is launched with bit 1 (MLA_MODE_FUSED) of force_partials set and no combine kernel follows; bit 2
-    (MLA_MODE_SHARE) as well unless MLA_CUPY_SHARE_TILES=0 (``share_tiles``).
+    merge, it is launched with bit 1 (MLA_MODE_FUSED) of force_partials set and no combine kernel follows.
     """
     q, k_cache, block_table, seqlens, sched, splits = arrays
     b, s_q, h_q = problem.b, problem.s_q, problem.h_q
@@ -402,7 +386,7 @@ def assemble_dense(xp, decode_fn, combine_fn, problem, arrays, host_splits, bloc
     out, lse, o_part, lse_part = allocate_outputs(xp, problem, q.dtype, total, force, poison)
     scale_log2 = np.float32(problem.softmax_scale * np.log2(np.e))
     grid = (num_workers, h_kv, -(-rows // block_m))
-    mode = int(force) | ((MODE_FUSED | (MODE_SHARE if share_tiles() else 0)) if fused else 0)
+    mode = int(force) | (MODE_FUSED if fused else 0)
     args = (q, k_cache, block_table, np.int32(block_table.shape[1]), seqlens, sched, splits, o_part, lse_part,
             out, lse, np.int32(s_q), np.int32(h_q), np.int32(h_kv), np.int32(problem.page_block_size),
             scale_log2, np.int32(bool(problem.causal)), np.int32(mode))

@@ -85,10 +85,10 @@ VARIANTS = ("auto", "narrow", "wide", "seesaw")
 
 def narrow_smem_bytes(p_split: bool, nq: int = NARROW_ROWS) -> int:
     """Dynamic shared memory of the narrow kernel with nq (16 or 32) query rows a CTA: Q + 2 K tiles + 2 P^T
-    tiles + the S^T swap area + reductions + the columns' last keys + the fused build's ring of 4 shared tiles. The
-    FP8 build has the same layout (its raw rows wait in registers, kernels/mla_wgmma.cuh "register stages")."""
+    tiles + the S^T swap area + reductions + the columns' last keys. The FP8 build has the same layout (its raw
+    rows wait in registers, kernels/mla_wgmma.cuh "register stages")."""
     npv = 2 * nq if p_split else nq
-    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq + 4)
+    return 2 * (nq * D + 2 * BLOCK_M * D + 2 * npv * 64) + 4 * (2 * (nq // 2) * 128 + 2 * 4 * nq + nq)
 
 
 def narrow_nq(problem) -> int:
