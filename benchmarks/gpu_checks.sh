@@ -439,6 +439,24 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+l2pf12a)  # issue #4 (twelfth session): the narrow kernel asks the L2 to prefetch tile tt + 2's rows at each tile's top
+  # (MLA_NARROW_L2_PREFETCH; run 9: with few CTAs left, one tile in flight a CTA cannot keep DRAM busy) -- against no
+  # prefetch (0: the cubins of 03a7072), both flushes, two interleaved rounds, with the memory-bound shape; traces
+  t 100 t_narrow tests/test_cupy_gpu.py -k "narrow and (fused or splits or causal or sanitizer)"
+  SH="8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192 128,1,16,8192"
+  for round in 1 2; do
+    for v in 0 1; do
+      e="MLA_NVRTC_DEFINES=MLA_NARROW_L2_PREFETCH=$v"
+      r 40 "splits_pf${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "$SH"
+      r 40 "splits_clean_pf${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --clean-flush \
+        --shapes "$SH"
+    done
+  done
+  for v in 0 1; do
+    r 40 "trace_clean_pf$v" env MLA_NVRTC_DEFINES=MLA_NARROW_L2_PREFETCH=$v python3 benchmarks/narrow_trace.py --fused \
+      --clean-flush
+  done
+  ;;
 share12h)  # issue #4 (twelfth session): when each CTA's last piece is done (before the merge), with and without
   # tile sharing, both flushes; the plain build too (its CTAs end there)
   for s in 0 1; do
