@@ -88,14 +88,6 @@
 #define MLA_DIAG_NO_KLOAD 0
 #endif
 
-// bf16 / fp16 cache: 1 -- at each tile's top, while fetching the block-table entries of tile tt + 2, also ask the L2 to
-// prefetch that tile's key rows (one bulk prefetch a row), so that two tiles, not one, are on their way from DRAM
-// while a tile is computed: with few CTAs left at the end of a few-long-sequence decode (or at its start) one tile in
-// flight a CTA cannot keep DRAM busy (benchmarks/NOTES_cupy.md, twelfth session). 0: none.
-#ifndef MLA_NARROW_L2_PREFETCH
-#define MLA_NARROW_L2_PREFETCH 1
-#endif
-
 #ifndef MLA_P_SPLIT  // bf16 P rounded once, FlashMLA's numerics (2026-11-26, ninth session: docs/decisions.md)
 #define MLA_P_SPLIT 0
 #endif
@@ -149,11 +141,6 @@ constexpr u32 Q_LBO = NQ * 16, Q_SBO = 128;                 // Q, K-major
 constexpr u32 P_LBO = NPV * 16, P_SBO = 128;                // P^T, MN-major
 constexpr u64 Q_KSTEP = (2 * Q_LBO) >> 4;                   // descriptor step of 16 channels in Q
 constexpr u64 P_KSTEP = (2 * P_LBO) >> 4;                   // ... of 16 keys in P^T
-
-// asks the L2 to fetch `bytes` (a multiple of 16) from global address p (16-byte aligned); no completion to wait for
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
 
 __device__ __forceinline__ int q_offset(int row, int ch) { return (ch >> 3) * (NQ * 8) + (row >> 3) * 64 + (row & 7) * 8 + (ch & 7); }
 __device__ __forceinline__ int p_offset(int col, int key) {
@@ -293,18 +280,6 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
                                  src, valid);
         }
       };
-      // bf16: an L2 prefetch of key tile `tile`'s rows (one thread a row: chunk 0 of sw128_tile_load_row's 8)
-      auto prefetch_k = [&](int tile, const int (&blk)[2]) {
-        const mla_elem_t* k_cache = static_cast<const mla_elem_t*>(k_cache_v);
-        if ((tid & 7) == 0) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int pos = start + tile * BLOCK_N + ld_row + 32 * h;
-            if (pos < stop_eff)
-              prefetch_l2(k_cache + (((long long)blk[h] * page + pos % page) * h_kv + g) * (long long)D, D * 2);
-          }
-        }
-      };
       // FP8: the token row of row 8 warp + lane % 8 of key tile `tile` (-1 past the piece), for fp8_half_load.
       // (Fetching the entries a tile earlier and turning them into token rows only where used, as the wide
       // kernel does, measured 15% slower here: 0.405 -> 0.467 ms at 128,1,16,8192, H100, not understood.)
@@ -366,10 +341,7 @@ mla_decode_hopper_narrow(const mla_elem_t* __restrict__ q, const void* __restric
           // the other buffer was last read by tile tt - 1, finished by everyone (barrier at its end)
           if (!MLA_DIAG_NO_KLOAD && tt + 1 < n_tiles) load_k(tt + 1, blk_next);
           cp_async_commit();
-          if (tt + 2 < n_tiles) {
-            fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
-            if (MLA_NARROW_L2_PREFETCH) prefetch_k(tt + 2, blk_next);
-          }
+          if (tt + 2 < n_tiles) fetch_blk(tt + 2, blk_next);  // in flight while this tile computes
           cp_async_wait<1>();   // this thread's copies of tile tt (and Q) have landed ...
           fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
           __syncthreads();      // everyone's copies of tile tt are in

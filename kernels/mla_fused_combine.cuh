@@ -12,10 +12,12 @@
 //   1. every such CTA, once its partial rows of i are written (its own barrier after them), adds 1 to the
 //      sequence's arrival counter (release, GPU scope);
 //   2. after its last piece, it waits until the counter reads N (acquire), then merges its share of i's rows:
-//      the units (one row's 64 or 128 channels, one warp each) dealt round-robin over the N CTAs' warps
-//      (rank = (split * gridDim.z + z) * gridDim.y + y);
-//   3. it adds 1 to the departure counter; the CTA that brings it to N (everyone has passed step 2) sets both
-//      counters back to 0, so the next launch finds them as the plan left them.
+//      the units (one row's 64 or 128 channels, one warp each) dealt round-robin over the warps of the M merging
+//      CTAs (rank = ((split - skip0) * gridDim.z + z) * gridDim.y + y): M = N, or N less split 0's CTAs when these
+//      come from an earlier split sequence, which they merge instead (skip0, mla_fused_merge_all);
+//   3. it adds 1 to the departure counter; the CTA that brings it to M (every merging CTA has passed step 2, and
+//      every CTA arrived before that) sets both counters back to 0, so the next launch finds them as the plan left
+//      them.
 // The counters are words 5 and 6 (documented as 0, mla/scheduler.py) of the plan row of the sequence's "home"
 // worker, the one holding its split 0: split s of a sequence is worker home + s (the plan deals consecutive
 // workers), and a worker is home to at most one split sequence (the last one it starts). So the state lives with
@@ -33,6 +35,12 @@
 // arrivals compile away (the plain launches' cubins are those of the kernels before the fused merge existed)
 #ifndef MLA_FUSED
 #define MLA_FUSED 0
+#endif
+
+// 1: a CTA that merges its first sequence takes no part in its last one's merge (mla_fused_merge_all); 0: it merges
+// both, one after the other (the eleventh session's merge; A/B only)
+#ifndef MLA_FUSED_SKIP0
+#define MLA_FUSED_SKIP0 1
 #endif
 
 #define MLA_MODE_PARTIALS 1  // force_partials bit 0: every piece written as a partial (out_dtype=float32)
@@ -149,15 +157,16 @@ __device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_cta
 // of 64 channels when there are warps enough for one each (more warps load at once), else of 128 (fewer rounds):
 // H100, 2026-11-27, 64 against 128: b = 1, h_q = 128, 64 splits -1.9 us; b = 8, h_q = 16, 16 splits +2.2 us
 // (128 units of 64 on 120 warps: two rounds for some; benchmarks/NOTES_cupy.md).
+// skip0: split 0's CTAs merge an earlier sequence first and take no part in this one's merge (mla_fused_merge_all).
 template <int DV, int NTHREADS>
-__device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit,
+__device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split, int nsplit, int skip0,
                                                 const float* o_part, const float* lse_part,
                                                 const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                 float* __restrict__ lse_out, int s_q, int h_q) {
-  const int n_ctas = nsplit * gridDim.y * gridDim.z;
-  if (threadIdx.x == 0) mla_fused_wait(counters, n_ctas);
+  const int n_arrivals = nsplit * gridDim.y * gridDim.z, n_ctas = (nsplit - skip0) * gridDim.y * gridDim.z;
+  if (threadIdx.x == 0) mla_fused_wait(counters, n_arrivals);
   __syncthreads();  // every split's partials are visible to the whole CTA (thread 0's acquire, then the barrier)
-  const int rank = (split * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
+  const int rank = ((split - skip0) * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
   if (s_q * h_q * (DV / 64) <= n_ctas * (NTHREADS / 32))
     mla_fused_merge_units<DV, NTHREADS, 2>(i, rank, n_ctas, nsplit, o_part, lse_part, num_splits, out, lse_out, s_q,
                                            h_q);
@@ -168,18 +177,25 @@ __device__ __forceinline__ void mla_fused_merge(int* counters, int i, int split,
 }
 
 // After a CTA's last piece: steps 2-3 for each split sequence it wrote a partial of. Only its first piece
-// (begin_b, begin_split) and its last (end_b, split 0) can be split (a piece between them is a whole sequence).
+// (begin_b, begin_split) and its last (end_b, split 0) can be split (a piece between them is a whole sequence). A CTA
+// that merges its first sequence leaves its last one to that sequence's other CTAs (skip0): merged second, its share
+// of the last sequence waited for its first merge, ~1.5 us more for that sequence (benchmarks/NOTES_cupy.md, twelfth
+// session).
 template <int DV, int NTHREADS>
 __device__ __forceinline__ void mla_fused_merge_all(const MlaWork& work, const int* sched,
                                                     const float* o_part, const float* lse_part,
                                                     const int* __restrict__ num_splits, mla_elem_t* __restrict__ out,
                                                     float* __restrict__ lse_out, int s_q, int h_q) {
+  auto splits_of = [&](int i) { return num_splits[i + 1] - num_splits[i]; };
   for (int k = 0; k < 2; ++k) {
     const int i = k ? work.end_b : work.begin_b, split = k ? 0 : work.begin_split;
     if (work.begin_b > work.end_b || (k && work.end_b == work.begin_b)) break;
-    const int nsplit = num_splits[i + 1] - num_splits[i];
-    if (nsplit > 1)
-      mla_fused_merge<DV, NTHREADS>(mla_fused_counters(sched, gridDim.x, blockIdx.x, split, i), i, split, nsplit,
-                                    o_part, lse_part, num_splits, out, lse_out, s_q, h_q);
+    const int nsplit = splits_of(i);
+    if (nsplit == 1 || (MLA_FUSED_SKIP0 && k && splits_of(work.begin_b) > 1)) continue;  // (k: split 0 of i skips)
+    int* counters = mla_fused_counters(sched, gridDim.x, blockIdx.x, split, i);
+    const int home_first = counters[-5];  // the sequence split 0's worker begins with
+    const int skip0 = MLA_FUSED_SKIP0 && home_first != i && splits_of(home_first) > 1;
+    mla_fused_merge<DV, NTHREADS>(counters, i, split, nsplit, skip0, o_part, lse_part, num_splits, out, lse_out,
+                                  s_q, h_q);
   }
 }
