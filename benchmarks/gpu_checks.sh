@@ -439,6 +439,19 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+final12)  # the twelfth session's final check, after h100a (run 12: test_cupy_gpu.py 846 passed, the issue's table; its
+  # Numba file needed more than 170 s): the Numba file with a longer limit, the FP8 / sparse file, the few-long shapes
+  # (both flushes), the FP8 / sparse table
+  t 330 t_numba tests/test_numba_gpu.py
+  t 90 t_cupy_fp8_sparse tests/test_cupy_fp8_sparse_gpu.py
+  for f in 0 1; do
+    r 40 "splits_f$f" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
+      --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 8,2,16,8192"
+    r 40 "splits_clean_f$f" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
+      --clean-flush --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 8,2,16,8192"
+  done
+  r 60 bench_fp8 python3 benchmarks/bench_fp8_sparse.py --check --reps 20 --out "$OUT/bench_fp8_sparse.md"
+  ;;
 skip12a)  # issue #4 (twelfth session): a CTA that merges its first split sequence leaves its last one to that sequence's
   # other CTAs (MLA_FUSED_SKIP0=1; run 10's trace: the kernel ends ~3.7 us after the last piece, the CTAs with two
   # merges doing them one after the other) against 0, both flushes, two interleaved rounds; traces; the fused tests
