@@ -58,7 +58,7 @@ multi)  # #8: equality with one GPU (and the NumPy reference) on varlen batches,
   ;;
 h100a)  # `pytest -m gpu`, first half (one process per file), then the decode tables (#3, #4)
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
-  t 170 t_numba tests/test_numba_gpu.py
+  t 200 t_numba tests/test_numba_gpu.py  # (178 s in 2026-11-27 run 13)
   t 200 t_cupy tests/test_cupy_gpu.py
   r 110 bench_decode python3 benchmarks/bench_decode.py --versions 1,5,6 --reps 20 --out "$OUT/bench_decode.md"
   r 30 cupy_portable env MLA_CUPY_KERNEL=portable python3 -m mla.backends.cupy_backend bench
@@ -421,7 +421,7 @@ narrowtrace)  # issue #4 (eighth session): the narrow kernel's tile timeline and
 others9)  # the ninth session's last GPU call: the GPU test files its changes touch only through mla/testing.py and
   # tests/_sparse_fp8_gpu.py (Numba, prefill, sparse prefill, the wgmma probe), one process each
   t 60 t_wgmma_probe tests/test_wgmma_probe_gpu.py
-  t 170 t_numba tests/test_numba_gpu.py
+  t 200 t_numba tests/test_numba_gpu.py  # (178 s in 2026-11-27 run 13)
   t 100 t_numba_sparse_fp8 tests/test_numba_sparse_fp8_gpu.py
   t 130 t_prefill tests/test_prefill_gpu.py
   t 70 t_sparse_prefill tests/test_sparse_prefill_gpu.py
@@ -470,149 +470,9 @@ skip12a)  # issue #4 (twelfth session): a CTA that merges its first split sequen
       --clean-flush
   done
   ;;
-l2pf12a)  # issue #4 (twelfth session): the narrow kernel asks the L2 to prefetch tile tt + 2's rows at each tile's top
-  # (MLA_NARROW_L2_PREFETCH; run 9: with few CTAs left, one tile in flight a CTA cannot keep DRAM busy) -- against no
-  # prefetch (0: the cubins of 03a7072), both flushes, two interleaved rounds, with the memory-bound shape; traces
-  # (slower everywhere, the memory-bound shape by 4%: removed again, see NOTES_cupy.md; the code is in git history, 89c6727)
-  t 100 t_narrow tests/test_cupy_gpu.py -k "narrow and (fused or splits or causal or sanitizer)"
-  SH="8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192 128,1,16,8192"
-  for round in 1 2; do
-    for v in 0 1; do
-      e="MLA_NVRTC_DEFINES=MLA_NARROW_L2_PREFETCH=$v"
-      r 40 "splits_pf${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "$SH"
-      r 40 "splits_clean_pf${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --clean-flush \
-        --shapes "$SH"
-    done
-  done
-  for v in 0 1; do
-    r 40 "trace_clean_pf$v" env MLA_NVRTC_DEFINES=MLA_NARROW_L2_PREFETCH=$v python3 benchmarks/narrow_trace.py --fused \
-      --clean-flush
-  done
-  ;;
-share12h)  # issue #4 (twelfth session): when each CTA's last piece is done (before the merge), with and without
-  # tile sharing, both flushes; the plain build too (its CTAs end there)
-  for s in 0 1; do
-    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
-    r 40 "trace_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused
-  done
-  r 40 trace_clean_plain python3 benchmarks/narrow_trace.py --clean-flush
-  r 40 trace_clean_s1_b4 python3 benchmarks/narrow_trace.py --fused --clean-flush --b 4 --s-k 16384
-  r 40 trace_clean_s0_b4 env MLA_CUPY_SHARE_TILES=0 python3 benchmarks/narrow_trace.py --fused --clean-flush --b 4 \
-    --s-k 16384
-  ;;
-share12g)  # issue #4 (twelfth session): tile sharing v7 -- each CTA's static tiles consecutive (run 7: strided, every
-  # tile waited ~600 cycles longer for its keys, claims or not); reserves 2, 3, 4 against no sharing
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  r 40 trace_clean_s1 python3 benchmarks/narrow_trace.py --fused --clean-flush
-  SH="8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-  for round in 1 2; do
-    for v in s0 r2 r3 r4; do
-      case $v in s0) e="MLA_CUPY_SHARE_TILES=0";; *) e="MLA_NVRTC_DEFINES=MLA_SHARE_RESERVE=${v#r}";; esac
-      r 40 "splits_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "$SH"
-      r 40 "splits_clean_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --clean-flush \
-        --shapes "$SH"
-    done
-  done
-  ;;
-share12f)  # issue #4 (twelfth session): tile sharing v6 -- static tiles first (each CTA's share less MLA_SHARE_RESERVE),
-  # then a pool of claimed tiles (run 6: a claim costs its CTA ~600 cycles); reserves 1, 3 (default), 6 and 100 (=
-  # v5: claims from tile 3 on) against no sharing, both flushes, two interleaved rounds
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  r 40 trace_clean_s1 python3 benchmarks/narrow_trace.py --fused --clean-flush
-  SH="8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-  for round in 1 2; do
-    for v in s0 r1 r3 r6 r100; do
-      case $v in s0) e="MLA_CUPY_SHARE_TILES=0";; *) e="MLA_NVRTC_DEFINES=MLA_SHARE_RESERVE=${v#r}";; esac
-      r 40 "splits_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --shapes "$SH"
-      r 40 "splits_clean_${v}_r$round" env $e python3 benchmarks/bench_splits.py --parts --reps 30 --clean-flush \
-        --shapes "$SH"
-    done
-  done
-  ;;
-share12e)  # issue #4 (twelfth session): tile sharing v5 (the claim issued at the tile's top, its round trip under the wait
-  # for the tile's keys: run 5's trace showed the end barrier waiting for the atomic), SM-basis sweeps with and without
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for s in 0 1; do
-    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
-  done
-  for round in 1 2; do
-    for s in 0 1; do
-      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-    done
-  done
-  for s in 0 1; do
-    r 60 "sweep_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --reps 30 \
-      --shapes "8,1,16,8192 4,1,16,16384 8,2,16,8192"
-  done
-  ;;
-share12d)  # issue #4 (twelfth session): tile sharing v4 (the claim issued after the tile's O^T wait: run 4's trace showed
-  # O^T's wgmma wait held by the claim's register), with the plan's SM-basis sweep with and without sharing
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for s in 0 1; do
-    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
-  done
-  for round in 1 2; do
-    for s in 0 1; do
-      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-    done
-  done
-  for s in 0 1; do
-    r 60 "sweep_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --reps 30 \
-      --shapes "8,1,16,8192 4,1,16,16384 8,2,16,8192"
-  done
-  ;;
-share12c)  # issue #4 (twelfth session): tile sharing v3 (the claim issued after the tile's O^T wgmma, stored at the next
-  # tile's top: run 3's trace showed the claim's register held every S^T back at its wgmma fence), 4 static tiles
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for s in 0 1; do
-    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
-  done
-  for round in 1 2; do
-    for s in 0 1; do
-      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-    done
-  done
-  r 60 sweep_s1 python3 benchmarks/bench_splits.py --reps 30 --shapes "8,1,16,8192 4,1,16,16384"
-  ;;
-share12b)  # issue #4 (twelfth session): tile sharing v2 (split 0 never static: no plan-row load before the first
-  # tile); its tests; the CTAs' end times traced in the fused build with and without sharing; the A/B again
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for s in 0 1; do
-    r 40 "trace_clean_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused --clean-flush
-    r 40 "trace_s$s" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/narrow_trace.py --fused
-  done
-  for round in 1 2; do
-    for s in 0 1; do
-      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-    done
-  done
-  ;;
-share12a)  # issue #4 (twelfth session): tile sharing -- the CTAs of a split sequence take its tiles as they go
-  # (kernels/mla_fused_combine.cuh, MLA_CUPY_SHARE_TILES): its tests, then the few-long shapes with and without it,
-  # both L2 flushes, two interleaved rounds, and the plan's SM-basis sweep with it
-  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer"
-  for round in 1 2; do
-    for s in 0 1; do
-      r 40 "splits_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts --reps 30 \
-        --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-      r 40 "splits_clean_s${s}_r$round" env MLA_CUPY_SHARE_TILES=$s python3 benchmarks/bench_splits.py --parts \
-        --reps 30 --clean-flush --shapes "8,1,16,8192 4,1,16,16384 2,1,16,32768 8,2,16,8192"
-    done
-  done
-  r 60 sweep_s1 python3 benchmarks/bench_splits.py --reps 30 --shapes "8,1,16,8192 4,1,16,16384"
-  ;;
+# (the twelfth session's parts share12a-share12h and l2pf12a -- runs 1-10 of benchmarks/runs/2026-11-27l-h100: tile
+# sharing's seven versions, its traces, the L2 prefetch's A/B -- tested code that was removed again; they are in git
+# history, up to commit 347fce4)
 review11)  # the eleventh session's review: the lse of a row's splits is one helper (mla_splits_lse) for the combine
   # kernels and the fused merge (the dense combine and fused cubins byte-identical; the sparse sink combine's changes),
   # the merge reads partials without __restrict__ (cubins identical), device attributes read once; coop_probe's check
