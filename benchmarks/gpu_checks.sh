@@ -439,6 +439,16 @@ ncufew)  # issue #4 (ninth session): what Nsight Compute names as the limiter of
   r 120 ncu_few_b1 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 1 --h-q 128 --s-k 32768
   r 120 ncu_long_b128 $NCU python3 benchmarks/profile_kernel.py --kernel hopper --b 128 --h-q 16 --s-k 8192
   ;;
+review12)  # the twelfth session's review: one helper for a split's merge weight (mla_split_weight) in the combine
+  # kernels and the fused merge (combine and sparse sink-combine cubins byte-identical; the fused builds' code moved):
+  # the fused tests (bit for bit against the combine kernel), graphs, sanitizer; the few-long shapes
+  t 150 t_fused tests/test_cupy_gpu.py -k "fused or cuda_graph or sanitizer or splits"
+  for f in 0 1; do
+    r 40 "splits_f$f" env MLA_CUPY_FUSED_COMBINE=$f python3 benchmarks/bench_splits.py --parts --reps 30 \
+      --shapes "8,1,16,8192 1,1,128,32768 4,1,16,16384 8,2,16,8192"
+  done
+  r 40 bench_default env MLA_CUPY_KERNEL=hopper python3 -m mla.backends.cupy_backend bench
+  ;;
 final12)  # the twelfth session's final check, after h100a (run 12: test_cupy_gpu.py 846 passed, the issue's table; its
   # Numba file needed more than 170 s): the Numba file with a longer limit, the FP8 / sparse file, the few-long shapes
   # (both flushes), the FP8 / sparse table

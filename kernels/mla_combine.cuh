@@ -28,6 +28,18 @@ __device__ __forceinline__ float mla_splits_lse(const float* lse_part, int lo, i
   return empty ? MLA_NEG_INF : mu + logf(total);
 }
 
+// The weight exp(lse_s - lse) x scale of split s of query row `row` (a lane's split; 0 past the n splits and for an
+// empty split, lse_s = -inf, whose partial is then never used). Shared with the fused merge, as mla_splits_lse.
+__device__ __forceinline__ float mla_split_weight(const float* lse_part, int lo, int n, int rows, int row, int s,
+                                                  float lse, float scale = 1.f) {
+  float w = 0.f;
+  if (s < n) {
+    const float ls = lse_part[(long long)(lo + s) * rows + row];
+    if (ls != MLA_NEG_INF) w = expf(ls - lse) * scale;
+  }
+  return w;
+}
+
 // the output element: q's 16-bit type (rounded) or float (kept)
 __device__ __forceinline__ void mla_store_out(mla_elem_t* dst, float x) { *dst = to_elem(x); }
 __device__ __forceinline__ void mla_store_out(float* dst, float x) { *dst = x; }
@@ -68,14 +80,7 @@ __device__ __forceinline__ void mla_combine_row(const float* __restrict__ o_part
   for (int k = 0; k < PER_LANE; ++k) acc[k] = 0.f;
   if (!empty) {
     for (int s0 = 0; s0 < n; s0 += 32) {
-      float w = 0.f;  // lane j: the weight of split s0 + j
-      if (s0 + lane < n) {
-        const float ls = lse_part[(long long)(lo + s0 + lane) * rows + row];
-        if (ls != MLA_NEG_INF) {
-          w = expf(ls - lse);
-          if constexpr (SINK) w *= sink;
-        }
-      }
+      const float w = mla_split_weight(lse_part, lo, n, rows, row, s0 + lane, lse, sink);  // lane j: split s0 + j
       const int cnt = min(32, n - s0);
       for (int j0 = 0; j0 < cnt; j0 += BATCH) {
         float v[BATCH][PER_LANE];

@@ -123,11 +123,7 @@ __device__ __forceinline__ void mla_fused_merge_units(int i, int rank, int n_cta
     for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
     if (!empty) {
       for (int s0 = 0; s0 < n; s0 += 32) {
-        float w = 0.f;  // lane j: the weight of split s0 + j
-        if (s0 + lane < n) {
-          const float ls = lse_part[(long long)(lo + s0 + lane) * rows + row];
-          if (ls != MLA_NEG_INF) w = expf(ls - lse);
-        }
+        const float w = mla_split_weight(lse_part, lo, n, rows, row, s0 + lane, lse);  // lane j: split s0 + j
         const int cnt = min(32, n - s0);
         for (int j0 = 0; j0 < cnt; j0 += BATCH) {
           if (s0 + j0 > 0) {  // (the first batch was loaded above)
